@@ -1,0 +1,14 @@
+//! Generates the Rust code for `proto/pcg/tunnel/v1/tunnel.proto` with the vendored `protoc`,
+//! so a build needs no system protobuf compiler.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY-free: build scripts are single-threaded, so setting the variable races nothing.
+    std::env::set_var("PROTOC", protoc);
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&["proto/pcg/tunnel/v1/tunnel.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! The pcg contract between gateway and SaaS: the tunnel's protobuf messages and `Broker` gRPC
+//! service (generated from `proto/pcg/tunnel/v1/tunnel.proto`), the pairing token format, and
+//! the JSON bodies of the pairing exchange. Both sides depend on this crate and nothing else of
+//! each other.
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    missing_docs,
+    unreachable_pub
+)]
+pub mod tunnel {
+    pub mod v1 {
+        tonic::include_proto!("pcg.tunnel.v1");
+    }
+}
+
+pub mod pairing;
+
+pub use tunnel::v1;

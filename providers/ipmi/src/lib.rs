@@ -1,0 +1,1 @@
+//! pcg-ipmi (placeholder, being written).

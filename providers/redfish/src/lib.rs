@@ -1,0 +1,1 @@
+//! pcg-redfish (placeholder, being written).

@@ -1,0 +1,156 @@
+//! pcg-saas configuration: one optional TOML file plus `PCG_SAAS_*` environment overrides.
+//!
+//! With no file at all the service starts on embedded defaults: data in `./pcg-saas-data`, REST
+//! API on 127.0.0.1:8443 and broker on 127.0.0.1:8444, both HTTPS with certificates issued by the
+//! CA generated on first start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything pcg-saas can be told. Every key is documented in the README.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for the sled store, the CA and the operator key.
+    pub data_dir: PathBuf,
+    /// Address the REST API (HTTPS) listens on.
+    pub api_listen: SocketAddr,
+    /// Address the broker (gRPC over mutual TLS) listens on.
+    pub broker_listen: SocketAddr,
+    /// Base URL put in pairing tokens; defaults to `https://<api_listen>`.
+    pub public_api_url: Option<String>,
+    /// Broker endpoints handed to gateways at pairing; defaults to `https://<broker_listen>`.
+    pub public_broker_urls: Vec<String>,
+    /// Extra DNS names and IP addresses for the server certificate (127.0.0.1 and localhost are
+    /// always included).
+    pub server_names: Vec<String>,
+    /// Default lifetime of a pairing token, seconds.
+    pub token_ttl_secs: u64,
+    /// Lifetime of a gateway client certificate, days.
+    pub gateway_cert_days: u32,
+    /// Heartbeat interval announced to gateways, milliseconds. A tunnel silent for three
+    /// intervals is closed.
+    pub heartbeat_ms: u64,
+    /// Largest accepted command payload, bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("pcg-saas-data"),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            broker_listen: SocketAddr::from(([127, 0, 0, 1], 8444)),
+            public_api_url: None,
+            public_broker_urls: Vec::new(),
+            server_names: Vec::new(),
+            token_ttl_secs: 3600,
+            gateway_cert_days: 30,
+            heartbeat_ms: 10_000,
+            max_payload_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid environment variable {var}={value:?}: {message}")]
+    Env {
+        var: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads `path` if given (else defaults), then applies environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: p.to_path_buf(),
+                    message: e.to_string(),
+                })?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    /// Applies `PCG_SAAS_DATA_DIR`, `PCG_SAAS_API_LISTEN`, `PCG_SAAS_BROKER_LISTEN`,
+    /// `PCG_SAAS_PUBLIC_API_URL`, `PCG_SAAS_HEARTBEAT_MS`.
+    pub fn apply_env(
+        &mut self,
+        get: impl Fn(&'static str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &'static str, v: String) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse().map_err(|e: T::Err| ConfigError::Env {
+                var,
+                message: e.to_string(),
+                value: v,
+            })
+        }
+        if let Some(v) = get("PCG_SAAS_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get("PCG_SAAS_API_LISTEN") {
+            self.api_listen = parse("PCG_SAAS_API_LISTEN", v)?;
+        }
+        if let Some(v) = get("PCG_SAAS_BROKER_LISTEN") {
+            self.broker_listen = parse("PCG_SAAS_BROKER_LISTEN", v)?;
+        }
+        if let Some(v) = get("PCG_SAAS_PUBLIC_API_URL") {
+            self.public_api_url = Some(v);
+        }
+        if let Some(v) = get("PCG_SAAS_HEARTBEAT_MS") {
+            self.heartbeat_ms = parse("PCG_SAAS_HEARTBEAT_MS", v)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_rejected_with_the_file_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("saas.toml");
+        std::fs::write(&p, "data_dir = \"x\"\nlisten = \"1\"\n").expect("write");
+        let err = Config::load(Some(&p)).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("saas.toml") && msg.contains("listen"), "{msg}");
+    }
+
+    #[test]
+    fn env_overrides_and_bad_values() {
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "PCG_SAAS_API_LISTEN").then(|| "127.0.0.1:1".to_string()))
+            .expect("valid");
+        assert_eq!(c.api_listen.port(), 1);
+        let err = c
+            .apply_env(|k| (k == "PCG_SAAS_HEARTBEAT_MS").then(|| "soon".to_string()))
+            .expect_err("invalid");
+        assert!(err.to_string().contains("PCG_SAAS_HEARTBEAT_MS"));
+    }
+}

@@ -1,0 +1,86 @@
+//! `pcg-saas`: the SaaS companion binary. `pcg-saas serve` runs the REST API and the broker;
+//! `pcg-saas openapi` prints the OpenAPI document of the REST API.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pcg-saas", version, about = "pcg SaaS companion: tenants, pairing, CA, REST API and tunnel broker")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the REST API and the broker (foreground; stop with SIGINT or SIGTERM).
+    Serve {
+        /// TOML config file (optional; defaults apply without one).
+        #[arg(long, short, env = "PCG_SAAS_CONFIG")]
+        config: Option<PathBuf>,
+        /// Write `{"api": "https://...", "broker": "https://...", "operator_key_file": "..."}`
+        /// to this file once both listeners are bound (for scripts and tests).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Print the OpenAPI document of the REST API.
+    Openapi,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Openapi => {
+            print!("{}", pcg_saas::api::openapi_document());
+            Ok(())
+        }
+        Cmd::Serve { config, ready_file } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("PCG_LOG")
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+            rt.block_on(serve(config, ready_file))
+        }
+    }
+}
+
+async fn serve(config: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = pcg_saas::Config::load(config.as_deref())?;
+    let api = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (api_listen)", cfg.api_listen))?;
+    let broker = tokio::net::TcpListener::bind(cfg.broker_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (broker_listen)", cfg.broker_listen))?;
+    let (api_addr, broker_addr) = (api.local_addr()?, broker.local_addr()?);
+    let data_dir = cfg.data_dir.clone();
+    let app = pcg_saas::open(cfg, api_addr, broker_addr)?;
+    tracing::info!(api = %app.api_url, broker = ?app.broker_urls, data = %data_dir.display(), "pcg-saas listening");
+    if let Some(p) = ready_file {
+        let body = serde_json::json!({
+            "api": app.api_url,
+            "broker": app.broker_urls,
+            "operator_key_file": data_dir.join("operator.key"),
+            "pid": std::process::id(),
+        });
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, body.to_string())?;
+        std::fs::rename(&tmp, &p)?;
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        tracing::info!("shutting down");
+    };
+    pcg_saas::serve(app, api, broker, shutdown).await
+}

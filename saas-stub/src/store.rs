@@ -1,0 +1,643 @@
+//! Durable state of pcg-saas on sled: tenants, API keys, pairing tokens, gateways, commands (with
+//! a per-gateway pending queue) and events.
+//!
+//! Secrets (API keys, token secrets) are stored as SHA-256 hashes: they are 256-bit random values,
+//! so a fast hash is enough and a slow password hash would only cost latency. Anything a peer is
+//! told has been stored (a submitted command, a stored result) is flushed first.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0),
+    )
+    .unwrap_or(i64::MAX)
+}
+
+/// A new random id with a readable prefix, e.g. `gw_3f2a...`.
+pub fn new_id(prefix: &str, bytes: usize) -> String {
+    let raw: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    format!("{prefix}_{}", hex::encode(raw))
+}
+
+fn hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Constant-time comparison of two equal-length hex strings.
+fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage failure: {0}; check the data directory's disk space and permissions")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt record in tree {tree}: {message}")]
+    Corrupt { tree: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: String,
+    /// `None` for the operator key, which administers tenants.
+    pub tenant_id: Option<String>,
+    pub name: String,
+    pub secret_hash: String,
+    pub created_ms: i64,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    Active,
+    Used,
+    Revoked,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub secret_hash: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub state: TokenState,
+    pub used_ms: Option<i64>,
+    pub gateway_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Gateway {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub hostname: String,
+    pub paired_ms: i64,
+    pub token_id: String,
+    pub cert_serial: String,
+    pub cert_not_after_ms: i64,
+    pub revoked_ms: Option<i64>,
+    pub version: Option<String>,
+    pub command_kinds: Vec<String>,
+    pub last_connected_ms: Option<i64>,
+    pub last_seen_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandState {
+    /// Stored, not yet handed to a tunnel.
+    Queued,
+    /// Handed to the gateway's tunnel at least once.
+    Delivered,
+    /// The gateway has journaled it and is executing it.
+    Received,
+    Succeeded,
+    Failed,
+}
+
+impl CommandState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, CommandState::Succeeded | CommandState::Failed)
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub ok: bool,
+    pub output: serde_json::Value,
+    pub error_class: String,
+    pub error_message: String,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Command {
+    pub id: String,
+    pub tenant_id: String,
+    pub gateway_id: String,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub state: CommandState,
+    pub submitted_ms: i64,
+    pub deliveries: u32,
+    pub received_ms: Option<i64>,
+    pub completed_ms: Option<i64>,
+    pub result: Option<CommandResult>,
+    /// Key of this command in the pending tree while it has no result.
+    pub pending_key: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub tenant_id: Option<String>,
+    pub gateway_id: Option<String>,
+    pub kind: String,
+    pub message: String,
+}
+
+/// Why a pairing token cannot be redeemed. Messages are shown to the operator of the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum RedeemError {
+    #[error("this pairing token is not known to this SaaS; check you copied the whole token, or ask your tenant admin for a new one")]
+    Unknown,
+    #[error("this pairing token was already used{}; a token pairs one gateway once; ask your tenant admin for a new token", .0.as_deref().map(|g| format!(" (by gateway {g})")).unwrap_or_default())]
+    Used(Option<String>),
+    #[error("this pairing token was revoked by a tenant admin; ask for a new token")]
+    Revoked,
+    #[error("this pairing token expired {0} seconds ago; ask your tenant admin for a new token")]
+    Expired(i64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Filters for listing commands.
+#[derive(Debug, Default, Clone)]
+pub struct CommandFilter {
+    pub gateway_id: Option<String>,
+    pub state: Option<CommandState>,
+    pub kind: Option<String>,
+    pub limit: usize,
+}
+
+pub struct Store {
+    db: sled::Db,
+    tenants: sled::Tree,
+    api_keys: sled::Tree,
+    tokens: sled::Tree,
+    gateways: sled::Tree,
+    commands: sled::Tree,
+    pending: sled::Tree,
+    events: sled::Tree,
+}
+
+fn get<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &'static str,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    match tree.get(key)? {
+        None => Ok(None),
+        Some(v) => serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                tree: name,
+                message: e.to_string(),
+            }),
+    }
+}
+
+fn put<T: Serialize>(tree: &sled::Tree, key: &[u8], v: &T) -> Result<(), StoreError> {
+    tree.insert(key, serde_json::to_vec(v).expect("records serialise"))?;
+    Ok(())
+}
+
+fn all<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> Result<Vec<T>, StoreError> {
+    tree.iter()
+        .values()
+        .map(|v| {
+            let v = v?;
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                tree: name,
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+impl Store {
+    pub fn open(path: &std::path::Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new().path(path).open()?;
+        Ok(Store {
+            tenants: db.open_tree("tenants")?,
+            api_keys: db.open_tree("api_keys")?,
+            tokens: db.open_tree("tokens")?,
+            gateways: db.open_tree("gateways")?,
+            commands: db.open_tree("commands")?,
+            pending: db.open_tree("pending")?,
+            events: db.open_tree("events")?,
+            db,
+        })
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    // --- tenants -------------------------------------------------------------------------
+
+    pub fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
+        let t = Tenant {
+            id: new_id("tn", 6),
+            name: name.to_string(),
+            created_ms: now_ms(),
+        };
+        put(&self.tenants, t.id.as_bytes(), &t)?;
+        self.event(Some(&t.id), None, "tenant.created", format!("tenant {} ({}) created", t.id, t.name))?;
+        Ok(t)
+    }
+
+    pub fn tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
+        get(&self.tenants, "tenants", id.as_bytes())
+    }
+
+    pub fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        all(&self.tenants, "tenants")
+    }
+
+    // --- API keys ------------------------------------------------------------------------
+
+    /// Creates a key; returns the record and the full key string (shown once, never stored).
+    pub fn create_api_key(
+        &self,
+        tenant_id: Option<&str>,
+        name: &str,
+    ) -> Result<(ApiKey, String), StoreError> {
+        let id = new_id("key", 6);
+        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let full = format!("pcgk_{id}.{secret}");
+        let k = ApiKey {
+            id: id.clone(),
+            tenant_id: tenant_id.map(str::to_string),
+            name: name.to_string(),
+            secret_hash: hash(&secret),
+            created_ms: now_ms(),
+            revoked: false,
+        };
+        put(&self.api_keys, id.as_bytes(), &k)?;
+        Ok((k, full))
+    }
+
+    /// Checks a presented key string; `None` for unknown, revoked or wrong keys.
+    pub fn authenticate(&self, presented: &str) -> Result<Option<ApiKey>, StoreError> {
+        let Some(rest) = presented.strip_prefix("pcgk_") else {
+            return Ok(None);
+        };
+        let Some((id, secret)) = rest.split_once('.') else {
+            return Ok(None);
+        };
+        let Some(k) = get::<ApiKey>(&self.api_keys, "api_keys", id.as_bytes())? else {
+            return Ok(None);
+        };
+        Ok((!k.revoked && ct_eq(&k.secret_hash, &hash(secret))).then_some(k))
+    }
+
+    pub fn api_keys(&self, tenant_id: Option<&str>) -> Result<Vec<ApiKey>, StoreError> {
+        Ok(all::<ApiKey>(&self.api_keys, "api_keys")?
+            .into_iter()
+            .filter(|k| tenant_id.is_none() || k.tenant_id.as_deref() == tenant_id)
+            .collect())
+    }
+
+    pub fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        get(&self.api_keys, "api_keys", id.as_bytes())
+    }
+
+    pub fn revoke_api_key(&self, id: &str) -> Result<(), StoreError> {
+        if let Some(mut k) = get::<ApiKey>(&self.api_keys, "api_keys", id.as_bytes())? {
+            k.revoked = true;
+            put(&self.api_keys, id.as_bytes(), &k)?;
+        }
+        Ok(())
+    }
+
+    // --- pairing tokens --------------------------------------------------------------------
+
+    /// Creates a token; returns the record and its one-time secret.
+    pub fn create_token(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        ttl_secs: u64,
+    ) -> Result<(TokenRecord, String), StoreError> {
+        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let now = now_ms();
+        let t = TokenRecord {
+            id: new_id("tok", 6),
+            tenant_id: tenant_id.to_string(),
+            name: name.to_string(),
+            secret_hash: hash(&secret),
+            created_ms: now,
+            expires_ms: now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX / 2000) * 1000),
+            state: TokenState::Active,
+            used_ms: None,
+            gateway_id: None,
+        };
+        put(&self.tokens, t.id.as_bytes(), &t)?;
+        self.event(Some(tenant_id), None, "token.created", format!("pairing token {} created", t.id))?;
+        Ok((t, secret))
+    }
+
+    pub fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        get(&self.tokens, "tokens", id.as_bytes())
+    }
+
+    pub fn tokens(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, StoreError> {
+        Ok(all::<TokenRecord>(&self.tokens, "tokens")?
+            .into_iter()
+            .filter(|t| t.tenant_id == tenant_id)
+            .collect())
+    }
+
+    pub fn revoke_token(&self, id: &str) -> Result<(), StoreError> {
+        if let Some(mut t) = self.token(id)? {
+            if t.state == TokenState::Active {
+                t.state = TokenState::Revoked;
+                put(&self.tokens, id.as_bytes(), &t)?;
+                self.event(Some(&t.tenant_id), None, "token.revoked", format!("pairing token {id} revoked"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a token without consuming it.
+    pub fn check_token(&self, id: &str, secret: &str) -> Result<TokenRecord, RedeemError> {
+        let t = self.token(id)?.ok_or(RedeemError::Unknown)?;
+        if !ct_eq(&t.secret_hash, &hash(secret)) {
+            return Err(RedeemError::Unknown);
+        }
+        match t.state {
+            TokenState::Used => return Err(RedeemError::Used(t.gateway_id.clone())),
+            TokenState::Revoked => return Err(RedeemError::Revoked),
+            TokenState::Active => {}
+        }
+        let now = now_ms();
+        if now >= t.expires_ms {
+            return Err(RedeemError::Expired((now - t.expires_ms) / 1000));
+        }
+        Ok(t)
+    }
+
+    /// Atomically consumes the token and records the new gateway; either both happen or
+    /// neither does.
+    pub fn redeem_token(&self, id: &str, secret: &str, gw: &Gateway) -> Result<(), RedeemError> {
+        // Cheap checks first, for precise errors; the transaction re-checks the state.
+        self.check_token(id, secret)?;
+        let res = (&self.tokens, &self.gateways).transaction(|(tokens, gateways)| {
+            let Some(raw) = tokens.get(id.as_bytes())? else {
+                return Err(ConflictableTransactionError::Abort(RedeemError::Unknown));
+            };
+            let mut t: TokenRecord = serde_json::from_slice(&raw).map_err(|e| {
+                ConflictableTransactionError::Abort(RedeemError::Store(StoreError::Corrupt {
+                    tree: "tokens",
+                    message: e.to_string(),
+                }))
+            })?;
+            match t.state {
+                TokenState::Used => {
+                    return Err(ConflictableTransactionError::Abort(RedeemError::Used(
+                        t.gateway_id.clone(),
+                    )))
+                }
+                TokenState::Revoked => {
+                    return Err(ConflictableTransactionError::Abort(RedeemError::Revoked))
+                }
+                TokenState::Active => {}
+            }
+            t.state = TokenState::Used;
+            t.used_ms = Some(now_ms());
+            t.gateway_id = Some(gw.id.clone());
+            tokens.insert(id.as_bytes(), serde_json::to_vec(&t).expect("records serialise"))?;
+            gateways.insert(gw.id.as_bytes(), serde_json::to_vec(gw).expect("records serialise"))?;
+            Ok(())
+        });
+        match res {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e).into()),
+        }
+    }
+
+    // --- gateways --------------------------------------------------------------------------
+
+    pub fn gateway(&self, id: &str) -> Result<Option<Gateway>, StoreError> {
+        get(&self.gateways, "gateways", id.as_bytes())
+    }
+
+    pub fn gateways(&self, tenant_id: Option<&str>) -> Result<Vec<Gateway>, StoreError> {
+        Ok(all::<Gateway>(&self.gateways, "gateways")?
+            .into_iter()
+            .filter(|g| tenant_id.is_none() || Some(g.tenant_id.as_str()) == tenant_id)
+            .collect())
+    }
+
+    pub fn update_gateway(
+        &self,
+        id: &str,
+        f: impl Fn(&mut Gateway),
+    ) -> Result<Option<Gateway>, StoreError> {
+        let mut out = None;
+        self.gateways.fetch_and_update(id.as_bytes(), |old| {
+            let old = old?;
+            let mut g: Gateway = serde_json::from_slice(old).ok()?;
+            f(&mut g);
+            let bytes = serde_json::to_vec(&g).expect("records serialise");
+            out = Some(g);
+            Some(bytes)
+        })?;
+        Ok(out)
+    }
+
+    // --- commands --------------------------------------------------------------------------
+
+    /// Stores a new command and queues it for its gateway (not yet flushed).
+    pub fn insert_command(&self, cmd: &mut Command) -> Result<(), StoreError> {
+        let seq = self.db.generate_id()?;
+        let mut key = cmd.gateway_id.as_bytes().to_vec();
+        key.push(0);
+        key.extend_from_slice(&seq.to_be_bytes());
+        cmd.pending_key = key.clone();
+        (&self.commands, &self.pending)
+            .transaction(|(commands, pending)| {
+                commands.insert(cmd.id.as_bytes(), serde_json::to_vec(&*cmd).expect("records serialise"))?;
+                pending.insert(key.as_slice(), cmd.id.as_bytes())?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => StoreError::Corrupt {
+                    tree: "commands",
+                    message: "transaction aborted".into(),
+                },
+            })
+    }
+
+    pub fn command(&self, id: &str) -> Result<Option<Command>, StoreError> {
+        get(&self.commands, "commands", id.as_bytes())
+    }
+
+    /// Commands still waiting for a result from `gateway_id`, oldest first.
+    pub fn pending_commands(&self, gateway_id: &str) -> Result<Vec<Command>, StoreError> {
+        let mut prefix = gateway_id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for kv in self.pending.scan_prefix(prefix) {
+            let (_, id) = kv?;
+            if let Some(c) = get::<Command>(&self.commands, "commands", &id)? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn pending_count(&self, gateway_id: &str) -> usize {
+        let mut prefix = gateway_id.as_bytes().to_vec();
+        prefix.push(0);
+        self.pending.scan_prefix(prefix).count()
+    }
+
+    /// Applies `f` to a command atomically; returns the updated record.
+    pub fn update_command(
+        &self,
+        id: &str,
+        f: impl Fn(&mut Command),
+    ) -> Result<Option<Command>, StoreError> {
+        let mut out = None;
+        self.commands.fetch_and_update(id.as_bytes(), |old| {
+            let old = old?;
+            let mut c: Command = serde_json::from_slice(old).ok()?;
+            f(&mut c);
+            let bytes = serde_json::to_vec(&c).expect("records serialise");
+            out = Some(c);
+            Some(bytes)
+        })?;
+        Ok(out)
+    }
+
+    /// Records a result. Returns `Ok(false)` when the command already had one (a redelivered
+    /// result), which is not an error: the caller acknowledges it again.
+    pub fn complete_command(
+        &self,
+        id: &str,
+        gateway_id: &str,
+        result: CommandResult,
+    ) -> Result<Option<bool>, StoreError> {
+        let Some(cmd) = self.command(id)? else {
+            return Ok(None);
+        };
+        if cmd.gateway_id != gateway_id {
+            return Ok(None);
+        }
+        if cmd.state.is_terminal() {
+            return Ok(Some(false));
+        }
+        let ok = result.ok;
+        let updated = self.update_command(id, |c| {
+            if !c.state.is_terminal() {
+                c.state = if ok {
+                    CommandState::Succeeded
+                } else {
+                    CommandState::Failed
+                };
+                c.completed_ms = Some(now_ms());
+                c.result = Some(result.clone());
+            }
+        })?;
+        if let Some(c) = updated {
+            self.pending.remove(c.pending_key.as_slice())?;
+        }
+        Ok(Some(true))
+    }
+
+    pub fn commands(&self, tenant_id: &str, f: &CommandFilter) -> Result<Vec<Command>, StoreError> {
+        let mut out = Vec::new();
+        // Newest first: ids are random, so sort by submission time after filtering.
+        for v in self.commands.iter().values() {
+            let v = v?;
+            let c: Command = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                tree: "commands",
+                message: e.to_string(),
+            })?;
+            if c.tenant_id != tenant_id
+                || f.gateway_id.as_ref().is_some_and(|g| *g != c.gateway_id)
+                || f.state.is_some_and(|s| s != c.state)
+                || f.kind.as_ref().is_some_and(|k| *k != c.kind)
+            {
+                continue;
+            }
+            out.push(c);
+        }
+        out.sort_by(|a, b| b.submitted_ms.cmp(&a.submitted_ms).then(a.id.cmp(&b.id)));
+        out.truncate(f.limit);
+        Ok(out)
+    }
+
+    // --- events ----------------------------------------------------------------------------
+
+    pub fn event(
+        &self,
+        tenant_id: Option<&str>,
+        gateway_id: Option<&str>,
+        kind: &str,
+        message: String,
+    ) -> Result<(), StoreError> {
+        let seq = self.db.generate_id()?;
+        let e = Event {
+            seq,
+            at_ms: now_ms(),
+            tenant_id: tenant_id.map(str::to_string),
+            gateway_id: gateway_id.map(str::to_string),
+            kind: kind.to_string(),
+            message,
+        };
+        tracing::info!(kind, tenant = ?tenant_id, gateway = ?gateway_id, "{}", e.message);
+        put(&self.events, &seq.to_be_bytes(), &e)
+    }
+
+    pub fn events(
+        &self,
+        tenant_id: Option<&str>,
+        since: u64,
+        gateway_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut out = Vec::new();
+        for v in self.events.range(since.saturating_add(1).to_be_bytes()..).values() {
+            let v = v?;
+            let e: Event = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                tree: "events",
+                message: e.to_string(),
+            })?;
+            if tenant_id.is_some() && e.tenant_id.as_deref() != tenant_id {
+                continue;
+            }
+            if gateway_id.is_some() && e.gateway_id.as_deref() != gateway_id {
+                continue;
+            }
+            out.push(e);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
