@@ -41,7 +41,7 @@ pub async fn enrol(d: &dyn BareMetal) -> Capabilities {
     caps
 }
 
-/// Off, on, idempotent on, cycle, reset, off again: each reaches its state within `settle`.
+/// Off (twice), on (twice), cycle, off again: each reaches its state within `settle`.
 pub async fn power_round_trip(d: &dyn BareMetal, system: &str, settle: Duration) {
     let steps = [
         (PowerAction::Off, PowerState::Off),
@@ -49,10 +49,31 @@ pub async fn power_round_trip(d: &dyn BareMetal, system: &str, settle: Duration)
         (PowerAction::On, PowerState::On),
         (PowerAction::On, PowerState::On),
         (PowerAction::Cycle, PowerState::On),
-        (PowerAction::Reset, PowerState::On),
         (PowerAction::Off, PowerState::Off),
     ];
-    for (action, want) in steps {
+    run_power_steps(d, system, settle, &steps).await;
+}
+
+/// On, hard reset (the machine comes back on), soft shutdown where offered, off.
+pub async fn power_reset(d: &dyn BareMetal, system: &str, caps: &Capabilities, settle: Duration) {
+    let mut steps = vec![
+        (PowerAction::On, PowerState::On),
+        (PowerAction::Reset, PowerState::On),
+    ];
+    if caps.power_actions.contains(&PowerAction::SoftShutdown) {
+        steps.push((PowerAction::SoftShutdown, PowerState::Off));
+    }
+    steps.push((PowerAction::Off, PowerState::Off));
+    run_power_steps(d, system, settle, &steps).await;
+}
+
+async fn run_power_steps(
+    d: &dyn BareMetal,
+    system: &str,
+    settle: Duration,
+    steps: &[(PowerAction, PowerState)],
+) {
+    for &(action, want) in steps {
         ok(&format!("power {action:?}"), d.power(system, action).await);
         ok(
             &format!("wait for {want:?} after {action:?}"),

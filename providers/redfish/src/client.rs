@@ -41,6 +41,8 @@ pub struct Reply {
     pub status: StatusCode,
     pub etag: Option<String>,
     pub location: Option<String>,
+    /// `X-Auth-Token` of a session login reply.
+    pub auth_token: Option<Secret>,
     pub body: Value,
 }
 
@@ -159,7 +161,10 @@ impl Client {
                 user: self.user.clone(),
                 detail: format!("HTTP {} on {what}", r.status.as_u16()),
             },
-            StatusCode::NOT_FOUND => ProviderError::NotFound { endpoint, what: what.to_owned() },
+            StatusCode::NOT_FOUND => ProviderError::NotFound {
+                endpoint,
+                what: what.to_owned(),
+            },
             StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED => ProviderError::Conflict {
                 endpoint,
                 detail: format!("{what}: HTTP {}: {msg}", r.status.as_u16()),
@@ -201,7 +206,10 @@ impl Client {
         if let Some(tag) = if_match {
             req = req.header(header::IF_MATCH, tag);
         }
-        let resp = req.send().await.map_err(|e| self.transport_error(e, &what))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e, &what))?;
         let status = resp.status();
         let h = |name: header::HeaderName| {
             resp.headers()
@@ -211,25 +219,24 @@ impl Client {
         };
         let etag = h(header::ETAG);
         let location = h(header::LOCATION);
-        let token = resp
-            .headers()
-            .get("x-auth-token")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let bytes = resp.bytes().await.map_err(|e| self.transport_error(e, &what))?;
-        let mut body = if bytes.is_empty() {
+        let auth_token = h(header::HeaderName::from_static("x-auth-token")).map(Secret::new);
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(e, &what))?;
+        let body = if bytes.is_empty() {
             Value::Null
         } else {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
-        if let (Some(t), Value::Object(m)) = (token, &mut body) {
-            // Carried to `login` only; never logged.
-            m.insert("__x_auth_token".into(), Value::String(t));
-        } else if body.is_null() {
-            // keep Null
-        }
-        Ok(Reply { status, etag, location, body })
+        Ok(Reply {
+            status,
+            etag,
+            location,
+            auth_token,
+            body,
+        })
     }
 
     /// Logs in: a Redfish session where the service has a SessionService, else basic auth
@@ -245,39 +252,44 @@ impl Client {
     }
 
     async fn do_login(&self) -> Result<Auth> {
-        let root = self.send(Method::GET, "/redfish/v1/", None, None, &Auth::None).await?;
+        let root = self
+            .send(Method::GET, "/redfish/v1/", None, None, &Auth::None)
+            .await?;
         let sessions = if root.status.is_success() {
             let r: ServiceRoot = model::parse(&root.body).unwrap_or_default();
             r.links
                 .and_then(|l| l.sessions)
                 .map(|l| l.odata_id)
-                .or_else(|| r.session_service.map(|_| "/redfish/v1/SessionService/Sessions".into()))
+                .or_else(|| {
+                    r.session_service
+                        .map(|_| "/redfish/v1/SessionService/Sessions".into())
+                })
         } else {
             None
         };
         if let Some(uri) = sessions {
             let creds = json!({"UserName": self.user, "Password": self.password.expose()});
-            let r = self.send(Method::POST, &uri, Some(&creds), None, &Auth::None).await?;
+            let r = self
+                .send(Method::POST, &uri, Some(&creds), None, &Auth::None)
+                .await?;
             match r.status.as_u16() {
                 200..=204 => {
-                    let token = r.body.get("__x_auth_token").and_then(Value::as_str);
-                    if let Some(token) = token {
+                    if let Some(token) = r.auth_token.clone() {
                         let location = r
                             .location
                             .clone()
                             .or_else(|| r.body["@odata.id"].as_str().map(str::to_owned))
                             .unwrap_or_default();
-                        return Ok(Auth::Session {
-                            token: Secret::new(token),
-                            location,
-                        });
+                        return Ok(Auth::Session { token, location });
                     }
                 }
                 401 | 403 => return Err(self.status_error("session login", &r)),
                 _ => {}
             }
         }
-        let r = self.send(Method::GET, "/redfish/v1/Systems", None, None, &Auth::Basic).await?;
+        let r = self
+            .send(Method::GET, "/redfish/v1/Systems", None, None, &Auth::Basic)
+            .await?;
         if r.status.is_success() {
             Ok(Auth::Basic)
         } else {
@@ -294,7 +306,9 @@ impl Client {
         if_match: Option<&str>,
     ) -> Result<Reply> {
         let auth = self.login().await?;
-        let r = self.send(method.clone(), path, body, if_match, &auth).await?;
+        let r = self
+            .send(method.clone(), path, body, if_match, &auth)
+            .await?;
         if r.status == StatusCode::UNAUTHORIZED && matches!(auth, Auth::Session { .. }) {
             *self.auth.lock().await = Auth::None;
             let auth = self.login().await?;
@@ -346,11 +360,18 @@ impl Client {
             let state = task.task_state.as_deref().map(task_state);
             match (r.status.as_u16(), state) {
                 (_, Some(TaskState::Failed | TaskState::Cancelled)) => {
-                    let msgs: Vec<String> =
-                        task.messages.iter().filter_map(|m| m.message.clone()).collect();
+                    let msgs: Vec<String> = task
+                        .messages
+                        .iter()
+                        .filter_map(|m| m.message.clone())
+                        .collect();
                     return Err(ProviderError::ProviderFault {
                         endpoint: self.base.clone(),
-                        message: format!("task {monitor} ended {:?}: {}", task.task_state, msgs.join("; ")),
+                        message: format!(
+                            "task {monitor} ended {:?}: {}",
+                            task.task_state,
+                            msgs.join("; ")
+                        ),
                     });
                 }
                 (_, Some(TaskState::Completed)) => return Ok(()),
@@ -378,7 +399,9 @@ impl Client {
         let old = std::mem::replace(&mut *auth, Auth::None);
         if let Auth::Session { location, .. } = &old {
             if !location.is_empty() {
-                let r = self.send(Method::DELETE, location, None, None, &old).await?;
+                let r = self
+                    .send(Method::DELETE, location, None, None, &old)
+                    .await?;
                 if !(r.status.is_success() || r.status == StatusCode::NOT_FOUND) {
                     return Err(self.status_error("session logout", &r));
                 }

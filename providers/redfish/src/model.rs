@@ -220,10 +220,16 @@ mod tests {
         });
         let s: System = parse(&v).expect("parses");
         assert_eq!(s.power_state.as_deref(), Some("On"));
-        assert_eq!(s.actions.and_then(|a| a.reset).map(|r| r.allowable.len()), Some(2));
+        assert_eq!(
+            s.actions.and_then(|a| a.reset).map(|r| r.allowable.len()),
+            Some(2)
+        );
         let e = serde_json::json!({"error": {"message": "General error",
             "@Message.ExtendedInfo": [{"Message": "The property X is read only."}]}});
-        assert_eq!(error_message(&e), "General error; The property X is read only.");
+        assert_eq!(
+            error_message(&e),
+            "General error; The property X is read only."
+        );
         parse_all(b"{\"Members\": 5}");
         parse_all(b"\xff");
     }
