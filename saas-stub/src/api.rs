@@ -903,7 +903,7 @@ async fn list_events(
     let tenant = caller.0.tenant_id.as_deref();
     let evs = app.store.events(
         tenant,
-        q.since.unwrap_or(0),
+        q.since,
         q.gateway_id.as_deref(),
         q.limit.unwrap_or(100).clamp(1, 1000),
     )?;

@@ -616,12 +616,13 @@ impl Store {
     pub fn events(
         &self,
         tenant_id: Option<&str>,
-        since: u64,
+        since: Option<u64>,
         gateway_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
         let mut out = Vec::new();
-        for v in self.events.range(since.saturating_add(1).to_be_bytes()..).values() {
+        let start = since.map_or(0, |s| s.saturating_add(1));
+        for v in self.events.range(start.to_be_bytes()..).values() {
             let v = v?;
             let e: Event = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
                 tree: "events",

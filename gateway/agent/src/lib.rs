@@ -1,1 +1,183 @@
+//! pcg-gateway: the on-premises daemon of pcg.
+//!
+//! - [`pairing`]: token → key pair + CSR → certificate, CA pinned from the token.
+//! - [`tunnel`]: the outbound mTLS gRPC tunnel to the broker, heartbeats, backoff.
+//! - [`executor`]: exactly-once execution through the journal and outbox, and the handler
+//!   registry provider drivers fill.
+//! - [`store`]: sled: identity (private key sealed), journal, outbox.
+//! - [`admin`]: the owner-only Unix socket pcgctl talks to.
+//! - [`status`], [`config`].
+//!
+//! [`run`] starts everything and returns when `shutdown` resolves.
 
+pub mod admin;
+pub mod config;
+pub mod executor;
+pub mod pairing;
+pub mod status;
+pub mod store;
+pub mod tunnel;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use pcg_proto::v1::GatewayFrame;
+use tokio::sync::{mpsc, Notify, Semaphore};
+
+pub use config::Config;
+use status::{Status, TunnelStatus};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The running gateway's shared state.
+pub struct Gateway {
+    pub cfg: Config,
+    pub store: store::Store,
+    pub registry: executor::Registry,
+    /// Bounds concurrent executions.
+    pub permits: Arc<Semaphore>,
+    /// Woken when pairing stored a new identity.
+    pub identity_changed: Notify,
+    /// Serialises pairing requests.
+    pub pairing: tokio::sync::Mutex<()>,
+    started: Instant,
+    tunnel: Mutex<TunnelStatus>,
+    outbound: Mutex<Option<mpsc::Sender<GatewayFrame>>>,
+    running: Mutex<HashSet<String>>,
+}
+
+impl Gateway {
+    pub fn new(cfg: Config, store: store::Store, registry: executor::Registry) -> Self {
+        Gateway {
+            permits: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
+            cfg,
+            store,
+            registry,
+            identity_changed: Notify::new(),
+            pairing: tokio::sync::Mutex::new(()),
+            started: Instant::now(),
+            tunnel: Mutex::new(TunnelStatus::default()),
+            outbound: Mutex::new(None),
+            running: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let id = self.store.identity().ok().flatten();
+        Status {
+            version: VERSION.to_string(),
+            paired: id.is_some(),
+            tenant_id: id.as_ref().map(|i| i.tenant_id.clone()),
+            gateway_id: id.as_ref().map(|i| i.gateway_id.clone()),
+            api_url: id.as_ref().map(|i| i.api_url.clone()),
+            tunnel: self.tunnel.lock().expect("status lock is never poisoned").clone(),
+            certificate_not_after_ms: id.as_ref().map(|i| i.cert_not_after_ms),
+            journal_entries: self.store.journal_len(),
+            running: self.running.lock().expect("running lock is never poisoned").len(),
+            outbox_depth: self.store.outbox_depth(),
+            uptime_s: self.started.elapsed().as_secs(),
+            clock_unix_ms: store::now_ms(),
+            command_kinds: self.registry.kinds(),
+        }
+    }
+
+    pub(crate) fn set_tunnel(&self, f: impl FnOnce(&mut TunnelStatus)) {
+        f(&mut self.tunnel.lock().expect("status lock is never poisoned"));
+    }
+
+    pub(crate) fn outbound(&self) -> Option<mpsc::Sender<GatewayFrame>> {
+        self.outbound
+            .lock()
+            .expect("outbound lock is never poisoned")
+            .clone()
+    }
+
+    pub(crate) fn set_outbound(&self, tx: mpsc::Sender<GatewayFrame>) {
+        *self.outbound.lock().expect("outbound lock is never poisoned") = Some(tx);
+    }
+
+    pub(crate) fn clear_outbound(&self) {
+        *self.outbound.lock().expect("outbound lock is never poisoned") = None;
+    }
+
+    pub(crate) fn is_running(&self, id: &str) -> bool {
+        self.running
+            .lock()
+            .expect("running lock is never poisoned")
+            .contains(id)
+    }
+
+    /// Returns false when `id` is already executing.
+    pub(crate) fn mark_running(&self, id: &str) -> bool {
+        self.running
+            .lock()
+            .expect("running lock is never poisoned")
+            .insert(id.to_string())
+    }
+
+    pub(crate) fn unmark_running(&self, id: &str) {
+        self.running
+            .lock()
+            .expect("running lock is never poisoned")
+            .remove(id);
+    }
+}
+
+/// Runs the gateway: resumes interrupted executions, serves the admin socket, keeps the tunnel
+/// up, and prunes the journal, until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    registry: executor::Registry,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let store = store::Store::open(&cfg.data_dir)?;
+    let gw = Arc::new(Gateway::new(cfg, store, registry));
+    let interrupted = gw.store.running()?;
+    if !interrupted.is_empty() {
+        tracing::warn!(
+            count = interrupted.len(),
+            "resuming commands interrupted by a restart"
+        );
+    }
+    for e in interrupted {
+        executor::spawn_execution(gw.clone(), e, true);
+    }
+    let socket = gw.cfg.admin_socket_path();
+    let admin = tokio::spawn(admin::serve(gw.clone(), socket.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tunnel = tokio::spawn(tunnel::run(gw.clone(), stop_rx));
+    let retention_ms =
+        i64::try_from(gw.cfg.journal_retention_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
+    let gw2 = gw.clone();
+    let pruner = tokio::spawn(async move {
+        let mut t = tokio::time::interval(std::time::Duration::from_secs(600));
+        loop {
+            t.tick().await;
+            match gw2.store.prune(retention_ms) {
+                Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot old journal entries"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("journal pruning failed: {e}"),
+            }
+        }
+    });
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = &mut shutdown => {}
+        r = admin => {
+            let msg = match r {
+                Ok(Ok(())) => "admin socket closed".to_string(),
+                Ok(Err(e)) => format!("admin socket {}: {e}", socket.display()),
+                Err(e) => e.to_string(),
+            };
+            anyhow::bail!(msg);
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = tunnel.await;
+    pruner.abort();
+    gw.store.flush().await?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

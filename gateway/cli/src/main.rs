@@ -1,1 +1,152 @@
-fn main() {}
+//! `pcgctl`: the operator CLI of a pcg gateway. It talks to the running daemon over its
+//! owner-only admin socket; when the daemon is not running, `pair` and `status` work directly on
+//! the gateway's store.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pcg_gateway::admin::{self, AdminError, AdminRequest};
+use pcg_gateway::status::{Status, TunnelState, TunnelStatus};
+
+#[derive(Parser)]
+#[command(name = "pcgctl", version, about = "Operate a pcg gateway: pair it, see its status")]
+struct Cli {
+    /// The gateway's TOML config file (for its data directory and admin socket).
+    #[arg(long, short, global = true, env = "PCG_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Pair this gateway with a SaaS tenant using a one-time token (`-` reads it from stdin).
+    Pair {
+        token: String,
+        /// Replace an existing identity.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show pairing, tunnel, certificate, journal and outbox.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = pcg_gateway::Config::load(cli.config.as_deref())?;
+    let socket = cfg.admin_socket_path();
+    match cli.cmd {
+        Cmd::Pair { token, force } => {
+            let token = if token == "-" {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s)?;
+                s.trim().to_string()
+            } else {
+                token
+            };
+            let req = AdminRequest::Pair {
+                token: token.clone(),
+                force,
+            };
+            let paired = match admin::request(&socket, &req).await {
+                Ok(resp) if resp.ok => resp
+                    .paired
+                    .ok_or_else(|| anyhow::anyhow!("the daemon did not say what it paired as"))?,
+                Ok(resp) => anyhow::bail!(resp.error.unwrap_or_else(|| "pairing failed".into())),
+                Err(AdminError::NotRunning { .. }) => {
+                    // Pair offline; the daemon picks the identity up when it starts.
+                    let store = pcg_gateway::store::Store::open(&cfg.data_dir)?;
+                    let id = pcg_gateway::pairing::pair(
+                        &store,
+                        &token,
+                        force,
+                        std::time::Duration::from_millis(cfg.connect_timeout_ms),
+                    )
+                    .await?;
+                    pcg_gateway::admin::Paired {
+                        tenant_id: id.tenant_id,
+                        gateway_id: id.gateway_id,
+                        broker_endpoints: id.broker_endpoints,
+                        certificate_not_after_ms: id.cert_not_after_ms,
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
+            println!(
+                "paired: gateway {} of tenant {}\nbroker: {}\ncertificate expires {}",
+                paired.gateway_id,
+                paired.tenant_id,
+                paired.broker_endpoints.join(", "),
+                pcg_gateway::status::rfc3339(paired.certificate_not_after_ms)
+            );
+            Ok(())
+        }
+        Cmd::Status { json } => {
+            let status = match admin::request(&socket, &AdminRequest::Status).await {
+                Ok(resp) if resp.ok => resp
+                    .status
+                    .ok_or_else(|| anyhow::anyhow!("the daemon sent no status"))?,
+                Ok(resp) => anyhow::bail!(resp.error.unwrap_or_else(|| "status failed".into())),
+                Err(AdminError::NotRunning { path }) => offline_status(&cfg, &path)?,
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Status read from the store when the daemon is not running.
+fn offline_status(cfg: &pcg_gateway::Config, socket: &std::path::Path) -> anyhow::Result<Status> {
+    let store = pcg_gateway::store::Store::open(&cfg.data_dir)?;
+    let id = store.identity()?;
+    Ok(Status {
+        version: pcg_gateway::VERSION.to_string(),
+        paired: id.is_some(),
+        tenant_id: id.as_ref().map(|i| i.tenant_id.clone()),
+        gateway_id: id.as_ref().map(|i| i.gateway_id.clone()),
+        api_url: id.as_ref().map(|i| i.api_url.clone()),
+        tunnel: TunnelStatus {
+            state: TunnelState::Stopped,
+            last_error: Some(format!(
+                "the gateway daemon is not running (no admin socket at {})",
+                socket.display()
+            )),
+            ..TunnelStatus::default()
+        },
+        certificate_not_after_ms: id.as_ref().map(|i| i.cert_not_after_ms),
+        journal_entries: store.journal_len(),
+        running: store.running()?.len(),
+        outbox_depth: store.outbox_depth(),
+        uptime_s: 0,
+        clock_unix_ms: pcg_gateway::store::now_ms(),
+        command_kinds: Vec::new(),
+    })
+}

@@ -1,0 +1,168 @@
+//! The admin socket: a Unix socket, readable and writable by its owner only, on which pcgctl
+//! asks the running daemon for its status or hands it a pairing token. One JSON request per
+//! line, one JSON answer per line.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::status::Status;
+use crate::Gateway;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminRequest {
+    Status,
+    Pair {
+        token: String,
+        #[serde(default)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct AdminResponse {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paired: Option<Paired>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Paired {
+    pub tenant_id: String,
+    pub gateway_id: String,
+    pub broker_endpoints: Vec<String>,
+    pub certificate_not_after_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("the gateway daemon is not running (no admin socket at {path}); start it with `systemctl start pcg-gateway` or `pcg-gateway run`")]
+    NotRunning { path: PathBuf },
+    #[error("permission denied on the admin socket {path}; run pcgctl as the gateway's service user or root")]
+    Permission { path: PathBuf },
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gateway daemon answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// Sends one request to the daemon and returns its answer.
+pub async fn request(path: &Path, req: &AdminRequest) -> Result<AdminResponse, AdminError> {
+    let io = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            AdminError::NotRunning {
+                path: path.to_path_buf(),
+            }
+        }
+        std::io::ErrorKind::PermissionDenied => AdminError::Permission {
+            path: path.to_path_buf(),
+        },
+        _ => AdminError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    };
+    let stream = UnixStream::connect(path).await.map_err(io)?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_string(req).expect("requests serialise");
+    line.push('\n');
+    w.write_all(line.as_bytes()).await.map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(r).read_line(&mut answer).await.map_err(io)?;
+    serde_json::from_str(&answer).map_err(|e| AdminError::Protocol(e.to_string()))
+}
+
+/// Binds the admin socket (owner-only) and serves it until the task is dropped.
+pub async fn serve(gw: Arc<Gateway>, path: PathBuf) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    if path.exists() {
+        // A socket nobody answers on is left over from a previous run.
+        if UnixStream::connect(&path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another pcg-gateway is serving {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(r).take(1 << 16);
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let resp = match serde_json::from_str::<AdminRequest>(&line) {
+                Ok(req) => handle(&gw, req).await,
+                Err(e) => AdminResponse {
+                    ok: false,
+                    error: Some(format!("malformed admin request: {e}")),
+                    ..Default::default()
+                },
+            };
+            let mut out = serde_json::to_string(&resp).expect("responses serialise");
+            out.push('\n');
+            let _ = w.write_all(out.as_bytes()).await;
+        });
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+async fn handle(gw: &Arc<Gateway>, req: AdminRequest) -> AdminResponse {
+    match req {
+        AdminRequest::Status => AdminResponse {
+            ok: true,
+            status: Some(gw.status()),
+            ..Default::default()
+        },
+        AdminRequest::Pair { token, force } => {
+            let _guard = gw.pairing.lock().await;
+            let timeout = std::time::Duration::from_millis(gw.cfg.connect_timeout_ms);
+            match crate::pairing::pair(&gw.store, &token, force, timeout).await {
+                Ok(id) => {
+                    gw.identity_changed.notify_waiters();
+                    gw.identity_changed.notify_one();
+                    AdminResponse {
+                        ok: true,
+                        paired: Some(Paired {
+                            tenant_id: id.tenant_id,
+                            gateway_id: id.gateway_id,
+                            broker_endpoints: id.broker_endpoints,
+                            certificate_not_after_ms: id.cert_not_after_ms,
+                        }),
+                        ..Default::default()
+                    }
+                }
+                Err(e) => AdminResponse {
+                    ok: false,
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                },
+            }
+        }
+    }
+}

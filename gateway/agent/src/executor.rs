@@ -1,0 +1,313 @@
+//! The executor: runs commands exactly once in effect, dispatching by command kind to a
+//! [`Registry`] of handlers (the built-in `gateway.*` commands here; provider drivers add theirs).
+//!
+//! The order of events for one command id:
+//! 1. journal the id as running and flush (a second delivery now finds it);
+//! 2. tell the broker it was received, and execute;
+//! 3. write the result to the journal and the outbox, flush, and send it;
+//! 4. on the broker's acknowledgement, drop it from the outbox.
+//!
+//! A redelivered id gets the stored result (done) or joins the execution under way (running).
+//! After a crash, entries still running are executed again with `recovered = true`: a handler
+//! whose side effect is not naturally idempotent must look for the mark it left (a vSphere
+//! extraConfig key, Nova metadata, the ledger line) before acting again.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use pcg_proto::v1::gateway_frame::Kind as GKind;
+use pcg_proto::v1::{Command, CommandReceived, CommandResult, GatewayFrame};
+use serde_json::{json, Value};
+
+use crate::store::{now_ms, EntryState, JournalEntry, StoredResult};
+use crate::Gateway;
+
+/// A failed execution: a stable class and a message for a person.
+#[derive(Debug, Clone)]
+pub struct ExecError {
+    pub class: String,
+    pub message: String,
+}
+
+impl ExecError {
+    pub fn new(class: &str, message: impl Into<String>) -> Self {
+        ExecError {
+            class: class.to_string(),
+            message: message.into(),
+        }
+    }
+    pub fn invalid_payload(message: impl Into<String>) -> Self {
+        Self::new("invalid_payload", message)
+    }
+}
+
+/// What a handler is told about the command it executes.
+#[derive(Clone)]
+pub struct ExecContext {
+    pub command_id: String,
+    pub kind: String,
+    /// True when this id was journaled before a restart and is being executed again.
+    pub recovered: bool,
+    pub gateway: Arc<Gateway>,
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, ExecError>> + Send>>;
+
+/// Executes one kind of command.
+pub trait Handler: Send + Sync {
+    fn execute(&self, ctx: ExecContext, payload: Value) -> HandlerFuture;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(ExecContext, Value) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<Value, ExecError>> + Send + 'static,
+{
+    fn execute(&self, ctx: ExecContext, payload: Value) -> HandlerFuture {
+        Box::pin(self(ctx, payload))
+    }
+}
+
+/// Command kinds and their handlers.
+#[derive(Default, Clone)]
+pub struct Registry {
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+}
+
+impl Registry {
+    pub fn register(&mut self, kind: &str, h: impl Handler + 'static) {
+        self.handlers.insert(kind.to_string(), Arc::new(h));
+    }
+    pub fn kinds(&self) -> Vec<String> {
+        self.handlers.keys().cloned().collect()
+    }
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn Handler>> {
+        self.handlers.get(kind).cloned()
+    }
+
+    /// The built-in commands, which need no provider.
+    pub fn builtin(ledger: Option<PathBuf>) -> Registry {
+        let mut r = Registry::default();
+        r.register("gateway.diagnose", |ctx: ExecContext, _p: Value| async move {
+            Ok(diagnose(&ctx.gateway))
+        });
+        r.register("gateway.echo", |_ctx: ExecContext, p: Value| async move {
+            Ok(json!({ "echo": p }))
+        });
+        r.register("gateway.sleep", |_ctx: ExecContext, p: Value| async move {
+            let ms = p.get("ms").and_then(Value::as_u64).ok_or_else(|| {
+                ExecError::invalid_payload("gateway.sleep needs {\"ms\": N} with N at most 60000")
+            })?;
+            if ms > 60_000 {
+                return Err(ExecError::invalid_payload("gateway.sleep: ms is at most 60000"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            Ok(json!({ "slept_ms": ms }))
+        });
+        if let Some(path) = ledger {
+            let path = Arc::new(path);
+            r.register("gateway.ledger", move |ctx: ExecContext, p: Value| {
+                let path = path.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || ledger_append(&path, &ctx, &p))
+                        .await
+                        .map_err(|e| ExecError::new("internal", e.to_string()))?
+                }
+            });
+        }
+        r
+    }
+}
+
+/// `gateway.ledger`: appends `<command id> <payload>` to the ledger file and fsyncs it. On a
+/// recovered execution it first looks for its own line, so a crash between the append and the
+/// journal write does not append twice.
+fn ledger_append(path: &PathBuf, ctx: &ExecContext, payload: &Value) -> Result<Value, ExecError> {
+    let io = |e: std::io::Error| {
+        ExecError::new("ledger", format!("ledger file {}: {e}", path.display()))
+    };
+    if ctx.recovered && path.exists() {
+        let f = std::fs::File::open(path).map_err(io)?;
+        for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(io)?;
+            if line.split(' ').next() == Some(ctx.command_id.as_str()) {
+                return Ok(json!({ "line": n + 1, "found_after_restart": true }));
+            }
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io)?;
+    writeln!(f, "{} {}", ctx.command_id, payload).map_err(io)?;
+    f.sync_data().map_err(io)?;
+    Ok(json!({ "appended": true }))
+}
+
+fn diagnose(gw: &Gateway) -> Value {
+    let id = gw.store.identity().ok().flatten();
+    let st = gw.status();
+    json!({
+        "gateway_id": id.as_ref().map(|i| i.gateway_id.clone()),
+        "tenant_id": id.as_ref().map(|i| i.tenant_id.clone()),
+        "version": crate::VERSION,
+        "hostname": std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(),
+        "uptime_s": st.uptime_s,
+        "clock_unix_ms": now_ms(),
+        "clock_utc": crate::status::rfc3339(now_ms()),
+        "tunnel_rtt_ms": st.tunnel.rtt_ms,
+        "journal_entries": st.journal_entries,
+        "outbox_depth": st.outbox_depth,
+        "certificate_not_after_utc": st.certificate_not_after_ms.map(crate::status::rfc3339),
+        "command_kinds": gw.registry.kinds(),
+    })
+}
+
+fn result_frame(id: &str, r: &StoredResult) -> GatewayFrame {
+    GatewayFrame {
+        kind: Some(GKind::Result(CommandResult {
+            command_id: id.to_string(),
+            ok: r.ok,
+            output: serde_json::to_vec(&r.output).expect("JSON values serialise"),
+            error_class: r.error_class.clone(),
+            error_message: r.error_message.clone(),
+            started_unix_ms: r.started_ms,
+            finished_unix_ms: r.finished_ms,
+        })),
+    }
+}
+
+/// Sends a result on the current tunnel, if any. It stays in the outbox until acknowledged,
+/// so a result that cannot be sent now goes out on the next tunnel.
+pub async fn send_result(gw: &Gateway, id: &str, r: &StoredResult) {
+    if let Some(tx) = gw.outbound() {
+        let _ = tx.send(result_frame(id, r)).await;
+    }
+}
+
+/// Handles a command delivered by the broker.
+pub async fn on_command(gw: &Arc<Gateway>, cmd: Command) -> Result<(), crate::store::StoreError> {
+    let payload: Value = if cmd.payload.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&cmd.payload).unwrap_or(Value::Null)
+    };
+    let entry = JournalEntry {
+        id: cmd.id.clone(),
+        kind: cmd.kind.clone(),
+        payload,
+        state: EntryState::Running,
+        received_ms: now_ms(),
+        result: None,
+        acked_ms: None,
+    };
+    match gw.store.begin(&entry)? {
+        None => {
+            gw.store.flush().await?;
+            if let Some(tx) = gw.outbound() {
+                let _ = tx
+                    .send(GatewayFrame {
+                        kind: Some(GKind::Received(CommandReceived {
+                            command_id: cmd.id.clone(),
+                        })),
+                    })
+                    .await;
+            }
+            spawn_execution(gw.clone(), entry, false);
+        }
+        Some(existing) => match existing.state {
+            EntryState::Done => {
+                if let Some(r) = &existing.result {
+                    send_result(gw, &existing.id, r).await;
+                }
+            }
+            EntryState::Running => {
+                // Joins the execution under way; its result is sent when it ends. An entry
+                // running with no execution (a flush failed earlier) is resumed as recovered.
+                if !gw.is_running(&existing.id) {
+                    spawn_execution(gw.clone(), existing, true);
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+/// Executes a journaled entry and records its result.
+pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
+    if !gw.mark_running(&entry.id) {
+        return;
+    }
+    tokio::spawn(async move {
+        let _permit = gw.permits.clone().acquire_owned().await;
+        let started = now_ms();
+        let outcome = if entry.payload.is_object() {
+            match gw.registry.get(&entry.kind) {
+                None => Err(ExecError::new(
+                    "unknown_kind",
+                    format!(
+                        "this gateway cannot execute {:?}; it supports: {}",
+                        entry.kind,
+                        gw.registry.kinds().join(", ")
+                    ),
+                )),
+                Some(h) => {
+                    let ctx = ExecContext {
+                        command_id: entry.id.clone(),
+                        kind: entry.kind.clone(),
+                        recovered,
+                        gateway: gw.clone(),
+                    };
+                    // A panicking handler fails its command instead of the gateway.
+                    match tokio::spawn(h.execute(ctx, entry.payload.clone())).await {
+                        Ok(r) => r,
+                        Err(e) => Err(ExecError::new("internal", format!("handler failed: {e}"))),
+                    }
+                }
+            }
+        } else {
+            Err(ExecError::invalid_payload("the payload is not a JSON object"))
+        };
+        let result = match outcome {
+            Ok(output) => StoredResult {
+                ok: true,
+                output,
+                error_class: String::new(),
+                error_message: String::new(),
+                started_ms: started,
+                finished_ms: now_ms(),
+            },
+            Err(e) => StoredResult {
+                ok: false,
+                output: Value::Null,
+                error_class: e.class,
+                error_message: e.message,
+                started_ms: started,
+                finished_ms: now_ms(),
+            },
+        };
+        // The result must not be lost: retry the write until it is durable.
+        let mut delay = std::time::Duration::from_millis(100);
+        loop {
+            let r = match gw.store.finish(&entry.id, &result) {
+                Ok(()) => gw.store.flush().await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(command = %entry.id, "cannot record result, retrying: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(10));
+                }
+            }
+        }
+        gw.unmark_running(&entry.id);
+        send_result(&gw, &entry.id, &result).await;
+    });
+}

@@ -1,0 +1,406 @@
+//! The gateway's durable state on sled: its identity (certificate, CA, broker endpoints, and the
+//! private key sealed with the secret key file), the command journal and the result outbox.
+//!
+//! The journal is what makes commands take effect exactly once: an id is written (and flushed)
+//! before the gateway acts on it, its result is written (and flushed) before it is sent, and an
+//! id that is already known is never executed again. The outbox holds results until the broker
+//! acknowledges them. Done entries are kept for `journal_retention_hours` after acknowledgement
+//! so a late redelivery still finds them.
+
+use std::path::{Path, PathBuf};
+
+use ring::aead;
+use serde::{Deserialize, Serialize};
+
+pub fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0),
+    )
+    .unwrap_or(i64::MAX)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("gateway store in {path}: {source}; check disk space and permissions of the data directory (is another pcg-gateway running on it?)")]
+    Sled {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("secret key file {path}: {message}")]
+    Key { path: PathBuf, message: String },
+    #[error("corrupt record {what} in the gateway store: {message}")]
+    Corrupt { what: String, message: String },
+}
+
+/// Who this gateway is, as issued at pairing.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Identity {
+    pub tenant_id: String,
+    pub gateway_id: String,
+    pub api_url: String,
+    pub broker_endpoints: Vec<String>,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// Private key (PEM), sealed with AES-256-GCM under the secret key file; base64.
+    pub key_sealed: String,
+    pub cert_not_after_ms: i64,
+    pub paired_ms: i64,
+    pub token_id: String,
+    /// Set when the SaaS said this identity is revoked.
+    #[serde(default)]
+    pub revoked: Option<String>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("tenant_id", &self.tenant_id)
+            .field("gateway_id", &self.gateway_id)
+            .field("api_url", &self.api_url)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredResult {
+    pub ok: bool,
+    pub output: serde_json::Value,
+    pub error_class: String,
+    pub error_message: String,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryState {
+    Running,
+    Done,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub id: String,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub state: EntryState,
+    pub received_ms: i64,
+    pub result: Option<StoredResult>,
+    /// When the broker acknowledged the result.
+    pub acked_ms: Option<i64>,
+}
+
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    identity: sled::Tree,
+    journal: sled::Tree,
+    outbox: sled::Tree,
+    key: aead::LessSafeKey,
+}
+
+const IDENTITY_KEY: &[u8] = b"current";
+
+impl Store {
+    /// Opens (creating) the store in `dir`, and the secret key file `dir/secret.key`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.join("db");
+        let sled_err = |source| StoreError::Sled {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| sled_err(sled::Error::Io(e)))?;
+        let key = load_or_create_key(&dir.join("secret.key"))?;
+        let db = sled::Config::new().path(&path).open().map_err(sled_err)?;
+        Ok(Store {
+            identity: db.open_tree("identity").map_err(sled_err)?,
+            journal: db.open_tree("journal").map_err(sled_err)?,
+            outbox: db.open_tree("outbox").map_err(sled_err)?,
+            db,
+            key,
+            path,
+        })
+    }
+
+    fn err(&self) -> impl Fn(sled::Error) -> StoreError + '_ {
+        |source| StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await.map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn flush_sync(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(self.err())?;
+        Ok(())
+    }
+
+    // --- identity ------------------------------------------------------------------------
+
+    pub fn identity(&self) -> Result<Option<Identity>, StoreError> {
+        match self.identity.get(IDENTITY_KEY).map_err(self.err())? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what: "identity".into(),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
+    pub fn set_identity(&self, id: &Identity) -> Result<(), StoreError> {
+        self.identity
+            .insert(IDENTITY_KEY, serde_json::to_vec(id).expect("identity serialises"))
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn seal(&self, plain: &[u8]) -> String {
+        use base64::Engine as _;
+        let nonce_bytes: [u8; 12] = rand::random();
+        let mut buf = plain.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(nonce_bytes),
+                aead::Aad::empty(),
+                &mut buf,
+            )
+            .expect("AES-GCM sealing of a small buffer cannot fail");
+        let mut out = nonce_bytes.to_vec();
+        out.extend_from_slice(&buf);
+        base64::engine::general_purpose::STANDARD.encode(out)
+    }
+
+    pub fn unseal(&self, sealed: &str) -> Result<Vec<u8>, StoreError> {
+        use base64::Engine as _;
+        let bad = |m: &str| StoreError::Corrupt {
+            what: "sealed private key".into(),
+            message: format!("{m}; was secret.key replaced? pair the gateway again"),
+        };
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(sealed)
+            .map_err(|_| bad("not base64"))?;
+        if raw.len() < 12 + 16 {
+            return Err(bad("too short"));
+        }
+        let (nonce, ct) = raw.split_at(12);
+        let mut buf = ct.to_vec();
+        let nonce = aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| bad("bad nonce"))?;
+        let plain = self
+            .key
+            .open_in_place(nonce, aead::Aad::empty(), &mut buf)
+            .map_err(|_| bad("cannot be decrypted"))?;
+        Ok(plain.to_vec())
+    }
+
+    // --- journal and outbox -----------------------------------------------------------------
+
+    pub fn entry(&self, id: &str) -> Result<Option<JournalEntry>, StoreError> {
+        match self.journal.get(id.as_bytes()).map_err(self.err())? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what: format!("journal entry {id}"),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
+    /// Journals a new command as running. Returns the existing entry instead when the id is
+    /// already known (atomically: two deliveries racing cannot both insert).
+    pub fn begin(&self, e: &JournalEntry) -> Result<Option<JournalEntry>, StoreError> {
+        let bytes = serde_json::to_vec(e).expect("entries serialise");
+        match self
+            .journal
+            .compare_and_swap(e.id.as_bytes(), None as Option<&[u8]>, Some(bytes))
+            .map_err(self.err())?
+        {
+            Ok(()) => Ok(None),
+            Err(cas) => match cas.current {
+                Some(v) => serde_json::from_slice(&v)
+                    .map(Some)
+                    .map_err(|err| StoreError::Corrupt {
+                        what: format!("journal entry {}", e.id),
+                        message: err.to_string(),
+                    }),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Records a result: the journal entry becomes done and the result enters the outbox.
+    pub fn finish(&self, id: &str, result: &StoredResult) -> Result<(), StoreError> {
+        let mut e = self.entry(id)?.ok_or_else(|| StoreError::Corrupt {
+            what: format!("journal entry {id}"),
+            message: "missing when its execution finished".into(),
+        })?;
+        e.state = EntryState::Done;
+        e.result = Some(result.clone());
+        self.journal
+            .insert(id.as_bytes(), serde_json::to_vec(&e).expect("entries serialise"))
+            .map_err(self.err())?;
+        self.outbox
+            .insert(id.as_bytes(), serde_json::to_vec(result).expect("results serialise"))
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// The broker stored the result: drop it from the outbox.
+    pub fn ack(&self, id: &str) -> Result<(), StoreError> {
+        self.outbox.remove(id.as_bytes()).map_err(self.err())?;
+        let _ = self.journal.fetch_and_update(id.as_bytes(), |old| {
+            let mut e: JournalEntry = serde_json::from_slice(old?).ok()?;
+            e.acked_ms.get_or_insert(now_ms());
+            Some(serde_json::to_vec(&e).expect("entries serialise"))
+        });
+        Ok(())
+    }
+
+    pub fn outbox(&self) -> Result<Vec<(String, StoredResult)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.outbox.iter() {
+            let (k, v) = kv.map_err(self.err())?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            let r = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                what: format!("outbox entry {id}"),
+                message: e.to_string(),
+            })?;
+            out.push((id, r));
+        }
+        Ok(out)
+    }
+
+    pub fn outbox_depth(&self) -> usize {
+        self.outbox.len()
+    }
+
+    pub fn journal_len(&self) -> usize {
+        self.journal.len()
+    }
+
+    /// Entries still running (after a crash: those whose execution must be resumed).
+    pub fn running(&self) -> Result<Vec<JournalEntry>, StoreError> {
+        let mut out = Vec::new();
+        for v in self.journal.iter().values() {
+            let v = v.map_err(self.err())?;
+            if let Ok(e) = serde_json::from_slice::<JournalEntry>(&v) {
+                if e.state == EntryState::Running {
+                    out.push(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets done entries acknowledged more than `retention_ms` ago; returns how many.
+    pub fn prune(&self, retention_ms: i64) -> Result<usize, StoreError> {
+        let cutoff = now_ms() - retention_ms;
+        let mut n = 0;
+        for kv in self.journal.iter() {
+            let (k, v) = kv.map_err(self.err())?;
+            if let Ok(e) = serde_json::from_slice::<JournalEntry>(&v) {
+                if e.state == EntryState::Done && e.acked_ms.is_some_and(|a| a < cutoff) {
+                    self.journal.remove(k).map_err(self.err())?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn load_or_create_key(path: &Path) -> Result<aead::LessSafeKey, StoreError> {
+    let bad = |message: String| StoreError::Key {
+        path: path.to_path_buf(),
+        message,
+    };
+    let bytes = if path.exists() {
+        std::fs::read(path).map_err(|e| bad(e.to_string()))?
+    } else {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let k: [u8; 32] = rand::random();
+        let mut f = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| bad(e.to_string()))?;
+        f.write_all(&k).map_err(|e| bad(e.to_string()))?;
+        f.sync_all().map_err(|e| bad(e.to_string()))?;
+        k.to_vec()
+    };
+    if bytes.len() != 32 {
+        return Err(bad(format!("must hold 32 bytes, holds {}", bytes.len())));
+    }
+    let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, &bytes)
+        .map_err(|_| bad("not a valid AES-256 key".into()))?;
+    Ok(aead::LessSafeKey::new(unbound))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> JournalEntry {
+        JournalEntry {
+            id: id.into(),
+            kind: "gateway.echo".into(),
+            payload: serde_json::json!({}),
+            state: EntryState::Running,
+            received_ms: now_ms(),
+            result: None,
+            acked_ms: None,
+        }
+    }
+
+    #[test]
+    fn begin_is_once_per_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        assert!(s.begin(&entry("a")).expect("begin").is_none());
+        let again = s.begin(&entry("a")).expect("begin").expect("known");
+        assert_eq!(again.state, EntryState::Running);
+        let r = StoredResult {
+            ok: true,
+            output: serde_json::json!(1),
+            error_class: String::new(),
+            error_message: String::new(),
+            started_ms: 0,
+            finished_ms: 0,
+        };
+        s.finish("a", &r).expect("finish");
+        assert_eq!(s.outbox_depth(), 1);
+        assert_eq!(s.entry("a").expect("get").expect("known").result, Some(r));
+        s.ack("a").expect("ack");
+        assert_eq!(s.outbox_depth(), 0);
+        assert_eq!(s.prune(-1).expect("prune"), 1);
+        assert!(s.entry("a").expect("get").is_none());
+    }
+
+    #[test]
+    fn sealing_round_trips_and_detects_a_foreign_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        let sealed = s.seal(b"private");
+        assert_eq!(s.unseal(&sealed).expect("unseal"), b"private");
+        drop(s);
+        std::fs::remove_file(dir.path().join("secret.key")).expect("rm");
+        let s = Store::open(dir.path()).expect("open");
+        assert!(s.unseal(&sealed).is_err());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("secret.key")).expect("meta").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

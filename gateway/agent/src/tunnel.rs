@@ -1,0 +1,301 @@
+//! The tunnel client: dial the broker over HTTP/2 with mutual TLS, say Hello, receive commands,
+//! heartbeat both ways, and redial with fully random exponential backoff when the tunnel drops
+//! or stays silent past its deadline (three heartbeat intervals).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pcg_proto::v1::broker_client::BrokerClient;
+use pcg_proto::v1::broker_frame::Kind as BKind;
+use pcg_proto::v1::gateway_frame::Kind as GKind;
+use pcg_proto::v1::{GatewayFrame, Heartbeat, Hello};
+use tokio::sync::mpsc;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use crate::executor;
+use crate::status::TunnelState;
+use crate::store::now_ms;
+use crate::Gateway;
+
+/// Full-jitter backoff: a uniformly random delay in `[0, min(cap, base * 2^attempt)]`.
+pub fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .checked_mul(1u32.checked_shl(attempt.min(30)).unwrap_or(u32::MAX))
+        .unwrap_or(cap)
+        .min(cap);
+    let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::random_range(0..=ms))
+}
+
+/// How one tunnel ended.
+enum End {
+    /// Redial after backoff.
+    Retry(String),
+    /// The identity was refused for good (revoked or unknown): wait for a new pairing.
+    Refused(String),
+    Shutdown,
+}
+
+/// Runs the tunnel until `shutdown` is set.
+pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let base = Duration::from_millis(gw.cfg.backoff_base_ms.max(1));
+    let cap = Duration::from_millis(gw.cfg.backoff_cap_ms.max(gw.cfg.backoff_base_ms));
+    let mut attempt: u32 = 0;
+    let mut endpoint_idx = 0usize;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let identity = match gw.store.identity() {
+            Ok(Some(i)) if i.revoked.is_none() => i,
+            Ok(other) => {
+                gw.set_tunnel(|t| {
+                    t.state = if other.is_some() {
+                        TunnelState::Revoked
+                    } else {
+                        TunnelState::Unpaired
+                    }
+                });
+                tokio::select! {
+                    _ = gw.identity_changed.notified() => continue,
+                    _ = shutdown.changed() => break,
+                }
+            }
+            Err(e) => {
+                gw.set_tunnel(|t| t.last_error = Some(e.to_string()));
+                tokio::select! {
+                    _ = tokio::time::sleep(cap) => continue,
+                    _ = shutdown.changed() => break,
+                }
+            }
+        };
+        let url = identity.broker_endpoints[endpoint_idx % identity.broker_endpoints.len().max(1)]
+            .clone();
+        gw.set_tunnel(|t| {
+            t.state = TunnelState::Connecting;
+            t.broker_endpoint = Some(url.clone());
+            t.next_attempt_ms = None;
+        });
+        let end = tokio::select! {
+            e = session(&gw, &identity, &url, &mut attempt) => e,
+            _ = shutdown.changed() => End::Shutdown,
+        };
+        gw.clear_outbound();
+        match end {
+            End::Shutdown => break,
+            End::Refused(why) => {
+                tracing::error!("the broker refused this gateway: {why}");
+                let mut id = identity.clone();
+                id.revoked = Some(why.clone());
+                let _ = gw.store.set_identity(&id);
+                let _ = gw.store.flush().await;
+                gw.set_tunnel(|t| {
+                    t.state = TunnelState::Revoked;
+                    t.last_error = Some(why.clone());
+                    t.connected_since_ms = None;
+                });
+            }
+            End::Retry(why) => {
+                endpoint_idx += 1;
+                let delay = backoff(base, cap, attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(endpoint = %url, "tunnel down: {why}; redialling in {} ms", delay.as_millis());
+                gw.set_tunnel(|t| {
+                    t.state = TunnelState::Backoff;
+                    t.last_error = Some(why.clone());
+                    t.connected_since_ms = None;
+                    t.next_attempt_ms =
+                        Some(now_ms() + i64::try_from(delay.as_millis()).unwrap_or(0));
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {},
+                    _ = gw.identity_changed.notified() => {},
+                    _ = shutdown.changed() => break,
+                }
+            }
+        }
+    }
+    gw.set_tunnel(|t| t.state = TunnelState::Stopped);
+}
+
+async fn session(
+    gw: &Arc<Gateway>,
+    identity: &crate::store::Identity,
+    url: &str,
+    attempt: &mut u32,
+) -> End {
+    let key_pem = match gw.store.unseal(&identity.key_sealed) {
+        Ok(k) => k,
+        Err(e) => return End::Refused(e.to_string()),
+    };
+    let host = url
+        .strip_prefix("https://")
+        .and_then(|r| r.split('/').next())
+        .map(|hp| {
+            // host:port, [v6]:port
+            if let Some(v6) = hp.strip_prefix('[') {
+                v6.split(']').next().unwrap_or(v6).to_string()
+            } else {
+                hp.rsplit_once(':').map(|(h, _)| h).unwrap_or(hp).to_string()
+            }
+        })
+        .unwrap_or_default();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&identity.ca_pem))
+        .identity(Identity::from_pem(&identity.cert_pem, key_pem))
+        .domain_name(host);
+    let timeout = Duration::from_millis(gw.cfg.connect_timeout_ms);
+    let endpoint = match Endpoint::from_shared(url.to_string()).and_then(|e| e.tls_config(tls)) {
+        Ok(e) => e
+            .connect_timeout(timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true),
+        Err(e) => return End::Refused(format!("broker endpoint {url} is unusable: {e}")),
+    };
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            return End::Retry(format!(
+                "cannot connect to the broker at {url}: {}",
+                crate::pairing::error_chain(&e)
+            ))
+        }
+    };
+    let mut client = BrokerClient::new(channel)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20);
+    let (tx, rx) = mpsc::channel::<GatewayFrame>(1024);
+    let hello = GatewayFrame {
+        kind: Some(GKind::Hello(Hello {
+            gateway_version: crate::VERSION.to_string(),
+            command_kinds: gw.registry.kinds(),
+            clock_unix_ms: now_ms(),
+            journal_depth: gw.store.journal_len() as u64,
+            outbox_depth: gw.store.outbox_depth() as u64,
+        })),
+    };
+    if tx.send(hello).await.is_err() {
+        return End::Retry("tunnel closed before Hello".into());
+    }
+    let mut inbound = match tokio::time::timeout(
+        timeout,
+        client.open(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    {
+        Err(_) => return End::Retry(format!("the broker at {url} did not answer within {timeout:?}")),
+        Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied => {
+            return End::Refused(s.message().to_string())
+        }
+        Ok(Err(s)) => return End::Retry(format!("the broker at {url} refused the tunnel: {}", s.message())),
+        Ok(Ok(r)) => r.into_inner(),
+    };
+    // The broker answers Welcome first.
+    let interval = match tokio::time::timeout(timeout, inbound.message()).await {
+        Ok(Ok(Some(pcg_proto::v1::BrokerFrame {
+            kind: Some(BKind::Welcome(w)),
+        }))) => Duration::from_millis(w.heartbeat_interval_ms.max(100)),
+        Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied => {
+            return End::Refused(s.message().to_string())
+        }
+        Ok(Err(s)) => return End::Retry(format!("tunnel refused: {}", s.message())),
+        _ => return End::Retry("the broker did not send Welcome".into()),
+    };
+    *attempt = 0;
+    gw.set_outbound(tx.clone());
+    let since = now_ms();
+    gw.set_tunnel(|t| {
+        t.state = TunnelState::Connected;
+        t.connected_since_ms = Some(since);
+        t.last_heartbeat_ms = Some(since);
+        t.last_error = None;
+        t.connects += 1;
+    });
+    tracing::info!(endpoint = %url, "tunnel up");
+    // Results the broker has not acknowledged yet go out again.
+    match gw.store.outbox() {
+        Ok(items) => {
+            for (id, r) in items {
+                executor::send_result(gw, &id, &r).await;
+            }
+        }
+        Err(e) => tracing::error!("cannot read the outbox: {e}"),
+    }
+
+    let mut last_frame = Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(frame)) => {
+                    last_frame = Instant::now();
+                    match frame.kind {
+                        Some(BKind::Command(c)) => {
+                            if let Err(e) = executor::on_command(gw, c).await {
+                                // Not journaled durably: drop the tunnel so the broker redelivers.
+                                return End::Retry(format!("cannot journal a command: {e}"));
+                            }
+                        }
+                        Some(BKind::ResultAck(a)) => {
+                            if let Err(e) = gw.store.ack(&a.command_id) {
+                                tracing::warn!("cannot drop acknowledged result: {e}");
+                            }
+                        }
+                        Some(BKind::Heartbeat(h)) => {
+                            let now = now_ms();
+                            gw.set_tunnel(|t| {
+                                t.last_heartbeat_ms = Some(now);
+                                if h.echo_seq != 0 {
+                                    t.rtt_ms = u64::try_from(now - h.echo_sent_unix_ms).ok();
+                                }
+                            });
+                        }
+                        Some(BKind::Goodbye(g)) => {
+                            return if g.permanent { End::Refused(g.reason) } else { End::Retry(format!("the broker closed the tunnel: {}", g.reason)) };
+                        }
+                        Some(BKind::Welcome(_)) | None => {}
+                    }
+                }
+                Ok(None) => return End::Retry("the broker ended the tunnel".into()),
+                Err(s) if s.code() == tonic::Code::PermissionDenied => return End::Refused(s.message().to_string()),
+                Err(s) => return End::Retry(format!("tunnel broken: {}", s.message())),
+            },
+            _ = ticker.tick() => {
+                if last_frame.elapsed() > interval * 3 {
+                    return End::Retry(format!("the broker was silent for {} ms", last_frame.elapsed().as_millis()));
+                }
+                seq += 1;
+                let _ = tx.try_send(GatewayFrame { kind: Some(GKind::Heartbeat(Heartbeat {
+                    seq, sent_unix_ms: now_ms(), echo_seq: 0, echo_sent_unix_ms: 0,
+                }))});
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_random_and_capped() {
+        let base = Duration::from_millis(1000);
+        let cap = Duration::from_millis(8000);
+        for attempt in 0..40 {
+            let ceiling = (1000u64 << attempt.min(20)).min(8000);
+            for _ in 0..50 {
+                let d = backoff(base, cap, attempt);
+                assert!(d.as_millis() as u64 <= ceiling, "attempt {attempt}: {d:?}");
+            }
+        }
+        // Fully random: many distinct values at a high attempt.
+        let mut seen: Vec<u128> = (0..100).map(|_| backoff(base, cap, 10).as_millis()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert!(seen.len() > 50);
+    }
+}
