@@ -54,7 +54,7 @@ async fn sushy_boot_override_and_virtual_media() {
     let d = RedfishDriver::new(&peer.endpoint()).unwrap();
     let caps = conformance::enrol(&d).await;
     let sys = &caps.systems[1];
-    conformance::boot_override_round_trip(&d, sys, &caps).await;
+    conformance::boot_override_round_trip(&d, sys, &caps, true).await;
     conformance::virtual_media_round_trip(&d, sys, &caps, &images.url).await;
     d.close().await.unwrap();
 }

@@ -1,0 +1,569 @@
+//! An RMCP+ session of our own on a tokio `UdpSocket`: cipher suite 3 key exchange (RAKP),
+//! Set Session Privilege Level, requests with adaptive retransmission, re-establishment when a
+//! session dies, sequence numbers that never wrap (a fresh session is made first), and Close
+//! Session on every path (including drop).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use pcg_provider::{ProviderError, Result, Secret};
+use tokio::net::UdpSocket;
+
+use crate::packet::{self, payload, Keys};
+
+/// Privilege level ADMINISTRATOR.
+pub const PRIV_ADMIN: u8 = 0x04;
+/// Name-only lookup bit of the RAKP 1 role byte (as ipmitool sends it).
+const NAME_ONLY_LOOKUP: u8 = 0x10;
+/// Start a fresh session before the outbound sequence number gets near wrapping.
+const SEQ_LIMIT: u32 = 0xffff_0000;
+
+/// Counters for diagnostics and benchmarks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    /// Sessions established.
+    pub sessions_opened: u64,
+    /// Close Session requests acknowledged by the BMC.
+    pub sessions_closed: u64,
+    /// Datagrams sent again after a timeout.
+    pub retransmits: u64,
+    /// Datagrams discarded (stale, duplicate, malformed or unauthentic).
+    pub discarded: u64,
+}
+
+struct Active {
+    console_sid: u32,
+    bmc_sid: u32,
+    keys: Keys,
+    seq: u32,
+}
+
+/// One RMCP+ session with one BMC (opened on first use).
+pub struct Session {
+    endpoint: String,
+    user: String,
+    password: Secret,
+    socket: UdpSocket,
+    /// Bound on one operation (all attempts, including re-establishing the session).
+    bound: Duration,
+    active: Option<Active>,
+    rq_seq: u8,
+    tag: u8,
+    /// Smoothed round-trip time, for the retransmission timeout.
+    srtt: Option<Duration>,
+    pub stats: Stats,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("endpoint", &self.endpoint)
+            .field("user", &self.user)
+            .field("active", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of one IPMI command: completion code and data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub completion: u8,
+    pub data: Vec<u8>,
+}
+
+/// Text for an RMCP+ status code.
+fn rmcp_status(code: u8) -> &'static str {
+    match code {
+        0x01 => "insufficient resources to create a session",
+        0x02 => "invalid session id",
+        0x03 => "invalid payload type",
+        0x04 => "invalid authentication algorithm",
+        0x05 => "invalid integrity algorithm",
+        0x06 => "no matching authentication payload",
+        0x07 => "no matching integrity payload",
+        0x08 => "inactive session id",
+        0x09 => "invalid role",
+        0x0a => "unauthorized role or privilege level requested",
+        0x0b => "insufficient resources to create a session at the requested role",
+        0x0c => "invalid name length",
+        0x0d => "unauthorized name",
+        0x0e => "unauthorized GUID",
+        0x0f => "invalid integrity check value",
+        0x10 => "invalid confidentiality algorithm",
+        0x11 => "no cipher suite match (pcg offers cipher suite 3)",
+        0x12 => "illegal or unrecognized parameter",
+        _ => "unknown status",
+    }
+}
+
+enum Step<T> {
+    Done(T),
+    /// Not the answer to this request (stale or foreign): keep waiting.
+    Skip,
+}
+
+impl Session {
+    /// Binds a UDP socket connected to `addr`. No datagram is sent until the first request.
+    pub async fn new(
+        addr: SocketAddr,
+        endpoint: &str,
+        user: &str,
+        password: Secret,
+        bound: Duration,
+    ) -> Result<Self> {
+        let local: SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let unreachable = |e: std::io::Error| ProviderError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            reason: e.to_string(),
+        };
+        let socket = UdpSocket::bind(local).await.map_err(unreachable)?;
+        socket.connect(addr).await.map_err(unreachable)?;
+        Ok(Self {
+            endpoint: endpoint.to_owned(),
+            user: user.to_owned(),
+            password,
+            socket,
+            bound,
+            active: None,
+            rq_seq: 0,
+            tag: 0,
+            srtt: None,
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn bound(&self) -> Duration {
+        self.bound
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn timeout(&self, operation: &str) -> ProviderError {
+        ProviderError::Timeout {
+            endpoint: self.endpoint.clone(),
+            operation: operation.to_owned(),
+            after: self.bound,
+        }
+    }
+
+    fn auth(&self, detail: String) -> ProviderError {
+        ProviderError::Auth {
+            endpoint: self.endpoint.clone(),
+            user: self.user.clone(),
+            detail,
+        }
+    }
+
+    /// Retransmission timeout: 4 × smoothed RTT + 100 ms, within [250 ms, 2 s]; 1 s at first.
+    fn rto(&self) -> Duration {
+        match self.srtt {
+            Some(s) => (s * 4 + Duration::from_millis(100))
+                .clamp(Duration::from_millis(250), Duration::from_secs(2)),
+            None => Duration::from_secs(1),
+        }
+    }
+
+    fn sample_rtt(&mut self, rtt: Duration) {
+        self.srtt = Some(match self.srtt {
+            Some(s) => (s * 7 + rtt) / 8,
+            None => rtt,
+        });
+    }
+
+    /// Sends what `build` makes, retransmitting (a fresh build each time) until `accept` takes an
+    /// answer or `deadline` passes.
+    async fn exchange<T>(
+        &mut self,
+        operation: &str,
+        deadline: Instant,
+        mut build: impl FnMut(&mut Self) -> Vec<u8>,
+        mut accept: impl FnMut(&mut Self, &[u8]) -> Result<Step<T>>,
+    ) -> Result<T> {
+        let mut rto = self.rto();
+        let mut buf = vec![0u8; 2048];
+        let mut first = true;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.timeout(operation));
+            }
+            if !first {
+                self.stats.retransmits += 1;
+            }
+            let pkt = build(self);
+            let sent_at = Instant::now();
+            let retransmitted = !first;
+            first = false;
+            if let Err(e) = self.socket.send(&pkt).await {
+                return Err(self.io_error(e));
+            }
+            let attempt_end = (sent_at + rto).min(deadline);
+            loop {
+                let left = attempt_end.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(left, self.socket.recv(&mut buf)).await {
+                    Err(_) => break,
+                    Ok(Err(e)) => return Err(self.io_error(e)),
+                    Ok(Ok(n)) => match accept(self, &buf[..n])? {
+                        Step::Done(v) => {
+                            if !retransmitted {
+                                self.sample_rtt(sent_at.elapsed());
+                            }
+                            return Ok(v);
+                        }
+                        Step::Skip => self.stats.discarded += 1,
+                    },
+                }
+            }
+            rto = (rto * 2).min(Duration::from_secs(3));
+        }
+    }
+
+    fn io_error(&self, e: std::io::Error) -> ProviderError {
+        ProviderError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            reason: format!("UDP: {e}"),
+        }
+    }
+
+    fn next_tag(&mut self) -> u8 {
+        self.tag = self.tag.wrapping_add(1);
+        self.tag
+    }
+
+    /// Opens a session (Open Session, RAKP 1–4, Set Session Privilege Level ADMINISTRATOR).
+    async fn establish(&mut self, deadline: Instant) -> Result<()> {
+        let user = self.user.as_bytes().to_vec();
+        if user.len() > 16 {
+            return Err(ProviderError::invalid(
+                "user",
+                "IPMI user names have at most 16 bytes",
+            ));
+        }
+        let mut kuid = self.password.expose().as_bytes().to_vec();
+        if kuid.len() > 20 {
+            return Err(ProviderError::invalid(
+                "password",
+                "IPMI v2.0 passwords have at most 20 bytes",
+            ));
+        }
+        kuid.resize(20, 0);
+        let console_sid: u32 = loop {
+            let s = rand::random::<u32>();
+            if s != 0 {
+                break s;
+            }
+        };
+
+        // Open Session.
+        let tag = self.next_tag();
+        let open = packet::open_session_request(tag, console_sid, PRIV_ADMIN);
+        let bmc_sid = self
+            .exchange(
+                "RMCP+ Open Session",
+                deadline,
+                |_| packet::encode(payload::OPEN_SESSION_REQUEST, 0, 0, &open, None),
+                |s, bytes| {
+                    let Ok(p) = packet::decode(bytes, None) else {
+                        return Ok(Step::Skip);
+                    };
+                    if p.ptype != payload::OPEN_SESSION_RESPONSE {
+                        return Ok(Step::Skip);
+                    }
+                    let Ok(r) = packet::parse_open_session_response(&p.payload) else {
+                        return Ok(Step::Skip);
+                    };
+                    if r.tag != tag || r.console_sid != console_sid {
+                        return Ok(Step::Skip);
+                    }
+                    if r.status != 0 {
+                        return Err(s.status_error("Open Session", r.status));
+                    }
+                    Ok(Step::Done(r.bmc_sid))
+                },
+            )
+            .await?;
+
+        // RAKP 1/2.
+        let rm: [u8; 16] = rand::random();
+        let role = PRIV_ADMIN | NAME_ONLY_LOOKUP;
+        let tag = self.next_tag();
+        let r1 = packet::rakp1(tag, bmc_sid, &rm, role, &user);
+        let r2 = self
+            .exchange(
+                "RMCP+ RAKP 1",
+                deadline,
+                |_| packet::encode(payload::RAKP1, 0, 0, &r1, None),
+                |s, bytes| {
+                    let Ok(p) = packet::decode(bytes, None) else {
+                        return Ok(Step::Skip);
+                    };
+                    if p.ptype != payload::RAKP2 {
+                        return Ok(Step::Skip);
+                    }
+                    let Ok(r) = packet::parse_rakp2(&p.payload) else {
+                        return Ok(Step::Skip);
+                    };
+                    if r.tag != tag || r.console_sid != console_sid {
+                        return Ok(Step::Skip);
+                    }
+                    if r.status != 0 {
+                        return Err(s.status_error("RAKP 2", r.status));
+                    }
+                    Ok(Step::Done(r))
+                },
+            )
+            .await?;
+        let ulen = [user.len() as u8];
+        let expect = packet::hmac_sha1(
+            &kuid,
+            &[
+                &console_sid.to_le_bytes(),
+                &bmc_sid.to_le_bytes(),
+                &rm,
+                &r2.rc,
+                &r2.guid,
+                &[role],
+                &ulen,
+                &user,
+            ],
+        );
+        if r2.auth_code.get(..20) != Some(&expect[..]) {
+            // Tell the BMC to drop the half-open session, then report the password.
+            let abort = packet::rakp3(self.next_tag(), 0x0f, bmc_sid, &[]);
+            let _ = self
+                .socket
+                .send(&packet::encode(payload::RAKP3, 0, 0, &abort, None))
+                .await;
+            return Err(
+                self.auth("password rejected (RAKP 2 key exchange code does not match)".into())
+            );
+        }
+        let sik = packet::hmac_sha1(&kuid, &[&rm, &r2.rc, &[role], &ulen, &user]);
+        let keys = Keys::from_sik(&sik);
+
+        // RAKP 3/4.
+        let tag = self.next_tag();
+        let code = packet::hmac_sha1(
+            &kuid,
+            &[&r2.rc, &console_sid.to_le_bytes(), &[role], &ulen, &user],
+        );
+        let r3 = packet::rakp3(tag, 0, bmc_sid, &code);
+        let icv = packet::hmac_sha1(&sik, &[&rm, &bmc_sid.to_le_bytes(), &r2.guid]);
+        self.exchange(
+            "RMCP+ RAKP 3",
+            deadline,
+            |_| packet::encode(payload::RAKP3, 0, 0, &r3, None),
+            |s, bytes| {
+                let Ok(p) = packet::decode(bytes, None) else {
+                    return Ok(Step::Skip);
+                };
+                if p.ptype != payload::RAKP4 {
+                    return Ok(Step::Skip);
+                }
+                let Ok(r) = packet::parse_rakp4(&p.payload) else {
+                    return Ok(Step::Skip);
+                };
+                if r.tag != tag || r.console_sid != console_sid {
+                    return Ok(Step::Skip);
+                }
+                if r.status != 0 {
+                    return Err(s.status_error("RAKP 4", r.status));
+                }
+                if r.icv.get(..12) != Some(&icv[..12]) {
+                    return Err(s.auth("RAKP 4 integrity check value does not match".into()));
+                }
+                Ok(Step::Done(()))
+            },
+        )
+        .await?;
+        self.active = Some(Active {
+            console_sid,
+            bmc_sid,
+            keys,
+            seq: 0,
+        });
+        self.stats.sessions_opened += 1;
+        tracing::debug!(endpoint = %self.endpoint, user = %self.user, "RMCP+ session open");
+
+        // Without this the session stays at USER privilege and Chassis Control is refused.
+        let r = self
+            .send_in_session(0x06, 0x3b, &[PRIV_ADMIN], deadline)
+            .await;
+        match r {
+            Ok(r) if r.completion == 0 => Ok(()),
+            Ok(r) => {
+                self.close_now().await;
+                Err(self.auth(format!(
+                    "Set Session Privilege Level ADMINISTRATOR refused (completion code {:#04x}); the user needs the administrator privilege",
+                    r.completion
+                )))
+            }
+            Err(e) => {
+                self.close_now().await;
+                Err(e)
+            }
+        }
+    }
+
+    fn status_error(&self, step: &str, status: u8) -> ProviderError {
+        let detail = format!(
+            "{step}: RMCP+ status {status:#04x} ({})",
+            rmcp_status(status)
+        );
+        match status {
+            0x01 | 0x0b => ProviderError::NoSessionSlots {
+                endpoint: self.endpoint.clone(),
+                user: self.user.clone(),
+                detail,
+            },
+            0x09 | 0x0a | 0x0d | 0x0e | 0x0f => self.auth(detail),
+            _ => ProviderError::ProviderFault {
+                endpoint: self.endpoint.clone(),
+                message: detail,
+            },
+        }
+    }
+
+    /// Sends one command in the open session and waits for its response.
+    async fn send_in_session(
+        &mut self,
+        netfn: u8,
+        cmd: u8,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<Reply> {
+        self.rq_seq = (self.rq_seq + 1) & 0x3f;
+        let rq_seq = self.rq_seq;
+        let msg = packet::ipmi_request(netfn, cmd, rq_seq, data);
+        let operation = format!("IPMI command netfn {netfn:#04x} cmd {cmd:#04x}");
+        self.exchange(
+            &operation,
+            deadline,
+            |s| match s.active.as_mut() {
+                Some(a) => {
+                    a.seq += 1;
+                    packet::encode(
+                        payload::IPMI,
+                        a.bmc_sid,
+                        a.seq,
+                        &msg,
+                        Some((&a.keys, rand::random())),
+                    )
+                }
+                None => Vec::new(),
+            },
+            |s, bytes| {
+                let Some(a) = s.active.as_ref() else {
+                    return Ok(Step::Skip);
+                };
+                let Ok(p) = packet::decode(bytes, Some(&a.keys)) else {
+                    return Ok(Step::Skip);
+                };
+                if p.ptype != payload::IPMI || p.session_id != a.console_sid {
+                    return Ok(Step::Skip);
+                }
+                let Ok(r) = packet::ipmi_response(&p.payload) else {
+                    return Ok(Step::Skip);
+                };
+                if r.rq_seq != rq_seq || r.cmd != cmd || r.netfn != netfn | 1 {
+                    return Ok(Step::Skip);
+                }
+                Ok(Step::Done(Reply {
+                    completion: r.completion,
+                    data: r.data,
+                }))
+            },
+        )
+        .await
+    }
+
+    /// Runs one IPMI command within the session's bound: opens the session if needed, and if the
+    /// BMC stops answering in the session (e.g. it expired it), opens a fresh one and tries again
+    /// while time is left.
+    pub async fn command(&mut self, netfn: u8, cmd: u8, data: &[u8]) -> Result<Reply> {
+        let deadline = Instant::now() + self.bound;
+        let mut reopened = false;
+        loop {
+            if self.active.as_ref().is_some_and(|a| a.seq >= SEQ_LIMIT) {
+                self.close_now().await;
+            }
+            if self.active.is_none() {
+                self.establish(deadline).await?;
+            }
+            // Give a live session most of the bound, keeping some to open a fresh one.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let try_until = if reopened {
+                deadline
+            } else {
+                Instant::now() + left * 2 / 3
+            };
+            match self.send_in_session(netfn, cmd, data, try_until).await {
+                Ok(r) => return Ok(r),
+                Err(ProviderError::Timeout { .. }) if !reopened && Instant::now() < deadline => {
+                    tracing::debug!(endpoint = %self.endpoint, "no answer in session; opening a fresh one");
+                    self.forget_with_close();
+                    reopened = true;
+                }
+                Err(ProviderError::Timeout { .. }) => {
+                    self.forget_with_close();
+                    return Err(
+                        self.timeout(&format!("IPMI command netfn {netfn:#04x} cmd {cmd:#04x}"))
+                    );
+                }
+                Err(e) => {
+                    self.forget_with_close();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Sends Close Session and waits briefly for the answer; the session is forgotten either way.
+    pub async fn close_now(&mut self) {
+        let Some(bmc_sid) = self.active.as_ref().map(|a| a.bmc_sid) else {
+            return;
+        };
+        let deadline = Instant::now() + self.bound.min(Duration::from_secs(3));
+        match self
+            .send_in_session(0x06, 0x3c, &bmc_sid.to_le_bytes(), deadline)
+            .await
+        {
+            Ok(r) if r.completion == 0 => self.stats.sessions_closed += 1,
+            _ => {}
+        }
+        self.active = None;
+    }
+
+    /// Forgets the session after sending one Close Session datagram (no wait): for error paths
+    /// and drop.
+    fn forget_with_close(&mut self) {
+        if let Some(mut a) = self.active.take() {
+            self.rq_seq = (self.rq_seq + 1) & 0x3f;
+            a.seq += 1;
+            let msg = packet::ipmi_request(0x06, 0x3c, self.rq_seq, &a.bmc_sid.to_le_bytes());
+            let pkt = packet::encode(
+                payload::IPMI,
+                a.bmc_sid,
+                a.seq,
+                &msg,
+                Some((&a.keys, rand::random())),
+            );
+            let _ = self.socket.try_send(&pkt);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.forget_with_close();
+    }
+}
