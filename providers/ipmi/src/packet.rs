@@ -268,6 +268,33 @@ pub fn ipmi_response(m: &[u8]) -> Result<IpmiResponse, PacketError> {
     })
 }
 
+/// An IPMI v1.5 packet outside any session (auth type NONE), e.g. Get Channel Authentication
+/// Capabilities, which BMCs answer without a session.
+pub fn encode_presession_v15(msg: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(14 + msg.len());
+    p.extend_from_slice(&RMCP_HEADER);
+    p.extend_from_slice(&[0x00, 0, 0, 0, 0, 0, 0, 0, 0, msg.len() as u8]);
+    p.extend_from_slice(msg);
+    p
+}
+
+/// The IPMI message of an IPMI v1.5 packet with auth type NONE.
+pub fn decode_presession_v15(p: &[u8]) -> Result<Vec<u8>, PacketError> {
+    if p.len() < 14 {
+        return Err(PacketError::Short(p.len()));
+    }
+    if p[0] != 0x06 || p[3] & 0x1f != 0x07 {
+        return Err(PacketError::NotIpmi);
+    }
+    if p[4] != 0x00 {
+        return Err(PacketError::AuthType(p[4]));
+    }
+    let len = p[13] as usize;
+    p.get(14..14 + len)
+        .map(<[u8]>::to_vec)
+        .ok_or(PacketError::Length(len))
+}
+
 /// Open Session Request proposing cipher suite 3 (RAKP-HMAC-SHA1, HMAC-SHA1-96, AES-CBC-128).
 pub fn open_session_request(tag: u8, console_sid: u32, max_priv: u8) -> Vec<u8> {
     let mut m = vec![tag, max_priv, 0, 0];
@@ -396,6 +423,9 @@ pub fn parse_any(bytes: &[u8], keys: &Keys) {
             let _ = parse_rakp2(&p.payload);
             let _ = parse_rakp4(&p.payload);
         }
+    }
+    if let Ok(m) = decode_presession_v15(bytes) {
+        let _ = ipmi_response(&m);
     }
     let _ = ipmi_response(bytes);
     let _ = parse_rakp2(bytes);

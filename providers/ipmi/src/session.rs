@@ -15,6 +15,11 @@ use crate::packet::{self, payload, Keys};
 pub const PRIV_ADMIN: u8 = 0x04;
 /// Name-only lookup bit of the RAKP 1 role byte (as ipmitool sends it).
 const NAME_ONLY_LOOKUP: u8 = 0x10;
+/// Sends of one RAKP message before the handshake starts over: a BMC that activated the session
+/// on a RAKP 3 whose RAKP 4 was lost does not answer the same RAKP 3 again.
+const RAKP_ATTEMPTS: u32 = 3;
+const RAKP1_OP: &str = "RMCP+ RAKP 1";
+const RAKP3_OP: &str = "RMCP+ RAKP 3";
 /// Start a fresh session before the outbound sequence number gets near wrapping.
 const SEQ_LIMIT: u32 = 0xffff_0000;
 
@@ -29,6 +34,8 @@ pub struct Stats {
     pub retransmits: u64,
     /// Datagrams discarded (stale, duplicate, malformed or unauthentic).
     pub discarded: u64,
+    /// Handshakes started over after a lost RAKP message.
+    pub handshake_restarts: u64,
 }
 
 struct Active {
@@ -51,6 +58,8 @@ pub struct Session {
     tag: u8,
     /// Smoothed round-trip time, for the retransmission timeout.
     srtt: Option<Duration>,
+    /// Mean deviation of the RTT.
+    rttvar: Duration,
     pub stats: Stats,
 }
 
@@ -132,6 +141,7 @@ impl Session {
             rq_seq: 0,
             tag: 0,
             srtt: None,
+            rttvar: Duration::ZERO,
             stats: Stats::default(),
         })
     }
@@ -160,20 +170,28 @@ impl Session {
         }
     }
 
-    /// Retransmission timeout: 4 × smoothed RTT + 100 ms, within [250 ms, 2 s]; 1 s at first.
+    /// Retransmission timeout, as TCP computes it: smoothed RTT + 4 × its mean deviation (at
+    /// least 100 ms more than the RTT), within [150 ms, 2 s]; 1 s before the first sample.
     fn rto(&self) -> Duration {
         match self.srtt {
-            Some(s) => (s * 4 + Duration::from_millis(100))
-                .clamp(Duration::from_millis(250), Duration::from_secs(2)),
+            Some(s) => (s + (self.rttvar * 4).max(Duration::from_millis(100)))
+                .clamp(Duration::from_millis(150), Duration::from_secs(2)),
             None => Duration::from_secs(1),
         }
     }
 
     fn sample_rtt(&mut self, rtt: Duration) {
-        self.srtt = Some(match self.srtt {
-            Some(s) => (s * 7 + rtt) / 8,
-            None => rtt,
-        });
+        match self.srtt {
+            Some(s) => {
+                let dev = rtt.abs_diff(s);
+                self.rttvar = (self.rttvar * 3 + dev) / 4;
+                self.srtt = Some((s * 7 + rtt) / 8);
+            }
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+        }
     }
 
     /// Sends what `build` makes, retransmitting (a fresh build each time) until `accept` takes an
@@ -182,17 +200,20 @@ impl Session {
         &mut self,
         operation: &str,
         deadline: Instant,
+        attempts: u32,
         mut build: impl FnMut(&mut Self) -> Vec<u8>,
         mut accept: impl FnMut(&mut Self, &[u8]) -> Result<Step<T>>,
     ) -> Result<T> {
         let mut rto = self.rto();
         let mut buf = vec![0u8; 2048];
         let mut first = true;
+        let mut sent = 0u32;
         loop {
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || sent >= attempts {
                 return Err(self.timeout(operation));
             }
+            sent += 1;
             if !first {
                 self.stats.retransmits += 1;
             }
@@ -223,7 +244,7 @@ impl Session {
                     },
                 }
             }
-            rto = (rto * 2).min(Duration::from_secs(3));
+            rto = (rto * 3 / 2).min(Duration::from_secs(2));
         }
     }
 
@@ -239,8 +260,24 @@ impl Session {
         self.tag
     }
 
-    /// Opens a session (Open Session, RAKP 1–4, Set Session Privilege Level ADMINISTRATOR).
+    /// Opens a session (Open Session, RAKP 1–4, Set Session Privilege Level ADMINISTRATOR),
+    /// starting the handshake over when a RAKP exchange gets lost, until `deadline`.
     async fn establish(&mut self, deadline: Instant) -> Result<()> {
+        loop {
+            match self.handshake(deadline).await {
+                Err(ProviderError::Timeout { operation, .. })
+                    if (operation == RAKP1_OP || operation == RAKP3_OP)
+                        && Instant::now() < deadline =>
+                {
+                    tracing::debug!(endpoint = %self.endpoint, operation, "handshake lost; starting over");
+                    self.stats.handshake_restarts += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn handshake(&mut self, deadline: Instant) -> Result<()> {
         let user = self.user.as_bytes().to_vec();
         if user.len() > 16 {
             return Err(ProviderError::invalid(
@@ -263,13 +300,16 @@ impl Session {
             }
         };
 
-        // Open Session.
+        // Open Session, keeping part of the bound to tell a full BMC from a dead one.
+        let reserve = (self.bound / 4).min(Duration::from_secs(1));
+        let open_deadline = deadline.checked_sub(reserve).unwrap_or(deadline);
         let tag = self.next_tag();
         let open = packet::open_session_request(tag, console_sid, PRIV_ADMIN);
-        let bmc_sid = self
+        let opened = self
             .exchange(
                 "RMCP+ Open Session",
-                deadline,
+                open_deadline,
+                u32::MAX,
                 |_| packet::encode(payload::OPEN_SESSION_REQUEST, 0, 0, &open, None),
                 |s, bytes| {
                     let Ok(p) = packet::decode(bytes, None) else {
@@ -290,7 +330,13 @@ impl Session {
                     Ok(Step::Done(r.bmc_sid))
                 },
             )
-            .await?;
+            .await;
+        let bmc_sid = match opened {
+            Err(ProviderError::Timeout { .. }) => {
+                return Err(self.diagnose_silence(deadline).await)
+            }
+            other => other?,
+        };
 
         // RAKP 1/2.
         let rm: [u8; 16] = rand::random();
@@ -299,8 +345,9 @@ impl Session {
         let r1 = packet::rakp1(tag, bmc_sid, &rm, role, &user);
         let r2 = self
             .exchange(
-                "RMCP+ RAKP 1",
+                RAKP1_OP,
                 deadline,
+                RAKP_ATTEMPTS,
                 |_| packet::encode(payload::RAKP1, 0, 0, &r1, None),
                 |s, bytes| {
                     let Ok(p) = packet::decode(bytes, None) else {
@@ -358,33 +405,48 @@ impl Session {
         );
         let r3 = packet::rakp3(tag, 0, bmc_sid, &code);
         let icv = packet::hmac_sha1(&sik, &[&rm, &bmc_sid.to_le_bytes(), &r2.guid]);
-        self.exchange(
-            "RMCP+ RAKP 3",
-            deadline,
-            |_| packet::encode(payload::RAKP3, 0, 0, &r3, None),
-            |s, bytes| {
-                let Ok(p) = packet::decode(bytes, None) else {
-                    return Ok(Step::Skip);
-                };
-                if p.ptype != payload::RAKP4 {
-                    return Ok(Step::Skip);
-                }
-                let Ok(r) = packet::parse_rakp4(&p.payload) else {
-                    return Ok(Step::Skip);
-                };
-                if r.tag != tag || r.console_sid != console_sid {
-                    return Ok(Step::Skip);
-                }
-                if r.status != 0 {
-                    return Err(s.status_error("RAKP 4", r.status));
-                }
-                if r.icv.get(..12) != Some(&icv[..12]) {
-                    return Err(s.auth("RAKP 4 integrity check value does not match".into()));
-                }
-                Ok(Step::Done(()))
-            },
-        )
-        .await?;
+        let rakp4 = self
+            .exchange(
+                RAKP3_OP,
+                deadline,
+                RAKP_ATTEMPTS,
+                |_| packet::encode(payload::RAKP3, 0, 0, &r3, None),
+                |s, bytes| {
+                    let Ok(p) = packet::decode(bytes, None) else {
+                        return Ok(Step::Skip);
+                    };
+                    if p.ptype != payload::RAKP4 {
+                        return Ok(Step::Skip);
+                    }
+                    let Ok(r) = packet::parse_rakp4(&p.payload) else {
+                        return Ok(Step::Skip);
+                    };
+                    if r.tag != tag || r.console_sid != console_sid {
+                        return Ok(Step::Skip);
+                    }
+                    if r.status != 0 {
+                        return Err(s.status_error("RAKP 4", r.status));
+                    }
+                    if r.icv.get(..12) != Some(&icv[..12]) {
+                        return Err(s.auth("RAKP 4 integrity check value does not match".into()));
+                    }
+                    Ok(Step::Done(()))
+                },
+            )
+            .await;
+        if let Err(e) = rakp4 {
+            if matches!(e, ProviderError::Timeout { .. }) {
+                // The BMC may have activated the session and lost only RAKP 4: close it.
+                self.active = Some(Active {
+                    console_sid,
+                    bmc_sid,
+                    keys,
+                    seq: 0,
+                });
+                self.forget_with_close();
+            }
+            return Err(e);
+        }
         self.active = Some(Active {
             console_sid,
             bmc_sid,
@@ -411,6 +473,42 @@ impl Session {
                 self.close_now().await;
                 Err(e)
             }
+        }
+    }
+
+    /// Open Session got no answer: a BMC that still answers Get Channel Authentication
+    /// Capabilities (no session needed) is alive but refusing sessions — some BMCs, ipmi_sim
+    /// among them, drop Open Session silently when every slot is taken.
+    async fn diagnose_silence(&mut self, deadline: Instant) -> ProviderError {
+        self.rq_seq = (self.rq_seq + 1) & 0x3f;
+        let rq_seq = self.rq_seq;
+        // Channel 0x0e (this one) with the IPMI v2.0 extended data bit; ADMINISTRATOR.
+        let msg = packet::ipmi_request(0x06, 0x38, rq_seq, &[0x8e, PRIV_ADMIN]);
+        let probe = self
+            .exchange(
+                "Get Channel Authentication Capabilities",
+                deadline,
+                u32::MAX,
+                |_| packet::encode_presession_v15(&msg),
+                |_, bytes| {
+                    let Ok(m) = packet::decode_presession_v15(bytes) else {
+                        return Ok(Step::Skip);
+                    };
+                    match packet::ipmi_response(&m) {
+                        Ok(r) if r.cmd == 0x38 && r.rq_seq == rq_seq => Ok(Step::Done(())),
+                        _ => Ok(Step::Skip),
+                    }
+                },
+            )
+            .await;
+        match probe {
+            Ok(()) => ProviderError::NoSessionSlots {
+                endpoint: self.endpoint.clone(),
+                user: self.user.clone(),
+                detail: "the BMC answers without a session but opened no RMCP+ session: its session slots are likely all in use".into(),
+            },
+            Err(ProviderError::Timeout { .. }) => self.timeout("RMCP+ Open Session"),
+            Err(e) => e,
         }
     }
 
@@ -448,6 +546,7 @@ impl Session {
         self.exchange(
             &operation,
             deadline,
+            u32::MAX,
             |s| match s.active.as_mut() {
                 Some(a) => {
                     a.seq += 1;

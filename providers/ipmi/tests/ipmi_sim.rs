@@ -108,3 +108,175 @@ async fn ipmi_wrong_password_is_auth_error_and_leaks_nothing() {
         .contains("Chassis Power"));
     assert_eq!(bmc.active_sessions(), 1, "only ipmitool's own session");
 }
+
+#[tokio::test]
+async fn ipmi_unreachable_and_silent_bmc_fail_within_bound() {
+    // Nothing listens on the port: ICMP port unreachable (or silence) ends it within the bound.
+    let mut ep = pcg_provider::BmcEndpoint::new(
+        format!("127.0.0.1:{}", common::free_udp_port()),
+        "admin",
+        "pw",
+    );
+    ep.timeout_ms = Some(2_000);
+    conformance::unreachable(&IpmiDriver::factory, &ep, Duration::from_millis(500)).await;
+
+    // A BMC that never answers: Timeout within the bound, naming the endpoint.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    ep.address = silent.local_addr().unwrap().to_string();
+    let start = std::time::Instant::now();
+    let e = IpmiDriver::new(&ep).unwrap().enrol().await.unwrap_err();
+    assert_eq!(e.kind(), pcg_provider::ErrorKind::Timeout, "{e}");
+    assert!(
+        start.elapsed() < Duration::from_millis(2_500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(e.to_string().contains(&ep.address), "{e}");
+}
+
+#[tokio::test]
+async fn ipmi_no_session_leaked_after_1000_operations() {
+    let Some(bmc) = IpmiSim::start() else { return };
+    let ep = bmc.endpoint();
+    let mut ops = 0;
+    // One driver, one session, reused.
+    let d = IpmiDriver::new(&ep).unwrap();
+    for i in 0..800 {
+        if i % 100 == 0 {
+            let dev = if i % 200 == 0 {
+                BootDevice::Pxe
+            } else {
+                BootDevice::Disk
+            };
+            d.set_boot_override(SYSTEM, &BootOverride::once(dev))
+                .await
+                .unwrap();
+        } else {
+            d.power_state(SYSTEM).await.unwrap();
+        }
+        ops += 1;
+    }
+    assert_eq!(d.stats().await.sessions_opened, 1, "{:?}", d.stats().await);
+    d.close().await.unwrap();
+    // 100 short-lived drivers, closed explicitly: more sessions than ipmi_sim has slots (63)
+    // and many more than the user may hold at once (10).
+    for _ in 0..100 {
+        let d = IpmiDriver::new(&ep).unwrap();
+        d.power_state(SYSTEM).await.unwrap();
+        d.close().await.unwrap();
+        ops += 1;
+    }
+    // 100 more, only dropped: drop sends Close Session.
+    for _ in 0..100 {
+        let d = IpmiDriver::new(&ep).unwrap();
+        d.power_state(SYSTEM).await.unwrap();
+        drop(d);
+        ops += 1;
+    }
+    assert_eq!(ops, 1000);
+    assert!(bmc
+        .ipmitool(&["chassis", "power", "status"])
+        .contains("Chassis Power"));
+    assert_eq!(
+        bmc.active_sessions(),
+        1,
+        "only ipmitool's own session may be active"
+    );
+}
+
+#[tokio::test]
+async fn ipmi_no_session_slots_is_a_clear_error() {
+    let Some(bmc) = IpmiSim::start() else { return };
+    // ipmi_sim has 63 session slots and drops Open Session silently when they are all taken.
+    let mut held = Vec::new();
+    let mut err = None;
+    let mut ep = bmc.endpoint();
+    ep.timeout_ms = Some(3_000);
+    for _ in 0..70 {
+        let d = IpmiDriver::new(&ep).unwrap();
+        match d.power_state(SYSTEM).await {
+            Ok(_) => held.push(d),
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let e = err.expect("the BMC ran out of session slots");
+    eprintln!("held {} sessions before the error", held.len());
+    assert_eq!(e.kind(), pcg_provider::ErrorKind::NoSessionSlots, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("no free session slot") && msg.contains("admin"),
+        "{msg}"
+    );
+    eprintln!("held {} sessions, then: {msg}", held.len());
+    for d in &held {
+        d.close().await.unwrap();
+    }
+    drop(held);
+    assert_eq!(
+        bmc.active_sessions(),
+        1,
+        "only ipmitool's own session may be active"
+    );
+}
+
+#[tokio::test]
+async fn ipmi_completes_through_a_relay_dropping_20_percent() {
+    use std::sync::atomic::Ordering;
+    let Some(bmc) = IpmiSim::start() else { return };
+    let upstream = format!("127.0.0.1:{}", bmc.port).parse().unwrap();
+    let relay = common::LossyRelay::start(upstream, 0.2, 0x5eed).await;
+    let mut ep = bmc.endpoint();
+    ep.address = relay.addr.to_string();
+    ep.timeout_ms = Some(10_000);
+    let bound = Duration::from_millis(10_000);
+    let d = IpmiDriver::new(&ep).unwrap();
+    let start = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    const OPS: usize = 100;
+    for i in 0..OPS {
+        let t = std::time::Instant::now();
+        match i % 10 {
+            0 => d.enrol().await.map(|_| ()),
+            1 => d.power(SYSTEM, PowerAction::On).await,
+            2 => {
+                d.set_boot_override(SYSTEM, &BootOverride::once(BootDevice::Pxe))
+                    .await
+            }
+            3 => d.boot_override(SYSTEM).await.map(|_| ()),
+            4 => d.power(SYSTEM, PowerAction::Off).await,
+            _ => d.power_state(SYSTEM).await.map(|_| ()),
+        }
+        .unwrap_or_else(|e| panic!("operation {i} failed through the lossy relay: {e}"));
+        let took = t.elapsed();
+        assert!(
+            took <= bound,
+            "operation {i} took {took:?}, bound {bound:?}"
+        );
+        slowest = slowest.max(took);
+    }
+    let total = start.elapsed();
+    let stats = d.stats().await;
+    d.close().await.unwrap();
+    let dropped = relay.dropped.load(Ordering::Relaxed);
+    let passed = relay.passed.load(Ordering::Relaxed);
+    eprintln!(
+        "{OPS} operations through 20% loss: total {total:?}, slowest {slowest:?}, \
+         relay dropped {dropped} of {} datagrams, {stats:?}",
+        dropped + passed
+    );
+    assert!(dropped > 0, "the relay dropped nothing");
+    assert!(
+        total < Duration::from_secs(60),
+        "{OPS} operations took {total:?}"
+    );
+    assert_eq!(
+        d.power_state(SYSTEM).await.unwrap(),
+        pcg_provider::PowerState::Off
+    );
+    assert!(bmc
+        .ipmitool(&["chassis", "power", "status"])
+        .contains("Chassis Power is off"));
+}

@@ -177,3 +177,66 @@ impl Drop for IpmiSim {
         let _ = self.child.wait();
     }
 }
+
+/// A UDP relay on 127.0.0.1 that forwards between one client and `upstream`, dropping each
+/// datagram (either way) with probability `loss`; a fault injector, not a BMC.
+pub struct LossyRelay {
+    pub addr: std::net::SocketAddr,
+    pub dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub passed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyRelay {
+    pub async fn start(upstream: std::net::SocketAddr, loss: f64, seed: u64) -> LossyRelay {
+        use rand::{Rng, SeedableRng};
+        use std::sync::atomic::Ordering;
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay back");
+        back.connect(upstream).await.expect("connect upstream");
+        let addr = front.local_addr().expect("relay addr");
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let passed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (d, p) = (dropped.clone(), passed.clone());
+        let task = tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut client = None;
+            let mut a = vec![0u8; 2048];
+            let mut b = vec![0u8; 2048];
+            loop {
+                tokio::select! {
+                    r = front.recv_from(&mut a) => {
+                        let Ok((n, from)) = r else { continue };
+                        client = Some(from);
+                        if rng.random_bool(loss) { d.fetch_add(1, Ordering::Relaxed); continue; }
+                        p.fetch_add(1, Ordering::Relaxed);
+                        let _ = back.send(&a[..n]).await;
+                    }
+                    r = back.recv(&mut b) => {
+                        let Ok(n) = r else { continue };
+                        let Some(to) = client else { continue };
+                        if rng.random_bool(loss) { d.fetch_add(1, Ordering::Relaxed); continue; }
+                        p.fetch_add(1, Ordering::Relaxed);
+                        let _ = front.send_to(&b[..n], to).await;
+                    }
+                }
+            }
+        });
+        LossyRelay {
+            addr,
+            dropped,
+            passed,
+            task,
+        }
+    }
+}
+
+impl Drop for LossyRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
