@@ -94,7 +94,10 @@ impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
         ApiError::bad_request(
             "invalid_body",
-            format!("the request body is not valid JSON for this endpoint: {}", e.body_text()),
+            format!(
+                "the request body is not valid JSON for this endpoint: {}",
+                e.body_text()
+            ),
         )
     }
 }
@@ -113,7 +116,10 @@ pub struct Caller(pub ApiKey);
 impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(http::header::AUTHORIZATION)
@@ -166,7 +172,10 @@ impl Caller {
 fn ts(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -444,16 +453,27 @@ async fn pair(
                 Some(&t.tenant_id),
                 None,
                 "pairing.refused",
-                format!("pairing with token {} from host {:?} refused: {e}", t.id, req.hostname),
+                format!(
+                    "pairing with token {} from host {:?} refused: {e}",
+                    t.id, req.hostname
+                ),
             );
         }
         ApiError::new(status, code, e.to_string())
     };
-    let token = app.store.check_token(&req.token_id, &req.secret).map_err(refuse)?;
+    let token = app
+        .store
+        .check_token(&req.token_id, &req.secret)
+        .map_err(refuse)?;
     let gateway_id = store::new_id("gw", 8);
     let issued = app
         .ca
-        .sign_gateway(&req.csr_pem, &token.tenant_id, &gateway_id, app.cfg.gateway_cert_days)
+        .sign_gateway(
+            &req.csr_pem,
+            &token.tenant_id,
+            &gateway_id,
+            app.cfg.gateway_cert_days,
+        )
         .map_err(|e| ApiError::bad_request("bad_csr", e.to_string()))?;
     let now = now_ms();
     let gw = Gateway {
@@ -483,7 +503,10 @@ async fn pair(
         Some(&gw.tenant_id),
         Some(&gw.id),
         "gateway.paired",
-        format!("gateway {} paired from host {:?} with token {}", gw.id, gw.hostname, token.id),
+        format!(
+            "gateway {} paired from host {:?} with token {}",
+            gw.id, gw.hostname, token.id
+        ),
     )?;
     app.store.flush().await?;
     Ok(Json(pcg_proto::pairing::PairResponse {
@@ -530,11 +553,16 @@ async fn create_tenant(
 
 #[utoipa::path(get, path = "/v1/tenants", responses((status = 200, body = Vec<TenantView>)),
     security(("api_key" = [])))]
-async fn list_tenants(State(app): State<Arc<App>>, caller: Caller) -> ApiResult<Json<Vec<TenantView>>> {
+async fn list_tenants(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<TenantView>>> {
     let all = app.store.tenants()?;
     Ok(Json(
         all.into_iter()
-            .filter(|t| caller.0.tenant_id.is_none() || caller.0.tenant_id.as_deref() == Some(&t.id))
+            .filter(|t| {
+                caller.0.tenant_id.is_none() || caller.0.tenant_id.as_deref() == Some(&t.id)
+            })
             .map(|t| TenantView {
                 id: t.id,
                 name: t.name,
@@ -566,9 +594,18 @@ async fn create_api_key(
 
 #[utoipa::path(get, path = "/v1/api-keys", responses((status = 200, body = Vec<ApiKeyView>)),
     security(("api_key" = [])))]
-async fn list_api_keys(State(app): State<Arc<App>>, caller: Caller) -> ApiResult<Json<Vec<ApiKeyView>>> {
+async fn list_api_keys(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<ApiKeyView>>> {
     let tenant = caller.tenant()?;
-    Ok(Json(app.store.api_keys(Some(tenant))?.iter().map(ApiKeyView::from).collect()))
+    Ok(Json(
+        app.store
+            .api_keys(Some(tenant))?
+            .iter()
+            .map(ApiKeyView::from)
+            .collect(),
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/api-keys/{id}", params(("id" = String, Path)),
@@ -585,7 +622,9 @@ async fn revoke_api_key(
             app.store.flush().await?;
             Ok(StatusCode::NO_CONTENT)
         }
-        _ => Err(ApiError::not_found(format!("API key {id} not found in tenant {tenant}"))),
+        _ => Err(ApiError::not_found(format!(
+            "API key {id} not found in tenant {tenant}"
+        ))),
     }
 }
 
@@ -625,9 +664,18 @@ async fn create_token(
 
 #[utoipa::path(get, path = "/v1/pairing-tokens", responses((status = 200, body = Vec<TokenView>)),
     security(("api_key" = [])))]
-async fn list_tokens(State(app): State<Arc<App>>, caller: Caller) -> ApiResult<Json<Vec<TokenView>>> {
+async fn list_tokens(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<TokenView>>> {
     let tenant = caller.tenant()?;
-    Ok(Json(app.store.tokens(tenant)?.iter().map(TokenView::from).collect()))
+    Ok(Json(
+        app.store
+            .tokens(tenant)?
+            .iter()
+            .map(TokenView::from)
+            .collect(),
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/pairing-tokens/{id}", params(("id" = String, Path)),
@@ -663,7 +711,10 @@ fn tenant_gateway(app: &App, tenant: &str, id: &str) -> ApiResult<Gateway> {
 
 #[utoipa::path(get, path = "/v1/gateways", responses((status = 200, body = Vec<GatewayView>)),
     security(("api_key" = [])))]
-async fn list_gateways(State(app): State<Arc<App>>, caller: Caller) -> ApiResult<Json<Vec<GatewayView>>> {
+async fn list_gateways(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<GatewayView>>> {
     let tenant = caller.tenant()?;
     let gws = app.store.gateways(Some(tenant))?;
     Ok(Json(gws.iter().map(|g| gateway_view(&app, g)).collect()))
@@ -692,7 +743,8 @@ async fn revoke_gateway(
     let tenant = caller.tenant()?;
     let g = tenant_gateway(&app, tenant, &id)?;
     if g.revoked_ms.is_none() {
-        app.store.update_gateway(&id, |g| g.revoked_ms = Some(now_ms()))?;
+        app.store
+            .update_gateway(&id, |g| g.revoked_ms = Some(now_ms()))?;
         // Pending commands can no longer be delivered: fail them so nobody waits forever.
         for c in app.store.pending_commands(&id)? {
             let now = now_ms();
@@ -710,10 +762,19 @@ async fn revoke_gateway(
             )?;
             app.notify_command(&c.id);
         }
-        app.store.event(Some(tenant), Some(&id), "gateway.revoked", format!("gateway {id} revoked"))?;
+        app.store.event(
+            Some(tenant),
+            Some(&id),
+            "gateway.revoked",
+            format!("gateway {id} revoked"),
+        )?;
         app.store.flush().await?;
         app.tunnels
-            .close(&id, "this gateway was revoked by a tenant admin; pair it again with a new token", true)
+            .close(
+                &id,
+                "this gateway was revoked by a tenant admin; pair it again with a new token",
+                true,
+            )
             .await;
     }
     let g = tenant_gateway(&app, tenant, &id)?;
@@ -770,11 +831,16 @@ async fn submit_command(
             "the command payload must be a JSON object",
         ));
     }
-    let size = serde_json::to_vec(&payload).map(|v| v.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(&payload)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     if size > app.cfg.max_payload_bytes {
         return Err(ApiError::bad_request(
             "payload_too_large",
-            format!("the command payload is {size} bytes; the limit is {}", app.cfg.max_payload_bytes),
+            format!(
+                "the command payload is {size} bytes; the limit is {}",
+                app.cfg.max_payload_bytes
+            ),
         ));
     }
     if !g.command_kinds.is_empty() && !g.command_kinds.contains(&req.kind) {
@@ -835,7 +901,9 @@ async fn list_commands(
         Some(s) => Some(CommandState::parse(s).ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_state",
-                format!("unknown state {s:?}; use queued, delivered, received, succeeded or failed"),
+                format!(
+                    "unknown state {s:?}; use queued, delivered, received, succeeded or failed"
+                ),
             )
         })?),
     };
@@ -845,7 +913,13 @@ async fn list_commands(
         kind: q.kind,
         limit: q.limit.unwrap_or(100).clamp(1, 1000),
     };
-    Ok(Json(app.store.commands(tenant, &f)?.iter().map(CommandView::from).collect()))
+    Ok(Json(
+        app.store
+            .commands(tenant, &f)?
+            .iter()
+            .map(CommandView::from)
+            .collect(),
+    ))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -865,7 +939,8 @@ async fn get_command(
     Query(q): Query<GetCommandQuery>,
 ) -> ApiResult<Json<CommandView>> {
     let tenant = caller.tenant()?.to_string();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait_seconds.unwrap_or(0).min(60));
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(q.wait_seconds.unwrap_or(0).min(60));
     loop {
         let waiter = app.waiter(&id);
         let notified = waiter.notified();
@@ -875,7 +950,9 @@ async fn get_command(
             .store
             .command(&id)?
             .filter(|c| c.tenant_id == tenant)
-            .ok_or_else(|| ApiError::not_found(format!("command {id} not found in tenant {tenant}")))?;
+            .ok_or_else(|| {
+                ApiError::not_found(format!("command {id} not found in tenant {tenant}"))
+            })?;
         if c.state.is_terminal() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(CommandView::from(&c)));
         }
@@ -960,7 +1037,9 @@ struct ApiDoc;
 pub fn openapi_document() -> String {
     let mut doc = ApiDoc::openapi();
     doc.info.version = crate::VERSION.to_string();
-    let mut s = doc.to_pretty_json().expect("the OpenAPI document serialises");
+    let mut s = doc
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises");
     s.push('\n');
     s
 }
@@ -1014,18 +1093,20 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => return,
-            };
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
             let svc = hyper_util::service::TowerToHyperService::new(router);
-            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                .await;
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
         });
     }
 }
@@ -1078,18 +1159,23 @@ mod tests {
 
     #[test]
     fn every_documented_path_is_routed() {
-        let doc: serde_json::Value =
-            serde_json::from_str(&openapi_document()).expect("valid JSON");
+        let doc: serde_json::Value = serde_json::from_str(&openapi_document()).expect("valid JSON");
         let paths = doc["paths"].as_object().expect("paths");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = crate::Config::default();
-        cfg.data_dir = dir.path().to_path_buf();
-        let app = crate::open(cfg, "127.0.0.1:1".parse().expect("addr"), "127.0.0.1:2".parse().expect("addr"))
-            .expect("open");
+        let cfg = crate::Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let app = crate::open(
+            cfg,
+            "127.0.0.1:1".parse().expect("addr"),
+            "127.0.0.1:2".parse().expect("addr"),
+        )
+        .expect("open");
         let r = router(app);
         for (path, ops) in paths {
             for method in ops.as_object().expect("ops").keys() {

@@ -202,7 +202,13 @@ impl Broker for BrokerService {
         }
         let (tx, rx) = mpsc::channel(4096);
         let inbound = req.into_inner();
-        tokio::spawn(session(self.app.clone(), tenant_id, gateway_id, inbound, tx));
+        tokio::spawn(session(
+            self.app.clone(),
+            tenant_id,
+            gateway_id,
+            inbound,
+            tx,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -244,9 +250,10 @@ async fn session(
         },
     );
     if let Some(old) = old {
-        let _ = old
-            .tx
-            .try_send(Ok(goodbye("replaced by a newer tunnel of this gateway", false)));
+        let _ = old.tx.try_send(Ok(goodbye(
+            "replaced by a newer tunnel of this gateway",
+            false,
+        )));
         old.close.notify_one();
     }
     let skew = hello.clock_unix_ms - now;
@@ -363,9 +370,9 @@ async fn handle_frame(
             let output = if r.output.is_empty() {
                 serde_json::Value::Null
             } else {
-                serde_json::from_slice(&r.output).unwrap_or_else(
-                    |_| serde_json::Value::String(String::from_utf8_lossy(&r.output).into_owned()),
-                )
+                serde_json::from_slice(&r.output).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(&r.output).into_owned())
+                })
             };
             let result = CommandResult {
                 ok: r.ok,
@@ -375,7 +382,10 @@ async fn handle_frame(
                 started_ms: r.started_unix_ms,
                 finished_ms: r.finished_unix_ms,
             };
-            match app.store.complete_command(&r.command_id, gateway_id, result) {
+            match app
+                .store
+                .complete_command(&r.command_id, gateway_id, result)
+            {
                 Ok(Some(_)) => {
                     if let Err(e) = app.store.flush().await {
                         // Not acknowledged: the gateway keeps it and sends it again.
@@ -388,16 +398,17 @@ async fn handle_frame(
                 }
                 Err(e) => return Err(format!("cannot store result: {e}")),
             }
+            // Never wait on a congested tunnel: close it instead; the gateway redials and
+            // sends the result again, which is acknowledged then.
             if tx
-                .send(Ok(BrokerFrame {
+                .try_send(Ok(BrokerFrame {
                     kind: Some(BKind::ResultAck(ResultAck {
                         command_id: r.command_id,
                     })),
                 }))
-                .await
                 .is_err()
             {
-                return Err("tunnel ended".into());
+                return Err("tunnel congested or ended".into());
             }
         }
         Some(GKind::Hello(_)) => return Err("Hello sent twice".into()),

@@ -86,12 +86,11 @@ impl Ca {
                 path: key_path.clone(),
                 message: e.to_string(),
             })?;
-            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| {
-                CaError::Invalid {
+            let issuer =
+                Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CaError::Invalid {
                     path: cert_path.clone(),
                     message: e.to_string(),
-                }
-            })?;
+                })?;
             let cert_der = pem_to_der(&cert_pem).ok_or_else(|| CaError::Invalid {
                 path: cert_path.clone(),
                 message: "no CERTIFICATE block".into(),
@@ -224,7 +223,11 @@ mod tests {
         let mut req = CertificateParams::new(vec!["evil.example".to_string()]).expect("params");
         req.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         req.distinguished_name.push(DnType::CommonName, "root");
-        let csr = req.serialize_request(&key).expect("csr").pem().expect("pem");
+        let csr = req
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
         let issued = ca.sign_gateway(&csr, "t_1", "g_1", 30).expect("signed");
         let der = pem_to_der(&issued.pem).expect("der");
         let (_, x) = x509_parser::parse_x509_certificate(&der).expect("parse");

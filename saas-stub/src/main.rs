@@ -7,7 +7,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pcg-saas", version, about = "pcg SaaS companion: tenants, pairing, CA, REST API and tunnel broker")]
+#[command(
+    name = "pcg-saas",
+    version,
+    about = "pcg SaaS companion: tenants, pairing, CA, REST API and tunnel broker"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -20,7 +24,7 @@ enum Cmd {
         /// TOML config file (optional; defaults apply without one).
         #[arg(long, short, env = "PCG_SAAS_CONFIG")]
         config: Option<PathBuf>,
-        /// Write `{"api": "https://...", "broker": "https://...", "operator_key_file": "..."}`
+        /// Write `{"api", "broker", "api_listen", "broker_listen", "operator_key_file", "pid"}` as JSON
         /// to this file once both listeners are bound (for scripts and tests).
         #[arg(long)]
         ready_file: Option<PathBuf>,
@@ -66,6 +70,8 @@ async fn serve(config: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow::
         let body = serde_json::json!({
             "api": app.api_url,
             "broker": app.broker_urls,
+            "api_listen": api_addr.to_string(),
+            "broker_listen": broker_addr.to_string(),
             "operator_key_file": data_dir.join("operator.key"),
             "pid": std::process::id(),
         });

@@ -7,8 +7,6 @@
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -189,6 +187,7 @@ pub struct CommandFilter {
 
 pub struct Store {
     db: sled::Db,
+    commit: pcg_durable::GroupCommit,
     tenants: sled::Tree,
     api_keys: sled::Tree,
     tokens: sled::Tree,
@@ -243,13 +242,14 @@ impl Store {
             commands: db.open_tree("commands")?,
             pending: db.open_tree("pending")?,
             events: db.open_tree("events")?,
+            commit: pcg_durable::GroupCommit::new(db.clone()),
             db,
         })
     }
 
     /// Makes everything written so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        self.commit.flush().await?;
         Ok(())
     }
 
@@ -262,7 +262,12 @@ impl Store {
             created_ms: now_ms(),
         };
         put(&self.tenants, t.id.as_bytes(), &t)?;
-        self.event(Some(&t.id), None, "tenant.created", format!("tenant {} ({}) created", t.id, t.name))?;
+        self.event(
+            Some(&t.id),
+            None,
+            "tenant.created",
+            format!("tenant {} ({}) created", t.id, t.name),
+        )?;
         Ok(t)
     }
 
@@ -347,13 +352,19 @@ impl Store {
             name: name.to_string(),
             secret_hash: hash(&secret),
             created_ms: now,
-            expires_ms: now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX / 2000) * 1000),
+            expires_ms: now
+                .saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX / 2000) * 1000),
             state: TokenState::Active,
             used_ms: None,
             gateway_id: None,
         };
         put(&self.tokens, t.id.as_bytes(), &t)?;
-        self.event(Some(tenant_id), None, "token.created", format!("pairing token {} created", t.id))?;
+        self.event(
+            Some(tenant_id),
+            None,
+            "token.created",
+            format!("pairing token {} created", t.id),
+        )?;
         Ok((t, secret))
     }
 
@@ -373,7 +384,12 @@ impl Store {
             if t.state == TokenState::Active {
                 t.state = TokenState::Revoked;
                 put(&self.tokens, id.as_bytes(), &t)?;
-                self.event(Some(&t.tenant_id), None, "token.revoked", format!("pairing token {id} revoked"))?;
+                self.event(
+                    Some(&t.tenant_id),
+                    None,
+                    "token.revoked",
+                    format!("pairing token {id} revoked"),
+                )?;
             }
         }
         Ok(())
@@ -397,44 +413,44 @@ impl Store {
         Ok(t)
     }
 
-    /// Atomically consumes the token and records the new gateway; either both happen or
-    /// neither does.
+    /// Consumes the token (an atomic compare-and-swap on its record, so two gateways racing
+    /// with one token cannot both win) and then records the new gateway.
+    ///
+    /// sled multi-tree transactions are not used: under concurrent `flush_async` they were seen
+    /// to deadlock here. A crash between the two writes leaves a used token and no gateway; the
+    /// pairing answer is only sent after both are flushed, so the appliance just needs a new
+    /// token.
     pub fn redeem_token(&self, id: &str, secret: &str, gw: &Gateway) -> Result<(), RedeemError> {
-        // Cheap checks first, for precise errors; the transaction re-checks the state.
-        self.check_token(id, secret)?;
-        let res = (&self.tokens, &self.gateways).transaction(|(tokens, gateways)| {
-            let Some(raw) = tokens.get(id.as_bytes())? else {
-                return Err(ConflictableTransactionError::Abort(RedeemError::Unknown));
-            };
-            let mut t: TokenRecord = serde_json::from_slice(&raw).map_err(|e| {
-                ConflictableTransactionError::Abort(RedeemError::Store(StoreError::Corrupt {
-                    tree: "tokens",
-                    message: e.to_string(),
-                }))
-            })?;
-            match t.state {
-                TokenState::Used => {
-                    return Err(ConflictableTransactionError::Abort(RedeemError::Used(
-                        t.gateway_id.clone(),
-                    )))
-                }
-                TokenState::Revoked => {
-                    return Err(ConflictableTransactionError::Abort(RedeemError::Revoked))
-                }
-                TokenState::Active => {}
+        let t = self.check_token(id, secret)?;
+        let old = serde_json::to_vec(&t).expect("records serialise");
+        // check_token read it as stored; re-read the raw bytes for an exact comparison.
+        let raw = self.tokens.get(id.as_bytes()).map_err(StoreError::from)?;
+        let mut used = t.clone();
+        used.state = TokenState::Used;
+        used.used_ms = Some(now_ms());
+        used.gateway_id = Some(gw.id.clone());
+        let expected = raw.map(|r| r.to_vec()).unwrap_or(old);
+        match self
+            .tokens
+            .compare_and_swap(
+                id.as_bytes(),
+                Some(expected),
+                Some(serde_json::to_vec(&used).expect("records serialise")),
+            )
+            .map_err(StoreError::from)?
+        {
+            Ok(()) => {}
+            Err(_) => {
+                // Someone else changed it first: report its current state.
+                return Err(match self.token(id)? {
+                    Some(t) if t.state == TokenState::Revoked => RedeemError::Revoked,
+                    Some(t) => RedeemError::Used(t.gateway_id),
+                    None => RedeemError::Unknown,
+                });
             }
-            t.state = TokenState::Used;
-            t.used_ms = Some(now_ms());
-            t.gateway_id = Some(gw.id.clone());
-            tokens.insert(id.as_bytes(), serde_json::to_vec(&t).expect("records serialise"))?;
-            gateways.insert(gw.id.as_bytes(), serde_json::to_vec(gw).expect("records serialise"))?;
-            Ok(())
-        });
-        match res {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e).into()),
         }
+        put(&self.gateways, gw.id.as_bytes(), gw)?;
+        Ok(())
     }
 
     // --- gateways --------------------------------------------------------------------------
@@ -469,26 +485,17 @@ impl Store {
 
     // --- commands --------------------------------------------------------------------------
 
-    /// Stores a new command and queues it for its gateway (not yet flushed).
+    /// Stores a new command and queues it for its gateway (not yet flushed). The pending key
+    /// is written first: a pending key whose command record is missing is skipped, so a crash
+    /// between the two writes (before anything was acknowledged) leaves nothing half-visible.
     pub fn insert_command(&self, cmd: &mut Command) -> Result<(), StoreError> {
         let seq = self.db.generate_id()?;
         let mut key = cmd.gateway_id.as_bytes().to_vec();
         key.push(0);
         key.extend_from_slice(&seq.to_be_bytes());
         cmd.pending_key = key.clone();
-        (&self.commands, &self.pending)
-            .transaction(|(commands, pending)| {
-                commands.insert(cmd.id.as_bytes(), serde_json::to_vec(&*cmd).expect("records serialise"))?;
-                pending.insert(key.as_slice(), cmd.id.as_bytes())?;
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => StoreError::Sled(e),
-                TransactionError::Abort(()) => StoreError::Corrupt {
-                    tree: "commands",
-                    message: "transaction aborted".into(),
-                },
-            })
+        self.pending.insert(key, cmd.id.as_bytes())?;
+        put(&self.commands, cmd.id.as_bytes(), &*cmd)
     }
 
     pub fn command(&self, id: &str) -> Result<Option<Command>, StoreError> {

@@ -1,1 +1,485 @@
+//! Harness for end-to-end tests and benchmarks: starts real `pcg-saas` and `pcg-gateway`
+//! processes on 127.0.0.1 (ports chosen by the kernel), talks to them over REST and pcgctl,
+//! and stops them by PID when dropped. Also a TCP relay that can cut connections on demand.
+//!
+//! The binaries are found next to the test executable's `deps/` directory (`target/debug`), so
+//! build them first: `cargo build --bins` (the README's test command does).
 
+#![allow(clippy::unwrap_used)]
+
+pub mod relay;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde_json::{json, Value};
+
+/// `target/debug` (or wherever the test binary's profile directory is).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("PCG_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// SIGTERM, then wait (up to 10 s) for a clean exit.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn log_file(dir: &Path, name: &str) -> Stdio {
+    std::fs::File::create(dir.join(format!("{name}.log")))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
+/// A running pcg-saas with its data directory.
+pub struct Saas {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub api: String,
+    /// Advertised broker URL (what gateways dial).
+    pub broker: String,
+    /// Where the broker actually listens.
+    pub broker_listen: std::net::SocketAddr,
+    pub operator_key: String,
+    pub http: reqwest::Client,
+}
+
+#[derive(Default, Clone)]
+pub struct SaasOptions {
+    pub heartbeat_ms: Option<u64>,
+    /// Extra TOML appended to the config file.
+    pub extra_toml: String,
+}
+
+impl Saas {
+    pub async fn start(dir: &Path, opts: SaasOptions) -> anyhow::Result<Saas> {
+        std::fs::create_dir_all(dir)?;
+        let cfg = dir.join("saas.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {:?}\napi_listen = \"127.0.0.1:0\"\nbroker_listen = \"127.0.0.1:0\"\nheartbeat_ms = {}\n{}\n",
+                dir.join("data"),
+                opts.heartbeat_ms.unwrap_or(500),
+                opts.extra_toml
+            ),
+        )?;
+        let ready = dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let child = Command::new(bin("pcg-saas"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("PCG_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file(dir, "saas"))
+            .spawn()
+            .context("spawn pcg-saas")?;
+        let mut proc = Proc {
+            child,
+            name: "pcg-saas".into(),
+        };
+        let info: Value = {
+            let ready = ready.clone();
+            let r = wait_for("pcg-saas ready file", Duration::from_secs(20), || {
+                let ready = ready.clone();
+                async move {
+                    std::fs::read(&ready)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                }
+            })
+            .await;
+            match r {
+                Ok(v) => v,
+                Err(e) => {
+                    proc.kill();
+                    let log = std::fs::read_to_string(dir.join("saas.log")).unwrap_or_default();
+                    bail!("{e}; saas log:\n{log}");
+                }
+            }
+        };
+        let ca = std::fs::read(dir.join("data/ca.pem"))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(client_tls(&ca))
+            .pool_max_idle_per_host(64)
+            .timeout(Duration::from_secs(90))
+            .build()?;
+        Ok(Saas {
+            proc,
+            dir: dir.to_path_buf(),
+            api: info["api"].as_str().unwrap_or_default().to_string(),
+            broker: info["broker"][0].as_str().unwrap_or_default().to_string(),
+            broker_listen: info["broker_listen"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .context("ready file names no broker_listen")?,
+            operator_key: std::fs::read_to_string(dir.join("data/operator.key"))?
+                .trim()
+                .to_string(),
+            http,
+        })
+    }
+
+    /// A REST call; returns (status, JSON body).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let m = reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut req = self
+            .http
+            .request(m, format!("{}{path}", self.api))
+            .bearer_auth(key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Ok((status, v))
+    }
+
+    /// Like [`call`](Self::call), but fails unless the status is 2xx.
+    pub async fn ok(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let (s, v) = self.call(method, path, key, body).await?;
+        if !(200..300).contains(&s) {
+            bail!("{method} {path} answered {s}: {v}");
+        }
+        Ok(v)
+    }
+
+    /// Creates a tenant; returns (tenant id, admin API key).
+    pub async fn tenant(&self, name: &str) -> anyhow::Result<(String, String)> {
+        let v = self
+            .ok(
+                "POST",
+                "/v1/tenants",
+                &self.operator_key,
+                Some(json!({ "name": name })),
+            )
+            .await?;
+        Ok((
+            v["tenant"]["id"].as_str().unwrap_or_default().to_string(),
+            v["admin_api_key"].as_str().unwrap_or_default().to_string(),
+        ))
+    }
+
+    /// Creates a pairing token; returns (token id, token string).
+    pub async fn token(&self, key: &str, ttl: Option<u64>) -> anyhow::Result<(String, String)> {
+        let v = self
+            .ok(
+                "POST",
+                "/v1/pairing-tokens",
+                key,
+                Some(json!({ "name": "test", "ttl_seconds": ttl })),
+            )
+            .await?;
+        Ok((
+            v["pairing_token"]["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            v["token"].as_str().unwrap_or_default().to_string(),
+        ))
+    }
+
+    pub async fn submit(
+        &self,
+        key: &str,
+        gw: &str,
+        kind: &str,
+        payload: Value,
+    ) -> anyhow::Result<String> {
+        let v = self
+            .ok(
+                "POST",
+                &format!("/v1/gateways/{gw}/commands"),
+                key,
+                Some(json!({ "kind": kind, "payload": payload })),
+            )
+            .await?;
+        Ok(v["id"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Waits (long-polling) until the command is terminal; returns its view.
+    pub async fn wait_command(
+        &self,
+        key: &str,
+        id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self
+                .ok(
+                    "GET",
+                    &format!("/v1/commands/{id}?wait_seconds=20"),
+                    key,
+                    None,
+                )
+                .await?;
+            let st = v["state"].as_str().unwrap_or_default();
+            if st == "succeeded" || st == "failed" {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!("command {id} still {st} after {timeout:?}");
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("saas.log")).unwrap_or_default()
+    }
+}
+
+/// A rustls client config trusting only `ca_pem`.
+pub fn client_tls(ca_pem: &[u8]) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.expect("CA PEM")).expect("CA cert");
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth()
+}
+
+/// A gateway's data directory, config, and (when running) its process.
+pub struct Gw {
+    pub dir: PathBuf,
+    pub proc: Option<Proc>,
+    pub ledger: PathBuf,
+}
+
+impl Gw {
+    pub fn new(dir: &Path) -> anyhow::Result<Gw> {
+        std::fs::create_dir_all(dir)?;
+        let ledger = dir.join("ledger.txt");
+        std::fs::write(
+            dir.join("gateway.toml"),
+            format!(
+                "data_dir = {:?}\nbackoff_base_ms = 50\nbackoff_cap_ms = 1000\nconnect_timeout_ms = 3000\nledger_path = {:?}\n",
+                dir.join("data"),
+                ledger
+            ),
+        )?;
+        Ok(Gw {
+            dir: dir.to_path_buf(),
+            proc: None,
+            ledger,
+        })
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("gateway.toml")
+    }
+
+    /// Runs pcgctl with this gateway's config; returns (success, stdout, stderr).
+    pub fn pcgctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin("pcgctl"))
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pcgctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn pair(&self, token: &str) -> anyhow::Result<()> {
+        let (ok, out, err) = self.pcgctl(&["pair", token]);
+        if !ok {
+            bail!("pcgctl pair failed: {err}{out}");
+        }
+        Ok(())
+    }
+
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        let child = Command::new(bin("pcg-gateway"))
+            .args(["run", "--config"])
+            .arg(self.config())
+            .env("PCG_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("gateway.log"))
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            )
+            .spawn()
+            .context("spawn pcg-gateway")?;
+        self.proc = Some(Proc {
+            child,
+            name: "pcg-gateway".into(),
+        });
+        Ok(())
+    }
+
+    /// `pcgctl status --json`, parsed.
+    pub fn status(&self) -> Option<Value> {
+        let (ok, out, _) = self.pcgctl(&["status", "--json"]);
+        if !ok {
+            return None;
+        }
+        serde_json::from_str(&out).ok()
+    }
+
+    pub async fn wait_tunnel(&self, state: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let r = wait_for(&format!("tunnel state {state}"), timeout, || async {
+            self.status().filter(|s| s["tunnel"]["state"] == state)
+        })
+        .await;
+        r.map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; last status: {:?}; gateway log:\n{}",
+                self.pcgctl(&["status", "--json"]),
+                self.log()
+            )
+        })
+    }
+
+    pub fn gateway_id(&self) -> Option<String> {
+        self.status()
+            .and_then(|s| s["gateway_id"].as_str().map(str::to_string))
+    }
+
+    /// Ledger lines as command ids.
+    pub fn ledger_ids(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.ledger)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').next().map(str::to_string))
+            .collect()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+}
+
+/// A temporary directory for one test; kept (and its path printed) when `PCG_KEEP_TEST_DIRS`
+/// is set, so logs can be read after a failure.
+pub fn test_dir() -> tempfile::TempDir {
+    let mut d = tempfile::Builder::new()
+        .prefix("pcg-e2e-")
+        .tempdir()
+        .expect("temporary directory");
+    if std::env::var_os("PCG_KEEP_TEST_DIRS").is_some() {
+        d.disable_cleanup(true);
+        eprintln!("test directory kept: {}", d.path().display());
+    }
+    d
+}

@@ -89,11 +89,12 @@ impl Config {
         get: impl Fn(&'static str) -> Option<String>,
     ) -> Result<(), ConfigError> {
         fn num(var: &'static str, v: String) -> Result<u64, ConfigError> {
-            v.parse().map_err(|e: std::num::ParseIntError| ConfigError::Env {
-                var,
-                message: e.to_string(),
-                value: v,
-            })
+            v.parse()
+                .map_err(|e: std::num::ParseIntError| ConfigError::Env {
+                    var,
+                    message: e.to_string(),
+                    value: v,
+                })
         }
         if let Some(v) = get("PCG_GATEWAY_DATA_DIR") {
             self.data_dir = v.into();
@@ -130,7 +131,10 @@ mod tests {
         let p = dir.path().join("gateway.toml");
         std::fs::write(&p, "max_concurrent = \"many\"\n").expect("write");
         let msg = Config::load(Some(&p)).expect_err("invalid").to_string();
-        assert!(msg.contains("gateway.toml") && msg.contains("max_concurrent"), "{msg}");
+        assert!(
+            msg.contains("gateway.toml") && msg.contains("max_concurrent"),
+            "{msg}"
+        );
     }
 
     #[test]

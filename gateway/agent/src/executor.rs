@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Write as _};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -92,9 +92,10 @@ impl Registry {
     /// The built-in commands, which need no provider.
     pub fn builtin(ledger: Option<PathBuf>) -> Registry {
         let mut r = Registry::default();
-        r.register("gateway.diagnose", |ctx: ExecContext, _p: Value| async move {
-            Ok(diagnose(&ctx.gateway))
-        });
+        r.register(
+            "gateway.diagnose",
+            |ctx: ExecContext, _p: Value| async move { Ok(diagnose(&ctx.gateway)) },
+        );
         r.register("gateway.echo", |_ctx: ExecContext, p: Value| async move {
             Ok(json!({ "echo": p }))
         });
@@ -103,7 +104,9 @@ impl Registry {
                 ExecError::invalid_payload("gateway.sleep needs {\"ms\": N} with N at most 60000")
             })?;
             if ms > 60_000 {
-                return Err(ExecError::invalid_payload("gateway.sleep: ms is at most 60000"));
+                return Err(ExecError::invalid_payload(
+                    "gateway.sleep: ms is at most 60000",
+                ));
             }
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             Ok(json!({ "slept_ms": ms }))
@@ -144,7 +147,9 @@ fn ledger_append(path: &PathBuf, ctx: &ExecContext, payload: &Value) -> Result<V
         .append(true)
         .open(path)
         .map_err(io)?;
-    writeln!(f, "{} {}", ctx.command_id, payload).map_err(io)?;
+    // One write per line: concurrent appends to an O_APPEND file do not interleave.
+    let line = format!("{} {}\n", ctx.command_id, payload);
+    f.write_all(line.as_bytes()).map_err(io)?;
     f.sync_data().map_err(io)?;
     Ok(json!({ "appended": true }))
 }
@@ -182,11 +187,15 @@ fn result_frame(id: &str, r: &StoredResult) -> GatewayFrame {
     }
 }
 
-/// Sends a result on the current tunnel, if any. It stays in the outbox until acknowledged,
-/// so a result that cannot be sent now goes out on the next tunnel.
-pub async fn send_result(gw: &Gateway, id: &str, r: &StoredResult) {
+/// Sends a result on the current tunnel, if any, without ever waiting: a result stays in the
+/// outbox until acknowledged, so one that cannot be queued now is sent again from the outbox
+/// (on the next heartbeat tick, or on the next tunnel).
+pub fn send_result(gw: &Gateway, id: &str, r: &StoredResult) {
     if let Some(tx) = gw.outbound() {
-        let _ = tx.send(result_frame(id, r)).await;
+        if tx.try_send(result_frame(id, r)).is_err() {
+            gw.outbox_dirty
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -210,20 +219,19 @@ pub async fn on_command(gw: &Arc<Gateway>, cmd: Command) -> Result<(), crate::st
         None => {
             gw.store.flush().await?;
             if let Some(tx) = gw.outbound() {
-                let _ = tx
-                    .send(GatewayFrame {
-                        kind: Some(GKind::Received(CommandReceived {
-                            command_id: cmd.id.clone(),
-                        })),
-                    })
-                    .await;
+                // Informational only: never wait for it.
+                let _ = tx.try_send(GatewayFrame {
+                    kind: Some(GKind::Received(CommandReceived {
+                        command_id: cmd.id.clone(),
+                    })),
+                });
             }
             spawn_execution(gw.clone(), entry, false);
         }
         Some(existing) => match existing.state {
             EntryState::Done => {
                 if let Some(r) = &existing.result {
-                    send_result(gw, &existing.id, r).await;
+                    send_result(gw, &existing.id, r);
                 }
             }
             EntryState::Running => {
@@ -271,7 +279,9 @@ pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
                 }
             }
         } else {
-            Err(ExecError::invalid_payload("the payload is not a JSON object"))
+            Err(ExecError::invalid_payload(
+                "the payload is not a JSON object",
+            ))
         };
         let result = match outcome {
             Ok(output) => StoredResult {
@@ -308,6 +318,6 @@ pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
             }
         }
         gw.unmark_running(&entry.id);
-        send_result(&gw, &entry.id, &result).await;
+        send_result(&gw, &entry.id, &result);
     });
 }

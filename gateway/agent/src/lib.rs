@@ -27,6 +27,7 @@ use pcg_proto::v1::GatewayFrame;
 use tokio::sync::{mpsc, Notify, Semaphore};
 
 pub use config::Config;
+pub use pcg_proto::pairing::PairingToken;
 use status::{Status, TunnelStatus};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -42,6 +43,8 @@ pub struct Gateway {
     pub identity_changed: Notify,
     /// Serialises pairing requests.
     pub pairing: tokio::sync::Mutex<()>,
+    /// Set when a result could not be queued on the tunnel; the outbox is sent again.
+    pub(crate) outbox_dirty: std::sync::atomic::AtomicBool,
     started: Instant,
     tunnel: Mutex<TunnelStatus>,
     outbound: Mutex<Option<mpsc::Sender<GatewayFrame>>>,
@@ -57,6 +60,7 @@ impl Gateway {
             registry,
             identity_changed: Notify::new(),
             pairing: tokio::sync::Mutex::new(()),
+            outbox_dirty: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             tunnel: Mutex::new(TunnelStatus::default()),
             outbound: Mutex::new(None),
@@ -72,10 +76,18 @@ impl Gateway {
             tenant_id: id.as_ref().map(|i| i.tenant_id.clone()),
             gateway_id: id.as_ref().map(|i| i.gateway_id.clone()),
             api_url: id.as_ref().map(|i| i.api_url.clone()),
-            tunnel: self.tunnel.lock().expect("status lock is never poisoned").clone(),
+            tunnel: self
+                .tunnel
+                .lock()
+                .expect("status lock is never poisoned")
+                .clone(),
             certificate_not_after_ms: id.as_ref().map(|i| i.cert_not_after_ms),
             journal_entries: self.store.journal_len(),
-            running: self.running.lock().expect("running lock is never poisoned").len(),
+            running: self
+                .running
+                .lock()
+                .expect("running lock is never poisoned")
+                .len(),
             outbox_depth: self.store.outbox_depth(),
             uptime_s: self.started.elapsed().as_secs(),
             clock_unix_ms: store::now_ms(),
@@ -95,11 +107,17 @@ impl Gateway {
     }
 
     pub(crate) fn set_outbound(&self, tx: mpsc::Sender<GatewayFrame>) {
-        *self.outbound.lock().expect("outbound lock is never poisoned") = Some(tx);
+        *self
+            .outbound
+            .lock()
+            .expect("outbound lock is never poisoned") = Some(tx);
     }
 
     pub(crate) fn clear_outbound(&self) {
-        *self.outbound.lock().expect("outbound lock is never poisoned") = None;
+        *self
+            .outbound
+            .lock()
+            .expect("outbound lock is never poisoned") = None;
     }
 
     pub(crate) fn is_running(&self, id: &str) -> bool {

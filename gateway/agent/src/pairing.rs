@@ -72,12 +72,11 @@ impl ServerCertVerifier for PinnedCa {
             .iter()
             .find(|c| Sha256::digest(c.as_ref()).as_slice() == self.pin.as_slice());
         let Some(ca) = ca else {
-            let presented = intermediates
-                .last()
-                .unwrap_or(end_entity)
-                .as_ref()
-                .to_vec();
-            *self.mismatch.lock().expect("mismatch lock is never poisoned") =
+            let presented = intermediates.last().unwrap_or(end_entity).as_ref().to_vec();
+            *self
+                .mismatch
+                .lock()
+                .expect("mismatch lock is never poisoned") =
                 Some(hex::encode(Sha256::digest(presented)));
             return Err(rustls::Error::General("CA pin mismatch".into()));
         };
@@ -157,7 +156,10 @@ pub async fn pair(
     if token.expires_unix <= now_s {
         let at = time::OffsetDateTime::from_unix_timestamp(token.expires_unix)
             .ok()
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
             .unwrap_or_else(|| token.expires_unix.to_string());
         return Err(PairError::Expired { at });
     }

@@ -99,7 +99,10 @@ impl Status {
         let mut out = format!("pcg gateway {}\n", self.version);
         let mut line = |k: &str, v: String| out.push_str(&format!("  {k:<13} {v}\n"));
         if !self.paired {
-            line("paired:", "no — run `pcgctl pair TOKEN` with a token from your SaaS tenant".into());
+            line(
+                "paired:",
+                "no — run `pcgctl pair TOKEN` with a token from your SaaS tenant".into(),
+            );
         } else {
             line(
                 "paired:",
@@ -121,7 +124,9 @@ impl Status {
                 t.connected_since_ms
                     .map(|s| format!(" since {} ({})", rfc3339(s), ago(now, s)))
                     .unwrap_or_default(),
-                t.rtt_ms.map(|r| format!(", rtt {r} ms")).unwrap_or_default()
+                t.rtt_ms
+                    .map(|r| format!(", rtt {r} ms"))
+                    .unwrap_or_default()
             ),
             TunnelState::Backoff => format!(
                 "down, redialling {ep}{}",
@@ -148,7 +153,11 @@ impl Status {
             "certificate:",
             self.certificate_not_after_ms
                 .map(|c| {
-                    let warn = if c - now < 7 * 86_400_000 { " — renew soon" } else { "" };
+                    let warn = if c - now < 7 * 86_400_000 {
+                        " — renew soon"
+                    } else {
+                        ""
+                    };
                     format!("expires {} ({}){warn}", rfc3339(c), ago(now, c))
                 })
                 .unwrap_or_else(|| "none".into()),
@@ -161,7 +170,10 @@ impl Status {
             "outbox:",
             format!("{} results awaiting acknowledgement", self.outbox_depth),
         );
-        line("uptime:", human_secs(i64::try_from(self.uptime_s).unwrap_or(i64::MAX)));
+        line(
+            "uptime:",
+            human_secs(i64::try_from(self.uptime_s).unwrap_or(i64::MAX)),
+        );
         out
     }
 }

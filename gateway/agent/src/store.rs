@@ -96,7 +96,7 @@ pub struct JournalEntry {
 
 pub struct Store {
     path: PathBuf,
-    db: sled::Db,
+    commit: pcg_durable::GroupCommit,
     identity: sled::Tree,
     journal: sled::Tree,
     outbox: sled::Tree,
@@ -115,12 +115,25 @@ impl Store {
         };
         std::fs::create_dir_all(dir).map_err(|e| sled_err(sled::Error::Io(e)))?;
         let key = load_or_create_key(&dir.join("secret.key"))?;
-        let db = sled::Config::new().path(&path).open().map_err(sled_err)?;
+        // pcgctl may hold the store for a moment (offline status or pairing): wait for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            match sled::Config::new().path(&path).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(sled_err(e)),
+            }
+        };
         Ok(Store {
             identity: db.open_tree("identity").map_err(sled_err)?,
             journal: db.open_tree("journal").map_err(sled_err)?,
             outbox: db.open_tree("outbox").map_err(sled_err)?,
-            db,
+            commit: pcg_durable::GroupCommit::new(db.clone()),
             key,
             path,
         })
@@ -134,12 +147,7 @@ impl Store {
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map_err(self.err())?;
-        Ok(())
-    }
-
-    pub fn flush_sync(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(self.err())?;
+        self.commit.flush().await.map_err(self.err())?;
         Ok(())
     }
 
@@ -159,7 +167,10 @@ impl Store {
 
     pub fn set_identity(&self, id: &Identity) -> Result<(), StoreError> {
         self.identity
-            .insert(IDENTITY_KEY, serde_json::to_vec(id).expect("identity serialises"))
+            .insert(
+                IDENTITY_KEY,
+                serde_json::to_vec(id).expect("identity serialises"),
+            )
             .map_err(self.err())?;
         Ok(())
     }
@@ -227,12 +238,14 @@ impl Store {
         {
             Ok(()) => Ok(None),
             Err(cas) => match cas.current {
-                Some(v) => serde_json::from_slice(&v)
-                    .map(Some)
-                    .map_err(|err| StoreError::Corrupt {
-                        what: format!("journal entry {}", e.id),
-                        message: err.to_string(),
-                    }),
+                Some(v) => {
+                    serde_json::from_slice(&v)
+                        .map(Some)
+                        .map_err(|err| StoreError::Corrupt {
+                            what: format!("journal entry {}", e.id),
+                            message: err.to_string(),
+                        })
+                }
                 None => Ok(None),
             },
         }
@@ -247,10 +260,16 @@ impl Store {
         e.state = EntryState::Done;
         e.result = Some(result.clone());
         self.journal
-            .insert(id.as_bytes(), serde_json::to_vec(&e).expect("entries serialise"))
+            .insert(
+                id.as_bytes(),
+                serde_json::to_vec(&e).expect("entries serialise"),
+            )
             .map_err(self.err())?;
         self.outbox
-            .insert(id.as_bytes(), serde_json::to_vec(result).expect("results serialise"))
+            .insert(
+                id.as_bytes(),
+                serde_json::to_vec(result).expect("results serialise"),
+            )
             .map_err(self.err())?;
         Ok(())
     }
@@ -399,7 +418,9 @@ mod tests {
         let s = Store::open(dir.path()).expect("open");
         assert!(s.unseal(&sealed).is_err());
         let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(dir.path().join("secret.key")).expect("meta").permissions(),
+            &std::fs::metadata(dir.path().join("secret.key"))
+                .expect("meta")
+                .permissions(),
         );
         assert_eq!(mode & 0o777, 0o600);
     }

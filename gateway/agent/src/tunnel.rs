@@ -136,7 +136,10 @@ async fn session(
             if let Some(v6) = hp.strip_prefix('[') {
                 v6.split(']').next().unwrap_or(v6).to_string()
             } else {
-                hp.rsplit_once(':').map(|(h, _)| h).unwrap_or(hp).to_string()
+                hp.rsplit_once(':')
+                    .map(|(h, _)| h)
+                    .unwrap_or(hp)
+                    .to_string()
             }
         })
         .unwrap_or_default();
@@ -185,11 +188,20 @@ async fn session(
     )
     .await
     {
-        Err(_) => return End::Retry(format!("the broker at {url} did not answer within {timeout:?}")),
+        Err(_) => {
+            return End::Retry(format!(
+                "the broker at {url} did not answer within {timeout:?}"
+            ))
+        }
         Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied => {
             return End::Refused(s.message().to_string())
         }
-        Ok(Err(s)) => return End::Retry(format!("the broker at {url} refused the tunnel: {}", s.message())),
+        Ok(Err(s)) => {
+            return End::Retry(format!(
+                "the broker at {url} refused the tunnel: {}",
+                s.message()
+            ))
+        }
         Ok(Ok(r)) => r.into_inner(),
     };
     // The broker answers Welcome first.
@@ -215,14 +227,7 @@ async fn session(
     });
     tracing::info!(endpoint = %url, "tunnel up");
     // Results the broker has not acknowledged yet go out again.
-    match gw.store.outbox() {
-        Ok(items) => {
-            for (id, r) in items {
-                executor::send_result(gw, &id, &r).await;
-            }
-        }
-        Err(e) => tracing::error!("cannot read the outbox: {e}"),
-    }
+    resend_outbox(gw);
 
     let mut last_frame = Instant::now();
     let mut ticker = tokio::time::interval(interval);
@@ -268,12 +273,27 @@ async fn session(
                 if last_frame.elapsed() > interval * 3 {
                     return End::Retry(format!("the broker was silent for {} ms", last_frame.elapsed().as_millis()));
                 }
+                if gw.outbox_dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    resend_outbox(gw);
+                }
                 seq += 1;
                 let _ = tx.try_send(GatewayFrame { kind: Some(GKind::Heartbeat(Heartbeat {
                     seq, sent_unix_ms: now_ms(), echo_seq: 0, echo_sent_unix_ms: 0,
                 }))});
             }
         }
+    }
+}
+
+/// Queues every unacknowledged result on the current tunnel (without waiting).
+fn resend_outbox(gw: &Gateway) {
+    match gw.store.outbox() {
+        Ok(items) => {
+            for (id, r) in items {
+                executor::send_result(gw, &id, &r);
+            }
+        }
+        Err(e) => tracing::error!("cannot read the outbox: {e}"),
     }
 }
 
@@ -293,7 +313,9 @@ mod tests {
             }
         }
         // Fully random: many distinct values at a high attempt.
-        let mut seen: Vec<u128> = (0..100).map(|_| backoff(base, cap, 10).as_millis()).collect();
+        let mut seen: Vec<u128> = (0..100)
+            .map(|_| backoff(base, cap, 10).as_millis())
+            .collect();
         seen.sort_unstable();
         seen.dedup();
         assert!(seen.len() > 50);

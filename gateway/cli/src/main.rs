@@ -11,7 +11,11 @@ use pcg_gateway::admin::{self, AdminError, AdminRequest};
 use pcg_gateway::status::{Status, TunnelState, TunnelStatus};
 
 #[derive(Parser)]
-#[command(name = "pcgctl", version, about = "Operate a pcg gateway: pair it, see its status")]
+#[command(
+    name = "pcgctl",
+    version,
+    about = "Operate a pcg gateway: pair it, see its status"
+)]
 struct Cli {
     /// The gateway's TOML config file (for its data directory and admin socket).
     #[arg(long, short, global = true, env = "PCG_GATEWAY_CONFIG")]
@@ -39,7 +43,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start: {e}");

@@ -69,7 +69,10 @@ impl PairingToken {
 
     /// Decodes and checks the shape of a token string (surrounding whitespace is ignored).
     pub fn decode(s: &str) -> Result<Self, TokenError> {
-        let body = s.trim().strip_prefix(TOKEN_PREFIX).ok_or(TokenError::Prefix)?;
+        let body = s
+            .trim()
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(TokenError::Prefix)?;
         let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|e| TokenError::Base64(e.to_string()))?;
@@ -82,7 +85,9 @@ impl PairingToken {
             return Err(TokenError::Field("its id or secret is missing"));
         }
         if t.ca_sha256.len() != 64 || !t.ca_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(TokenError::Field("its CA fingerprint is not a SHA-256 in hex"));
+            return Err(TokenError::Field(
+                "its CA fingerprint is not a SHA-256 in hex",
+            ));
         }
         Ok(t)
     }
@@ -161,11 +166,20 @@ mod tests {
     #[test]
     fn malformed_tokens_say_why() {
         assert_eq!(PairingToken::decode("hello"), Err(TokenError::Prefix));
-        assert!(matches!(PairingToken::decode("pcg1_!!!"), Err(TokenError::Base64(_))));
-        assert!(matches!(PairingToken::decode("pcg1_e30"), Err(TokenError::Json(_))));
+        assert!(matches!(
+            PairingToken::decode("pcg1_!!!"),
+            Err(TokenError::Base64(_))
+        ));
+        assert!(matches!(
+            PairingToken::decode("pcg1_e30"),
+            Err(TokenError::Json(_))
+        ));
         let mut t = sample();
         t.ca_sha256 = "xyz".into();
-        assert!(matches!(PairingToken::decode(&t.encode()), Err(TokenError::Field(_))));
+        assert!(matches!(
+            PairingToken::decode(&t.encode()),
+            Err(TokenError::Field(_))
+        ));
         let enc = sample().encode();
         assert!(PairingToken::decode(&enc[..enc.len() - 5]).is_err());
     }

@@ -1,0 +1,98 @@
+//! A TCP relay for fault injection: forwards connections to an upstream address and can cut
+//! every open connection at once, or refuse new ones, on demand.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+pub struct Relay {
+    pub addr: SocketAddr,
+    upstream: Arc<Mutex<Option<SocketAddr>>>,
+    cut_tx: watch::Sender<u64>,
+    refuse: Arc<AtomicBool>,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Binds on 127.0.0.1 with no upstream yet (connections are dropped until one is set).
+    pub async fn bind() -> std::io::Result<Relay> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let upstream: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let (cut_tx, cut_rx) = watch::channel(0u64);
+        let refuse = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let task = {
+            let upstream = upstream.clone();
+            let refuse = refuse.clone();
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((down, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    let target = *upstream.lock().expect("relay lock");
+                    if refuse.load(Ordering::Relaxed) {
+                        drop(down);
+                        continue;
+                    }
+                    let Some(target) = target else {
+                        drop(down);
+                        continue;
+                    };
+                    let mut cut = cut_rx.clone();
+                    tokio::spawn(async move {
+                        let Ok(up) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let _ = down.set_nodelay(true);
+                        let _ = up.set_nodelay(true);
+                        let (mut dr, mut dw) = down.into_split();
+                        let (mut ur, mut uw) = up.into_split();
+                        let seen = *cut.borrow_and_update();
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut dr, &mut uw) => {},
+                            _ = tokio::io::copy(&mut ur, &mut dw) => {},
+                            _ = cut.wait_for(|v| *v != seen) => {},
+                        }
+                        // Dropping both halves closes both sockets.
+                    });
+                }
+            })
+        };
+        Ok(Relay {
+            addr,
+            upstream,
+            cut_tx,
+            refuse,
+            accepted,
+            task,
+        })
+    }
+
+    pub fn set_upstream(&self, a: SocketAddr) {
+        *self.upstream.lock().expect("relay lock") = Some(a);
+    }
+
+    /// Cuts every connection open now.
+    pub fn cut_all(&self) {
+        self.cut_tx.send_modify(|v| *v += 1);
+    }
+
+    /// Refuses (accepts and closes) new connections while `on`.
+    pub fn refuse(&self, on: bool) {
+        self.refuse.store(on, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
