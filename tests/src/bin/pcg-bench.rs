@@ -1,1 +1,322 @@
-fn main() {}
+//! pcg-bench: measures the tunnel path with real processes on 127.0.0.1 and prints a table
+//! (also written as JSON to `--out`).
+//!
+//! 1. Commands through 1 gateway and through 100 gateways (real `pcg-gateway` daemons):
+//!    commands per second and round-trip latency (REST submit → result, long-polled) p50/p99.
+//! 2. Broker memory per idle tunnel: pairs `--idle` identities, opens that many tunnels from
+//!    this process (a minimal client: Hello, then a heartbeat every 5 s), and reads the RSS of
+//!    the pcg-saas process before and after.
+//!
+//! Build the binaries first (`cargo build --release --bins`), then run
+//! `target/release/pcg-bench` so it starts the release daemons beside it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use futures_util::stream::{self, StreamExt};
+use pcg_e2e::{Gw, Saas, SaasOptions};
+use pcg_proto::v1::broker_client::BrokerClient;
+use pcg_proto::v1::gateway_frame::Kind as GKind;
+use pcg_proto::v1::{GatewayFrame, Heartbeat, Hello};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    /// Commands per scenario.
+    #[arg(long, default_value_t = 2000)]
+    commands: usize,
+    /// Commands in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Gateways in the second scenario.
+    #[arg(long, default_value_t = 100)]
+    gateways: usize,
+    /// Idle tunnels for the memory measurement.
+    #[arg(long, default_value_t = 1000)]
+    idle: usize,
+    /// Where to write the figures as JSON.
+    #[arg(long, default_value = "target/pcg-bench.json")]
+    out: std::path::PathBuf,
+}
+
+struct Figures {
+    label: String,
+    commands: usize,
+    secs: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn run_commands(
+    saas: &Arc<Saas>,
+    key: &str,
+    gws: &[String],
+    n: usize,
+    conc: usize,
+    label: &str,
+) -> anyhow::Result<Figures> {
+    let started = Instant::now();
+    let mut lat: Vec<f64> = stream::iter(0..n)
+        .map(|i| {
+            let saas = saas.clone();
+            let key = key.to_string();
+            let gw = gws[i % gws.len()].clone();
+            async move {
+                let t = Instant::now();
+                let id = saas
+                    .submit(&key, &gw, "gateway.echo", json!({ "i": i }))
+                    .await?;
+                let v = saas
+                    .wait_command(&key, &id, Duration::from_secs(120))
+                    .await?;
+                anyhow::ensure!(v["result"]["output"]["echo"]["i"] == i, "wrong result {v}");
+                Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64() * 1000.0)
+            }
+        })
+        .buffer_unordered(conc)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok(Figures {
+        label: label.to_string(),
+        commands: n,
+        secs,
+        p50_ms: pct(&lat, 0.5),
+        p99_ms: pct(&lat, 0.99),
+    })
+}
+
+async fn gateways(
+    saas: &Saas,
+    key: &str,
+    root: &std::path::Path,
+    count: usize,
+) -> anyhow::Result<(Vec<Gw>, Vec<String>)> {
+    let mut gws = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let (_, tok) = saas.token(key, None).await?;
+        let mut gw = Gw::new(&root.join(format!("gw{i}")))?;
+        gw.pair(&tok)?;
+        gw.start()?;
+        gws.push(gw);
+    }
+    for gw in &gws {
+        gw.wait_tunnel("connected", Duration::from_secs(60)).await?;
+        ids.push(gw.gateway_id().context("gateway id")?);
+    }
+    Ok((gws, ids))
+}
+
+/// Pairs one identity directly over the REST API; returns a tonic TLS config for it.
+async fn identity(
+    saas: &Saas,
+    key: &str,
+    ca_pem: &str,
+) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    let (_, tok) = saas.token(key, None).await?;
+    let t = pcg_gateway::PairingToken::decode(&tok)?;
+    let kp = rcgen::KeyPair::generate()?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&kp)?
+        .pem()?;
+    let r: pcg_proto::pairing::PairResponse = saas
+        .http
+        .post(format!("{}/v1/pair", saas.api))
+        .json(&pcg_proto::pairing::PairRequest {
+            token_id: t.token_id,
+            secret: t.secret,
+            csr_pem: csr,
+            hostname: "bench".into(),
+            gateway_version: "bench".into(),
+        })
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .identity(tonic::transport::Identity::from_pem(
+            r.certificate_pem,
+            kp.serialize_pem(),
+        ))
+        .domain_name("127.0.0.1"))
+}
+
+async fn idle_tunnel(
+    url: String,
+    tls: tonic::transport::ClientTlsConfig,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let ch = tonic::transport::Endpoint::from_shared(url)?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let mut client = BrokerClient::new(ch);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(GatewayFrame {
+        kind: Some(GKind::Hello(Hello {
+            gateway_version: "bench".into(),
+            command_kinds: vec!["gateway.echo".into()],
+            clock_unix_ms: 0,
+            journal_depth: 0,
+            outbox_depth: 0,
+        })),
+    })
+    .await?;
+    let mut inbound = client
+        .open(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    inbound.message().await?.context("no Welcome")?;
+    Ok(tokio::spawn(async move {
+        let mut seq = 0;
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    seq += 1;
+                    if tx.send(GatewayFrame { kind: Some(GKind::Heartbeat(Heartbeat { seq, ..Default::default() })) }).await.is_err() { break; }
+                }
+                m = inbound.message() => if !matches!(m, Ok(Some(_))) { break },
+            }
+        }
+    }))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let root = tempfile::Builder::new().prefix("pcg-bench-").tempdir()?;
+    println!("pcg-bench: binaries from {}", pcg_e2e::bin_dir().display());
+    let saas = Arc::new(
+        Saas::start(
+            &root.path().join("saas"),
+            SaasOptions {
+                heartbeat_ms: Some(5000),
+                extra_toml: String::new(),
+            },
+        )
+        .await?,
+    );
+    let (_, key) = saas.tenant("bench").await?;
+
+    // 1 gateway.
+    let (mut one, one_ids) = gateways(&saas, &key, &root.path().join("one"), 1).await?;
+    // Warm-up, not measured.
+    run_commands(&saas, &key, &one_ids, 200, args.concurrency, "warm-up").await?;
+    let f1 = run_commands(
+        &saas,
+        &key,
+        &one_ids,
+        args.commands,
+        args.concurrency,
+        "1 gateway",
+    )
+    .await?;
+    for g in &mut one {
+        if let Some(p) = g.proc.as_mut() {
+            p.stop();
+        }
+    }
+
+    // N gateways.
+    let (mut many, many_ids) =
+        gateways(&saas, &key, &root.path().join("many"), args.gateways).await?;
+    let label = format!("{} gateways", args.gateways);
+    let fn_ = run_commands(
+        &saas,
+        &key,
+        &many_ids,
+        args.commands,
+        args.concurrency,
+        &label,
+    )
+    .await?;
+    for g in &mut many {
+        if let Some(p) = g.proc.as_mut() {
+            p.stop();
+        }
+    }
+    drop(many);
+
+    // Idle tunnels.
+    let ca_pem = std::fs::read_to_string(saas.dir.join("data/ca.pem"))?;
+    let mut tls = Vec::new();
+    for _ in 0..args.idle {
+        tls.push(identity(&saas, &key, &ca_pem).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_before = saas.proc.rss_kib();
+    let broker_url = saas.broker.clone();
+    let mut handles = Vec::new();
+    for t in tls {
+        handles.push(idle_tunnel(broker_url.clone(), t).await?);
+    }
+    let health = pcg_e2e::wait_for("tunnels registered", Duration::from_secs(60), || async {
+        let (_, v) = saas.call("GET", "/healthz", "", None).await.ok()?;
+        (v["tunnels"].as_u64()? as usize >= args.idle).then_some(v)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = saas.proc.rss_kib();
+    let per_tunnel_kib = (rss_after as f64 - rss_before as f64) / args.idle as f64;
+    for h in handles {
+        h.abort();
+    }
+
+    println!();
+    println!("| scenario | commands | wall s | commands/s | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|---|");
+    for f in [&f1, &fn_] {
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} |",
+            f.label,
+            f.commands,
+            f.secs,
+            f.commands as f64 / f.secs,
+            f.p50_ms,
+            f.p99_ms
+        );
+    }
+    println!();
+    println!(
+        "broker RSS: {} KiB before, {} KiB with {} idle tunnels ({} reported by /healthz): {:.1} KiB per tunnel",
+        rss_before, rss_after, args.idle, health["tunnels"], per_tunnel_kib
+    );
+    let scenarios: Vec<serde_json::Value> = [&f1, &fn_]
+        .iter()
+        .map(|f| {
+            json!({
+                "label": f.label, "commands": f.commands, "wall_s": f.secs,
+                "commands_per_s": f.commands as f64 / f.secs, "p50_ms": f.p50_ms, "p99_ms": f.p99_ms,
+            })
+        })
+        .collect();
+    let out = json!({
+        "concurrency": args.concurrency,
+        "scenarios": scenarios,
+        "idle_tunnels": args.idle,
+        "broker_rss_kib_before": rss_before,
+        "broker_rss_kib_after": rss_after,
+        "broker_kib_per_idle_tunnel": per_tunnel_kib,
+    });
+    if let Some(d) = args.out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&out)?)?;
+    println!("figures written to {}", args.out.display());
+    Ok(())
+}
