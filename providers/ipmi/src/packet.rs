@@ -310,7 +310,8 @@ pub fn open_session_request(tag: u8, console_sid: u32, max_priv: u8) -> Vec<u8> 
 pub struct OpenSessionResponse {
     pub tag: u8,
     pub status: u8,
-    pub console_sid: u32,
+    /// Absent in short error responses (ipmi_sim sends only tag and status).
+    pub console_sid: Option<u32>,
     pub bmc_sid: u32,
 }
 
@@ -319,8 +320,8 @@ fn u32_at(m: &[u8], at: usize) -> u32 {
 }
 
 pub fn parse_open_session_response(m: &[u8]) -> Result<OpenSessionResponse, PacketError> {
-    // An error response may stop after the console session id.
-    if m.len() < 8 {
+    // An error response may stop after the status byte.
+    if m.len() < 2 || (m[1] == 0 && m.len() < 8) {
         return Err(PacketError::Short(m.len()));
     }
     let status = m[1];
@@ -335,7 +336,7 @@ pub fn parse_open_session_response(m: &[u8]) -> Result<OpenSessionResponse, Pack
     Ok(OpenSessionResponse {
         tag: m[0],
         status,
-        console_sid: u32_at(m, 4),
+        console_sid: (m.len() >= 8).then(|| u32_at(m, 4)),
         bmc_sid,
     })
 }
@@ -355,20 +356,21 @@ pub fn rakp1(tag: u8, bmc_sid: u32, rm: &[u8; 16], role: u8, user: &[u8]) -> Vec
 pub struct Rakp2 {
     pub tag: u8,
     pub status: u8,
-    pub console_sid: u32,
+    /// Absent in short error responses.
+    pub console_sid: Option<u32>,
     pub rc: [u8; 16],
     pub guid: [u8; 16],
     pub auth_code: Vec<u8>,
 }
 
 pub fn parse_rakp2(m: &[u8]) -> Result<Rakp2, PacketError> {
-    if m.len() < 8 {
+    if m.len() < 2 {
         return Err(PacketError::Short(m.len()));
     }
     let mut r = Rakp2 {
         tag: m[0],
         status: m[1],
-        console_sid: u32_at(m, 4),
+        console_sid: (m.len() >= 8).then(|| u32_at(m, 4)),
         rc: [0; 16],
         guid: [0; 16],
         auth_code: Vec::new(),
@@ -397,19 +399,20 @@ pub fn rakp3(tag: u8, status: u8, bmc_sid: u32, auth_code: &[u8]) -> Vec<u8> {
 pub struct Rakp4 {
     pub tag: u8,
     pub status: u8,
-    pub console_sid: u32,
+    /// Absent in short error responses.
+    pub console_sid: Option<u32>,
     pub icv: Vec<u8>,
 }
 
 pub fn parse_rakp4(m: &[u8]) -> Result<Rakp4, PacketError> {
-    if m.len() < 8 {
+    if m.len() < 2 || (m[1] == 0 && m.len() < 8) {
         return Err(PacketError::Short(m.len()));
     }
     Ok(Rakp4 {
         tag: m[0],
         status: m[1],
-        console_sid: u32_at(m, 4),
-        icv: m[8..].to_vec(),
+        console_sid: (m.len() >= 8).then(|| u32_at(m, 4)),
+        icv: m.get(8..).unwrap_or_default().to_vec(),
     })
 }
 
@@ -454,6 +457,16 @@ mod tests {
         let r = ipmi_request(0x06, 0x01, 1, &[]);
         assert_eq!(r.len(), 7);
         assert!(ipmi_response(&msg).is_err() || msg.len() >= 8);
+    }
+
+    #[test]
+    fn short_error_responses_parse() {
+        // ipmi_sim answers a full BMC with just tag and status 0x01.
+        let r = parse_open_session_response(&[0x01, 0x01]).expect("parses");
+        assert_eq!((r.tag, r.status, r.console_sid), (1, 1, None));
+        assert!(parse_open_session_response(&[0x01, 0x00]).is_err());
+        assert_eq!(parse_rakp2(&[2, 0x0d]).expect("parses").status, 0x0d);
+        assert_eq!(parse_rakp4(&[3, 0x0f]).expect("parses").status, 0x0f);
     }
 
     #[test]

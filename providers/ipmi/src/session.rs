@@ -321,7 +321,7 @@ impl Session {
                     let Ok(r) = packet::parse_open_session_response(&p.payload) else {
                         return Ok(Step::Skip);
                     };
-                    if r.tag != tag || r.console_sid != console_sid {
+                    if r.tag != tag || r.console_sid.is_some_and(|c| c != console_sid) {
                         return Ok(Step::Skip);
                     }
                     if r.status != 0 {
@@ -359,7 +359,7 @@ impl Session {
                     let Ok(r) = packet::parse_rakp2(&p.payload) else {
                         return Ok(Step::Skip);
                     };
-                    if r.tag != tag || r.console_sid != console_sid {
+                    if r.tag != tag || r.console_sid.is_some_and(|c| c != console_sid) {
                         return Ok(Step::Skip);
                     }
                     if r.status != 0 {
@@ -421,7 +421,7 @@ impl Session {
                     let Ok(r) = packet::parse_rakp4(&p.payload) else {
                         return Ok(Step::Skip);
                     };
-                    if r.tag != tag || r.console_sid != console_sid {
+                    if r.tag != tag || r.console_sid.is_some_and(|c| c != console_sid) {
                         return Ok(Step::Skip);
                     }
                     if r.status != 0 {
