@@ -43,14 +43,14 @@ async fn cuts_and_a_crash_lose_nothing_and_repeat_nothing() {
     let relay = Arc::new(relay);
     let done = Arc::new(AtomicBool::new(false));
     let cuts = Arc::new(AtomicUsize::new(0));
-    // Cut every open connection at random moments, 50 to 400 ms apart.
+    // Cut every open connection at random moments, 20 to 250 ms apart.
     let cutter = {
         let relay = relay.clone();
         let done = done.clone();
         let cuts = cuts.clone();
         tokio::spawn(async move {
             while !done.load(Ordering::Relaxed) {
-                let ms = rand::random_range(50..400);
+                let ms = rand::random_range(20..250);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 relay.cut_all();
                 cuts.fetch_add(1, Ordering::Relaxed);

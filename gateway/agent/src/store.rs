@@ -30,6 +30,8 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
+    #[error("the gateway store {path} is in use by a running pcg-gateway whose admin socket does not answer (is it still starting? try again in a moment)")]
+    InUse { path: PathBuf },
     #[error("secret key file {path}: {message}")]
     Key { path: PathBuf, message: String },
     #[error("corrupt record {what} in the gateway store: {message}")]
@@ -106,8 +108,19 @@ pub struct Store {
 const IDENTITY_KEY: &[u8] = b"current";
 
 impl Store {
-    /// Opens (creating) the store in `dir`, and the secret key file `dir/secret.key`.
+    /// Opens (creating) the store in `dir`, and the secret key file `dir/secret.key`, waiting up
+    /// to 10 s for a pcgctl that holds the store for a moment (offline status or pairing).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Self::open_waiting(dir, std::time::Duration::from_secs(10))
+    }
+
+    /// Like [`open`](Self::open), for pcgctl: fails at once with [`StoreError::InUse`] when a
+    /// daemon holds the store.
+    pub fn open_now(dir: &Path) -> Result<Store, StoreError> {
+        Self::open_waiting(dir, std::time::Duration::ZERO)
+    }
+
+    fn open_waiting(dir: &Path, wait: std::time::Duration) -> Result<Store, StoreError> {
         let path = dir.join("db");
         let sled_err = |source| StoreError::Sled {
             path: path.clone(),
@@ -115,15 +128,14 @@ impl Store {
         };
         std::fs::create_dir_all(dir).map_err(|e| sled_err(sled::Error::Io(e)))?;
         let key = load_or_create_key(&dir.join("secret.key"))?;
-        // pcgctl may hold the store for a moment (offline status or pairing): wait for it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + wait;
         let db = loop {
             match sled::Config::new().path(&path).open() {
                 Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::InUse { path: path.clone() });
+                    }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => return Err(sled_err(e)),

@@ -85,7 +85,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(resp) => anyhow::bail!(resp.error.unwrap_or_else(|| "pairing failed".into())),
                 Err(AdminError::NotRunning { .. }) => {
                     // Pair offline; the daemon picks the identity up when it starts.
-                    let store = pcg_gateway::store::Store::open(&cfg.data_dir)?;
+                    let store = pcg_gateway::store::Store::open_now(&cfg.data_dir)?;
                     let id = pcg_gateway::pairing::pair(
                         &store,
                         &token,
@@ -132,7 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Status read from the store when the daemon is not running.
 fn offline_status(cfg: &pcg_gateway::Config, socket: &std::path::Path) -> anyhow::Result<Status> {
-    let store = pcg_gateway::store::Store::open(&cfg.data_dir)?;
+    let store = pcg_gateway::store::Store::open_now(&cfg.data_dir)?;
     let id = store.identity()?;
     Ok(Status {
         version: pcg_gateway::VERSION.to_string(),
