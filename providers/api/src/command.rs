@@ -2,12 +2,22 @@
 //! a parsed command against a driver, so the gateway's executor needs only a few lines:
 //!
 //! ```ignore
-//! if let Some(cmd) = BareMetalCommand::parse(kind, payload)? {
-//!     let driver = registry.driver_for(&cmd)?;          // by cmd.bmc(), or new for Enrol
-//!     let result = execute(driver.as_ref(), &cmd, &no_progress).await?;
+//! let bare_metal = Arc::new(
+//!     BareMetalService::new()
+//!         .with_factory(Protocol::Ipmi, pcg_ipmi::IpmiDriver::factory)
+//!         .with_factory(Protocol::Redfish, pcg_redfish::RedfishDriver::factory),
+//! );
+//! for kind in KINDS {
+//!     let bm = bare_metal.clone();
+//!     registry.register(kind, move |_ctx, payload| {
+//!         let bm = bm.clone();
+//!         async move { bm.handle(kind, payload).await }   // map ProviderError as the executor wants
+//!     });
 //! }
 //! ```
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -15,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::baremetal::{BareMetal, DEFAULT_POWER_WAIT};
 use crate::error::{ProviderError, Result};
 use crate::types::{
-    BmcEndpoint, Capabilities, MachineSpec, Placement, PowerAction, PowerState, ProgressSink,
-    ProvisionRequest,
+    no_progress, BmcEndpoint, Capabilities, MachineSpec, Placement, PowerAction, PowerState,
+    ProgressSink, ProvisionRequest,
 };
 
 pub const ENROL: &str = "baremetal.enrol";
@@ -133,6 +143,25 @@ impl BareMetalCommand {
         }))
     }
 
+    /// Like [`BareMetalCommand::parse`], from an already decoded JSON value.
+    pub fn parse_value(kind: &str, payload: serde_json::Value) -> Result<Option<Self>> {
+        fn de<T: serde::de::DeserializeOwned>(kind: &str, v: serde_json::Value) -> Result<T> {
+            serde_json::from_value(v).map_err(|e| ProviderError::invalid(kind, e.to_string()))
+        }
+        Ok(Some(match kind {
+            ENROL => Self::Enrol(de(kind, payload)?),
+            POWER => Self::Power(de(kind, payload)?),
+            PROVISION => {
+                let c: ProvisionCommand = de(kind, payload)?;
+                c.spec.validate()?;
+                Self::Provision(c)
+            }
+            DEPROVISION => Self::Deprovision(de(kind, payload)?),
+            GET => Self::Get(de(kind, payload)?),
+            _ => return Ok(None),
+        }))
+    }
+
     /// The command kind string.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -233,6 +262,106 @@ pub async fn execute(
     }
 }
 
+/// Makes a driver for an endpoint of one protocol.
+pub type Factory = fn(BmcEndpoint) -> Result<Box<dyn BareMetal>>;
+
+/// The enrolled BMCs of a gateway, by name, and the drivers that speak to them: the one object
+/// the gateway's executor needs for every `baremetal.*` command. Enrolment records are the
+/// gateway's to persist (they hold credentials); [`BareMetalService::restore`] puts one back
+/// after a restart without contacting the BMC.
+#[derive(Default)]
+pub struct BareMetalService {
+    factories: HashMap<&'static str, Factory>,
+    bmcs: Mutex<HashMap<String, Arc<dyn BareMetal>>>,
+}
+
+impl BareMetalService {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn key(p: Protocol) -> &'static str {
+        match p {
+            Protocol::Ipmi => "ipmi",
+            Protocol::Redfish => "redfish",
+        }
+    }
+
+    /// Registers the driver factory of a protocol.
+    pub fn with_factory(mut self, protocol: Protocol, f: Factory) -> Self {
+        self.factories.insert(Self::key(protocol), f);
+        self
+    }
+
+    fn make(&self, c: &EnrolCommand) -> Result<Arc<dyn BareMetal>> {
+        let f = self.factories.get(Self::key(c.protocol)).ok_or_else(|| {
+            ProviderError::invalid(
+                "protocol",
+                format!("no driver for {:?} in this gateway", c.protocol),
+            )
+        })?;
+        Ok(Arc::from(f(c.endpoint.clone())?))
+    }
+
+    /// Re-adds an enrolled BMC (e.g. from the gateway's store) without contacting it.
+    pub fn restore(&self, c: &EnrolCommand) -> Result<()> {
+        let d = self.make(c)?;
+        self.lock().insert(c.name.clone(), d);
+        Ok(())
+    }
+
+    /// The driver of an enrolled BMC.
+    pub fn driver(&self, name: &str) -> Result<Arc<dyn BareMetal>> {
+        self.lock()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ProviderError::NotFound {
+                endpoint: "gateway".into(),
+                what: format!("enrolled BMC {name:?} (send baremetal.enrol first)"),
+            })
+    }
+
+    /// Names of the enrolled BMCs.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<dyn BareMetal>>> {
+        // The map stays consistent even if a holder panicked (inserts are single calls).
+        self.bmcs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Parses and executes one `baremetal.*` command; a kind that is not bare metal is
+    /// `InvalidSpec`. Enrol replaces (and closes) a BMC enrolled under the same name only once
+    /// the new enrolment succeeded.
+    pub async fn handle(
+        &self,
+        kind: &str,
+        payload: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let cmd = BareMetalCommand::parse_value(kind, payload)?.ok_or_else(|| {
+            ProviderError::invalid("kind", format!("{kind:?} is not a bare-metal command"))
+        })?;
+        match &cmd {
+            BareMetalCommand::Enrol(c) => {
+                let d = self.make(c)?;
+                let out = execute(d.as_ref(), &cmd, &no_progress).await?;
+                let old = self.lock().insert(c.name.clone(), d);
+                if let Some(old) = old {
+                    let _ = old.close().await;
+                }
+                Ok(out)
+            }
+            _ => {
+                let d = self.driver(cmd.bmc())?;
+                execute(d.as_ref(), &cmd, &no_progress).await
+            }
+        }
+    }
+}
+
 /// Serialises a result payload.
 fn json<T: Serialize>(v: &T) -> Result<serde_json::Value> {
     serde_json::to_value(v).map_err(|e| ProviderError::invalid("result", e.to_string()))
@@ -273,5 +402,98 @@ mod tests {
         let err = BareMetalCommand::parse(POWER, br#"{"bmc":"b1","action":"explode"}"#)
             .expect_err("bad action");
         assert_eq!(err.kind(), crate::ErrorKind::InvalidSpec);
+    }
+}
+
+#[cfg(test)]
+mod service_tests {
+    //! Dispatch only, with a fake driver; the drivers' proof is their conformance runs.
+    use super::*;
+    use crate::types::{BootOverride, MediaState};
+
+    struct Fake(Mutex<PowerState>);
+
+    #[async_trait::async_trait]
+    impl BareMetal for Fake {
+        fn endpoint(&self) -> &str {
+            "fake://bmc"
+        }
+        async fn enrol(&self) -> Result<Capabilities> {
+            Ok(Capabilities {
+                protocol: "ipmi".into(),
+                vendor: None,
+                model: None,
+                firmware: None,
+                systems: vec!["s".into()],
+                power_actions: PowerAction::ALL.to_vec(),
+                boot_devices: vec![],
+                virtual_media: false,
+                power_settle_ms: 0,
+                details: serde_json::Value::Null,
+            })
+        }
+        fn capabilities(&self) -> Option<Capabilities> {
+            None
+        }
+        async fn power_state(&self, _: &str) -> Result<PowerState> {
+            Ok(*self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+        async fn power(&self, _: &str, a: PowerAction) -> Result<()> {
+            if let Some(t) = a.target() {
+                *self.0.lock().unwrap_or_else(|p| p.into_inner()) = t;
+            }
+            Ok(())
+        }
+        async fn set_boot_override(&self, _: &str, _: &BootOverride) -> Result<()> {
+            Ok(())
+        }
+        async fn boot_override(&self, _: &str) -> Result<BootOverride> {
+            Ok(BootOverride::NONE)
+        }
+        async fn insert_media(&self, _: &str, _: &str) -> Result<()> {
+            Ok(())
+        }
+        async fn eject_media(&self, _: &str) -> Result<()> {
+            Ok(())
+        }
+        async fn media_state(&self, _: &str) -> Result<Option<MediaState>> {
+            Ok(None)
+        }
+        async fn close(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn fake(_: BmcEndpoint) -> Result<Box<dyn BareMetal>> {
+        Ok(Box::new(Fake(Mutex::new(PowerState::Off))))
+    }
+
+    #[tokio::test]
+    async fn enrol_then_power_by_name() {
+        let svc = BareMetalService::new().with_factory(Protocol::Ipmi, fake);
+        let e = svc
+            .handle(POWER, serde_json::json!({"bmc": "b1", "action": "on"}))
+            .await
+            .expect_err("not enrolled");
+        assert_eq!(e.kind(), crate::ErrorKind::NotFound);
+        let enrol = serde_json::json!({"name": "b1", "protocol": "ipmi",
+            "endpoint": {"address": "10.0.0.9", "user": "u", "password": "p"}});
+        svc.handle(ENROL, enrol).await.expect("enrol");
+        let out = svc
+            .handle(
+                POWER,
+                serde_json::json!({"bmc": "b1", "action": "on", "wait": true}),
+            )
+            .await
+            .expect("power");
+        assert_eq!(out["state"], "on");
+        assert_eq!(out["system"], "s");
+        let redfish = serde_json::json!({"name": "b2", "protocol": "redfish",
+            "endpoint": {"address": "https://x", "user": "u", "password": "p"}});
+        assert!(
+            svc.handle(ENROL, redfish).await.is_err(),
+            "no redfish factory registered"
+        );
+        assert_eq!(svc.names(), vec!["b1".to_owned()]);
     }
 }
