@@ -62,6 +62,19 @@ impl IpmiSim {
     /// Starts ipmi_sim and waits until ipmitool gets an answer from it (or None to skip).
     pub fn start() -> Option<IpmiSim> {
         let (sim, ipmitool) = peers()?;
+        // A free port can be taken by another test between choosing and binding: try again.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start(&sim, &ipmitool) {
+                Ok(me) => return Some(me),
+                Err(e) => last = e,
+            }
+        }
+        panic!("ipmi_sim did not start: {last}");
+    }
+
+    fn try_start(sim: &Path, ipmitool: &Path) -> Result<IpmiSim, String> {
+        let ipmitool = ipmitool.to_path_buf();
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("chassis");
         std::fs::create_dir_all(&state).expect("state dir");
@@ -108,16 +121,14 @@ impl IpmiSim {
                 break;
             }
             if let Ok(Some(st)) = me.child.try_wait() {
-                panic!("ipmi_sim exited with {st}: {}", me.log());
+                return Err(format!("ipmi_sim exited with {st}: {}", me.log()));
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "ipmi_sim did not answer: {}",
-                me.log()
-            );
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(format!("ipmi_sim did not answer within 20 s: {}", me.log()));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Some(me)
+        Ok(me)
     }
 
     pub fn log(&self) -> String {

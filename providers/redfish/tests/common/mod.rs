@@ -68,23 +68,30 @@ impl Proc {
     }
 
     /// Polls `ready` until true (panics with the log after `bound` or if the process exits).
-    fn wait_ready(&mut self, what: &str, bound: Duration, mut ready: impl FnMut() -> bool) {
+    fn wait_ready(
+        &mut self,
+        what: &str,
+        bound: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<(), String> {
         let start = Instant::now();
         loop {
             if ready() {
-                return;
+                return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{what} exited with {status} before answering:\n{}",
+                return Err(format!(
+                    "{what} exited with {status} before answering:
+{}",
                     self.log_tail()
-                );
+                ));
             }
             if start.elapsed() > bound {
-                panic!(
-                    "{what} did not answer within {bound:?}:\n{}",
+                return Err(format!(
+                    "{what} did not answer within {bound:?}:
+{}",
                     self.log_tail()
-                );
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -174,7 +181,27 @@ impl Sushy {
         let hash = String::from_utf8(out.stdout).expect("utf8 hash");
         std::fs::write(run.join("htpasswd"), format!("{USER}:{}\n", hash.trim()))
             .expect("htpasswd");
-        let port = free_port();
+        let mut last = String::new();
+        for _ in 0..3 {
+            // A free port can be taken by another test between choosing and binding: try again.
+            let port = free_port();
+            match Self::spawn_on(&bin, run, port) {
+                Ok(proc) => {
+                    return Some(Sushy {
+                        proc,
+                        port,
+                        pki,
+                        dir,
+                        bin,
+                    })
+                }
+                Err(e) => last = e,
+            }
+        }
+        panic!("sushy-emulator did not start: {last}");
+    }
+
+    fn spawn_on(bin: &Path, run: &Path, port: u16) -> Result<Proc, String> {
         let tmpl = std::fs::read_to_string(
             repo_root().join("scripts/peers/redfish/sushy-emulator.conf.in"),
         )
@@ -195,14 +222,8 @@ impl Sushy {
         );
         proc.wait_ready("sushy-emulator", Duration::from_secs(30), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        Some(Sushy {
-            proc,
-            port,
-            pki,
-            dir,
-            bin,
-        })
+        })?;
+        Ok(proc)
     }
 
     pub fn endpoint(&self) -> BmcEndpoint {
@@ -225,22 +246,35 @@ impl ImageServer {
         let dir = tempfile::tempdir().expect("tempdir");
         // A small stand-in ISO: sushy only downloads and stores it.
         std::fs::write(dir.path().join("boot.iso"), vec![0u8; 64 * 1024]).expect("write iso");
-        let port = free_port();
+        let mut last = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            match Self::spawn_on(python, dir.path(), port) {
+                Ok(proc) => {
+                    return ImageServer {
+                        proc,
+                        url: format!("http://127.0.0.1:{port}/boot.iso"),
+                        _dir: dir,
+                    }
+                }
+                Err(e) => last = e,
+            }
+        }
+        panic!("http.server did not start: {last}");
+    }
+
+    fn spawn_on(python: &Path, dir: &Path, port: u16) -> Result<Proc, String> {
         let mut proc = spawn(
             Command::new(python)
                 .args(["-m", "http.server", "--bind", "127.0.0.1"])
                 .arg(port.to_string())
                 .arg("--directory")
-                .arg(dir.path()),
-            dir.path().join("http.log"),
+                .arg(dir),
+            dir.join(format!("http-{port}.log")),
         );
         proc.wait_ready("http.server", Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        ImageServer {
-            proc,
-            url: format!("http://127.0.0.1:{port}/boot.iso"),
-            _dir: dir,
-        }
+        })?;
+        Ok(proc)
     }
 }
