@@ -22,6 +22,11 @@ const RAKP1_OP: &str = "RMCP+ RAKP 1";
 const RAKP3_OP: &str = "RMCP+ RAKP 3";
 /// Start a fresh session before the outbound sequence number gets near wrapping.
 const SEQ_LIMIT: u32 = 0xffff_0000;
+/// A session idle this long is replaced before use rather than found dead by a timeout.
+const IDLE_REOPEN: Duration = Duration::from_secs(30);
+/// How long a live session gets to answer before it is presumed dead and replaced (within the
+/// operation's bound): about seven attempts at the shortest retransmission timeout.
+const LIVE_SESSION_WINDOW: Duration = Duration::from_secs(4);
 
 /// Counters for diagnostics and benchmarks.
 #[derive(Debug, Default, Clone, Copy)]
@@ -36,6 +41,8 @@ pub struct Stats {
     pub discarded: u64,
     /// Handshakes started over after a lost RAKP message.
     pub handshake_restarts: u64,
+    /// Sessions presumed dead (no answer) and replaced within an operation.
+    pub sessions_replaced: u64,
 }
 
 struct Active {
@@ -43,6 +50,8 @@ struct Active {
     bmc_sid: u32,
     keys: Keys,
     seq: u32,
+    /// Last answer received in this session (BMCs expire idle sessions, typically after 60 s).
+    last_answer: Instant,
 }
 
 /// One RMCP+ session with one BMC (opened on first use).
@@ -442,6 +451,7 @@ impl Session {
                     bmc_sid,
                     keys,
                     seq: 0,
+                    last_answer: Instant::now(),
                 });
                 self.forget_with_close();
             }
@@ -452,6 +462,7 @@ impl Session {
             bmc_sid,
             keys,
             seq: 0,
+            last_answer: Instant::now(),
         });
         self.stats.sessions_opened += 1;
         tracing::debug!(endpoint = %self.endpoint, user = %self.user, "RMCP+ session open");
@@ -595,6 +606,14 @@ impl Session {
             if self.active.as_ref().is_some_and(|a| a.seq >= SEQ_LIMIT) {
                 self.close_now().await;
             }
+            if self
+                .active
+                .as_ref()
+                .is_some_and(|a| a.last_answer.elapsed() >= IDLE_REOPEN)
+            {
+                // Probably expired by the BMC: close it if it is not, and open a fresh one.
+                self.forget_with_close();
+            }
             if self.active.is_none() {
                 self.establish(deadline).await?;
             }
@@ -603,13 +622,19 @@ impl Session {
             let try_until = if reopened {
                 deadline
             } else {
-                Instant::now() + left * 2 / 3
+                Instant::now() + (left * 2 / 3).min(LIVE_SESSION_WINDOW)
             };
             match self.send_in_session(netfn, cmd, data, try_until).await {
-                Ok(r) => return Ok(r),
+                Ok(r) => {
+                    if let Some(a) = self.active.as_mut() {
+                        a.last_answer = Instant::now();
+                    }
+                    return Ok(r);
+                }
                 Err(ProviderError::Timeout { .. }) if !reopened && Instant::now() < deadline => {
                     tracing::debug!(endpoint = %self.endpoint, "no answer in session; opening a fresh one");
                     self.forget_with_close();
+                    self.stats.sessions_replaced += 1;
                     reopened = true;
                 }
                 Err(ProviderError::Timeout { .. }) => {

@@ -185,6 +185,34 @@ async fn ipmi_no_session_leaked_after_1000_operations() {
 }
 
 #[tokio::test]
+async fn ipmi_session_replaced_after_bmc_restart() {
+    let Some(mut bmc) = IpmiSim::start() else {
+        return;
+    };
+    let d = IpmiDriver::new(&bmc.endpoint()).unwrap();
+    d.power(SYSTEM, PowerAction::On).await.unwrap();
+    // The BMC reboots: our session id means nothing to it any more.
+    bmc.restart();
+    let start = std::time::Instant::now();
+    assert_eq!(
+        d.power_state(SYSTEM).await.unwrap(),
+        pcg_provider::PowerState::On
+    );
+    let took = start.elapsed();
+    let stats = d.stats().await;
+    assert_eq!(stats.sessions_opened, 2, "{stats:?}");
+    assert_eq!(stats.sessions_replaced, 1, "{stats:?}");
+    assert!(took < Duration::from_secs(10), "recovery took {took:?}");
+    eprintln!("session replaced after BMC restart in {took:?}");
+    d.close().await.unwrap();
+    assert_eq!(
+        bmc.active_sessions(),
+        1,
+        "only ipmitool's own session may be active"
+    );
+}
+
+#[tokio::test]
 async fn ipmi_no_session_slots_is_a_clear_error() {
     let Some(bmc) = IpmiSim::start() else { return };
     // ipmi_sim has 63 session slots and drops Open Session silently when they are all taken.

@@ -54,6 +54,7 @@ pub fn free_udp_port() -> u16 {
 pub struct IpmiSim {
     child: Child,
     pub port: u16,
+    sim: PathBuf,
     pub dir: tempfile::TempDir,
     ipmitool: PathBuf,
 }
@@ -92,23 +93,11 @@ impl IpmiSim {
             .replace("@PASS@", PASSWORD)
             .replace("@CHASSIS@", &chassis);
         std::fs::write(dir.path().join("lan.conf"), conf).expect("write lan.conf");
-        let log = std::fs::File::create(dir.path().join("ipmi_sim.log")).expect("log");
-        let child = Command::new(sim)
-            .arg("-n")
-            .arg("-c")
-            .arg(dir.path().join("lan.conf"))
-            .arg("-f")
-            .arg(recipes.join("bmc.emu"))
-            .arg("-s")
-            .arg(dir.path().join("sim-state"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().expect("clone log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn ipmi_sim");
+        let child = spawn_sim(sim, dir.path());
         let mut me = IpmiSim {
             child,
             port,
+            sim: sim.to_path_buf(),
             dir,
             ipmitool,
         };
@@ -129,6 +118,26 @@ impl IpmiSim {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(me)
+    }
+
+    /// Kills ipmi_sim and starts it again on the same port (a BMC reboot: every session is
+    /// gone), waiting until ipmitool gets an answer.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_sim(&self.sim, self.dir.path());
+        let start = Instant::now();
+        while self
+            .try_ipmitool(&["-N", "1", "-R", "1", "chassis", "power", "status"])
+            .is_err()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "ipmi_sim did not come back: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn log(&self) -> String {
@@ -180,6 +189,28 @@ impl IpmiSim {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no session count in: {out}"))
     }
+}
+
+fn spawn_sim(sim: &Path, dir: &Path) -> Child {
+    let recipes = repo_root().join("scripts/peers/ipmi");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("ipmi_sim.log"))
+        .expect("log");
+    Command::new(sim)
+        .arg("-n")
+        .arg("-c")
+        .arg(dir.join("lan.conf"))
+        .arg("-f")
+        .arg(recipes.join("bmc.emu"))
+        .arg("-s")
+        .arg(dir.join("sim-state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().expect("clone log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn ipmi_sim")
 }
 
 impl Drop for IpmiSim {
