@@ -157,7 +157,8 @@ impl RedfishDriver {
 
     async fn reset(&self, info: &SystemInfo, reset_type: &str) -> Result<()> {
         tracing::debug!(endpoint = %self.client.endpoint(), system = %info.path, reset_type, "redfish reset");
-        self.client
+        let r = self
+            .client
             .act(
                 Method::POST,
                 &info.reset_target,
@@ -165,8 +166,12 @@ impl RedfishDriver {
                 None,
                 POWER_SETTLE,
             )
-            .await
-            .map(|_| ())
+            .await?;
+        // Record how this service answers a Reset (200, 202 + task, 204) in the profile.
+        if let Some(caps) = lock(&self.caps).as_mut() {
+            caps.details["reset_answer"] = json!(r.status.as_u16());
+        }
+        Ok(())
     }
 
     fn unsupported(&self, what: String) -> ProviderError {

@@ -287,6 +287,7 @@ async fn session_auth_tasks_etags_and_manager_media() {
     // The service offers PowerCycle: a cycle is one Reset.
     d.power("1", PowerAction::Cycle).await.unwrap();
     assert_eq!(s.lock().unwrap().resets, vec!["On", "PowerCycle"]);
+    assert_eq!(d.capabilities().unwrap().details["reset_answer"], 202);
 
     // PATCH carries If-Match; a lost race (412) is retried once with the fresh ETag.
     s.lock().unwrap().fail_next_patch_412 = true;

@@ -35,6 +35,7 @@ async fn sushy_power_round_trip() {
     let d = RedfishDriver::new(&peer.endpoint()).unwrap();
     let caps = conformance::enrol(&d).await;
     conformance::power_round_trip(&d, &caps.systems[0], SETTLE).await;
+    assert_eq!(d.capabilities().unwrap().details["reset_answer"], 204);
     d.close().await.unwrap();
 }
 
