@@ -110,6 +110,11 @@ async fn thousand_commands_round_trip() {
     assert!(ok);
     assert!(human.contains("connected to https://127.0.0.1:"), "{human}");
     assert!(human.contains(&gw_id), "{human}");
+    // The admin socket is the owner's only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(gw.dir.join("data/admin.sock")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
     // Every result is acknowledged eventually: the outbox drains.
     wait_for("outbox to drain", Duration::from_secs(10), || async {
         gw.status().filter(|s| s["outbox_depth"] == 0)
