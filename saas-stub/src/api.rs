@@ -472,7 +472,7 @@ async fn pair(
             &req.csr_pem,
             &token.tenant_id,
             &gateway_id,
-            app.cfg.gateway_cert_days,
+            app.cfg.gateway_cert_lifetime_secs,
         )
         .map_err(|e| ApiError::bad_request("bad_csr", e.to_string()))?;
     let now = now_ms();

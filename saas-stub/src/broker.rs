@@ -18,7 +18,8 @@ use pcg_proto::v1::broker_frame::Kind as BKind;
 use pcg_proto::v1::broker_server::{Broker, BrokerServer};
 use pcg_proto::v1::gateway_frame::Kind as GKind;
 use pcg_proto::v1::{
-    BrokerFrame, Command as PCommand, GatewayFrame, Goodbye, Heartbeat, ResultAck, Welcome,
+    BrokerFrame, Command as PCommand, GatewayFrame, Goodbye, Heartbeat, RenewResponse, ResultAck,
+    Welcome,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
@@ -305,7 +306,7 @@ async fn session(
             msg = inbound.message() => match msg {
                 Ok(Some(frame)) => {
                     last_frame = Instant::now();
-                    if let Err(e) = handle_frame(&app, &gateway_id, frame, &tx).await {
+                    if let Err(e) = handle_frame(&app, &tenant_id, &gateway_id, frame, &tx).await {
                         break e;
                     }
                 }
@@ -343,6 +344,7 @@ async fn session(
 /// Handles one frame; an `Err` closes the tunnel with that reason.
 async fn handle_frame(
     app: &App,
+    tenant_id: &str,
     gateway_id: &str,
     frame: GatewayFrame,
     tx: &Tx,
@@ -410,6 +412,58 @@ async fn handle_frame(
             {
                 return Err("tunnel congested or ended".into());
             }
+        }
+        Some(GKind::Renew(r)) => {
+            let answer = match app.ca.sign_gateway(
+                &r.csr_pem,
+                tenant_id,
+                gateway_id,
+                app.cfg.gateway_cert_lifetime_secs,
+            ) {
+                Ok(issued) => {
+                    let not_after_ms =
+                        i64::try_from(issued.not_after.unix_timestamp_nanos() / 1_000_000)
+                            .unwrap_or(i64::MAX);
+                    let stored = app
+                        .store
+                        .update_gateway(gateway_id, |g| {
+                            g.cert_serial = issued.serial_hex.clone();
+                            g.cert_not_after_ms = not_after_ms;
+                        })
+                        .and_then(|_| {
+                            app.store.event(
+                                Some(tenant_id),
+                                Some(gateway_id),
+                                "gateway.certificate_renewed",
+                                format!(
+                                    "gateway {gateway_id} renewed its certificate (serial {})",
+                                    issued.serial_hex
+                                ),
+                            )
+                        });
+                    let flushed = match stored {
+                        Ok(()) => app.store.flush().await,
+                        Err(e) => Err(e),
+                    };
+                    match flushed {
+                        Ok(()) => RenewResponse {
+                            certificate_pem: issued.pem,
+                            error: String::new(),
+                        },
+                        Err(e) => RenewResponse {
+                            certificate_pem: String::new(),
+                            error: format!("the SaaS could not record the renewal: {e}"),
+                        },
+                    }
+                }
+                Err(e) => RenewResponse {
+                    certificate_pem: String::new(),
+                    error: e.to_string(),
+                },
+            };
+            let _ = tx.try_send(Ok(BrokerFrame {
+                kind: Some(BKind::Renewed(answer)),
+            }));
         }
         Some(GKind::Hello(_)) => return Err("Hello sent twice".into()),
         None => {}

@@ -166,7 +166,7 @@ impl Ca {
         csr_pem: &str,
         tenant_id: &str,
         gateway_id: &str,
-        days: u32,
+        lifetime_secs: u64,
     ) -> Result<IssuedCert, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
@@ -188,7 +188,8 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(10);
-        params.not_after = now + Duration::days(i64::from(days));
+        params.not_after =
+            now + Duration::seconds(i64::try_from(lifetime_secs).unwrap_or(i64::MAX / 2));
         let serial: [u8; 16] = rand::random();
         let mut serial = serial.to_vec();
         serial[0] &= 0x7f;
@@ -228,7 +229,9 @@ mod tests {
             .expect("csr")
             .pem()
             .expect("pem");
-        let issued = ca.sign_gateway(&csr, "t_1", "g_1", 30).expect("signed");
+        let issued = ca
+            .sign_gateway(&csr, "t_1", "g_1", 30 * 86_400)
+            .expect("signed");
         let der = pem_to_der(&issued.pem).expect("der");
         let (_, x) = x509_parser::parse_x509_certificate(&der).expect("parse");
         assert!(!x.is_ca());

@@ -28,8 +28,9 @@ pub struct Config {
     pub server_names: Vec<String>,
     /// Default lifetime of a pairing token, seconds.
     pub token_ttl_secs: u64,
-    /// Lifetime of a gateway client certificate, days.
-    pub gateway_cert_days: u32,
+    /// Lifetime of a gateway client certificate, seconds (default 30 days). Gateways renew
+    /// over the tunnel at two thirds of it.
+    pub gateway_cert_lifetime_secs: u64,
     /// Heartbeat interval announced to gateways, milliseconds. A tunnel silent for three
     /// intervals is closed.
     pub heartbeat_ms: u64,
@@ -47,7 +48,7 @@ impl Default for Config {
             public_broker_urls: Vec::new(),
             server_names: Vec::new(),
             token_ttl_secs: 3600,
-            gateway_cert_days: 30,
+            gateway_cert_lifetime_secs: 30 * 86_400,
             heartbeat_ms: 10_000,
             max_payload_bytes: 256 * 1024,
         }

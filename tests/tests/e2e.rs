@@ -112,7 +112,9 @@ async fn thousand_commands_round_trip() {
     assert!(human.contains(&gw_id), "{human}");
     // The admin socket is the owner's only.
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(gw.dir.join("data/admin.sock")).unwrap().permissions(),
+        &std::fs::metadata(gw.dir.join("data/admin.sock"))
+            .unwrap()
+            .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
     // Every result is acknowledged eventually: the outbox drains.
@@ -597,4 +599,67 @@ async fn tenants_are_isolated() {
         .await
         .unwrap();
     assert!(!ev_b.to_string().contains(&id_a));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renew_over_the_tunnel_before_they_expire() {
+    let dir = pcg_e2e::test_dir();
+    let saas = Saas::start(
+        &dir.path().join("saas"),
+        SaasOptions {
+            heartbeat_ms: Some(300),
+            extra_toml: "gateway_cert_lifetime_secs = 9\n".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let (_, key) = saas.tenant("acme").await.unwrap();
+    let (_, token) = saas.token(&key, None).await.unwrap();
+    let mut gw = Gw::new(&dir.path().join("gw")).unwrap();
+    gw.pair(&token).unwrap();
+    gw.start().unwrap();
+    let st = gw
+        .wait_tunnel("connected", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let first = st["certificate_not_after_ms"].as_i64().unwrap();
+    let gw_id = st["gateway_id"].as_str().unwrap().to_string();
+    // Renewed at two thirds of the 9 s lifetime, over the tunnel.
+    let renewed = wait_for("a renewed certificate", Duration::from_secs(20), || async {
+        gw.status()
+            .and_then(|s| s["certificate_not_after_ms"].as_i64())
+            .filter(|n| *n > first)
+    })
+    .await
+    .unwrap();
+    assert!(renewed > first);
+    // Once the first certificate has expired, a fresh tunnel still authenticates.
+    while time_ms() < first + 1500 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.proc.as_mut().unwrap().kill();
+    gw.start().unwrap();
+    gw.wait_tunnel("connected", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let id = saas
+        .submit(&key, &gw_id, "gateway.diagnose", json!({}))
+        .await
+        .unwrap();
+    let v = saas
+        .wait_command(&key, &id, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "succeeded");
+    let ev = saas
+        .ok("GET", "/v1/events?limit=1000", &key, None)
+        .await
+        .unwrap();
+    assert!(
+        ev.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "gateway.certificate_renewed"),
+        "{ev}"
+    );
 }

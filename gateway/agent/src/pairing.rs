@@ -166,17 +166,7 @@ pub async fn pair(
     let url = token.api_url.trim_end_matches('/').to_string();
 
     // Key pair and CSR, made here; only the CSR leaves.
-    let key = rcgen::KeyPair::generate().map_err(|e| PairError::Crypto(e.to_string()))?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
-        .map_err(|e| PairError::Crypto(e.to_string()))?;
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, hostname());
-    let csr = params
-        .serialize_request(&key)
-        .and_then(|c| c.pem())
-        .map_err(|e| PairError::Crypto(e.to_string()))?;
+    let (key, csr) = key_and_csr().map_err(PairError::Crypto)?;
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PinnedCa {
@@ -266,12 +256,10 @@ pub async fn pair(
         url: url.clone(),
         message: "the certificate in the answer is not PEM".into(),
     })?;
-    let not_after_ms = x509_parser::parse_x509_certificate(&cert_der)
-        .map(|(_, c)| c.validity().not_after.timestamp() * 1000)
-        .map_err(|e| PairError::Protocol {
-            url: url.clone(),
-            message: format!("unreadable certificate: {e}"),
-        })?;
+    let (_, not_after_ms) = cert_validity_ms(&cert_der).map_err(|message| PairError::Protocol {
+        url: url.clone(),
+        message,
+    })?;
     let identity = Identity {
         tenant_id: pr.tenant_id,
         gateway_id: pr.gateway_id,
@@ -281,6 +269,7 @@ pub async fn pair(
         ca_pem: pr.ca_pem,
         key_sealed: store.seal(key.serialize_pem().as_bytes()),
         cert_not_after_ms: not_after_ms,
+        cert_received_ms: now_ms(),
         paired_ms: now_ms(),
         token_id: token.token_id,
         revoked: None,
@@ -295,6 +284,34 @@ pub(crate) fn pem_cert_der(pem: &str) -> Option<Vec<u8>> {
     CertificateDer::from_pem_slice(pem.as_bytes())
         .ok()
         .map(|c| c.to_vec())
+}
+
+/// `(not_before, not_after)` of a DER certificate, Unix milliseconds.
+pub(crate) fn cert_validity_ms(der: &[u8]) -> Result<(i64, i64), String> {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| {
+            (
+                c.validity().not_before.timestamp() * 1000,
+                c.validity().not_after.timestamp() * 1000,
+            )
+        })
+        .map_err(|e| format!("unreadable certificate: {e}"))
+}
+
+/// A fresh key pair and a CSR for it (PEM), named after this host.
+pub(crate) fn key_and_csr() -> Result<(rcgen::KeyPair, String), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let mut params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, hostname());
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| e.to_string())?;
+    Ok((key, csr))
 }
 
 /// An error and its causes on one line.

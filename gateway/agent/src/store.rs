@@ -50,6 +50,10 @@ pub struct Identity {
     /// Private key (PEM), sealed with AES-256-GCM under the secret key file; base64.
     pub key_sealed: String,
     pub cert_not_after_ms: i64,
+    /// When this gateway received its certificate; renewal is due two thirds of the way from
+    /// here to `cert_not_after_ms` (the certificate's own not-before is backdated for clock skew).
+    #[serde(default)]
+    pub cert_received_ms: i64,
     pub paired_ms: i64,
     pub token_id: String,
     /// Set when the SaaS said this identity is revoked.
@@ -64,6 +68,13 @@ impl std::fmt::Debug for Identity {
             .field("gateway_id", &self.gateway_id)
             .field("api_url", &self.api_url)
             .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// When the certificate should be renewed: two thirds into its lifetime.
+    pub fn renew_at_ms(&self) -> i64 {
+        self.cert_received_ms + (self.cert_not_after_ms - self.cert_received_ms) * 2 / 3
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use pcg_proto::v1::broker_client::BrokerClient;
 use pcg_proto::v1::broker_frame::Kind as BKind;
 use pcg_proto::v1::gateway_frame::Kind as GKind;
-use pcg_proto::v1::{GatewayFrame, Heartbeat, Hello};
+use pcg_proto::v1::{GatewayFrame, Heartbeat, Hello, RenewRequest, RenewResponse};
 use tokio::sync::mpsc;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -229,6 +229,7 @@ async fn session(
     // Results the broker has not acknowledged yet go out again.
     resend_outbox(gw);
 
+    let mut renewal: Option<(rcgen::KeyPair, Instant)> = None;
     let mut last_frame = Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -262,6 +263,11 @@ async fn session(
                         Some(BKind::Goodbye(g)) => {
                             return if g.permanent { End::Refused(g.reason) } else { End::Retry(format!("the broker closed the tunnel: {}", g.reason)) };
                         }
+                        Some(BKind::Renewed(r)) => {
+                            if let Some((key, _)) = renewal.take() {
+                                finish_renewal(gw, key, r).await;
+                            }
+                        }
                         Some(BKind::Welcome(_)) | None => {}
                     }
                 }
@@ -276,12 +282,68 @@ async fn session(
                 if gw.outbox_dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
                     resend_outbox(gw);
                 }
+                // Renew at two thirds of the certificate's lifetime; ask again after a minute
+                // without an answer.
+                let due = gw.store.identity().ok().flatten().is_some_and(|i| now_ms() >= i.renew_at_ms());
+                if due && renewal.as_ref().is_none_or(|(_, at)| at.elapsed() > Duration::from_secs(60)) {
+                    match crate::pairing::key_and_csr() {
+                        Ok((key, csr_pem)) => {
+                            if tx.try_send(GatewayFrame { kind: Some(GKind::Renew(RenewRequest { csr_pem })) }).is_ok() {
+                                renewal = Some((key, Instant::now()));
+                            }
+                        }
+                        Err(e) => tracing::error!("cannot make a key for renewal: {e}"),
+                    }
+                }
                 seq += 1;
                 let _ = tx.try_send(GatewayFrame { kind: Some(GKind::Heartbeat(Heartbeat {
                     seq, sent_unix_ms: now_ms(), echo_seq: 0, echo_sent_unix_ms: 0,
                 }))});
             }
         }
+    }
+}
+
+/// Stores a renewed certificate with the key it was issued for.
+async fn finish_renewal(gw: &Gateway, key: rcgen::KeyPair, r: RenewResponse) {
+    let fail = |why: String| {
+        tracing::error!("certificate renewal failed: {why}");
+        gw.set_tunnel(|t| t.last_error = Some(format!("certificate renewal failed: {why}")));
+    };
+    if !r.error.is_empty() {
+        return fail(r.error);
+    }
+    let Some(der) = crate::pairing::pem_cert_der(&r.certificate_pem) else {
+        return fail("the broker sent no certificate".into());
+    };
+    // The certificate must be for the key generated for it.
+    let matches = x509_parser::parse_x509_certificate(&der)
+        .map(|(_, c)| c.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+        .unwrap_or(false);
+    if !matches {
+        return fail("the certificate is not for the key this gateway generated".into());
+    }
+    let (_, not_after) = match crate::pairing::cert_validity_ms(&der) {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    let Ok(Some(mut id)) = gw.store.identity() else {
+        return fail("no identity to renew".into());
+    };
+    id.cert_pem = r.certificate_pem;
+    id.key_sealed = gw.store.seal(key.serialize_pem().as_bytes());
+    id.cert_received_ms = now_ms();
+    id.cert_not_after_ms = not_after;
+    let stored = match gw.store.set_identity(&id) {
+        Ok(()) => gw.store.flush().await,
+        Err(e) => Err(e),
+    };
+    match stored {
+        Ok(()) => tracing::info!(
+            "certificate renewed; valid until {}",
+            crate::status::rfc3339(not_after)
+        ),
+        Err(e) => fail(e.to_string()),
     }
 }
 
