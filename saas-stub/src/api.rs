@@ -340,6 +340,7 @@ pub struct CommandView {
     pub id: String,
     pub gateway_id: String,
     pub kind: String,
+    /// The payload as submitted, with secrets (`password`, `secret`, `token`, ... keys) redacted.
     #[schema(value_type = Object)]
     pub payload: serde_json::Value,
     pub state: CommandState,
@@ -357,7 +358,11 @@ impl From<&Command> for CommandView {
             id: c.id.clone(),
             gateway_id: c.gateway_id.clone(),
             kind: c.kind.clone(),
-            payload: c.payload.clone(),
+            payload: {
+                let mut p = c.payload.clone();
+                store::redact_secrets(&mut p);
+                p
+            },
             state: c.state,
             submitted_at: ts(c.submitted_ms),
             deliveries: c.deliveries,

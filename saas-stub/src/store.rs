@@ -8,6 +8,28 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// Replaces the value of every object key that names a secret (`password`, `secret`, `token`,
+/// `private_key`, `api_key`, case-insensitive) with `"<redacted>"`, at any depth.
+pub fn redact_secrets(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                if ["password", "secret", "token", "private_key", "api_key"]
+                    .iter()
+                    .any(|s| k == *s || k.ends_with(&format!("_{s}")))
+                {
+                    *val = serde_json::Value::String("<redacted>".into());
+                } else {
+                    redact_secrets(val);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(redact_secrets),
+        _ => {}
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     i64::try_from(
@@ -44,6 +66,25 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("corrupt record in tree {tree}: {message}")]
     Corrupt { tree: &'static str, message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn secrets_are_redacted_at_any_depth() {
+        let mut v = serde_json::json!({
+            "name": "n1",
+            "endpoint": {"address": "a", "user": "u", "password": "p", "bmc_password": "q"},
+            "list": [{"api_key": "k"}],
+            "tokens": 3
+        });
+        super::redact_secrets(&mut v);
+        assert_eq!(v["endpoint"]["password"], "<redacted>");
+        assert_eq!(v["endpoint"]["bmc_password"], "<redacted>");
+        assert_eq!(v["endpoint"]["user"], "u");
+        assert_eq!(v["list"][0]["api_key"], "<redacted>");
+        assert_eq!(v["tokens"], 3);
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -567,6 +608,8 @@ impl Store {
                 };
                 c.completed_ms = Some(now_ms());
                 c.result = Some(result.clone());
+                // Delivered and done: credentials in the payload are no longer needed.
+                redact_secrets(&mut c.payload);
             }
         })?;
         if let Some(c) = updated {

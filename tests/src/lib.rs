@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod peers;
 pub mod relay;
 
 use std::path::{Path, PathBuf};

@@ -89,6 +89,13 @@ impl Registry {
         self.handlers.get(kind).cloned()
     }
 
+    /// Every command this gateway can execute: the built-ins and the provider drivers.
+    pub fn standard(ledger: Option<PathBuf>) -> Registry {
+        let mut r = Self::builtin(ledger);
+        crate::baremetal::register(&mut r);
+        r
+    }
+
     /// The built-in commands, which need no provider.
     pub fn builtin(ledger: Option<PathBuf>) -> Registry {
         let mut r = Registry::default();

@@ -11,6 +11,7 @@
 //! [`run`] starts everything and returns when `shutdown` resolves.
 
 pub mod admin;
+pub mod baremetal;
 pub mod config;
 pub mod executor;
 pub mod pairing;
@@ -43,6 +44,8 @@ pub struct Gateway {
     pub identity_changed: Notify,
     /// Serialises pairing requests.
     pub pairing: tokio::sync::Mutex<()>,
+    /// Drivers of enrolled BMCs.
+    pub drivers: baremetal::Drivers,
     /// Set when a result could not be queued on the tunnel; the outbox is sent again.
     pub(crate) outbox_dirty: std::sync::atomic::AtomicBool,
     started: Instant,
@@ -60,6 +63,7 @@ impl Gateway {
             registry,
             identity_changed: Notify::new(),
             pairing: tokio::sync::Mutex::new(()),
+            drivers: baremetal::Drivers::default(),
             outbox_dirty: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             tunnel: Mutex::new(TunnelStatus::default()),

@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cfg = pcg_gateway::Config::load(config.as_deref())?;
-    let registry = pcg_gateway::executor::Registry::builtin(cfg.ledger_path.clone());
+    let registry = pcg_gateway::executor::Registry::standard(cfg.ledger_path.clone());
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(pcg_gateway::run(cfg, registry, async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

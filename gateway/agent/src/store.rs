@@ -78,6 +78,19 @@ impl Identity {
     }
 }
 
+/// A BMC enrolled with `baremetal.enrol`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BmcRecord {
+    pub name: String,
+    /// `ipmi` or `redfish`.
+    pub protocol: String,
+    /// The endpoint as JSON (address, user, password, TLS trust), sealed like the private key.
+    pub endpoint_sealed: String,
+    /// Capability profile recorded at enrolment.
+    pub capabilities: serde_json::Value,
+    pub enrolled_ms: i64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StoredResult {
     pub ok: bool,
@@ -113,6 +126,7 @@ pub struct Store {
     identity: sled::Tree,
     journal: sled::Tree,
     outbox: sled::Tree,
+    bmcs: sled::Tree,
     key: aead::LessSafeKey,
 }
 
@@ -156,6 +170,7 @@ impl Store {
             identity: db.open_tree("identity").map_err(sled_err)?,
             journal: db.open_tree("journal").map_err(sled_err)?,
             outbox: db.open_tree("outbox").map_err(sled_err)?,
+            bmcs: db.open_tree("bmcs").map_err(sled_err)?,
             commit: pcg_durable::GroupCommit::new(db.clone()),
             key,
             path,
@@ -234,6 +249,40 @@ impl Store {
             .open_in_place(nonce, aead::Aad::empty(), &mut buf)
             .map_err(|_| bad("cannot be decrypted"))?;
         Ok(plain.to_vec())
+    }
+
+    // --- enrolled BMCs ---------------------------------------------------------------------
+
+    /// Stores an enrolled BMC (its endpoint, with the password, sealed).
+    pub fn put_bmc(&self, b: &BmcRecord) -> Result<(), StoreError> {
+        self.bmcs
+            .insert(
+                b.name.as_bytes(),
+                serde_json::to_vec(b).expect("records serialise"),
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn bmc(&self, name: &str) -> Result<Option<BmcRecord>, StoreError> {
+        match self.bmcs.get(name.as_bytes()).map_err(self.err())? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what: format!("BMC {name}"),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
+    pub fn bmc_names(&self) -> Vec<String> {
+        self.bmcs
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .collect()
     }
 
     // --- journal and outbox -----------------------------------------------------------------

@@ -1,0 +1,114 @@
+//! Bare metal end to end: REST command → tunnel → gateway → IPMI driver → ipmi_sim, with
+//! ipmitool reading back what pcg set.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use pcg_e2e::peers::{IpmiSim, IPMI_PASSWORD, IPMI_USER};
+use pcg_e2e::{Gw, Saas, SaasOptions};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipmi_power_through_the_tunnel() {
+    let Some(bmc) = IpmiSim::start() else { return };
+    let dir = pcg_e2e::test_dir();
+    let saas = Saas::start(&dir.path().join("saas"), SaasOptions::default())
+        .await
+        .unwrap();
+    let (_, key) = saas.tenant("acme").await.unwrap();
+    let (_, token) = saas.token(&key, None).await.unwrap();
+    let mut gw = Gw::new(&dir.path().join("gw")).unwrap();
+    gw.pair(&token).unwrap();
+    gw.start().unwrap();
+    gw.wait_tunnel("connected", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let gw_id = gw.gateway_id().unwrap();
+    let run = |kind: &'static str, payload: serde_json::Value| {
+        let saas = &saas;
+        let key = &key;
+        let gw_id = &gw_id;
+        async move {
+            let id = saas.submit(key, gw_id, kind, payload).await.unwrap();
+            saas.wait_command(key, &id, Duration::from_secs(60))
+                .await
+                .unwrap()
+        }
+    };
+    let endpoint = json!({
+        "address": format!("127.0.0.1:{}", bmc.port),
+        "user": IPMI_USER,
+        "password": IPMI_PASSWORD,
+        "timeout_ms": 3000,
+    });
+
+    // A wrong password is an auth error naming the BMC and the user, and enrols nothing.
+    let mut wrong = endpoint.clone();
+    wrong["password"] = json!("not-the-password");
+    let v = run(
+        "baremetal.enrol",
+        json!({"name": "node1", "protocol": "ipmi", "endpoint": wrong}),
+    )
+    .await;
+    assert_eq!(v["state"], "failed", "{v}");
+    assert_eq!(v["result"]["error_class"], "auth", "{v}");
+    let msg = v["result"]["error_message"].as_str().unwrap();
+    assert!(
+        msg.contains(IPMI_USER) && msg.contains(&bmc.port.to_string()),
+        "{msg}"
+    );
+    // The password never comes back from the API.
+    assert_eq!(v["payload"]["endpoint"]["password"], "<redacted>");
+
+    let v = run(
+        "baremetal.enrol",
+        json!({"name": "node1", "protocol": "ipmi", "endpoint": endpoint}),
+    )
+    .await;
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert!(!v.to_string().contains(IPMI_PASSWORD));
+
+    for (action, expect) in [("on", "on"), ("off", "off"), ("on", "on")] {
+        let v = run(
+            "baremetal.power",
+            json!({"bmc": "node1", "action": action, "wait": true}),
+        )
+        .await;
+        assert_eq!(v["state"], "succeeded", "{v}");
+        assert_eq!(v["result"]["output"]["state"], expect, "{v}");
+        let seen = bmc.ipmitool(&["chassis", "power", "status"]).unwrap();
+        assert!(
+            seen.contains(&format!("is {expect}")),
+            "ipmitool says {seen:?}"
+        );
+    }
+    let v = run("baremetal.get", json!({"bmc": "node1"})).await;
+    assert_eq!(v["state"], "succeeded", "{v}");
+
+    // An unknown BMC name says which ones are enrolled.
+    let v = run("baremetal.power", json!({"bmc": "node9", "action": "on"})).await;
+    assert_eq!(v["result"]["error_class"], "not_found", "{v}");
+    assert!(
+        v["result"]["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("node1"),
+        "{v}"
+    );
+    // A malformed payload is refused by the driver's parser, with nothing sent to the BMC.
+    let before = bmc.actions();
+    let v = run(
+        "baremetal.power",
+        json!({"bmc": "node1", "action": "explode"}),
+    )
+    .await;
+    assert_eq!(v["result"]["error_class"], "invalid_spec", "{v}");
+    assert_eq!(
+        bmc.actions()
+            .lines()
+            .filter(|l| l.contains(" set "))
+            .count(),
+        before.lines().filter(|l| l.contains(" set ")).count()
+    );
+}
