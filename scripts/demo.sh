@@ -13,6 +13,9 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
+echo "==> real peer: ipmi_sim (a BMC) and ipmitool"
+bash scripts/peers/install-ipmi.sh >/dev/null
+
 echo "==> building"
 cargo build --workspace --bins --quiet
 bin=$root/target/debug
@@ -72,6 +75,27 @@ gw=$("$bin/pcgctl" status --json | json 'd["gateway_id"]')
 echo "==> command round trip: gateway.diagnose through the tunnel"
 cmd=$(rest POST "/v1/gateways/$gw/commands" "$key" '{"kind":"gateway.diagnose"}' | json 'd["id"]')
 rest GET "/v1/commands/$cmd?wait_seconds=30" "$key" | python3 -m json.tool
+
+echo "==> bare metal through the tunnel: ipmi_sim on 127.0.0.1"
+bmc_port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mkdir -p "$run/bmc/chassis"
+sed -e "s|@PORT@|$bmc_port|" -e "s|@USER@|admin|" -e "s|@PASS@|demo-bmc-pw|" \
+    -e "s|@CHASSIS@|$root/scripts/peers/ipmi/chassis-control.sh $run/bmc/chassis|" \
+    scripts/peers/ipmi/lan.conf.in >"$run/bmc/lan.conf"
+ipmi_sim -n -c "$run/bmc/lan.conf" -f scripts/peers/ipmi/bmc.emu -s "$run/bmc/state" >"$run/bmc/ipmi_sim.log" 2>&1 &
+pids+=($!)
+ipmitool_() { ipmitool -I lanplus -C 3 -H 127.0.0.1 -p "$bmc_port" -U admin -P demo-bmc-pw -N 1 -R 2 "$@"; }
+for _ in $(seq 100); do ipmitool_ chassis power status >/dev/null 2>&1 && break; sleep 0.1; done
+run_cmd() { # KIND PAYLOAD -> prints state and result
+  local id
+  id=$(rest POST "/v1/gateways/$gw/commands" "$key" "{\"kind\":\"$1\",\"payload\":$2}" | json 'd["id"]')
+  rest GET "/v1/commands/$id?wait_seconds=60" "$key" |
+    json '"    " + d["kind"] + ": " + d["state"] + " " + __import__("json").dumps(d["result"]["output"] if d["result"]["ok"] else d["result"]["error_message"])[:300]'
+}
+run_cmd baremetal.enrol "{\"name\":\"node1\",\"protocol\":\"ipmi\",\"endpoint\":{\"address\":\"127.0.0.1:$bmc_port\",\"user\":\"admin\",\"password\":\"demo-bmc-pw\"}}"
+run_cmd baremetal.power '{"bmc":"node1","action":"on","wait":true}'
+echo "    ipmitool reads back: $(ipmitool_ chassis power status)"
+run_cmd baremetal.get '{"bmc":"node1"}'
 
 echo "==> status"
 "$bin/pcgctl" status
