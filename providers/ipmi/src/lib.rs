@@ -19,7 +19,7 @@ use pcg_provider::{
 use serde_json::json;
 use tokio::sync::Mutex;
 
-pub use session::Stats;
+pub use session::{LanProtocol, Stats};
 use session::{Reply, Session};
 
 /// The one system behind an IPMI BMC.
@@ -37,6 +37,7 @@ pub struct IpmiDriver {
     endpoint: String,
     addr: SocketAddr,
     ep: BmcEndpoint,
+    protocol: LanProtocol,
     session: Mutex<Option<Session>>,
     caps: std::sync::Mutex<Option<Capabilities>>,
 }
@@ -117,9 +118,26 @@ impl IpmiDriver {
             endpoint: format!("ipmi://{with_port}"),
             addr,
             ep: ep.clone(),
+            protocol: LanProtocol::Auto,
             session: Mutex::new(None),
             caps: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Uses `protocol` instead of asking the BMC (e.g. to force IPMI v1.5 on a BMC whose RMCP+
+    /// is broken).
+    pub fn with_protocol(mut self, protocol: LanProtocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// The LAN protocol in use, once a session was opened.
+    pub async fn protocol(&self) -> Option<LanProtocol> {
+        self.session
+            .lock()
+            .await
+            .as_ref()
+            .and_then(Session::protocol)
     }
 
     /// A factory for the conformance suite and the gateway's registry.
@@ -149,6 +167,7 @@ impl IpmiDriver {
                     &self.ep.user,
                     self.ep.password.clone(),
                     bound,
+                    self.protocol,
                 )
                 .await?,
             );
@@ -263,8 +282,8 @@ impl BareMetal for IpmiDriver {
             virtual_media: false,
             power_settle_ms: 15_000,
             details: json!({
-                "transport": "lanplus",
-                "cipher_suite": 3,
+                "transport": self.protocol().await.unwrap_or(LanProtocol::Auto).label(),
+                "cipher_suite": if self.protocol().await == Some(LanProtocol::Lanplus) { json!(3) } else { json!(null) },
                 "device": dev,
                 "timeout_ms": self.ep.timeout_or(DEFAULT_TIMEOUT).as_millis() as u64,
             }),

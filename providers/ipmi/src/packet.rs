@@ -295,6 +295,81 @@ pub fn decode_presession_v15(p: &[u8]) -> Result<Vec<u8>, PacketError> {
         .ok_or(PacketError::Length(len))
 }
 
+/// IPMI v1.5 session auth type MD5.
+pub const AUTH_MD5: u8 = 0x02;
+
+/// IPMI v1.5 MD5 auth code: MD5(password ‖ session id ‖ message ‖ session sequence ‖ password).
+pub fn md5_auth_code(password: &[u8; 16], sid: u32, msg: &[u8], seq: u32) -> [u8; 16] {
+    use md5::{Digest, Md5};
+    let mut h = Md5::new();
+    h.update(password);
+    h.update(sid.to_le_bytes());
+    h.update(msg);
+    h.update(seq.to_le_bytes());
+    h.update(password);
+    h.finalize().into()
+}
+
+/// Builds an IPMI v1.5 session packet authenticated with MD5.
+pub fn encode_v15_md5(seq: u32, sid: u32, msg: &[u8], password: &[u8; 16]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(30 + msg.len());
+    p.extend_from_slice(&RMCP_HEADER);
+    p.push(AUTH_MD5);
+    p.extend_from_slice(&seq.to_le_bytes());
+    p.extend_from_slice(&sid.to_le_bytes());
+    p.extend_from_slice(&md5_auth_code(password, sid, msg, seq));
+    p.push(msg.len() as u8);
+    p.extend_from_slice(msg);
+    p
+}
+
+/// A parsed IPMI v1.5 session packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound15 {
+    pub auth_type: u8,
+    pub seq: u32,
+    pub session_id: u32,
+    pub msg: Vec<u8>,
+}
+
+/// Parses an IPMI v1.5 packet; an MD5 auth code is checked against `password`.
+pub fn decode_v15(p: &[u8], password: &[u8; 16]) -> Result<Inbound15, PacketError> {
+    if p.len() < 14 {
+        return Err(PacketError::Short(p.len()));
+    }
+    if p[0] != 0x06 || p[3] & 0x1f != 0x07 {
+        return Err(PacketError::NotIpmi);
+    }
+    let auth_type = p[4];
+    let seq = u32::from_le_bytes([p[5], p[6], p[7], p[8]]);
+    let session_id = u32::from_le_bytes([p[9], p[10], p[11], p[12]]);
+    let (code, at) = match auth_type {
+        0x00 => (None, 13),
+        AUTH_MD5 => {
+            if p.len() < 30 {
+                return Err(PacketError::Short(p.len()));
+            }
+            (Some(&p[13..29]), 29)
+        }
+        other => return Err(PacketError::AuthType(other)),
+    };
+    let len = p[at] as usize;
+    let msg = p
+        .get(at + 1..at + 1 + len)
+        .ok_or(PacketError::Length(len))?;
+    if let Some(code) = code {
+        if md5_auth_code(password, session_id, msg, seq)[..] != *code {
+            return Err(PacketError::Integrity);
+        }
+    }
+    Ok(Inbound15 {
+        auth_type,
+        seq,
+        session_id,
+        msg: msg.to_vec(),
+    })
+}
+
 /// Open Session Request proposing cipher suite 3 (RAKP-HMAC-SHA1, HMAC-SHA1-96, AES-CBC-128).
 pub fn open_session_request(tag: u8, console_sid: u32, max_priv: u8) -> Vec<u8> {
     let mut m = vec![tag, max_priv, 0, 0];
@@ -430,6 +505,9 @@ pub fn parse_any(bytes: &[u8], keys: &Keys) {
     if let Ok(m) = decode_presession_v15(bytes) {
         let _ = ipmi_response(&m);
     }
+    if let Ok(m) = decode_v15(bytes, &[0x42; 16]) {
+        let _ = ipmi_response(&m.msg);
+    }
     let _ = ipmi_response(bytes);
     let _ = parse_rakp2(bytes);
 }
@@ -457,6 +535,19 @@ mod tests {
         let r = ipmi_request(0x06, 0x01, 1, &[]);
         assert_eq!(r.len(), 7);
         assert!(ipmi_response(&msg).is_err() || msg.len() >= 8);
+    }
+
+    #[test]
+    fn v15_md5_round_trip() {
+        let pw = [7u8; 16];
+        let msg = ipmi_request(0x06, 0x01, 2, &[]);
+        let p = encode_v15_md5(5, 0xabcd, &msg, &pw);
+        let d = decode_v15(&p, &pw).expect("decodes");
+        assert_eq!(
+            (d.auth_type, d.seq, d.session_id, d.msg),
+            (AUTH_MD5, 5, 0xabcd, msg)
+        );
+        assert_eq!(decode_v15(&p, &[8u8; 16]), Err(PacketError::Integrity));
     }
 
     #[test]

@@ -28,6 +28,41 @@ const IDLE_REOPEN: Duration = Duration::from_secs(30);
 /// operation's bound): about seven attempts at the shortest retransmission timeout.
 const LIVE_SESSION_WINDOW: Duration = Duration::from_secs(4);
 
+impl Active {
+    /// Wraps an IPMI message for this session, with the next sequence number.
+    fn wrap(&mut self, msg: &[u8]) -> Vec<u8> {
+        // Zero is never a session sequence number.
+        self.seq = self.seq.wrapping_add(1).max(1);
+        self.sent += 1;
+        match self.wire {
+            Wire::Plus { keys, .. } => packet::encode(
+                payload::IPMI,
+                self.bmc_sid,
+                self.seq,
+                msg,
+                Some((&keys, rand::random())),
+            ),
+            Wire::V15 { password } => {
+                packet::encode_v15_md5(self.seq, self.bmc_sid, msg, &password)
+            }
+        }
+    }
+
+    /// The IPMI message of a datagram of this session (authentic), or None.
+    fn unwrap(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        match self.wire {
+            Wire::Plus { console_sid, keys } => {
+                let p = packet::decode(bytes, Some(&keys)).ok()?;
+                (p.ptype == payload::IPMI && p.session_id == console_sid).then_some(p.payload)
+            }
+            Wire::V15 { password } => {
+                let p = packet::decode_v15(bytes, &password).ok()?;
+                (p.auth_type == packet::AUTH_MD5 && p.session_id == self.bmc_sid).then_some(p.msg)
+            }
+        }
+    }
+}
+
 /// Counters for diagnostics and benchmarks.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
@@ -45,11 +80,42 @@ pub struct Stats {
     pub sessions_replaced: u64,
 }
 
+/// Which IPMI LAN protocol a session speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LanProtocol {
+    /// Ask the BMC (Get Channel Authentication Capabilities): IPMI v2.0 RMCP+ where offered,
+    /// IPMI v1.5 with MD5 only where the BMC offers nothing else.
+    #[default]
+    Auto,
+    /// IPMI v2.0 RMCP+, cipher suite 3.
+    Lanplus,
+    /// IPMI v1.5 with MD5 authentication (no confidentiality).
+    Lan15,
+}
+
+impl LanProtocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Lanplus => "lanplus",
+            Self::Lan15 => "lan",
+        }
+    }
+}
+
+/// How the packets of an open session are wrapped.
+#[derive(Clone, Copy)]
+enum Wire {
+    Plus { console_sid: u32, keys: Keys },
+    V15 { password: [u8; 16] },
+}
+
 struct Active {
-    console_sid: u32,
+    wire: Wire,
     bmc_sid: u32,
-    keys: Keys,
     seq: u32,
+    /// Datagrams sent in this session (a fresh session is opened long before this wraps).
+    sent: u32,
     /// Last answer received in this session (BMCs expire idle sessions, typically after 60 s).
     last_answer: Instant,
 }
@@ -63,6 +129,9 @@ pub struct Session {
     /// Bound on one operation (all attempts, including re-establishing the session).
     bound: Duration,
     active: Option<Active>,
+    /// The protocol asked for, and the one chosen with the BMC.
+    protocol: LanProtocol,
+    resolved: Option<LanProtocol>,
     rq_seq: u8,
     tag: u8,
     /// Smoothed round-trip time, for the retransmission timeout.
@@ -128,6 +197,7 @@ impl Session {
         user: &str,
         password: Secret,
         bound: Duration,
+        protocol: LanProtocol,
     ) -> Result<Self> {
         let local: SocketAddr = if addr.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
@@ -147,6 +217,8 @@ impl Session {
             socket,
             bound,
             active: None,
+            protocol,
+            resolved: None,
             rq_seq: 0,
             tag: 0,
             srtt: None,
@@ -272,6 +344,18 @@ impl Session {
     /// Opens a session (Open Session, RAKP 1–4, Set Session Privilege Level ADMINISTRATOR),
     /// starting the handshake over when a RAKP exchange gets lost, until `deadline`.
     async fn establish(&mut self, deadline: Instant) -> Result<()> {
+        let protocol = match self.resolved {
+            Some(p) => p,
+            None => {
+                let p = self.pick_protocol(deadline).await?;
+                tracing::debug!(endpoint = %self.endpoint, protocol = p.label(), "IPMI LAN protocol");
+                self.resolved = Some(p);
+                p
+            }
+        };
+        if protocol == LanProtocol::Lan15 {
+            return self.handshake_v15(deadline).await;
+        }
         loop {
             match self.handshake(deadline).await {
                 Err(ProviderError::Timeout { operation, .. })
@@ -447,10 +531,10 @@ impl Session {
             if matches!(e, ProviderError::Timeout { .. }) {
                 // The BMC may have activated the session and lost only RAKP 4: close it.
                 self.active = Some(Active {
-                    console_sid,
+                    wire: Wire::Plus { console_sid, keys },
                     bmc_sid,
-                    keys,
                     seq: 0,
+                    sent: 0,
                     last_answer: Instant::now(),
                 });
                 self.forget_with_close();
@@ -458,15 +542,20 @@ impl Session {
             return Err(e);
         }
         self.active = Some(Active {
-            console_sid,
+            wire: Wire::Plus { console_sid, keys },
             bmc_sid,
-            keys,
             seq: 0,
+            sent: 0,
             last_answer: Instant::now(),
         });
         self.stats.sessions_opened += 1;
         tracing::debug!(endpoint = %self.endpoint, user = %self.user, "RMCP+ session open");
 
+        self.raise_privilege(deadline).await
+    }
+
+    /// Set Session Privilege Level ADMINISTRATOR; the session is closed if it fails.
+    async fn raise_privilege(&mut self, deadline: Instant) -> Result<()> {
         // Without this the session stays at USER privilege and Chassis Control is refused.
         let r = self
             .send_in_session(0x06, 0x3b, &[PRIV_ADMIN], deadline)
@@ -491,27 +580,7 @@ impl Session {
     /// Capabilities (no session needed) is alive but refusing sessions — some BMCs, ipmi_sim
     /// among them, drop Open Session silently when every slot is taken.
     async fn diagnose_silence(&mut self, deadline: Instant) -> ProviderError {
-        self.rq_seq = (self.rq_seq + 1) & 0x3f;
-        let rq_seq = self.rq_seq;
-        // Channel 0x0e (this one) with the IPMI v2.0 extended data bit; ADMINISTRATOR.
-        let msg = packet::ipmi_request(0x06, 0x38, rq_seq, &[0x8e, PRIV_ADMIN]);
-        let probe = self
-            .exchange(
-                "Get Channel Authentication Capabilities",
-                deadline,
-                u32::MAX,
-                |_| packet::encode_presession_v15(&msg),
-                |_, bytes| {
-                    let Ok(m) = packet::decode_presession_v15(bytes) else {
-                        return Ok(Step::Skip);
-                    };
-                    match packet::ipmi_response(&m) {
-                        Ok(r) if r.cmd == 0x38 && r.rq_seq == rq_seq => Ok(Step::Done(())),
-                        _ => Ok(Step::Skip),
-                    }
-                },
-            )
-            .await;
+        let probe = self.channel_auth_caps(deadline, 0x8e).await.map(|_| ());
         match probe {
             Ok(()) => ProviderError::NoSessionSlots {
                 endpoint: self.endpoint.clone(),
@@ -521,6 +590,189 @@ impl Session {
             Err(ProviderError::Timeout { .. }) => self.timeout("RMCP+ Open Session"),
             Err(e) => e,
         }
+    }
+
+    /// Get Channel Authentication Capabilities (no session needed) for `channel` (0x8e: this
+    /// channel, with the IPMI v2.0 extended data); returns completion code and data.
+    async fn channel_auth_caps(&mut self, deadline: Instant, channel: u8) -> Result<Reply> {
+        self.rq_seq = (self.rq_seq + 1) & 0x3f;
+        let rq_seq = self.rq_seq;
+        let msg = packet::ipmi_request(0x06, 0x38, rq_seq, &[channel, PRIV_ADMIN]);
+        self.exchange(
+            "Get Channel Authentication Capabilities",
+            deadline,
+            u32::MAX,
+            |_| packet::encode_presession_v15(&msg),
+            |_, bytes| {
+                let Ok(m) = packet::decode_presession_v15(bytes) else {
+                    return Ok(Step::Skip);
+                };
+                match packet::ipmi_response(&m) {
+                    Ok(r) if r.cmd == 0x38 && r.rq_seq == rq_seq => Ok(Step::Done(Reply {
+                        completion: r.completion,
+                        data: r.data,
+                    })),
+                    _ => Ok(Step::Skip),
+                }
+            },
+        )
+        .await
+    }
+
+    /// Chooses the protocol: the configured one, or (Auto) what the BMC says it supports.
+    async fn pick_protocol(&mut self, deadline: Instant) -> Result<LanProtocol> {
+        if self.protocol != LanProtocol::Auto {
+            return Ok(self.protocol);
+        }
+        let mut caps = self.channel_auth_caps(deadline, 0x8e).await?;
+        if caps.completion != 0 {
+            // A v1.5-only BMC may refuse the extended-data request.
+            caps = self.channel_auth_caps(deadline, 0x0e).await?;
+        }
+        let d = &caps.data;
+        if caps.completion == 0 && d.len() >= 4 && d[1] & 0x80 != 0 && d[3] & 0x02 != 0 {
+            Ok(LanProtocol::Lanplus)
+        } else if caps.completion == 0 && d.len() >= 2 && d[1] & 0x04 != 0 {
+            Ok(LanProtocol::Lan15)
+        } else {
+            Err(ProviderError::Unsupported {
+                endpoint: self.endpoint.clone(),
+                what: format!(
+                    "every IPMI LAN authentication pcg speaks (RMCP+ cipher suite 3, IPMI v1.5 MD5); channel capabilities {:02x?}, completion code {:#04x}",
+                    d, caps.completion
+                ),
+            })
+        }
+    }
+
+    /// The protocol in use (after the first session was opened).
+    pub fn protocol(&self) -> Option<LanProtocol> {
+        self.resolved
+    }
+
+    /// IPMI v1.5 session: Get Session Challenge, Activate Session (MD5), privilege.
+    async fn handshake_v15(&mut self, deadline: Instant) -> Result<()> {
+        let pad16 = |field: &str, v: &[u8]| -> Result<[u8; 16]> {
+            if v.len() > 16 {
+                return Err(ProviderError::invalid(
+                    field,
+                    "IPMI v1.5 allows at most 16 bytes",
+                ));
+            }
+            let mut out = [0u8; 16];
+            out[..v.len()].copy_from_slice(v);
+            Ok(out)
+        };
+        let user = pad16("user", self.user.as_bytes())?;
+        let password = pad16("password", self.password.expose().as_bytes())?;
+
+        self.rq_seq = (self.rq_seq + 1) & 0x3f;
+        let rq = self.rq_seq;
+        let mut data = vec![packet::AUTH_MD5];
+        data.extend_from_slice(&user);
+        let msg = packet::ipmi_request(0x06, 0x39, rq, &data);
+        let (temp_sid, challenge) = self
+            .exchange(
+                "Get Session Challenge",
+                deadline,
+                u32::MAX,
+                |_| packet::encode_presession_v15(&msg),
+                |s, bytes| {
+                    let Ok(m) = packet::decode_presession_v15(bytes) else {
+                        return Ok(Step::Skip);
+                    };
+                    let Ok(r) = packet::ipmi_response(&m) else {
+                        return Ok(Step::Skip);
+                    };
+                    if r.cmd != 0x39 || r.rq_seq != rq {
+                        return Ok(Step::Skip);
+                    }
+                    match r.completion {
+                        0 if r.data.len() >= 20 => {
+                            let sid =
+                                u32::from_le_bytes([r.data[0], r.data[1], r.data[2], r.data[3]]);
+                            let mut ch = [0u8; 16];
+                            ch.copy_from_slice(&r.data[4..20]);
+                            Ok(Step::Done((sid, ch)))
+                        }
+                        0x81 => Err(s.auth("Get Session Challenge: unknown user name".into())),
+                        0x82 => Err(s.auth("Get Session Challenge: null user disabled".into())),
+                        cc => Err(ProviderError::ProviderFault {
+                            endpoint: s.endpoint.clone(),
+                            message: format!("Get Session Challenge: completion code {cc:#04x}"),
+                        }),
+                    }
+                },
+            )
+            .await?;
+
+        // The sequence number we want the BMC's first message to carry.
+        let initial: u32 = rand::random::<u32>() % 0x4000_0000 + 1;
+        self.rq_seq = (self.rq_seq + 1) & 0x3f;
+        let rq = self.rq_seq;
+        let mut data = vec![packet::AUTH_MD5, PRIV_ADMIN];
+        data.extend_from_slice(&challenge);
+        data.extend_from_slice(&initial.to_le_bytes());
+        let msg = packet::ipmi_request(0x06, 0x3a, rq, &data);
+        let activated = self
+            .exchange(
+                "Activate Session",
+                deadline,
+                u32::MAX,
+                |_| packet::encode_v15_md5(0, temp_sid, &msg, &password),
+                |s, bytes| {
+                    let Ok(p) = packet::decode_v15(bytes, &password) else {
+                        return Ok(Step::Skip);
+                    };
+                    let Ok(r) = packet::ipmi_response(&p.msg) else {
+                        return Ok(Step::Skip);
+                    };
+                    if r.cmd != 0x3a || r.rq_seq != rq {
+                        return Ok(Step::Skip);
+                    }
+                    match r.completion {
+                        // Session id, and the sequence number the BMC wants our first message to carry.
+                        0 if r.data.len() >= 10 => Ok(Step::Done((
+                            u32::from_le_bytes([r.data[1], r.data[2], r.data[3], r.data[4]]),
+                            u32::from_le_bytes([r.data[5], r.data[6], r.data[7], r.data[8]]),
+                        ))),
+                        0x81 => Err(ProviderError::NoSessionSlots {
+                            endpoint: s.endpoint.clone(),
+                            user: s.user.clone(),
+                            detail: "Activate Session: no session slot available (0x81)".into(),
+                        }),
+                        0x86 => Err(s.auth(
+                            "Activate Session: ADMINISTRATOR privilege exceeds the user's limit"
+                                .into(),
+                        )),
+                        cc => Err(s.auth(format!(
+                            "Activate Session refused (completion code {cc:#04x})"
+                        ))),
+                    }
+                },
+            )
+            .await;
+        let (sid, first_seq) = match activated {
+            Ok(v) => v,
+            // The user exists (the challenge came back) but activation gets no authentic answer:
+            // a BMC drops requests whose MD5 auth code does not match its password.
+            Err(ProviderError::Timeout { .. }) => {
+                return Err(self.auth(
+                    "no authentic answer to Activate Session (IPMI v1.5 MD5) while the BMC answers otherwise: the password is most likely wrong".into(),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        self.active = Some(Active {
+            wire: Wire::V15 { password },
+            bmc_sid: sid,
+            seq: first_seq.wrapping_sub(1),
+            sent: 0,
+            last_answer: Instant::now(),
+        });
+        self.stats.sessions_opened += 1;
+        tracing::debug!(endpoint = %self.endpoint, user = %self.user, "IPMI v1.5 session open");
+        self.raise_privilege(deadline).await
     }
 
     fn status_error(&self, step: &str, status: u8) -> ProviderError {
@@ -559,29 +811,14 @@ impl Session {
             deadline,
             u32::MAX,
             |s| match s.active.as_mut() {
-                Some(a) => {
-                    a.seq += 1;
-                    packet::encode(
-                        payload::IPMI,
-                        a.bmc_sid,
-                        a.seq,
-                        &msg,
-                        Some((&a.keys, rand::random())),
-                    )
-                }
+                Some(a) => a.wrap(&msg),
                 None => Vec::new(),
             },
             |s, bytes| {
-                let Some(a) = s.active.as_ref() else {
+                let Some(m) = s.active.as_ref().and_then(|a| a.unwrap(bytes)) else {
                     return Ok(Step::Skip);
                 };
-                let Ok(p) = packet::decode(bytes, Some(&a.keys)) else {
-                    return Ok(Step::Skip);
-                };
-                if p.ptype != payload::IPMI || p.session_id != a.console_sid {
-                    return Ok(Step::Skip);
-                }
-                let Ok(r) = packet::ipmi_response(&p.payload) else {
+                let Ok(r) = packet::ipmi_response(&m) else {
                     return Ok(Step::Skip);
                 };
                 if r.rq_seq != rq_seq || r.cmd != cmd || r.netfn != netfn | 1 {
@@ -603,7 +840,7 @@ impl Session {
         let deadline = Instant::now() + self.bound;
         let mut reopened = false;
         loop {
-            if self.active.as_ref().is_some_and(|a| a.seq >= SEQ_LIMIT) {
+            if self.active.as_ref().is_some_and(|a| a.sent >= SEQ_LIMIT) {
                 self.close_now().await;
             }
             if self
@@ -672,15 +909,8 @@ impl Session {
     fn forget_with_close(&mut self) {
         if let Some(mut a) = self.active.take() {
             self.rq_seq = (self.rq_seq + 1) & 0x3f;
-            a.seq += 1;
             let msg = packet::ipmi_request(0x06, 0x3c, self.rq_seq, &a.bmc_sid.to_le_bytes());
-            let pkt = packet::encode(
-                payload::IPMI,
-                a.bmc_sid,
-                a.seq,
-                &msg,
-                Some((&a.keys, rand::random())),
-            );
+            let pkt = a.wrap(&msg);
             let _ = self.socket.try_send(&pkt);
         }
     }

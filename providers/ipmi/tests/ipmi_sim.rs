@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::IpmiSim;
-use pcg_ipmi::{IpmiDriver, SYSTEM};
+use pcg_ipmi::{IpmiDriver, LanProtocol, SYSTEM};
 use pcg_provider::{conformance, BareMetal, BootDevice, BootOverride, BootSource, PowerAction};
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -21,7 +21,49 @@ async fn ipmi_enrol_records_profile() {
     assert_eq!(caps.systems, vec![SYSTEM.to_owned()]);
     assert_eq!(caps.details["device"]["ipmi_version"], "2.0", "{caps:?}");
     assert!(!caps.virtual_media);
+    assert_eq!(
+        caps.details["transport"], "lanplus",
+        "ipmi_sim offers RMCP+: {caps:?}"
+    );
+    assert_eq!(caps.details["cipher_suite"], 3);
     d.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn ipmi_v15_md5_when_asked_read_back_by_ipmitool_lan() {
+    let Some(bmc) = IpmiSim::start() else { return };
+    let d = IpmiDriver::new(&bmc.endpoint())
+        .unwrap()
+        .with_protocol(LanProtocol::Lan15);
+    let caps = conformance::enrol(&d).await;
+    assert_eq!(caps.details["transport"], "lan", "{caps:?}");
+    conformance::power_round_trip(&d, SYSTEM, SETTLE).await;
+    d.power(SYSTEM, PowerAction::On).await.unwrap();
+    assert!(bmc
+        .ipmitool_v15(&["chassis", "power", "status"])
+        .contains("Chassis Power is on"));
+    d.set_boot_override(SYSTEM, &BootOverride::once(BootDevice::Cd))
+        .await
+        .unwrap();
+    let out = bmc.ipmitool_v15(&["chassis", "bootparam", "get", "5"]);
+    assert!(out.contains("Force Boot from CD/DVD"), "{out}");
+    d.close().await.unwrap();
+    // A wrong password over v1.5 is an Auth error too.
+    let mut ep = bmc.endpoint();
+    ep.password = "not-the-password".into();
+    ep.timeout_ms = Some(2_000);
+    let e = IpmiDriver::new(&ep)
+        .unwrap()
+        .with_protocol(LanProtocol::Lan15)
+        .enrol()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), pcg_provider::ErrorKind::Auth, "{e}");
+    assert_eq!(
+        bmc.active_sessions(),
+        1,
+        "only ipmitool's own session may be active"
+    );
 }
 
 #[tokio::test]

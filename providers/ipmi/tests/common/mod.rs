@@ -173,6 +173,25 @@ impl IpmiSim {
         }
     }
 
+    /// Runs `ipmitool -I lan -A MD5 ... ARGS` (IPMI v1.5) against this BMC.
+    pub fn ipmitool_v15(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.ipmitool)
+            .args(["-I", "lan", "-A", "MD5", "-H", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .args(["-U", USER, "-P", PASSWORD])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ipmitool");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "ipmitool -I lan {args:?} failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
     pub fn ipmitool(&self, args: &[&str]) -> String {
         self.try_ipmitool(args)
             .unwrap_or_else(|e| panic!("ipmitool {args:?} failed: {e}"))
