@@ -471,6 +471,20 @@ impl Gw {
     }
 }
 
+/// A pcg-saas started with `opts`, a tenant, and one gateway paired with a token of that tenant
+/// and connected: `(saas, gateway, tenant API key, gateway id)`.
+pub async fn paired(dir: &Path, opts: SaasOptions) -> anyhow::Result<(Saas, Gw, String, String)> {
+    let saas = Saas::start(&dir.join("saas"), opts).await?;
+    let (_tenant, key) = saas.tenant("acme").await?;
+    let (_, token) = saas.token(&key, None).await?;
+    let mut gw = Gw::new(&dir.join("gw"))?;
+    gw.pair(&token)?;
+    gw.start()?;
+    gw.wait_tunnel("connected", Duration::from_secs(20)).await?;
+    let id = gw.gateway_id().context("the gateway reports no id")?;
+    Ok((saas, gw, key, id))
+}
+
 /// A temporary directory for one test; kept (and its path printed) when `PCG_KEEP_TEST_DIRS`
 /// is set, so logs can be read after a failure.
 pub fn test_dir() -> tempfile::TempDir {

@@ -6,25 +6,16 @@
 use std::time::Duration;
 
 use pcg_e2e::peers::{IpmiSim, IPMI_PASSWORD, IPMI_USER};
-use pcg_e2e::{Gw, Saas, SaasOptions};
+use pcg_e2e::SaasOptions;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipmi_power_through_the_tunnel() {
     let Some(bmc) = IpmiSim::start() else { return };
     let dir = pcg_e2e::test_dir();
-    let saas = Saas::start(&dir.path().join("saas"), SaasOptions::default())
+    let (saas, _gw, key, gw_id) = pcg_e2e::paired(dir.path(), SaasOptions::default())
         .await
         .unwrap();
-    let (_, key) = saas.tenant("acme").await.unwrap();
-    let (_, token) = saas.token(&key, None).await.unwrap();
-    let mut gw = Gw::new(&dir.path().join("gw")).unwrap();
-    gw.pair(&token).unwrap();
-    gw.start().unwrap();
-    gw.wait_tunnel("connected", Duration::from_secs(20))
-        .await
-        .unwrap();
-    let gw_id = gw.gateway_id().unwrap();
     let run = |kind: &'static str, payload: serde_json::Value| {
         let saas = &saas;
         let key = &key;
