@@ -1,0 +1,1 @@
+//! pcg-openstack: placeholder; the driver is being written.

@@ -1,0 +1,1 @@
+//! pcg-vsphere: placeholder; the driver is being written.
