@@ -2,9 +2,10 @@
 //!
 //! # Contract
 //!
-//! A bare-metal driver ([`BareMetal`]) is bound to one BMC (one [`BmcEndpoint`]). Every operation
-//! is bounded in time (the endpoint's `timeout_ms` or the driver's default) and fails with one
-//! [`ProviderError`], whose message names the endpoint (and user, for credentials) and says what to
+//! A bare-metal driver ([`BareMetal`]) is bound to one BMC (one [`BmcEndpoint`]). Every request
+//! to the BMC is bounded in time (the endpoint's `timeout_ms` or the driver's default; an
+//! operation makes a few requests, and waits such as `wait_power` take their own bound), and
+//! every operation fails with one [`ProviderError`], whose message names the endpoint (and user, for credentials) and says what to
 //! do. Passwords never appear in messages, logs or `Debug` output ([`Secret`]).
 //!
 //! - **enrol** logs in (so a wrong password fails here, as `Auth`), discovers the systems behind
@@ -29,8 +30,9 @@
 //! - **close** releases every session the driver holds on the BMC; drivers also release sessions
 //!   on drop where they can, and never leave a session open after an error.
 //!
-//! Command payloads for the gateway's executor are in [`command`]; the conformance suite every
-//! driver runs against its real peer is in `conformance` (feature `conformance`).
+//! Command payloads for the gateway's executor are in [`command`] (with
+//! [`command::BareMetalService`], enrolled BMCs by name); the conformance suite every driver runs
+//! against its real peer is in `conformance` (feature `conformance`).
 
 pub mod baremetal;
 pub mod command;
