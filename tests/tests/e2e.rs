@@ -663,3 +663,54 @@ async fn certificates_renew_over_the_tunnel_before_they_expire() {
         "{ev}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_through_the_running_daemon_and_again_after_revocation() {
+    let dir = pcg_e2e::test_dir();
+    let saas = Saas::start(&dir.path().join("saas"), SaasOptions::default())
+        .await
+        .unwrap();
+    let (_, key) = saas.tenant("acme").await.unwrap();
+    let mut gw = Gw::new(&dir.path().join("gw")).unwrap();
+    // The daemon starts unpaired and says what to do.
+    gw.start().unwrap();
+    gw.wait_tunnel("unpaired", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let (_, human, _) = gw.pcgctl(&["status"]);
+    assert!(human.contains("pcgctl pair TOKEN"), "{human}");
+    // Pairing goes through the admin socket; the tunnel comes up without a restart.
+    let (_, token) = saas.token(&key, None).await.unwrap();
+    gw.pair(&token).unwrap();
+    gw.wait_tunnel("connected", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let first = gw.gateway_id().unwrap();
+    // Revoked, then paired again with a new token (--force): a new identity connects.
+    saas.ok("POST", &format!("/v1/gateways/{first}/revoke"), &key, None)
+        .await
+        .unwrap();
+    gw.wait_tunnel("revoked", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (_, token2) = saas.token(&key, None).await.unwrap();
+    let (ok, _, err) = gw.pcgctl(&["pair", &token2]);
+    assert!(
+        ok,
+        "pairing a revoked gateway again needs no --force: {err}"
+    );
+    gw.wait_tunnel("connected", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let second = gw.gateway_id().unwrap();
+    assert_ne!(first, second);
+    let id = saas
+        .submit(&key, &second, "gateway.diagnose", json!({}))
+        .await
+        .unwrap();
+    let v = saas
+        .wait_command(&key, &id, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(v["result"]["output"]["gateway_id"], second.as_str());
+}

@@ -415,22 +415,31 @@ fn load_or_create_key(path: &Path) -> Result<aead::LessSafeKey, StoreError> {
         path: path.to_path_buf(),
         message,
     };
-    let bytes = if path.exists() {
-        std::fs::read(path).map_err(|e| bad(e.to_string()))?
-    } else {
+    if !path.exists() {
+        // Written whole under a temporary name, then linked into place: a concurrent opener
+        // (the daemon and pcgctl) either wins the link or reads the winner's complete file.
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let k: [u8; 32] = rand::random();
         let mut f = std::fs::OpenOptions::new()
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .write(true)
             .mode(0o600)
-            .open(path)
+            .open(&tmp)
             .map_err(|e| bad(e.to_string()))?;
         f.write_all(&k).map_err(|e| bad(e.to_string()))?;
         f.sync_all().map_err(|e| bad(e.to_string()))?;
-        k.to_vec()
-    };
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(bad(e.to_string())),
+        }
+    }
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     if bytes.len() != 32 {
         return Err(bad(format!("must hold 32 bytes, holds {}", bytes.len())));
     }
