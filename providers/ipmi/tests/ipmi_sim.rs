@@ -350,3 +350,44 @@ async fn ipmi_completes_through_a_relay_dropping_20_percent() {
         .ipmitool(&["chassis", "power", "status"])
         .contains("Chassis Power is off"));
 }
+
+#[tokio::test]
+async fn ipmi_baremetal_commands_through_the_service() {
+    use pcg_provider::command::{self, BareMetalService, Protocol};
+    let Some(bmc) = IpmiSim::start() else { return };
+    let svc = BareMetalService::new().with_factory(Protocol::Ipmi, IpmiDriver::factory);
+    let ep = serde_json::to_value(bmc.endpoint()).unwrap();
+    let out = svc
+        .handle(
+            command::ENROL,
+            serde_json::json!({"name": "rack1", "protocol": "ipmi", "endpoint": ep}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["capabilities"]["systems"][0], SYSTEM);
+    let prov = serde_json::json!({"spec": {"name": "n1",
+        "placement": {"provider": "bare_metal", "bmc": "rack1", "boot": "pxe"}}, "power_timeout_ms": 10000});
+    let out = svc.handle(command::PROVISION, prov).await.unwrap();
+    assert_eq!(out["power"], "on", "{out}");
+    assert!(bmc
+        .ipmitool(&["chassis", "power", "status"])
+        .contains("Chassis Power is on"));
+    assert!(bmc
+        .ipmitool(&["chassis", "bootparam", "get", "5"])
+        .contains("Force PXE"));
+    let out = svc
+        .handle(command::GET, serde_json::json!({"bmc": "rack1"}))
+        .await
+        .unwrap();
+    assert_eq!(out["boot"]["device"], "pxe", "{out}");
+    let out = svc
+        .handle(command::DEPROVISION, serde_json::json!({"bmc": "rack1"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (out["power"].as_str(), out["boot"]["device"].as_str()),
+        (Some("off"), Some("none")),
+        "{out}"
+    );
+    svc.driver("rack1").unwrap().close().await.unwrap();
+}
