@@ -1,4 +1,5 @@
-//! pcg-ipmi: the bare-metal driver for IPMI v2.0 BMCs over LAN (RMCP+, cipher suite 3).
+//! pcg-ipmi: the bare-metal driver for IPMI BMCs over LAN (v2.0 RMCP+ with cipher suite 3; v1.5
+//! MD5 only where a BMC offers nothing else).
 //!
 //! [`IpmiDriver`] implements [`pcg_provider::BareMetal`] on a session layer of our own
 //! ([`session::Session`]: tokio UDP, retransmission, session reuse, Close Session on every path)

@@ -1,4 +1,5 @@
-//! An RMCP+ session of our own on a tokio `UdpSocket`: cipher suite 3 key exchange (RAKP),
+//! An IPMI LAN session of our own on a tokio `UdpSocket`: RMCP+ with cipher suite 3 key exchange (RAKP)
+//! (or IPMI v1.5 with MD5 where a BMC offers nothing else),
 //! Set Session Privilege Level, requests with adaptive retransmission, re-establishment when a
 //! session dies, sequence numbers that never wrap (a fresh session is made first), and Close
 //! Session on every path (including drop).
