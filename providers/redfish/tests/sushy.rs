@@ -8,7 +8,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{ImageServer, Sushy};
-use pcg_provider::{conformance, BareMetal, BmcEndpoint, BootSource, ErrorKind, TlsTrust};
+use pcg_provider::{
+    conformance, BareMetal, BmcEndpoint, BootDevice, BootMode, BootOverride, BootPersistence,
+    BootSource, ErrorKind, TlsTrust,
+};
 use pcg_redfish::RedfishDriver;
 
 /// sushy applies a power change 1–11 s after the Reset answers.
@@ -56,6 +59,16 @@ async fn sushy_boot_override_and_virtual_media() {
     let caps = conformance::enrol(&d).await;
     let sys = &caps.systems[1];
     conformance::boot_override_round_trip(&d, sys, &caps, true).await;
+    // Firmware mode travels with the override.
+    for mode in [BootMode::Legacy, BootMode::Uefi] {
+        let want = BootOverride {
+            device: BootDevice::Pxe,
+            persistence: BootPersistence::Continuous,
+            mode: Some(mode),
+        };
+        d.set_boot_override(sys, &want).await.unwrap();
+        assert_eq!(d.boot_override(sys).await.unwrap(), want);
+    }
     conformance::virtual_media_round_trip(&d, sys, &caps, &images.url).await;
     d.close().await.unwrap();
 }
