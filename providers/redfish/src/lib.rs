@@ -243,11 +243,18 @@ impl BareMetal for RedfishDriver {
             } else {
                 s.id.clone()
             };
-            let reset = s
+            let mut reset = s
                 .actions
                 .as_ref()
                 .and_then(|a| a.reset.clone())
                 .unwrap_or_default();
+            if reset.allowable.is_empty() {
+                // Some services list the reset types in an ActionInfo resource instead.
+                if let Some(info) = reset.action_info.clone() {
+                    let (ai, _) = self.get_as::<model::ActionInfo>(&info).await?;
+                    reset.allowable = ai.allowable("ResetType");
+                }
+            }
             let mut media_collection = s.virtual_media.as_ref().map(|l| l.odata_id.clone());
             if media_collection.is_some() {
                 media_under.get_or_insert("Systems");

@@ -85,6 +85,34 @@ pub struct ResetAction {
     pub action_info: Option<String>,
 }
 
+/// An ActionInfo resource: the parameters of an action and their allowable values.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ActionInfo {
+    #[serde(default)]
+    pub parameters: Vec<ActionParameter>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ActionParameter {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub allowable_values: Vec<String>,
+}
+
+impl ActionInfo {
+    /// The allowable values of parameter `name` (empty when not stated).
+    pub fn allowable(&self, name: &str) -> Vec<String> {
+        self.parameters
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.allowable_values.clone())
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 pub struct Boot {
     #[serde(rename = "BootSourceOverrideEnabled", default)]
@@ -201,6 +229,7 @@ pub fn parse_all(bytes: &[u8]) {
     let _ = parse::<Manager>(&v);
     let _ = parse::<VirtualMedia>(&v);
     let _ = parse::<Task>(&v);
+    let _ = parse::<ActionInfo>(&v);
     let _ = error_message(&v);
 }
 

@@ -1,7 +1,7 @@
 //! Fault injection for the code paths sushy-emulator does not exercise: a small fake Redfish
 //! service with a SessionService (token expiry, logout), ETags that require If-Match (and a lost
-//! race answered 412 once), Reset answered 202 + Task monitor, and virtual media under the Manager
-//! that only takes PATCH. The driver's proof against a real service is tests/sushy.rs.
+//! race answered 412 once), Reset types in an ActionInfo resource, Reset answered 202 + Task
+//! monitor, and virtual media under the Manager that only takes PATCH. The driver's proof against a real service is tests/sushy.rs.
 
 #![allow(clippy::unwrap_used)]
 
@@ -115,7 +115,7 @@ async fn system(State(s): State<S>, h: HeaderMap) -> Response {
         "Boot": {"BootSourceOverrideEnabled": f.boot_enabled, "BootSourceOverrideTarget": f.boot_target,
                  "BootSourceOverrideTarget@Redfish.AllowableValues": ["None", "Pxe", "Hdd", "Cd", "BiosSetup"]},
         "Actions": {"#ComputerSystem.Reset": {"target": "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset",
-            "ResetType@Redfish.AllowableValues": ["On", "ForceOff", "PowerCycle", "ForceRestart"]}},
+            "@Redfish.ActionInfo": "/redfish/v1/Systems/1/ResetActionInfo"}},
         "Links": {"ManagedBy": [{"@odata.id": "/redfish/v1/Managers/bmc"}]}
     });
     ([("etag", format!("W/\"{}\"", f.etag))], Json(body)).into_response()
@@ -186,6 +186,17 @@ async fn task(State(s): State<S>, h: HeaderMap) -> Response {
     Json(json!({"TaskState": "Completed", "PercentComplete": 100})).into_response()
 }
 
+async fn reset_action_info(State(s): State<S>, h: HeaderMap) -> Response {
+    if !authed(&s, &h) {
+        return unauthorized();
+    }
+    Json(
+        json!({"Parameters": [{"Name": "ResetType", "Required": true, "DataType": "String",
+        "AllowableValues": ["On", "ForceOff", "PowerCycle", "ForceRestart"]}]}),
+    )
+    .into_response()
+}
+
 async fn managers_bmc(State(s): State<S>, h: HeaderMap) -> Response {
     if !authed(&s, &h) {
         return unauthorized();
@@ -250,6 +261,10 @@ async fn start() -> (String, S) {
             post(reset),
         )
         .route("/redfish/v1/TaskService/Tasks/1/Monitor", get(task))
+        .route(
+            "/redfish/v1/Systems/1/ResetActionInfo",
+            get(reset_action_info),
+        )
         .route("/redfish/v1/Managers/bmc", get(managers_bmc))
         .route("/redfish/v1/Managers/bmc/VirtualMedia", get(media_coll))
         .route(
@@ -280,6 +295,11 @@ async fn session_auth_tasks_etags_and_manager_media() {
     assert_eq!(caps.details["virtual_media_under"], "Managers", "{caps:?}");
     assert_eq!(caps.details["etag"], true, "{caps:?}");
     assert_eq!(caps.firmware.as_deref(), Some("9.9"));
+    // Reset types read from the ActionInfo resource.
+    assert_eq!(
+        caps.details["reset_types"],
+        json!(["On", "ForceOff", "PowerCycle", "ForceRestart"])
+    );
 
     // Reset answered 202 + Task monitor: power() returns once the task completed.
     d.power(&caps.systems[0], PowerAction::On).await.unwrap();
