@@ -40,6 +40,7 @@ pub mod command;
 pub mod conformance;
 pub mod error;
 pub mod types;
+pub mod vm;
 
 pub use baremetal::{BareMetal, DriverFactory, DEFAULT_POWER_WAIT};
 pub use error::{ErrorKind, ProviderError, Result};
