@@ -1,0 +1,163 @@
+//! The `openstack.*` commands the gateway executes: payloads, parsing and execution.
+//!
+//! Every payload names its cloud with `cloud`: a cloud name from clouds.yaml on the gateway host,
+//! or an inline clouds.yaml entry (whose `password` / `application_credential_secret` the SaaS
+//! redacts when it shows the command).
+//!
+//! | kind | payload | output |
+//! |---|---|---|
+//! | `openstack.create` | `cloud`, `server` ([`ServerSpec`]), `wait` (default true: until ACTIVE) | the server |
+//! | `openstack.get` | `cloud`, `server` (id) | the server |
+//! | `openstack.power` | `cloud`, `server`, `action` (on, off, soft_shutdown, reset, cycle) | the server |
+//! | `openstack.delete` | `cloud`, `server` | `{"deleted": bool}` (false: it was already gone) |
+//! | `openstack.inventory` | `cloud` | flavors, images, networks and servers |
+
+use pcg_provider::{PowerAction, ProviderError};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::client::{OpenStack, ServerSpec, DEFAULT_WAIT};
+use crate::config::CloudRef;
+
+/// Every command kind.
+pub const KINDS: [&str; 5] = [
+    "openstack.create",
+    "openstack.get",
+    "openstack.power",
+    "openstack.delete",
+    "openstack.inventory",
+];
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Create {
+    pub cloud: CloudRef,
+    pub server: ServerSpec,
+    #[serde(default = "yes")]
+    pub wait: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub cloud: CloudRef,
+    pub server: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Power {
+    pub cloud: CloudRef,
+    pub server: String,
+    pub action: PowerAction,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudOnly {
+    pub cloud: CloudRef,
+}
+
+/// A parsed `openstack.*` command.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Create(Create),
+    Get(Target),
+    Power(Power),
+    Delete(Target),
+    Inventory(CloudOnly),
+}
+
+impl Command {
+    /// Parses `payload` of command `kind`; `Ok(None)` when `kind` is not an OpenStack command.
+    pub fn parse(kind: &str, payload: Value) -> Result<Option<Command>, ProviderError> {
+        fn de<T: serde::de::DeserializeOwned>(kind: &str, v: Value) -> Result<T, ProviderError> {
+            serde_json::from_value(v).map_err(|e| ProviderError::invalid(kind, e.to_string()))
+        }
+        Ok(Some(match kind {
+            "openstack.create" => Command::Create(de(kind, payload)?),
+            "openstack.get" => Command::Get(de(kind, payload)?),
+            "openstack.power" => Command::Power(de(kind, payload)?),
+            "openstack.delete" => Command::Delete(de(kind, payload)?),
+            "openstack.inventory" => Command::Inventory(de(kind, payload)?),
+            _ => return Ok(None),
+        }))
+    }
+
+    /// The cloud the command addresses.
+    pub fn cloud(&self) -> &CloudRef {
+        match self {
+            Command::Create(c) => &c.cloud,
+            Command::Get(t) | Command::Delete(t) => &t.cloud,
+            Command::Power(p) => &p.cloud,
+            Command::Inventory(c) => &c.cloud,
+        }
+    }
+
+    /// Whether running it a second time could repeat an effect (a reboot). Create is not: it
+    /// finds the server its command id marked.
+    pub fn repeats_an_effect(&self) -> bool {
+        matches!(self, Command::Power(p) if matches!(p.action, PowerAction::Reset | PowerAction::Cycle))
+    }
+}
+
+/// Runs `cmd` (delivered as `command_id`) against `os`.
+pub async fn execute(
+    os: &OpenStack,
+    command_id: &str,
+    cmd: &Command,
+) -> Result<Value, ProviderError> {
+    let server = |s: &crate::Server| serde_json::to_value(s).unwrap_or(Value::Null);
+    Ok(match cmd {
+        Command::Create(c) => {
+            let s = os.create(Some(command_id), &c.server).await?;
+            let s = if c.wait && s.status != "ACTIVE" {
+                os.wait_status(&s.id, "ACTIVE", DEFAULT_WAIT).await?
+            } else {
+                s
+            };
+            server(&s)
+        }
+        Command::Get(t) => server(&os.get(&t.server).await?),
+        Command::Power(p) => server(&os.power(&p.server, p.action, DEFAULT_WAIT).await?),
+        Command::Delete(t) => json!({"deleted": os.delete(&t.server, DEFAULT_WAIT).await?}),
+        Command::Inventory(_) => {
+            json!({
+                "flavors": os.flavors().await?,
+                "images": os.images().await?,
+                "networks": os.networks().await?,
+                "servers": os.list().await?,
+            })
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn payloads_parse_and_refuse_unknown_fields() {
+        let c = Command::parse(
+            "openstack.create",
+            json!({"cloud": "pcg", "server": {"name": "a", "flavor": "f", "image": "i"}}),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(matches!(c.cloud(), CloudRef::Named(n) if n == "pcg"));
+        let e = Command::parse(
+            "openstack.power",
+            json!({"cloud": "pcg", "server": "x", "action": "explode"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), pcg_provider::ErrorKind::InvalidSpec);
+        assert!(Command::parse("baremetal.power", json!({}))
+            .unwrap()
+            .is_none());
+    }
+}

@@ -1,0 +1,294 @@
+//! Where an OpenStack cloud is and how to log in: a `clouds.yaml` entry (inline, or by name from
+//! the files openstackclient reads), or the `OS_*` environment variables.
+//!
+//! Every source is turned into one clouds.yaml-shaped entry and handed to osauth's
+//! `CloudConfig`, so all of them behave the same. osauth 0.5 itself looks for clouds.yaml only in
+//! the current directory, `~/.config/openstack` and `/etc/openstack`; openstackclient also honours
+//! `OS_CLIENT_CONFIG_FILE` and lets `OS_*` variables override a named cloud, which is done here.
+//!
+//! Supported: `auth_type` `password` (user and user domain by name; project by name or id, its
+//! domain by name or id) and `v3applicationcredential` (by id, or by name with `user_id`);
+//! `region_name`, `interface`, `cacert`. Not supported by osauth 0.5: users and user domains by
+//! id for password auth.
+
+use std::path::{Path, PathBuf};
+
+use pcg_provider::ProviderError;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Which cloud to use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CloudRef {
+    /// A cloud named in clouds.yaml on the gateway host (found as openstackclient finds it).
+    Named(String),
+    /// A clouds.yaml cloud entry given inline: `{"auth": {...}, "auth_type": ..., "region_name": ...}`.
+    Inline(Value),
+}
+
+/// A resolved cloud entry in clouds.yaml shape, plus what messages need.
+#[derive(Clone)]
+pub struct CloudEntry {
+    pub(crate) entry: Value,
+    /// Where the entry came from (a file and cloud name, "inline", "environment").
+    pub source: String,
+}
+
+impl std::fmt::Debug for CloudEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudEntry")
+            .field("source", &self.source)
+            .field("auth_url", &self.auth_url())
+            .field("user", &self.user())
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(detail: impl Into<String>) -> ProviderError {
+    ProviderError::invalid("cloud", detail)
+}
+
+impl CloudEntry {
+    /// An inline clouds.yaml entry.
+    pub fn inline(entry: Value) -> Result<Self, ProviderError> {
+        if !entry.is_object() {
+            return Err(invalid("must be a clouds.yaml cloud entry (an object)"));
+        }
+        Ok(Self {
+            entry,
+            source: "inline cloud entry".into(),
+        })
+    }
+
+    /// The clouds.yaml entry `name` from the first file openstackclient would read
+    /// (`OS_CLIENT_CONFIG_FILE`, `./clouds.yaml`, `~/.config/openstack/clouds.yaml`,
+    /// `/etc/openstack/clouds.yaml`).
+    pub fn named(name: &str) -> Result<Self, ProviderError> {
+        let files = clouds_yaml_candidates();
+        let Some(file) = files.iter().find(|p| p.is_file()) else {
+            return Err(invalid(format!(
+                "cloud {name:?}: no clouds.yaml found (looked at {})",
+                files
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        Self::from_file(file, name)
+    }
+
+    /// The entry `name` of the clouds.yaml file `file`.
+    pub fn from_file(file: &Path, name: &str) -> Result<Self, ProviderError> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| invalid(format!("cannot read {}: {e}", file.display())))?;
+        let doc: Value = serde_yaml::from_str(&text)
+            .map_err(|e| invalid(format!("{} is not valid YAML: {e}", file.display())))?;
+        let clouds = doc
+            .get("clouds")
+            .and_then(Value::as_object)
+            .ok_or_else(|| invalid(format!("{} has no `clouds` mapping", file.display())))?;
+        let entry = clouds.get(name).cloned().ok_or_else(|| {
+            invalid(format!(
+                "{} has no cloud {name:?} (it has: {})",
+                file.display(),
+                clouds.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        Ok(Self {
+            entry,
+            source: format!("cloud {name:?} of {}", file.display()),
+        })
+    }
+
+    /// The `OS_*` environment as openstackclient reads it: `OS_CLOUD` names a clouds.yaml entry,
+    /// and the other `OS_*` variables set (or override) its fields.
+    pub fn from_env() -> Result<Self, ProviderError> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// As [`CloudEntry::from_env`], with the variables read through `get`.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, ProviderError> {
+        let mut me = match get("OS_CLOUD") {
+            Some(name) => match get("OS_CLIENT_CONFIG_FILE") {
+                Some(f) => Self::from_file(Path::new(&f), &name)?,
+                None => Self::named(&name)?,
+            },
+            None => Self {
+                entry: Value::Object(Map::new()),
+                source: "OS_* environment".into(),
+            },
+        };
+        const AUTH: [(&str, &str); 14] = [
+            ("OS_AUTH_URL", "auth_url"),
+            ("OS_USERNAME", "username"),
+            ("OS_USER_ID", "user_id"),
+            ("OS_PASSWORD", "password"),
+            ("OS_USER_DOMAIN_NAME", "user_domain_name"),
+            ("OS_USER_DOMAIN_ID", "user_domain_id"),
+            ("OS_PROJECT_NAME", "project_name"),
+            ("OS_PROJECT_ID", "project_id"),
+            ("OS_PROJECT_DOMAIN_NAME", "project_domain_name"),
+            ("OS_PROJECT_DOMAIN_ID", "project_domain_id"),
+            ("OS_APPLICATION_CREDENTIAL_ID", "application_credential_id"),
+            (
+                "OS_APPLICATION_CREDENTIAL_NAME",
+                "application_credential_name",
+            ),
+            (
+                "OS_APPLICATION_CREDENTIAL_SECRET",
+                "application_credential_secret",
+            ),
+            ("OS_TOKEN", "token"),
+        ];
+        const TOP: [(&str, &str); 4] = [
+            ("OS_AUTH_TYPE", "auth_type"),
+            ("OS_REGION_NAME", "region_name"),
+            ("OS_INTERFACE", "interface"),
+            ("OS_CACERT", "cacert"),
+        ];
+        let obj = me
+            .entry
+            .as_object_mut()
+            .ok_or_else(|| invalid("the cloud entry is not a mapping"))?;
+        for (var, key) in TOP {
+            if let Some(v) = get(var) {
+                obj.insert(key.into(), Value::String(v));
+            }
+        }
+        let auth = obj
+            .entry("auth")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Some(auth) = auth.as_object_mut() {
+            for (var, key) in AUTH {
+                if let Some(v) = get(var) {
+                    auth.insert(key.into(), Value::String(v));
+                }
+            }
+        }
+        if me
+            .entry
+            .pointer("/auth/auth_url")
+            .and_then(Value::as_str)
+            .is_none()
+        {
+            return Err(invalid(format!(
+                "{}: no auth URL (set OS_AUTH_URL or OS_CLOUD)",
+                me.source
+            )));
+        }
+        Ok(me)
+    }
+
+    /// Resolves a [`CloudRef`].
+    pub fn resolve(r: &CloudRef) -> Result<Self, ProviderError> {
+        match r {
+            CloudRef::Named(n) => Self::named(n),
+            CloudRef::Inline(v) => Self::inline(v.clone()),
+        }
+    }
+
+    fn auth_str(&self, key: &str) -> Option<&str> {
+        self.entry.get("auth")?.get(key)?.as_str()
+    }
+
+    /// The Keystone URL (empty when the entry has none).
+    pub fn auth_url(&self) -> &str {
+        self.auth_str("auth_url").unwrap_or("")
+    }
+
+    /// Who logs in: the user name or id, or the application credential's id or name.
+    pub fn user(&self) -> String {
+        if self.is_application_credential() {
+            let id = self
+                .auth_str("application_credential_id")
+                .or_else(|| self.auth_str("application_credential_name"))
+                .unwrap_or("?");
+            return format!("application credential {id}");
+        }
+        self.auth_str("username")
+            .or_else(|| self.auth_str("user_id"))
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn is_application_credential(&self) -> bool {
+        self.entry.get("auth_type").and_then(Value::as_str) == Some("v3applicationcredential")
+            || (self.entry.get("auth_type").is_none()
+                && self.auth_str("application_credential_secret").is_some())
+    }
+
+    /// The region, when one is set.
+    pub fn region(&self) -> Option<&str> {
+        self.entry.get("region_name").and_then(Value::as_str)
+    }
+
+    /// The entry as osauth's `CloudConfig`.
+    pub(crate) fn to_osauth(&self) -> Result<osauth::CloudConfig, ProviderError> {
+        let mut entry = self.entry.clone();
+        if let Some(obj) = entry.as_object_mut() {
+            if self.is_application_credential() {
+                obj.insert("auth_type".into(), "v3applicationcredential".into());
+            }
+            // Keys osauth does not know (e.g. identity_api_version) land in its free-form options.
+        }
+        serde_json::from_value(entry).map_err(|e| invalid(format!("{}: {e}", self.source)))
+    }
+}
+
+/// The clouds.yaml files openstackclient reads, in order.
+pub fn clouds_yaml_candidates() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Ok(f) = std::env::var("OS_CLIENT_CONFIG_FILE") {
+        v.push(PathBuf::from(f));
+    }
+    v.push(PathBuf::from("clouds.yaml"));
+    if let Ok(h) = std::env::var("HOME") {
+        v.push(Path::new(&h).join(".config/openstack/clouds.yaml"));
+    }
+    v.push(PathBuf::from("/etc/openstack/clouds.yaml"));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn env_overrides_a_named_cloud_and_secrets_stay_out_of_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("clouds.yaml");
+        std::fs::write(
+            &f,
+            "clouds:\n  c1:\n    auth:\n      auth_url: http://127.0.0.1:5000/v3\n      username: u\n      password: s3cret\n      project_name: p\n    region_name: R1\n",
+        )
+        .unwrap();
+        let fs = f.display().to_string();
+        let e = CloudEntry::from_vars(|k| match k {
+            "OS_CLOUD" => Some("c1".into()),
+            "OS_CLIENT_CONFIG_FILE" => Some(fs.clone()),
+            "OS_REGION_NAME" => Some("R2".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(e.auth_url(), "http://127.0.0.1:5000/v3");
+        assert_eq!(e.user(), "u");
+        assert_eq!(e.region(), Some("R2"));
+        assert!(!format!("{e:?}").contains("s3cret"));
+        e.to_osauth().unwrap();
+        let missing = CloudEntry::from_file(&f, "c9").unwrap_err().to_string();
+        assert!(missing.contains("c1"), "{missing}");
+    }
+
+    #[test]
+    fn application_credentials_are_recognised() {
+        let e = CloudEntry::inline(serde_json::json!({"auth": {
+            "auth_url": "http://k/v3", "application_credential_id": "abc",
+            "application_credential_secret": "x"}}))
+        .unwrap();
+        assert_eq!(e.user(), "application credential abc");
+        e.to_osauth().unwrap();
+    }
+}
