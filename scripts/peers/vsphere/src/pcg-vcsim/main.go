@@ -3,11 +3,11 @@
 // benchmark baseline.
 //
 //	pcg-vcsim [-dc N -cluster N -cluster-host N -host N -vm N -ds N -portgroup N -dir DIR]
-//	    serves HTTPS on 127.0.0.1:0 and prints, one per line:
+//	    [-user U -pass P] serves HTTPS on 127.0.0.1:0 and prints, one per line:
 //	      PCG_VCSIM_URL=https://127.0.0.1:PORT/sdk
 //	      PCG_VCSIM_THUMBPRINT=<SHA-256 of the server certificate, hex>
 //	      PCG_VCSIM_CA=<path of the CA certificate (PEM) that signed it>
-//	    then serves until SIGINT/SIGTERM. Credentials: user / pass. A template named
+//	    then serves until SIGINT/SIGTERM. Only -user/-pass (default user / pass) log in. A template named
 //	    "pcg-template" is created. A powered-on VM reports a guest IP address after -ip-delay
 //	    (as VMware Tools would), and loses it when powered off.
 //	pcg-vcsim ref -url URL -ca FILE [-user U -pass P] list|inventory|bench N
@@ -174,6 +174,8 @@ func serve(args []string) error {
 	pg := fs.Int("portgroup", 1, "distributed portgroups per datacenter")
 	dir := fs.String("dir", os.TempDir(), "where to write the CA certificate")
 	ipDelay := fs.Duration("ip-delay", 300*time.Millisecond, "delay before a powered-on VM reports its IP")
+	user := fs.String("user", "user", "the only user name accepted")
+	pass := fs.String("pass", "pass", "its password")
 	_ = fs.Parse(args)
 
 	m := simulator.VPX()
@@ -195,12 +197,12 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
-	m.Service.Listen = &url.URL{Host: "127.0.0.1:0"}
+	m.Service.Listen = &url.URL{Host: "127.0.0.1:0", User: url.UserPassword(*user, *pass)}
 	m.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
 	s := m.Service.NewServer()
 	defer s.Close()
 
-	if err := makeTemplate(s.URL, caPath); err != nil {
+	if err := makeTemplate(s.URL, caPath, *user, *pass); err != nil {
 		return fmt.Errorf("creating the template: %w", err)
 	}
 
@@ -237,18 +239,19 @@ func connect(ctx context.Context, raw, caPath, user, pass string) (*govmomi.Clie
 	return c, nil
 }
 
-func makeTemplate(u *url.URL, caPath string) error {
+func makeTemplate(u *url.URL, caPath, user, pass string) error {
 	ctx := context.Background()
-	c, err := connect(ctx, u.String(), caPath, "user", "pass")
+	c, err := connect(ctx, u.String(), caPath, user, pass)
 	if err != nil {
 		return err
 	}
 	defer func() { _ = c.Logout(ctx) }()
 	finder := find.NewFinder(c.Client, true)
-	dc, err := finder.DefaultDatacenter(ctx)
+	dcs, err := finder.DatacenterList(ctx, "*")
 	if err != nil {
 		return err
 	}
+	dc := dcs[0]
 	finder.SetDatacenter(dc)
 	vms, err := finder.VirtualMachineList(ctx, "*")
 	if err != nil {

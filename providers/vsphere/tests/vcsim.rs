@@ -1,0 +1,381 @@
+//! Conformance of pcg-vsphere against vcsim (govmomi's vCenter simulator), cross-checked with the
+//! govmomi reference client: login and TLS trust, auth errors, typed faults, inventory, clone +
+//! power on + guest IP, power off, destroy, re-login after a server-side session termination,
+//! paging over more than 1,000 VMs, and create idempotency by command id.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::Vcsim;
+use pcg_provider::vm::{VmPlacement, VmProvider, VmSpec};
+use pcg_provider::{no_progress, ErrorKind, PowerAction, PowerState, TaskProgress, TlsTrust};
+use pcg_vsphere::fault::FaultKind;
+use pcg_vsphere::xml::MoRef;
+use pcg_vsphere::VsphereDriver;
+
+fn spec(name: &str) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        source: "pcg-template".into(),
+        cpus: Some(2),
+        memory_mib: Some(1024),
+        networks: vec![],
+        user_data: Some("#cloud-config\nhostname: x\n".into()),
+        metadata: Some("instance-id: x\n".into()),
+        power_on: true,
+        placement: VmPlacement::Vsphere {
+            datacenter: Some("DC0".into()),
+            cluster: Some("DC0_C0".into()),
+            resource_pool: None,
+            host: None,
+            folder: None,
+            datastore: None,
+        },
+    }
+}
+
+#[tokio::test]
+async fn login_with_pinned_or_ca_trust_and_wrong_pin_refused() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let d = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    let sc = d.client().service_content();
+    assert!(sc.full_name.contains("vCenter"), "{sc:?}");
+    assert_eq!(sc.root_folder.kind, "Folder");
+    assert!(d.client().session_key().await.is_some());
+    d.close().await.unwrap();
+    assert!(d.client().session_key().await.is_none());
+    // Used again after close: logs in again.
+    assert!(!d.list().await.unwrap().is_empty());
+
+    VsphereDriver::connect(&sim.endpoint_ca()).await.unwrap();
+
+    let mut wrong = sim.endpoint();
+    wrong.tls = Some(TlsTrust::PinSha256("00".repeat(32)));
+    let e = VsphereDriver::connect(&wrong).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unreachable, "{e}");
+    assert!(e.to_string().contains("pinned"), "{e}");
+
+    let mut none = sim.endpoint();
+    none.tls = None;
+    let e = VsphereDriver::connect(&none).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidSpec, "{e}");
+}
+
+#[tokio::test]
+async fn wrong_password_is_an_auth_error_naming_endpoint_and_user() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let mut ep = sim.endpoint();
+    ep.password = "not-the-password".into();
+    let e = VsphereDriver::connect(&ep).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Auth, "{e}");
+    let s = e.to_string();
+    assert!(s.contains(&sim.url) && s.contains("\"user\""), "{s}");
+    assert!(s.contains("InvalidLogin"), "{s}");
+    assert!(!s.contains("not-the-password"), "{s}");
+}
+
+#[tokio::test]
+async fn faults_are_typed() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let d = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    let e = d.get("vm-999999").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+
+    // Powering off a VM that is off: InvalidPowerState from the task.
+    let vm = d
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|v| !v.template)
+        .unwrap();
+    d.power(&vm.id, PowerAction::Off).await.unwrap();
+    let body = format!(
+        "<PowerOffVM_Task>{}</PowerOffVM_Task>",
+        MoRef::new("VirtualMachine", vm.id.clone()).xml("_this")
+    );
+    let task = d
+        .client()
+        .call("PowerOffVM_Task", &body)
+        .await
+        .unwrap()
+        .and_then(|n| n.moref())
+        .unwrap();
+    let fault = d
+        .wait_task(&task, "power off", &no_progress, (0, 100))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(fault.kind(), FaultKind::InvalidPowerState, "{fault:?}");
+
+    // A second folder of the same name: DuplicateName, mapped to Conflict.
+    let root = d.client().service_content().root_folder.clone();
+    let body = format!(
+        "<CreateFolder>{}<name>pcg-dup</name></CreateFolder>",
+        root.xml("_this")
+    );
+    d.client().call("CreateFolder", &body).await.unwrap();
+    let fault = d
+        .client()
+        .call_fault("CreateFolder", &body)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(fault.kind(), FaultKind::DuplicateName, "{fault:?}");
+    let e = d.client().call("CreateFolder", &body).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert!(e.to_string().contains("DuplicateName"), "{e}");
+}
+
+#[tokio::test]
+async fn inventory_matches_the_reference_client() {
+    let Some(sim) = Vcsim::start(&["-dc", "2", "-cluster", "2", "-vm", "3"]) else {
+        return;
+    };
+    let d = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    let inv = d.inventory().await.unwrap();
+
+    let ours: BTreeSet<(String, String)> = inv
+        .objects
+        .iter()
+        .map(|o| (o.kind.clone(), o.id.clone()))
+        .chain(
+            inv.vms
+                .iter()
+                .map(|v| ("VirtualMachine".to_string(), v.id.clone())),
+        )
+        .collect();
+    let kinds: BTreeSet<&str> = [
+        "Datacenter",
+        "Folder",
+        "ComputeResource",
+        "ClusterComputeResource",
+        "HostSystem",
+        "ResourcePool",
+        "Datastore",
+        "Network",
+        "DistributedVirtualPortgroup",
+        "OpaqueNetwork",
+        "VirtualMachine",
+    ]
+    .into();
+    let theirs: BTreeSet<(String, String)> = sim
+        .reference(&["inventory"])
+        .iter()
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap().to_owned(),
+                v["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .filter(|(k, _)| kinds.contains(k.as_str()))
+        .collect();
+    assert_eq!(ours, theirs);
+    assert!(inv
+        .objects
+        .iter()
+        .any(|o| o.kind == "ClusterComputeResource"));
+    assert_eq!(
+        inv.objects
+            .iter()
+            .filter(|o| o.kind == "Datacenter")
+            .count(),
+        2
+    );
+
+    let ours: BTreeSet<(String, String, String, bool)> = inv
+        .vms
+        .iter()
+        .map(|v| {
+            let power = v.details.get("power_state").cloned().unwrap_or_default();
+            (v.id.clone(), v.name.clone(), power, v.template)
+        })
+        .collect();
+    let theirs: BTreeSet<(String, String, String, bool)> = sim
+        .reference(&["list"])
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_owned(),
+                v["name"].as_str().unwrap().to_owned(),
+                v["power"].as_str().unwrap().to_owned(),
+                v["template"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+    assert!(ours.iter().any(|v| v.3), "the template is listed");
+}
+
+#[tokio::test]
+async fn clone_power_on_guest_ip_power_off_destroy() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let d = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    let pg = d
+        .inventory()
+        .await
+        .unwrap()
+        .objects
+        .into_iter()
+        .find(|o| o.kind == "DistributedVirtualPortgroup" && !o.name.contains("Uplink"))
+        .unwrap();
+    let mut s = spec("web-1");
+    s.networks = vec![pg.name.clone()];
+    let seen = Mutex::new(Vec::<TaskProgress>::new());
+    let sink = |p: &TaskProgress| seen.lock().unwrap().push(p.clone());
+    let vm = d.create("cmd-clone-1", &s, &sink).await.unwrap();
+    assert_eq!(vm.name, "web-1");
+    assert_eq!(vm.power, PowerState::On);
+    assert_eq!(vm.cpus, Some(2));
+    assert_eq!(vm.memory_mib, Some(1024));
+    assert_eq!(vm.command_id.as_deref(), Some("cmd-clone-1"));
+    assert!(!vm.template);
+    let progress = seen.lock().unwrap().clone();
+    assert!(progress.len() >= 3, "{progress:?}");
+    assert_eq!(
+        progress.last().map(|p| p.state),
+        Some(pcg_provider::TaskState::Completed)
+    );
+
+    // cloud-init guestinfo and the NIC on the requested portgroup.
+    let o = d
+        .client()
+        .retrieve_one(
+            &MoRef::new("VirtualMachine", vm.id.clone()),
+            &["config.extraConfig", "network"],
+        )
+        .await
+        .unwrap();
+    let ec = o.get("config.extraConfig").unwrap();
+    let keys: Vec<&str> = ec
+        .children
+        .iter()
+        .filter_map(|c| c.child_text("key"))
+        .collect();
+    for k in [
+        "guestinfo.userdata",
+        "guestinfo.userdata.encoding",
+        "guestinfo.metadata",
+        "guestinfo.metadata.encoding",
+        pcg_vsphere::COMMAND_KEY,
+    ] {
+        assert!(keys.contains(&k), "{k} missing from {keys:?}");
+    }
+    let nets: Vec<String> = o
+        .get("network")
+        .unwrap()
+        .children
+        .iter()
+        .map(|n| n.text.clone())
+        .collect();
+    assert!(nets.contains(&pg.id), "{nets:?} lacks {}", pg.id);
+
+    let ip = d.wait_ip(&vm.id, Duration::from_secs(20)).await.unwrap();
+    assert!(ip.parse::<std::net::Ipv4Addr>().is_ok(), "{ip}");
+
+    d.power(&vm.id, PowerAction::Off).await.unwrap();
+    assert_eq!(d.get(&vm.id).await.unwrap().power, PowerState::Off);
+    d.power(&vm.id, PowerAction::Off).await.unwrap();
+    d.power(&vm.id, PowerAction::On).await.unwrap();
+    d.power(&vm.id, PowerAction::Reset).await.unwrap();
+    d.power(&vm.id, PowerAction::SoftShutdown).await.unwrap();
+    assert_eq!(d.get(&vm.id).await.unwrap().power, PowerState::Off);
+    d.power(&vm.id, PowerAction::Cycle).await.unwrap();
+    assert_eq!(d.get(&vm.id).await.unwrap().power, PowerState::On);
+
+    assert!(d.delete(&vm.id, &no_progress).await.unwrap());
+    assert!(!d.delete(&vm.id, &no_progress).await.unwrap());
+    assert_eq!(d.get(&vm.id).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert!(sim
+        .reference(&["list"])
+        .iter()
+        .all(|v| v["id"].as_str() != Some(vm.id.as_str())));
+}
+
+#[tokio::test]
+async fn relogin_after_the_session_is_terminated_server_side() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let a = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    let b = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    let key_a = a.client().session_key().await.unwrap();
+    assert_ne!(Some(&key_a), b.client().session_key().await.as_ref());
+    b.client()
+        .terminate_sessions(std::slice::from_ref(&key_a))
+        .await
+        .unwrap();
+    // A's next call meets NotAuthenticated, logs in again and succeeds.
+    assert!(!a.list().await.unwrap().is_empty());
+    let key_a2 = a.client().session_key().await.unwrap();
+    assert_ne!(key_a, key_a2);
+    // Concurrent callers after another termination share one new session.
+    b.client()
+        .terminate_sessions(std::slice::from_ref(&key_a2))
+        .await
+        .unwrap();
+    let (x, y, z) = tokio::join!(a.list(), a.list(), a.client().current_time());
+    x.unwrap();
+    y.unwrap();
+    z.unwrap();
+    assert_ne!(a.client().session_key().await.unwrap(), key_a2);
+}
+
+#[tokio::test]
+async fn paging_over_more_than_a_thousand_vms() {
+    // 500 VMs in each of the standalone host's and the cluster's pools, plus the template.
+    let Some(sim) = Vcsim::start(&["-vm", "500", "-cluster-host", "1"]) else {
+        return;
+    };
+    let mut ep = sim.endpoint();
+    ep.page_size = Some(100);
+    let d = VsphereDriver::connect(&ep).await.unwrap();
+    let vms = d.list().await.unwrap();
+    let ids: BTreeSet<&str> = vms.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(ids.len(), vms.len(), "no VM listed twice");
+    assert!(vms.len() > 1000, "{}", vms.len());
+    let theirs: BTreeSet<String> = sim
+        .reference(&["list"])
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        theirs.iter().map(String::as_str).collect::<BTreeSet<_>>()
+    );
+}
+
+#[tokio::test]
+async fn the_same_create_delivered_twice_leaves_one_vm() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let d = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    let first = d
+        .create("cmd-twice", &spec("twice"), &no_progress)
+        .await
+        .unwrap();
+    let again = d
+        .create("cmd-twice", &spec("twice"), &no_progress)
+        .await
+        .unwrap();
+    assert_eq!(first.id, again.id);
+
+    // Two deliveries racing (a redelivery while the first still runs).
+    let s = spec("racing");
+    let (x, y) = tokio::join!(
+        d.create("cmd-race", &s, &no_progress),
+        d.create("cmd-race", &s, &no_progress)
+    );
+    assert_eq!(x.unwrap().id, y.unwrap().id);
+
+    let listing = sim.reference(&["list"]);
+    for cmd in ["cmd-twice", "cmd-race"] {
+        let n = listing
+            .iter()
+            .filter(|v| v["command_id"].as_str() == Some(cmd))
+            .count();
+        assert_eq!(n, 1, "{cmd}: {listing:?}");
+    }
+}
