@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod openstack_peer;
 pub mod peers;
 pub mod relay;
 

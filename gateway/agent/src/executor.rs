@@ -93,6 +93,7 @@ impl Registry {
     pub fn standard(ledger: Option<PathBuf>) -> Registry {
         let mut r = Self::builtin(ledger);
         crate::baremetal::register(&mut r);
+        crate::openstack::register(&mut r);
         r
     }
 

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod baremetal;
 pub mod config;
 pub mod executor;
+pub mod openstack;
 pub mod pairing;
 pub mod status;
 pub mod store;
