@@ -25,6 +25,7 @@ cargo build --workspace --bins --locked
 step "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+trap 'bash scripts/peers/openstack/stop.sh || true' EXIT # the OpenStack stack the tests share, started by the first test that needs it
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast "$@"
