@@ -10,6 +10,7 @@
 pub mod openstack_peer;
 pub mod peers;
 pub mod relay;
+pub mod vcsim;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -94,6 +94,7 @@ impl Registry {
         let mut r = Self::builtin(ledger);
         crate::baremetal::register(&mut r);
         crate::openstack::register(&mut r);
+        crate::vsphere::register(&mut r);
         r
     }
 

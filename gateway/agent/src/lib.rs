@@ -19,6 +19,7 @@ pub mod pairing;
 pub mod status;
 pub mod store;
 pub mod tunnel;
+pub mod vsphere;
 
 use std::collections::HashSet;
 use std::future::Future;

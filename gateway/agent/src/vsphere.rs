@@ -1,0 +1,76 @@
+//! vSphere commands (`vsphere.create`, `.delete`, `.power`, `.get`, `.inventory`) in the
+//! executor, on pcg-vsphere. Payloads are described in `pcg_vsphere::command`.
+//!
+//! Each payload carries its vCenter endpoint (URL, user, password, TLS trust); the gateway stores
+//! no vCenter password, and the SaaS redacts `password` keys wherever it shows a payload. One
+//! connected driver (one vCenter session) is kept per endpoint, user and password, so commands
+//! share a session; a driver is kept only once its login succeeded.
+//!
+//! Exactly once in effect: `vsphere.create` marks the VM with the command id in extraConfig as
+//! part of the clone and looks for that mark first, so a redelivered or recovered create returns
+//! the VM the first one made. Get, power on/off, guest shutdown, delete and inventory converge. A
+//! reset or cycle interrupted by a restart is not repeated: it fails with `interrupted` and the
+//! VM's current power state.
+
+use std::sync::Arc;
+
+use pcg_provider::vm::VmProvider;
+use pcg_provider::{PowerAction, ProviderError};
+use pcg_vsphere::command::{VsphereCommand, VsphereService, KINDS};
+use serde_json::Value;
+
+use crate::executor::{ExecContext, ExecError, Registry};
+
+fn exec_error(e: ProviderError) -> ExecError {
+    let class = serde_json::to_value(e.kind())
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "provider".into());
+    ExecError::new(&class, e.to_string())
+}
+
+async fn handle(
+    service: Arc<VsphereService>,
+    ctx: ExecContext,
+    payload: Value,
+) -> Result<Value, ExecError> {
+    let cmd = VsphereCommand::parse_value(&ctx.kind, payload)
+        .map_err(exec_error)?
+        .ok_or_else(|| {
+            ExecError::new(
+                "unknown_kind",
+                format!("{} is not a vSphere command", ctx.kind),
+            )
+        })?;
+    let driver = service.driver(cmd.endpoint()).await.map_err(exec_error)?;
+    if let VsphereCommand::Power(p) = &cmd {
+        if ctx.recovered && matches!(p.action, PowerAction::Reset | PowerAction::Cycle) {
+            let current = driver
+                .get(&p.id)
+                .await
+                .map(|vm| format!("{:?}", vm.power))
+                .unwrap_or_else(|_| "unknown".into());
+            return Err(ExecError::new(
+                "interrupted",
+                format!(
+                    "the gateway restarted while this {:?} of VM {} was running; it may or may not have taken effect, so it is not repeated (current power state: {current}); send it again if needed",
+                    p.action, p.id
+                ),
+            ));
+        }
+    }
+    pcg_vsphere::command::execute(&driver, &ctx.command_id, &cmd)
+        .await
+        .map_err(exec_error)
+}
+
+/// Adds the vSphere commands to `r`.
+pub fn register(r: &mut Registry) {
+    let service = Arc::new(VsphereService::new());
+    for kind in KINDS {
+        let service = service.clone();
+        r.register(kind, move |ctx: ExecContext, payload: Value| {
+            handle(service.clone(), ctx, payload)
+        });
+    }
+}
