@@ -19,7 +19,7 @@ pub mod soap;
 pub mod tls;
 pub mod xml;
 
-pub use driver::{VsphereDriver, COMMAND_KEY};
+pub use driver::{vm_info, VsphereDriver, COMMAND_KEY};
 
 use pcg_provider::{Secret, TlsTrust};
 use serde::{Deserialize, Serialize};

@@ -3,6 +3,7 @@
 //! PropertyCollector (RetrievePropertiesEx + ContinueRetrievePropertiesEx paging over a
 //! ContainerView).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,8 @@ pub struct ServiceContent {
 }
 
 impl ServiceContent {
-    fn from_node(n: &Node) -> Option<Self> {
+    /// From the `returnval` of RetrieveServiceContent.
+    pub fn from_node(n: &Node) -> Option<Self> {
         Some(Self {
             root_folder: n.child("rootFolder")?.moref()?,
             property_collector: n.child("propertyCollector")?.moref()?,
@@ -77,6 +79,23 @@ impl ObjectContent {
     pub fn moref(&self, path: &str) -> Option<MoRef> {
         self.get(path).and_then(Node::moref)
     }
+}
+
+/// A NotAuthenticated or NoPermission fault reported per object in a RetrievePropertiesEx
+/// `missingSet` (how vCenter and vcsim answer property retrieval without a valid session) is a
+/// fault of the whole call.
+pub fn missing_set_fault(returnval: Option<&Node>) -> Option<Fault> {
+    let rv = returnval?;
+    rv.children_named("objects")
+        .flat_map(|o| o.children_named("missingSet"))
+        .filter_map(|m| m.child("fault").and_then(|f| f.child("fault")))
+        .find_map(|f| match f.xsi_type.as_deref() {
+            Some(t @ ("NotAuthenticated" | "NoPermission")) => Some(Fault {
+                type_name: t.to_owned(),
+                message: format!("property retrieval refused ({t})"),
+            }),
+            _ => None,
+        })
 }
 
 /// Parses one RetrievePropertiesEx / ContinueRetrievePropertiesEx `returnval`: objects and the
@@ -121,6 +140,8 @@ struct Inner {
     /// When a request last succeeded (the keep-alive skips busy sessions).
     last_used: StdMutex<Instant>,
     page: u32,
+    /// ContinueRetrievePropertiesEx calls made (diagnostics; tests check paging happened).
+    continuations: AtomicU64,
 }
 
 /// A vSphere Web Services client bound to one endpoint. Cloning shares the session.
@@ -208,6 +229,7 @@ impl Client {
                 session: Mutex::new(Session::default()),
                 last_used: StdMutex::new(Instant::now()),
                 page: ep.page_size.unwrap_or(DEFAULT_PAGE).max(1),
+                continuations: AtomicU64::new(0),
             }),
         };
         client.login(0).await?;
@@ -229,6 +251,11 @@ impl Client {
 
     pub fn service_content(&self) -> &ServiceContent {
         &self.inner.sc
+    }
+
+    /// How many ContinueRetrievePropertiesEx calls this client made.
+    pub fn continuations(&self) -> u64 {
+        self.inner.continuations.load(Ordering::Relaxed)
     }
 
     /// The key of the current session (as SessionManager lists it), if logged in.
@@ -319,7 +346,7 @@ impl Client {
                 self.login(generation).await?;
                 continue;
             };
-            match post(
+            let result = post(
                 &self.inner.http,
                 &self.inner.url,
                 self.inner.timeout,
@@ -327,7 +354,11 @@ impl Client {
                 Some(&cookie),
             )
             .await
-            {
+            .and_then(|r| match missing_set_fault(r.returnval.as_ref()) {
+                Some(f) => Err(CallError::Fault(f)),
+                None => Ok(r),
+            });
+            match result {
                 Ok(r) => {
                     if let Ok(mut t) = self.inner.last_used.lock() {
                         *t = Instant::now();
@@ -438,6 +469,7 @@ impl Client {
                 pc.xml("_this"),
                 elem("token", &t)
             );
+            self.inner.continuations.fetch_add(1, Ordering::Relaxed);
             let rv = self.call("ContinueRetrievePropertiesEx", &body).await?;
             let (more, next) = parse_retrieve_result(rv.as_ref());
             all.extend(more);

@@ -308,7 +308,11 @@ async fn relogin_after_the_session_is_terminated_server_side() {
         .terminate_sessions(std::slice::from_ref(&key_a))
         .await
         .unwrap();
-    // A's next call meets NotAuthenticated, logs in again and succeeds.
+    // A's next call meets NotAuthenticated, logs in again and succeeds. Property retrieval
+    // reports it per object (missingSet), not as a SOAP fault: it must not read as empty.
+    let first = b.list().await.unwrap().into_iter().next().unwrap();
+    let got = a.get(&first.id).await.unwrap();
+    assert_eq!(got.name, first.name);
     assert!(!a.list().await.unwrap().is_empty());
     let key_a2 = a.client().session_key().await.unwrap();
     assert_ne!(key_a, key_a2);
@@ -334,6 +338,11 @@ async fn paging_over_more_than_a_thousand_vms() {
     ep.page_size = Some(100);
     let d = VsphereDriver::connect(&ep).await.unwrap();
     let vms = d.list().await.unwrap();
+    assert!(
+        d.client().continuations() >= 10,
+        "paged: {} continuations",
+        d.client().continuations()
+    );
     let ids: BTreeSet<&str> = vms.iter().map(|v| v.id.as_str()).collect();
     assert_eq!(ids.len(), vms.len(), "no VM listed twice");
     assert!(vms.len() > 1000, "{}", vms.len());

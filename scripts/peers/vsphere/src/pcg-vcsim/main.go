@@ -9,7 +9,8 @@
 //	      PCG_VCSIM_CA=<path of the CA certificate (PEM) that signed it>
 //	    then serves until SIGINT/SIGTERM. Only -user/-pass (default user / pass) log in. A template named
 //	    "pcg-template" is created. A powered-on VM reports a guest IP address after -ip-delay
-//	    (as VMware Tools would), and loses it when powered off.
+//	    (as VMware Tools would), and loses it when powered off. RetrievePropertiesEx honours
+//	    maxObjects with ContinueRetrievePropertiesEx tokens, as vCenter does (paging.go).
 //	pcg-vcsim ref -url URL -ca FILE [-user U -pass P] list|inventory|bench N
 //	    the reference client: "list" prints every VM as JSON lines (moref, name, power state,
 //	    template flag, pcg command id), "inventory" prints every managed entity (type, moref,
@@ -192,6 +193,7 @@ func serve(args []string) error {
 	}
 	defer m.Remove()
 	simulator.Map.AddHandler(&guestIP{delay: *ipDelay})
+	installPaging()
 
 	cert, caPath, err := pki(*dir)
 	if err != nil {
