@@ -388,3 +388,23 @@ async fn the_same_create_delivered_twice_leaves_one_vm() {
         assert_eq!(n, 1, "{cmd}: {listing:?}");
     }
 }
+
+#[tokio::test]
+async fn keepalive_holds_an_idle_session_and_an_expired_one_is_renewed() {
+    let Some(sim) = Vcsim::start(&["-idle-timeout", "1s"]) else {
+        return;
+    };
+    let mut ep = sim.endpoint();
+    ep.keepalive_ms = Some(250);
+    let kept = VsphereDriver::connect(&ep).await.unwrap();
+    let lapsed = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    let key_kept = kept.client().session_key().await.unwrap();
+    let key_lapsed = lapsed.client().session_key().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Kept alive: the same session still works.
+    assert!(!kept.list().await.unwrap().is_empty());
+    assert_eq!(kept.client().session_key().await.unwrap(), key_kept);
+    // Expired server-side while idle: renewed transparently on the next call.
+    assert!(!lapsed.list().await.unwrap().is_empty());
+    assert_ne!(lapsed.client().session_key().await.unwrap(), key_lapsed);
+}

@@ -3,7 +3,7 @@
 // benchmark baseline.
 //
 //	pcg-vcsim [-dc N -cluster N -cluster-host N -host N -vm N -ds N -portgroup N -dir DIR]
-//	    [-user U -pass P] serves HTTPS on 127.0.0.1:0 and prints, one per line:
+//	    [-user U -pass P -idle-timeout D] serves HTTPS on 127.0.0.1:0 and prints, one per line:
 //	      PCG_VCSIM_URL=https://127.0.0.1:PORT/sdk
 //	      PCG_VCSIM_THUMBPRINT=<SHA-256 of the server certificate, hex>
 //	      PCG_VCSIM_CA=<path of the CA certificate (PEM) that signed it>
@@ -177,8 +177,10 @@ func serve(args []string) error {
 	ipDelay := fs.Duration("ip-delay", 300*time.Millisecond, "delay before a powered-on VM reports its IP")
 	user := fs.String("user", "user", "the only user name accepted")
 	pass := fs.String("pass", "pass", "its password")
+	idle := fs.Duration("idle-timeout", 0, "expire sessions idle this long (0: never, the simulator's default)")
 	_ = fs.Parse(args)
 
+	simulator.SessionIdleTimeout = *idle
 	m := simulator.VPX()
 	m.Datacenter = *dc
 	m.Cluster = *cluster
