@@ -24,6 +24,9 @@
 //! - **delete** powers the VM off when needed and destroys it; a VM already gone is success
 //!   (`Ok(false)`), so a retried delete is harmless.
 //! - **wait_ip** polls until the guest reports an IP address, or `Timeout` after `bound`.
+//!
+//! The checks every VM driver runs against its real peer are in `conformance` (feature
+//! `conformance`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -206,6 +209,119 @@ pub trait VmProvider: Send + Sync {
 
     /// Ends the session on the endpoint (the driver logs in again when used).
     async fn close(&self) -> Result<()>;
+}
+
+/// The conformance suite for VM drivers (feature `conformance`): each check drives a
+/// `&dyn VmProvider` through one part of the contract above against the driver's real peer and
+/// panics with what was expected and what was seen.
+#[cfg(feature = "conformance")]
+pub mod conformance {
+    use std::time::{Duration, Instant};
+
+    use super::{VmInfo, VmProvider, VmSpec};
+    use crate::error::{ErrorKind, ProviderError};
+    use crate::types::{no_progress, PowerAction, PowerState};
+
+    fn ok<T>(what: &str, r: Result<T, ProviderError>) -> T {
+        match r {
+            Ok(v) => v,
+            Err(e) => panic!("conformance: {what} failed: {e} (kind {:?})", e.kind()),
+        }
+    }
+
+    /// Polls `get` until the VM's power is `want` (providers may settle after answering).
+    async fn wait_power(d: &dyn VmProvider, id: &str, want: PowerState, bound: Duration) {
+        let start = Instant::now();
+        loop {
+            let vm = ok("get", d.get(id).await);
+            if vm.power == want {
+                return;
+            }
+            assert!(
+                start.elapsed() < bound,
+                "conformance: {id} still {:?} after {bound:?}, wanted {want:?}",
+                vm.power
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Create (twice with one command id: one VM), then get, list and find_by_command agree.
+    /// Returns the VM for the following checks.
+    pub async fn create_idempotent(d: &dyn VmProvider, command_id: &str, spec: &VmSpec) -> VmInfo {
+        let first = ok("create", d.create(command_id, spec, &no_progress).await);
+        assert_eq!(first.name, spec.name, "conformance: created VM's name");
+        assert_eq!(
+            first.command_id.as_deref(),
+            Some(command_id),
+            "conformance: the VM must carry the command id"
+        );
+        let again = ok(
+            "create (same command again)",
+            d.create(command_id, spec, &no_progress).await,
+        );
+        assert_eq!(
+            again.id, first.id,
+            "conformance: a repeated create made a twin"
+        );
+        let listed: Vec<VmInfo> = ok("list", d.list().await)
+            .into_iter()
+            .filter(|v| v.command_id.as_deref() == Some(command_id))
+            .collect();
+        assert_eq!(
+            listed.len(),
+            1,
+            "conformance: {} VMs carry command {command_id}: {listed:?}",
+            listed.len()
+        );
+        let found = ok("find_by_command", d.find_by_command(command_id).await);
+        assert_eq!(found.map(|v| v.id), Some(first.id.clone()));
+        let got = ok("get", d.get(&first.id).await);
+        assert_eq!(got.id, first.id);
+        first
+    }
+
+    /// Off (twice), on (twice), off: each reaches its state within `settle`.
+    pub async fn power_round_trip(d: &dyn VmProvider, id: &str, settle: Duration) {
+        for (action, want) in [
+            (PowerAction::Off, PowerState::Off),
+            (PowerAction::Off, PowerState::Off),
+            (PowerAction::On, PowerState::On),
+            (PowerAction::On, PowerState::On),
+            (PowerAction::Off, PowerState::Off),
+        ] {
+            ok(&format!("power {action:?}"), d.power(id, action).await);
+            wait_power(d, id, want, settle).await;
+        }
+    }
+
+    /// Delete, delete again (`Ok(false)`), then `get` is `NotFound` and `list` lacks the VM.
+    pub async fn delete_idempotent(d: &dyn VmProvider, id: &str) {
+        assert!(
+            ok("delete", d.delete(id, &no_progress).await),
+            "conformance: the first delete must report a deletion"
+        );
+        assert!(
+            !ok("delete (again)", d.delete(id, &no_progress).await),
+            "conformance: deleting a VM already gone must be Ok(false)"
+        );
+        match d.get(id).await {
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            other => panic!("conformance: get after delete: expected NotFound, got {other:?}"),
+        }
+        assert!(
+            ok("list", d.list().await).iter().all(|v| v.id != id),
+            "conformance: a deleted VM is still listed"
+        );
+    }
+
+    /// An unknown id is `NotFound` for get.
+    pub async fn unknown_is_not_found(d: &dyn VmProvider, unknown_id: &str) {
+        match d.get(unknown_id).await {
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            other => panic!("conformance: get({unknown_id}): expected NotFound, got {other:?}"),
+        }
+    }
 }
 
 #[cfg(test)]

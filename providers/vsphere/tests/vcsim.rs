@@ -408,3 +408,14 @@ async fn keepalive_holds_an_idle_session_and_an_expired_one_is_renewed() {
     assert!(!lapsed.list().await.unwrap().is_empty());
     assert_ne!(lapsed.client().session_key().await.unwrap(), key_lapsed);
 }
+
+#[tokio::test]
+async fn provider_conformance_suite() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let d = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    use pcg_provider::vm::conformance;
+    conformance::unknown_is_not_found(&d, "vm-424242").await;
+    let vm = conformance::create_idempotent(&d, "conformance-1", &spec("conf-1")).await;
+    conformance::power_round_trip(&d, &vm.id, Duration::from_secs(10)).await;
+    conformance::delete_idempotent(&d, &vm.id).await;
+}
