@@ -253,12 +253,12 @@ impl Session {
     }
 
     /// Retransmission timeout, as TCP computes it: smoothed RTT + 4 × its mean deviation (at
-    /// least 100 ms more than the RTT), within [150 ms, 2 s]; 1 s before the first sample.
+    /// least 100 ms more than the RTT), within [150 ms, 2 s]; 500 ms before the first sample.
     fn rto(&self) -> Duration {
         match self.srtt {
             Some(s) => (s + (self.rttvar * 4).max(Duration::from_millis(100)))
                 .clamp(Duration::from_millis(150), Duration::from_secs(2)),
-            None => Duration::from_secs(1),
+            None => Duration::from_millis(500),
         }
     }
 
@@ -300,6 +300,7 @@ impl Session {
                 self.stats.retransmits += 1;
             }
             let pkt = build(self);
+            tracing::trace!(endpoint = %self.endpoint, operation, attempt = sent, "send");
             let sent_at = Instant::now();
             let retransmitted = !first;
             first = false;
@@ -387,24 +388,27 @@ impl Session {
             ));
         }
         kuid.resize(20, 0);
-        let console_sid: u32 = loop {
-            let s = rand::random::<u32>();
-            if s != 0 {
-                break s;
-            }
-        };
-
-        // Open Session, keeping part of the bound to tell a full BMC from a dead one.
+        // Open Session, keeping part of the bound to tell a full BMC from a dead one. Each
+        // attempt proposes a fresh console session id: a BMC that already answered a request
+        // whose answer was lost may ignore the same request again (ipmi_sim does).
         let reserve = (self.bound / 4).min(Duration::from_secs(1));
         let open_deadline = deadline.checked_sub(reserve).unwrap_or(deadline);
-        let tag = self.next_tag();
-        let open = packet::open_session_request(tag, console_sid, PRIV_ADMIN);
+        let proposed: std::sync::Mutex<Vec<(u8, u32)>> = std::sync::Mutex::new(Vec::new());
         let opened = self
             .exchange(
                 "RMCP+ Open Session",
                 open_deadline,
                 u32::MAX,
-                |_| packet::encode(payload::OPEN_SESSION_REQUEST, 0, 0, &open, None),
+                |s| {
+                    let tag = s.next_tag();
+                    let sid = rand::random::<u32>().max(1);
+                    proposed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((tag, sid));
+                    let open = packet::open_session_request(tag, sid, PRIV_ADMIN);
+                    packet::encode(payload::OPEN_SESSION_REQUEST, 0, 0, &open, None)
+                },
                 |s, bytes| {
                     let Ok(p) = packet::decode(bytes, None) else {
                         return Ok(Step::Skip);
@@ -415,17 +419,23 @@ impl Session {
                     let Ok(r) = packet::parse_open_session_response(&p.payload) else {
                         return Ok(Step::Skip);
                     };
-                    if r.tag != tag || r.console_sid.is_some_and(|c| c != console_sid) {
+                    let ours = proposed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .find(|(t, c)| *t == r.tag && r.console_sid.is_none_or(|rc| rc == *c))
+                        .copied();
+                    let Some((_, console_sid)) = ours else {
                         return Ok(Step::Skip);
-                    }
+                    };
                     if r.status != 0 {
                         return Err(s.status_error("Open Session", r.status));
                     }
-                    Ok(Step::Done(r.bmc_sid))
+                    Ok(Step::Done((console_sid, r.bmc_sid)))
                 },
             )
             .await;
-        let bmc_sid = match opened {
+        let (console_sid, bmc_sid) = match opened {
             Err(ProviderError::Timeout { .. }) => {
                 return Err(self.diagnose_silence(deadline).await)
             }
@@ -462,7 +472,15 @@ impl Session {
                     Ok(Step::Done(r))
                 },
             )
-            .await?;
+            .await;
+        let r2 = match r2 {
+            Ok(r2) => r2,
+            Err(e) => {
+                // The BMC may hold the session after RAKP 1: tell it to drop it.
+                self.abort_handshake(bmc_sid);
+                return Err(e);
+            }
+        };
         let ulen = [user.len() as u8];
         let expect = packet::hmac_sha1(
             &kuid,
@@ -479,11 +497,7 @@ impl Session {
         );
         if r2.auth_code.get(..20) != Some(&expect[..]) {
             // Tell the BMC to drop the half-open session, then report the password.
-            let abort = packet::rakp3(self.next_tag(), 0x0f, bmc_sid, &[]);
-            let _ = self
-                .socket
-                .send(&packet::encode(payload::RAKP3, 0, 0, &abort, None))
-                .await;
+            self.abort_handshake(bmc_sid);
             return Err(
                 self.auth("password rejected (RAKP 2 key exchange code does not match)".into())
             );
@@ -506,8 +520,17 @@ impl Session {
                 RAKP_ATTEMPTS,
                 |_| packet::encode(payload::RAKP3, 0, 0, &r3, None),
                 |s, bytes| {
-                    let Ok(p) = packet::decode(bytes, None) else {
-                        return Ok(Step::Skip);
+                    // ipmi_sim answers a repeated RAKP 3 (its first RAKP 4 lost) from inside the
+                    // session it already activated: encrypted and authenticated with its keys.
+                    let p = match packet::decode(bytes, None) {
+                        Ok(p) => p,
+                        Err(packet::PacketError::NoKeys) => {
+                            match packet::decode(bytes, Some(&keys)) {
+                                Ok(p) => p,
+                                Err(_) => return Ok(Step::Skip),
+                            }
+                        }
+                        Err(_) => return Ok(Step::Skip),
                     };
                     if p.ptype != payload::RAKP4 {
                         return Ok(Step::Skip);
@@ -530,7 +553,10 @@ impl Session {
             .await;
         if let Err(e) = rakp4 {
             if matches!(e, ProviderError::Timeout { .. }) {
-                // The BMC may have activated the session and lost only RAKP 4: close it.
+                // The BMC may still wait for RAKP 3 (abort it), or may have activated the
+                // session and lost only RAKP 4 (close it; a BMC that never activated it does not
+                // answer, which costs this short wait).
+                self.abort_handshake(bmc_sid);
                 self.active = Some(Active {
                     wire: Wire::Plus { console_sid, keys },
                     bmc_sid,
@@ -538,7 +564,9 @@ impl Session {
                     sent: 0,
                     last_answer: Instant::now(),
                 });
-                self.forget_with_close();
+                let left = deadline.saturating_duration_since(Instant::now());
+                self.close_within(left.min(Duration::from_millis(1500)))
+                    .await;
             }
             return Err(e);
         }
@@ -586,10 +614,20 @@ impl Session {
             Ok(()) => ProviderError::NoSessionSlots {
                 endpoint: self.endpoint.clone(),
                 user: self.user.clone(),
-                detail: "the BMC answers without a session but opened no RMCP+ session: its session slots are likely all in use".into(),
+                detail: "the BMC answers without a session but opened no RMCP+ session: its session slots are likely all in use (or the network loses most datagrams)".into(),
             },
             Err(ProviderError::Timeout { .. }) => self.timeout("RMCP+ Open Session"),
             Err(e) => e,
+        }
+    }
+
+    /// Sends RAKP 3 with an error status (twice, against loss) so that the BMC drops a session
+    /// whose handshake pcg gives up; no answer is awaited.
+    fn abort_handshake(&mut self, bmc_sid: u32) {
+        let abort = packet::rakp3(self.next_tag(), 0x0f, bmc_sid, &[]);
+        let pkt = packet::encode(payload::RAKP3, 0, 0, &abort, None);
+        for _ in 0..2 {
+            let _ = self.socket.try_send(&pkt);
         }
     }
 
@@ -891,10 +929,19 @@ impl Session {
 
     /// Sends Close Session and waits briefly for the answer; the session is forgotten either way.
     pub async fn close_now(&mut self) {
+        // Short: a BMC that got the first Close Session but whose answer was lost does not
+        // answer a repeated one (the session is gone).
+        self.close_within(self.bound.min(Duration::from_millis(1500)))
+            .await;
+    }
+
+    /// Close Session, waiting at most `bound` for the answer; the session is forgotten either
+    /// way.
+    async fn close_within(&mut self, bound: Duration) {
         let Some(bmc_sid) = self.active.as_ref().map(|a| a.bmc_sid) else {
             return;
         };
-        let deadline = Instant::now() + self.bound.min(Duration::from_secs(3));
+        let deadline = Instant::now() + bound;
         match self
             .send_in_session(0x06, 0x3c, &bmc_sid.to_le_bytes(), deadline)
             .await

@@ -232,6 +232,28 @@ fn spawn_sim(sim: &Path, dir: &Path) -> Child {
         .expect("spawn ipmi_sim")
 }
 
+impl IpmiSim {
+    /// Established sessions (a user logged in) as `ipmitool session info all` lists them,
+    /// ipmitool's own included; half-open ones (Open Session answered, RAKP never completed:
+    /// user id 0) are not counted.
+    pub fn established_sessions(&self) -> usize {
+        let out = self.ipmitool(&["session", "info", "all"]);
+        out.lines()
+            .filter_map(|l| l.strip_prefix("user id"))
+            .filter(|r| r.trim_start_matches([' ', ':']).trim() != "0")
+            .count()
+    }
+
+    /// Half-open sessions (user id 0) as `ipmitool session info all` lists them.
+    pub fn half_open_sessions(&self) -> usize {
+        let out = self.ipmitool(&["session", "info", "all"]);
+        out.lines()
+            .filter_map(|l| l.strip_prefix("user id"))
+            .filter(|r| r.trim_start_matches([' ', ':']).trim() == "0")
+            .count()
+    }
+}
+
 impl Drop for IpmiSim {
     fn drop(&mut self) {
         let _ = self.child.kill();
