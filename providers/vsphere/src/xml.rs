@@ -161,6 +161,19 @@ fn local(qname: &str) -> String {
     }
 }
 
+/// Whether `name` is a plausible XML name (quick-xml is lenient; vSphere names are plain).
+fn valid_name(name: &str) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    match name.split_once(':') {
+        Some((prefix, local)) => part(prefix) && part(local),
+        None => part(name),
+    }
+}
+
 fn entity(name: &str) -> Option<char> {
     Some(match name {
         "lt" => '<',
@@ -190,8 +203,12 @@ pub fn parse(doc: &str) -> Result<Node, XmlError> {
                 if stack.len() >= MAX_DEPTH {
                     return Err(err(&reader, format!("nested deeper than {MAX_DEPTH}")));
                 }
+                let qname = e.name().into_inner();
+                if !valid_name(qname) {
+                    return Err(err(&reader, format!("invalid element name {qname:?}")));
+                }
                 let mut node = Node {
-                    name: local(e.name().into_inner()),
+                    name: local(qname),
                     ..Node::default()
                 };
                 // For an Empty element, bindings it declares are not in the resolver yet: resolve
@@ -207,6 +224,9 @@ pub fn parse(doc: &str) -> Result<Node, XmlError> {
                     let attr = attr.map_err(|x| err(&reader, x.to_string()))?;
                     let key = attr.key;
                     let raw = key.into_inner();
+                    if !valid_name(raw) {
+                        return Err(err(&reader, format!("invalid attribute name {raw:?}")));
+                    }
                     if raw == "xmlns" || raw.starts_with("xmlns:") {
                         continue;
                     }
@@ -216,12 +236,17 @@ pub fn parse(doc: &str) -> Result<Node, XmlError> {
                         .into_owned();
                     let (ns, name) = reader.resolver().resolve_attribute(key);
                     match ns {
-                        ResolveResult::Bound(Namespace(ns)) if ns == XSI => {
-                            if name.into_inner() == "type" {
-                                node.xsi_type = Some(local(&value));
-                            }
+                        ResolveResult::Bound(Namespace(ns))
+                            if ns == XSI && name.into_inner() == "type" =>
+                        {
+                            node.xsi_type = Some(local(&value));
                         }
-                        _ => node.attrs.push((name.into_inner().to_owned(), value)),
+                        // Unqualified attributes only (a moref's `type`): vSphere puts none
+                        // in other namespaces, and keeping them would lose their namespace.
+                        ResolveResult::Unbound => {
+                            node.attrs.push((name.into_inner().to_owned(), value))
+                        }
+                        _ => {}
                     }
                 }
                 if is_empty {
@@ -342,6 +367,16 @@ mod tests {
             n.child("e").and_then(|e| e.xsi_type.as_deref()),
             Some("string")
         );
+    }
+
+    #[test]
+    fn namespaced_attributes_other_than_xsi_are_dropped() {
+        let n = parse(
+            r#"<v xmlns:a="urn:a" xmlns:b="urn:b" a:type="x" b:type="y" type="Folder">f</v>"#,
+        )
+        .expect("parses");
+        assert_eq!(n.attrs, vec![("type".to_owned(), "Folder".to_owned())]);
+        assert!(parse(&n.to_xml()).is_ok());
     }
 
     #[test]
