@@ -684,11 +684,21 @@ impl VmProvider for VsphereDriver {
     }
 
     async fn find_by_command(&self, command_id: &str) -> Result<Option<VmInfo>> {
-        Ok(self
-            .list()
-            .await?
-            .into_iter()
-            .find(|v| v.command_id.as_deref() == Some(command_id)))
+        // Only extraConfig of every VM, then the full properties of the one that matches.
+        let root = self.client.service_content().root_folder.clone();
+        let objs = self
+            .client
+            .retrieve_view(&root, &[("VirtualMachine", &["config.extraConfig"][..])])
+            .await?;
+        let hit = objs.iter().find(|o| {
+            o.get("config.extraConfig").is_some_and(|ec| {
+                option_values(ec).any(|(k, v)| k == COMMAND_KEY && v == command_id)
+            })
+        });
+        match hit {
+            Some(o) => self.not_found_is_none(self.get(&o.obj.value).await),
+            None => Ok(None),
+        }
     }
 
     async fn get(&self, id: &str) -> Result<VmInfo> {
