@@ -13,7 +13,7 @@ use serde_json::json;
 async fn ipmi_power_through_the_tunnel() {
     let Some(bmc) = IpmiSim::start() else { return };
     let dir = pcg_e2e::test_dir();
-    let (saas, _gw, key, gw_id) = pcg_e2e::paired(dir.path(), SaasOptions::default())
+    let (saas, mut gw, key, gw_id) = pcg_e2e::paired(dir.path(), SaasOptions::default())
         .await
         .unwrap();
     let run = |kind: &'static str, payload: serde_json::Value| {
@@ -102,4 +102,20 @@ async fn ipmi_power_through_the_tunnel() {
             .count(),
         before.lines().filter(|l| l.contains(" set ")).count()
     );
+    // Enrolled BMCs survive a restart of the gateway (credentials restored from its store).
+    gw.proc.as_mut().unwrap().stop();
+    gw.start().unwrap();
+    gw.wait_tunnel("connected", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let v = run(
+        "baremetal.power",
+        json!({"bmc": "node1", "action": "off", "wait": true}),
+    )
+    .await;
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert!(bmc
+        .ipmitool(&["chassis", "power", "status"])
+        .unwrap()
+        .contains("is off"));
 }

@@ -1,36 +1,56 @@
 //! Bare-metal commands (`baremetal.enrol`, `.power`, `.provision`, `.deprovision`, `.get`) in the
-//! executor, on the IPMI and Redfish drivers.
+//! executor, on pcg-provider's `BareMetalService` with the IPMI and Redfish drivers.
 //!
-//! `baremetal.enrol` checks the credentials, records the BMC's capability profile, and stores the
-//! endpoint under a name (its password sealed like the gateway's private key); the other commands
-//! name that BMC. One driver per BMC is kept, so sessions are shared and reused.
+//! `baremetal.enrol` checks the credentials and records the BMC's capability profile; the gateway
+//! then stores the endpoint under its name (password sealed like the gateway's private key) and
+//! restores every enrolled BMC at start, so later commands only name the BMC.
 //!
 //! Exactly once in effect: after a restart, a journaled command that was interrupted is executed
 //! again only when doing so cannot repeat an effect (enrol, get, power on/off, soft shutdown and
 //! deprovision converge to the same state). An interrupted power cycle, reset or provision (which
-//! power-cycles) fails with `interrupted` and the machine's current state instead, so no server is
-//! rebooted twice; the operator decides whether to send it again.
+//! power-cycles) fails with `interrupted` and the machine's current power state instead, so no
+//! server is rebooted twice; the operator decides whether to send it again.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use pcg_provider::command::{self, BareMetalCommand, Protocol};
-use pcg_provider::{BareMetal, BmcEndpoint, PowerAction, ProviderError};
-use serde_json::{json, Value};
+use pcg_provider::command::{BareMetalCommand, BareMetalService, EnrolCommand, Protocol, KINDS};
+use pcg_provider::{ErrorKind, PowerAction, ProviderError};
+use serde_json::Value;
 
 use crate::executor::{ExecContext, ExecError, Registry};
-use crate::store::{now_ms, BmcRecord};
-use crate::Gateway;
+use crate::store::{now_ms, BmcRecord, Store};
 
-/// Drivers of enrolled BMCs, by name.
-#[derive(Default)]
-pub struct Drivers(tokio::sync::Mutex<HashMap<String, Arc<dyn BareMetal>>>);
+/// The service with every bare-metal driver this gateway has.
+pub fn service() -> Arc<BareMetalService> {
+    Arc::new(
+        BareMetalService::new()
+            .with_factory(Protocol::Ipmi, pcg_ipmi::IpmiDriver::factory)
+            .with_factory(Protocol::Redfish, pcg_redfish::RedfishDriver::factory),
+    )
+}
 
-fn driver_for(protocol: Protocol, ep: &BmcEndpoint) -> Result<Arc<dyn BareMetal>, ProviderError> {
-    Ok(match protocol {
-        Protocol::Ipmi => Arc::new(pcg_ipmi::IpmiDriver::new(ep)?),
-        Protocol::Redfish => Arc::new(pcg_redfish::RedfishDriver::new(ep)?),
-    })
+/// Puts back every BMC enrolled before a restart (no I/O to the BMCs).
+pub fn restore(svc: &BareMetalService, store: &Store) {
+    for name in store.bmc_names() {
+        let restored = store
+            .bmc(&name)
+            .ok()
+            .flatten()
+            .and_then(|rec| {
+                let endpoint =
+                    serde_json::from_slice(&store.unseal(&rec.endpoint_sealed).ok()?).ok()?;
+                let protocol = serde_json::from_value(Value::String(rec.protocol)).ok()?;
+                Some(EnrolCommand {
+                    name: name.clone(),
+                    protocol,
+                    endpoint,
+                })
+            })
+            .map(|c| svc.restore(&c));
+        if !matches!(restored, Some(Ok(()))) {
+            tracing::warn!(bmc = %name, "cannot restore this enrolled BMC; enrol it again");
+        }
+    }
 }
 
 fn exec_error(e: ProviderError) -> ExecError {
@@ -39,13 +59,6 @@ fn exec_error(e: ProviderError) -> ExecError {
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_else(|| "provider".into());
     ExecError::new(&class, e.to_string())
-}
-
-fn protocol_name(p: Protocol) -> String {
-    serde_json::to_value(p)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 /// Whether running `cmd` a second time could repeat an effect.
@@ -57,51 +70,38 @@ fn repeats_an_effect(cmd: &BareMetalCommand) -> bool {
     }
 }
 
-impl Drivers {
-    /// The driver of the BMC enrolled as `name`.
-    async fn get(&self, gw: &Gateway, name: &str) -> Result<Arc<dyn BareMetal>, ExecError> {
-        let mut m = self.0.lock().await;
-        if let Some(d) = m.get(name) {
-            return Ok(d.clone());
+async fn interrupted(svc: &BareMetalService, cmd: &BareMetalCommand) -> ExecError {
+    let system = match cmd {
+        BareMetalCommand::Power(p) => p.system.clone(),
+        _ => None,
+    };
+    let mut current = "unknown".to_string();
+    if let Ok(driver) = svc.driver(cmd.bmc()) {
+        let system = system.or_else(|| {
+            driver
+                .capabilities()
+                .and_then(|c| c.default_system().map(str::to_owned))
+        });
+        if let Some(system) = system {
+            if let Ok(state) = driver.power_state(&system).await {
+                current = serde_json::to_string(&state).unwrap_or_default();
+            }
         }
-        let rec = gw
-            .store
-            .bmc(name)
-            .map_err(|e| ExecError::new("storage", e.to_string()))?
-            .ok_or_else(|| {
-                let known = gw.store.bmc_names();
-                ExecError::new(
-                    "not_found",
-                    format!(
-                        "no BMC is enrolled as {name:?} on this gateway (enrolled: {}); send baremetal.enrol first",
-                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
-                    ),
-                )
-            })?;
-        let ep: BmcEndpoint = gw
-            .store
-            .unseal(&rec.endpoint_sealed)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| {
-                ExecError::new(
-                    "storage",
-                    format!(
-                        "the stored credentials of BMC {name:?} cannot be read; enrol it again"
-                    ),
-                )
-            })?;
-        let protocol: Protocol = serde_json::from_value(Value::String(rec.protocol.clone()))
-            .map_err(|e| ExecError::new("storage", e.to_string()))?;
-        let d = driver_for(protocol, &ep).map_err(exec_error)?;
-        m.insert(name.to_string(), d.clone());
-        Ok(d)
     }
+    ExecError::new(
+        "interrupted",
+        format!(
+            "the gateway restarted while this {} was running on BMC {:?}; it may or may not have taken effect, so it is not repeated (current power state: {current}); send it again if needed",
+            cmd.kind(),
+            cmd.bmc()
+        ),
+    )
 }
 
 async fn handle(ctx: ExecContext, payload: Value) -> Result<Value, ExecError> {
     let gw = ctx.gateway.clone();
-    let cmd = BareMetalCommand::parse_value(&ctx.kind, payload)
+    let svc = gw.bare_metal.clone();
+    let cmd = BareMetalCommand::parse_value(&ctx.kind, payload.clone())
         .map_err(exec_error)?
         .ok_or_else(|| {
             ExecError::new(
@@ -109,14 +109,31 @@ async fn handle(ctx: ExecContext, payload: Value) -> Result<Value, ExecError> {
                 format!("{} is not a bare-metal command", ctx.kind),
             )
         })?;
+    if ctx.recovered && repeats_an_effect(&cmd) {
+        return Err(interrupted(&svc, &cmd).await);
+    }
+    let out = svc.handle(&ctx.kind, payload).await.map_err(|e| {
+        if e.kind() == ErrorKind::NotFound && svc.driver(cmd.bmc()).is_err() {
+            let names = svc.names();
+            ExecError::new(
+                "not_found",
+                format!(
+                    "no BMC is enrolled as {:?} on this gateway (enrolled: {}); send baremetal.enrol first",
+                    cmd.bmc(),
+                    if names.is_empty() { "none".into() } else { names.join(", ") }
+                ),
+            )
+        } else {
+            exec_error(e)
+        }
+    })?;
     if let BareMetalCommand::Enrol(c) = &cmd {
-        let driver = driver_for(c.protocol, &c.endpoint).map_err(exec_error)?;
-        let out = command::execute(driver.as_ref(), &cmd, &pcg_provider::no_progress)
-            .await
-            .map_err(exec_error)?;
         let rec = BmcRecord {
             name: c.name.clone(),
-            protocol: protocol_name(c.protocol),
+            protocol: serde_json::to_value(c.protocol)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
             endpoint_sealed: gw
                 .store
                 .seal(&serde_json::to_vec(&c.endpoint).expect("endpoints serialise")),
@@ -130,41 +147,13 @@ async fn handle(ctx: ExecContext, payload: Value) -> Result<Value, ExecError> {
             .flush()
             .await
             .map_err(|e| ExecError::new("storage", e.to_string()))?;
-        gw.drivers.0.lock().await.insert(c.name.clone(), driver);
-        return Ok(out);
     }
-    let driver = gw.drivers.get(&gw, cmd.bmc()).await?;
-    if ctx.recovered && repeats_an_effect(&cmd) {
-        let state = match &cmd {
-            BareMetalCommand::Power(p) => p.system.clone(),
-            _ => None,
-        };
-        let current = match state.or_else(|| {
-            driver
-                .capabilities()
-                .and_then(|c| c.default_system().map(str::to_owned))
-        }) {
-            Some(system) => driver.power_state(&system).await.ok().map(|s| json!(s)),
-            None => None,
-        };
-        return Err(ExecError::new(
-            "interrupted",
-            format!(
-                "the gateway restarted while this {} was running on BMC {:?}; it may or may not have taken effect, so it is not repeated (current power state: {}); send it again if needed",
-                cmd.kind(),
-                cmd.bmc(),
-                current.map(|v| v.to_string()).unwrap_or_else(|| "unknown".into())
-            ),
-        ));
-    }
-    command::execute(driver.as_ref(), &cmd, &pcg_provider::no_progress)
-        .await
-        .map_err(exec_error)
+    Ok(out)
 }
 
 /// Adds the bare-metal commands to `r`.
 pub fn register(r: &mut Registry) {
-    for kind in command::KINDS {
+    for kind in KINDS {
         r.register(kind, handle);
     }
 }

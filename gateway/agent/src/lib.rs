@@ -46,8 +46,8 @@ pub struct Gateway {
     pub identity_changed: Notify,
     /// Serialises pairing requests.
     pub pairing: tokio::sync::Mutex<()>,
-    /// Drivers of enrolled BMCs.
-    pub drivers: baremetal::Drivers,
+    /// Enrolled BMCs and their drivers.
+    pub bare_metal: std::sync::Arc<pcg_provider::command::BareMetalService>,
     /// Set when a result could not be queued on the tunnel; the outbox is sent again.
     pub(crate) outbox_dirty: std::sync::atomic::AtomicBool,
     started: Instant,
@@ -65,7 +65,7 @@ impl Gateway {
             registry,
             identity_changed: Notify::new(),
             pairing: tokio::sync::Mutex::new(()),
-            drivers: baremetal::Drivers::default(),
+            bare_metal: baremetal::service(),
             outbox_dirty: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             tunnel: Mutex::new(TunnelStatus::default()),
@@ -158,6 +158,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let store = store::Store::open(&cfg.data_dir)?;
     let gw = Arc::new(Gateway::new(cfg, store, registry));
+    baremetal::restore(&gw.bare_metal, &gw.store);
     let interrupted = gw.store.running()?;
     if !interrupted.is_empty() {
         tracing::warn!(

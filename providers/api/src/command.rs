@@ -126,21 +126,12 @@ impl BareMetalCommand {
     /// Parses `payload` (JSON) for command `kind`; `Ok(None)` when `kind` is not a bare-metal
     /// command.
     pub fn parse(kind: &str, payload: &[u8]) -> Result<Option<Self>> {
-        fn de<T: serde::de::DeserializeOwned>(kind: &str, p: &[u8]) -> Result<T> {
-            serde_json::from_slice(p).map_err(|e| ProviderError::invalid(kind, e.to_string()))
+        if !KINDS.contains(&kind) {
+            return Ok(None);
         }
-        Ok(Some(match kind {
-            ENROL => Self::Enrol(de(kind, payload)?),
-            POWER => Self::Power(de(kind, payload)?),
-            PROVISION => {
-                let c: ProvisionCommand = de(kind, payload)?;
-                c.spec.validate()?;
-                Self::Provision(c)
-            }
-            DEPROVISION => Self::Deprovision(de(kind, payload)?),
-            GET => Self::Get(de(kind, payload)?),
-            _ => return Ok(None),
-        }))
+        let v = serde_json::from_slice(payload)
+            .map_err(|e| ProviderError::invalid(kind, e.to_string()))?;
+        Self::parse_value(kind, v)
     }
 
     /// Like [`BareMetalCommand::parse`], from an already decoded JSON value.
