@@ -505,6 +505,29 @@ impl Client {
     }
 }
 
+/// The last handle to a client gone: log its session out in the background (where a runtime is
+/// running), so dropped drivers do not pile up sessions until vCenter refuses new ones.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let Ok(mut s) = self.session.try_lock() else {
+            return;
+        };
+        let Some(cookie) = s.cookie.take() else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let http = self.http.clone();
+        let url = self.url.clone();
+        let timeout = self.timeout;
+        let body = format!("<Logout>{}</Logout>", self.sc.session_manager.xml("_this"));
+        handle.spawn(async move {
+            let _ = post(&http, &url, timeout, &body, Some(&cookie)).await;
+        });
+    }
+}
+
 fn spawn_keepalive(inner: Weak<Inner>, every: Duration) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;

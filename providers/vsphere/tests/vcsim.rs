@@ -419,3 +419,51 @@ async fn provider_conformance_suite() {
     conformance::power_round_trip(&d, &vm.id, Duration::from_secs(10)).await;
     conformance::delete_idempotent(&d, &vm.id).await;
 }
+
+/// Session keys the server lists, read by `observer`.
+async fn server_sessions(observer: &VsphereDriver) -> Vec<String> {
+    let sm = observer.client().service_content().session_manager.clone();
+    let o = observer
+        .client()
+        .retrieve_one(&sm, &["sessionList"])
+        .await
+        .unwrap();
+    o.get("sessionList")
+        .map(|l| {
+            l.children
+                .iter()
+                .filter_map(|s| s.child_text("key").map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn one_session_per_driver_and_none_left_behind() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let observer = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    let d = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    let key = d.client().session_key().await.unwrap();
+    let before = server_sessions(&observer).await.len();
+    // Many concurrent operations through clones of the driver share its one session.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let c = d.clone();
+        set.spawn(async move { c.list().await.map(|v| v.len()) });
+    }
+    while let Some(r) = set.join_next().await {
+        assert!(r.unwrap().unwrap() > 0);
+    }
+    assert_eq!(server_sessions(&observer).await.len(), before);
+    assert!(server_sessions(&observer).await.contains(&key));
+    // Dropping the last handle logs the session out.
+    drop(d);
+    let start = std::time::Instant::now();
+    while server_sessions(&observer).await.contains(&key) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "session {key} left behind"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
