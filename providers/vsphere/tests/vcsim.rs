@@ -467,3 +467,89 @@ async fn one_session_per_driver_and_none_left_behind() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn placement_by_name_or_id_and_bad_placement_refused() {
+    let Some(sim) = Vcsim::start(&["-dc", "2"]) else {
+        return;
+    };
+    let d = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
+    let inv = d.inventory().await.unwrap();
+    let find = |kind: &str, name: &str| {
+        inv.objects
+            .iter()
+            .find(|o| o.kind == kind && o.name == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .clone()
+    };
+    let host = find("HostSystem", "DC0_H0");
+    let ds = inv
+        .objects
+        .iter()
+        .find(|o| o.kind == "Datastore")
+        .unwrap()
+        .clone();
+    // A standalone host by name, a datastore by id, the datacenter's "vm" folder by name.
+    let mut s = spec("placed-1");
+    s.placement = VmPlacement::Vsphere {
+        datacenter: Some("DC0".into()),
+        cluster: None,
+        resource_pool: None,
+        host: Some(host.name.clone()),
+        folder: Some("vm".into()),
+        datastore: Some(ds.id.clone()),
+    };
+    let vm = d.create("placed-1", &s, &no_progress).await.unwrap();
+    assert_eq!(vm.details.get("host"), Some(&host.id), "{vm:?}");
+    let pool = vm.details.get("resource_pool").unwrap();
+    let pool_parent = inv
+        .objects
+        .iter()
+        .find(|o| &o.id == pool)
+        .and_then(|o| o.parent.clone());
+    assert_eq!(pool_parent, host.parent, "the host's own pool");
+
+    // "Resources" names a pool in every compute resource: ambiguous without more.
+    let mut s = spec("placed-2");
+    s.placement = VmPlacement::Vsphere {
+        datacenter: None,
+        cluster: None,
+        resource_pool: Some("Resources".into()),
+        host: None,
+        folder: None,
+        datastore: None,
+    };
+    let e = d.create("placed-2", &s, &no_progress).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidSpec, "{e}");
+    assert!(e.to_string().contains("ambiguous"), "{e}");
+
+    // Unknown names, and a placement for another provider, are refused before anything changes.
+    let mut s = spec("placed-3");
+    s.placement = VmPlacement::Vsphere {
+        datacenter: Some("DC0".into()),
+        cluster: Some("no-such-cluster".into()),
+        resource_pool: None,
+        host: None,
+        folder: None,
+        datastore: None,
+    };
+    let e = d.create("placed-3", &s, &no_progress).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidSpec, "{e}");
+    assert!(e.to_string().contains("no-such-cluster"), "{e}");
+    let mut s = spec("placed-4");
+    s.source = "no-such-template".into();
+    let e = d.create("placed-4", &s, &no_progress).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidSpec, "{e}");
+    let mut s = spec("placed-5");
+    s.placement = VmPlacement::Openstack {
+        flavor: None,
+        availability_zone: None,
+    };
+    let e = d.create("placed-5", &s, &no_progress).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidSpec, "{e}");
+    assert!(sim.reference(&["list"]).iter().all(|v| !v["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("placed-")
+        || v["name"] == "placed-1"));
+}
