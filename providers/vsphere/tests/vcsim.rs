@@ -225,7 +225,15 @@ async fn clone_power_on_guest_ip_power_off_destroy() {
         .find(|o| o.kind == "DistributedVirtualPortgroup" && !o.name.contains("Uplink"))
         .unwrap();
     let mut s = spec("web-1");
-    s.networks = vec![pg.name.clone()];
+    let std_net = d
+        .placement_objects()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|o| o.kind == "Network")
+        .unwrap();
+    // The template's NIC goes to the portgroup; a second NIC is added on the standard network.
+    s.networks = vec![pg.name.clone(), std_net.name.clone()];
     let seen = Mutex::new(Vec::<TaskProgress>::new());
     let sink = |p: &TaskProgress| seen.lock().unwrap().push(p.clone());
     let vm = d.create("cmd-clone-1", &s, &sink).await.unwrap();
@@ -274,6 +282,7 @@ async fn clone_power_on_guest_ip_power_off_destroy() {
         .map(|n| n.text.clone())
         .collect();
     assert!(nets.contains(&pg.id), "{nets:?} lacks {}", pg.id);
+    assert!(nets.contains(&std_net.id), "{nets:?} lacks {}", std_net.id);
 
     let ip = d.wait_ip(&vm.id, Duration::from_secs(20)).await.unwrap();
     assert!(ip.parse::<std::net::Ipv4Addr>().is_ok(), "{ip}");
