@@ -55,7 +55,7 @@ async fn main() {
     let tag = std::process::id();
     let wait = Duration::from_secs(300);
 
-    // (1) create-and-wait, one after another.
+    // (1) create-and-wait, one after another (skipped when N is 0).
     let mut made = Vec::new();
     let t = Instant::now();
     for i in 0..n {
@@ -116,20 +116,26 @@ async fn main() {
             &format!("bench-many-{tag}"),
         ]);
     }
+    // Listed as soon as all exist: on a busy 2-core machine nova-compute builds only a few
+    // fake servers a minute, so many are still BUILD; the table says how many.
     let t = Instant::now();
-    loop {
+    let states = loop {
         let all = os.list().await.unwrap();
-        let building = all.iter().filter(|s| s.status == "BUILD").count();
-        if all.len() >= l && building == 0 {
-            break;
+        if all.len() >= l {
+            let mut states = std::collections::BTreeMap::new();
+            for s in &all {
+                *states.entry(s.status.clone()).or_insert(0usize) += 1;
+            }
+            break states;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(1200),
-            "{building} servers still building"
+            t.elapsed() < Duration::from_secs(600),
+            "only {} servers",
+            all.len()
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
-    }
-    eprintln!("{l} servers ready after {:?}", t.elapsed());
+    };
+    eprintln!("{l} servers listed after {:?}: {states:?}", t.elapsed());
     let mut pcg_list = Vec::new();
     let mut cli_list = Vec::new();
     let mut counted = (0, 0);
@@ -147,25 +153,6 @@ async fn main() {
         cli_list.push(t.elapsed());
     }
 
-    // Clean up everything the benchmark made.
-    let all = os.list().await.unwrap();
-    let ids: Vec<String> = all
-        .iter()
-        .filter(|s| s.name.starts_with("bench-"))
-        .map(|s| s.id.clone())
-        .collect();
-    let os = std::sync::Arc::new(os);
-    for chunk in ids.chunks(10) {
-        let mut set = tokio::task::JoinSet::new();
-        for id in chunk {
-            let (os, id) = (os.clone(), id.clone());
-            set.spawn(async move { os.delete(&id, wait).await });
-        }
-        while let Some(r) = set.join_next().await {
-            r.unwrap().unwrap();
-        }
-    }
-
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -174,17 +161,24 @@ async fn main() {
                 .map(str::to_string)
         })
         .unwrap_or_default();
+    let per = |d: Duration| {
+        if n == 0 {
+            "-".to_string()
+        } else {
+            secs(d / n as u32)
+        }
+    };
     let table = format!(
         "| measurement | pcg-openstack | openstack CLI 6.0.0 |\n|---|---|---|\n\
          | create-and-wait of {n} servers, one after another (total) | {} | {} |\n\
          | per server | {} | {} |\n\
-         | list {} servers with details (median of {rounds}) | {} | {} |\n\n\
+         | list {} servers with details (median of {rounds}; states {states:?}) | {} | {} |\n\n\
          Stack: started {} in {} s by start.sh ({} wall here), {} MiB RSS across its processes. \
          Machine: {}, {} cores.\n",
         secs(pcg_create),
         secs(cli_create),
-        secs(pcg_create / n as u32),
-        secs(cli_create / n as u32),
+        per(pcg_create),
+        per(cli_create),
         counted.0.max(counted.1),
         secs(median(pcg_list)),
         secs(median(cli_list)),
@@ -203,4 +197,26 @@ async fn main() {
     }
     std::fs::write(&out, &table).unwrap();
     eprintln!("written to {out}");
+    // Clean up everything the benchmark made.
+    let all = os.list().await.unwrap();
+    let ids: Vec<String> = all
+        .iter()
+        .filter(|s| s.name.starts_with("bench-"))
+        .map(|s| s.id.clone())
+        .collect();
+    let os = std::sync::Arc::new(os);
+    for chunk in ids.chunks(10) {
+        let mut set = tokio::task::JoinSet::new();
+        for id in chunk {
+            let (os, id) = (os.clone(), id.clone());
+            // Not waiting for each to go: Nova finishes the deletes in the background.
+            set.spawn(async move { os.delete(&id, Duration::ZERO).await });
+        }
+        while let Some(r) = set.join_next().await {
+            match r.unwrap() {
+                Ok(_) | Err(pcg_provider::ProviderError::Timeout { .. }) => {}
+                Err(e) => eprintln!("cleanup: {e}"),
+            }
+        }
+    }
 }

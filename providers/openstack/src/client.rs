@@ -223,11 +223,39 @@ impl OpenStack {
         }
     }
 
+    /// As [`Self::bounded`] for an idempotent request (a read, a delete): retried up to three
+    /// times when the service answers with a server error (e.g. a busy database), which is
+    /// transient more often than not.
+    async fn idempotent<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, ProviderError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, osauth::Error>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match tokio::time::timeout(self.timeout, f()).await {
+                Ok(Err(e)) if attempt < 4 && e.kind() == osauth::ErrorKind::InternalServerError => {
+                    tracing::warn!(operation = what, attempt, error = %e, "server error; retrying");
+                    tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+                }
+                Ok(r) => return r.map_err(|e| map_err(&self.ctx(what), e)),
+                Err(_) => {
+                    return Err(ProviderError::Timeout {
+                        endpoint: self.endpoint().to_string(),
+                        operation: what.to_string(),
+                        after: self.timeout,
+                    })
+                }
+            }
+        }
+    }
+
     async fn compute_get(&self, what: &str, path: &str) -> Result<Value, ProviderError> {
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-        self.bounded(what, async {
+        self.idempotent(what, || async {
             self.session
-                .get(COMPUTE, parts)
+                .get(COMPUTE, parts.clone())
                 .api_version(NOVA_MICROVERSION)
                 .fetch::<Value>()
                 .await
@@ -260,7 +288,7 @@ impl OpenStack {
     /// Every image the project can see.
     pub async fn images(&self) -> Result<Vec<Named>, ProviderError> {
         let v: Value = self
-            .bounded("list images", async {
+            .idempotent("list images", || async {
                 self.session
                     .get(IMAGE, ["images"])
                     .query(&[("limit", "1000")])
@@ -274,7 +302,7 @@ impl OpenStack {
     /// Every network the project can see.
     pub async fn networks(&self) -> Result<Vec<Named>, ProviderError> {
         let v: Value = self
-            .bounded("list networks", async {
+            .idempotent("list networks", || async {
                 self.session.get(NETWORK, ["networks"]).fetch().await
             })
             .await?;
@@ -335,10 +363,10 @@ impl OpenStack {
         }
     }
 
-    /// One server by id, or `None` when Nova does not know it (or it is DELETED).
+    /// One server by id, or `None` when Nova does not know it. (A server whose status reads
+    /// DELETED is still listed until Nova finishes removing it, so it counts as present.)
     pub async fn try_get(&self, id: &str) -> Result<Option<Server>, ProviderError> {
         match self.get(id).await {
-            Ok(s) if s.status == "DELETED" => Ok(None),
             Ok(s) => Ok(Some(s)),
             Err(ProviderError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
@@ -359,7 +387,7 @@ impl OpenStack {
                 q.push(("marker", m.as_str()));
             }
             let v: Value = self
-                .bounded("list servers", async {
+                .idempotent("list servers", || async {
                     self.session
                         .get(COMPUTE, ["servers", "detail"])
                         .api_version(NOVA_MICROVERSION)
@@ -458,16 +486,43 @@ impl OpenStack {
             server["availability_zone"] = json!(az);
         }
         let body = json!({ "server": server });
-        let v: Value = self
-            .bounded(&format!("create server {:?}", spec.name), async {
-                self.session
-                    .post(COMPUTE, ["servers"])
-                    .api_version(NOVA_MICROVERSION)
-                    .json(&body)
-                    .fetch()
-                    .await
-            })
-            .await?;
+        let what = format!("create server {:?}", spec.name);
+        let mut attempt = 0u32;
+        let v: Value = loop {
+            attempt += 1;
+            let r = self
+                .bounded(&what, async {
+                    self.session
+                        .post(COMPUTE, ["servers"])
+                        .api_version(NOVA_MICROVERSION)
+                        .json(&body)
+                        .send()
+                        .await
+                })
+                .await;
+            match r {
+                Ok(resp) => {
+                    break resp
+                        .json()
+                        .await
+                        .map_err(|e| ProviderError::ProviderFault {
+                            endpoint: self.endpoint().to_string(),
+                            message: format!("{what}: unreadable answer: {e}"),
+                        })?
+                }
+                // A server error (e.g. Nova's database busy) may or may not have created the
+                // server: with a command id, look for it before asking again.
+                Err(ProviderError::ProviderFault { .. }) if attempt < 3 && command_id.is_some() => {
+                    tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+                    if let Some(cid) = command_id {
+                        if let Some(s) = self.find_by_command(Some(&spec.name), cid).await? {
+                            return Ok(s);
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let id = v
             .pointer("/server/id")
             .and_then(Value::as_str)
@@ -479,7 +534,7 @@ impl OpenStack {
     /// it (within `bound`).
     pub async fn delete(&self, id: &str, bound: Duration) -> Result<bool, ProviderError> {
         let r = self
-            .bounded(&format!("delete server {id}"), async {
+            .idempotent(&format!("delete server {id}"), || async {
                 self.session
                     .delete(COMPUTE, ["servers", id])
                     .api_version(NOVA_MICROVERSION)
