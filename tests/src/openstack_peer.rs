@@ -13,6 +13,29 @@ use serde_json::{json, Value};
 pub struct OpenstackStack {
     pub env: HashMap<String, String>,
     pub dir: PathBuf,
+    /// Holds the stack's test lock while this value lives (see [`exclusive`]).
+    _lock: std::process::Child,
+}
+
+/// Takes the stack's test lock: a `flock` child process that holds `lock` until its stdin
+/// closes (when this process drops it or dies). Nova on sqlite refuses concurrent writes now and
+/// then ("database is locked"), so test processes use the shared stack one at a time.
+fn exclusive(lock: &Path) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = Command::new("flock")
+        .arg(lock)
+        .args(["-c", "echo locked; read _"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run flock");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("flock answers");
+    assert_eq!(line.trim(), "locked", "flock did not take the lock");
+    child
 }
 
 fn repo() -> PathBuf {
@@ -54,7 +77,8 @@ impl OpenstackStack {
                 env.insert(k.to_string(), v.to_string());
             }
         }
-        Some(OpenstackStack { env, dir })
+        let _lock = exclusive(&dir.join(".test.lock"));
+        Some(OpenstackStack { env, dir, _lock })
     }
 
     pub fn auth_url(&self) -> &str {

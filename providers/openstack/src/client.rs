@@ -570,15 +570,41 @@ impl OpenStack {
             PowerAction::Cycle if s.status == "SHUTOFF" => json!({"os-start": null}),
             PowerAction::Cycle => json!({"reboot": {"type": "HARD"}}),
         };
-        self.bounded(&format!("{action:?} server {id}"), async {
-            self.session
-                .post(COMPUTE, ["servers", id, "action"])
-                .api_version(NOVA_MICROVERSION)
-                .json(&body)
-                .send()
-                .await
-        })
-        .await?;
+        let what = format!("{action:?} server {id}");
+        let converges = matches!(
+            action,
+            PowerAction::On | PowerAction::Off | PowerAction::SoftShutdown
+        );
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let r = self
+                .bounded(&what, async {
+                    self.session
+                        .post(COMPUTE, ["servers", id, "action"])
+                        .api_version(NOVA_MICROVERSION)
+                        .json(&body)
+                        .send()
+                        .await
+                })
+                .await;
+            match r {
+                Ok(_) => break,
+                // A server error (e.g. Nova's database busy): on and off converge, so after a
+                // look at the server they are asked again; a reboot is not repeated.
+                Err(ProviderError::ProviderFault { .. }) if converges && attempt < 3 => {
+                    tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+                    let now = self.get(id).await?;
+                    if now.task_state.is_some()
+                        || (action == PowerAction::On && now.status == "ACTIVE")
+                        || (action != PowerAction::On && now.status == "SHUTOFF")
+                    {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let target = match action {
             PowerAction::Off | PowerAction::SoftShutdown => "SHUTOFF",
             _ => "ACTIVE",

@@ -60,7 +60,7 @@ else
 fi
 
 if [[ $mode == cold ]]; then
-  find "$S" -mindepth 1 -maxdepth 1 ! -name .start.lock -exec rm -rf {} +
+  find "$S" -mindepth 1 -maxdepth 1 ! -name .start.lock ! -name .test.lock -exec rm -rf {} +
   read -r KEYSTONE_PORT PLACEMENT_PORT GLANCE_PORT NOVA_PORT NEUTRON_PORT RABBIT_PORT EPMD_PORT DIST_PORT < <(
     $PY -c '
 import socket
@@ -126,7 +126,7 @@ cat >"$S/keystone.conf" <<EOT
 [DEFAULT]
 log_file = $S/log/keystone.log
 [database]
-connection = sqlite:///$S/keystone.db
+connection = sqlite:///$S/keystone.db?timeout=60
 [token]
 provider = fernet
 [fernet_tokens]
@@ -140,7 +140,7 @@ cat >"$S/placement/placement.conf" <<EOT
 [DEFAULT]
 log_file = $S/log/placement.log
 [placement_database]
-connection = sqlite:///$S/placement.db
+connection = sqlite:///$S/placement.db?timeout=60
 [api]
 auth_strategy = keystone
 [keystone_authtoken]
@@ -154,7 +154,7 @@ bind_port = $GLANCE_PORT
 workers = 1
 log_file = $S/log/glance-api.log
 [database]
-connection = sqlite:///$S/glance.db
+connection = sqlite:///$S/glance.db?timeout=60
 [glance_store]
 stores = file
 default_store = file
@@ -187,9 +187,9 @@ auth_strategy = keystone
 [wsgi]
 api_paste_config = $S/nova-api-paste.ini
 [api_database]
-connection = sqlite:///$S/nova_api.db
+connection = sqlite:///$S/nova_api.db?timeout=60
 [database]
-connection = sqlite:///$S/nova.db
+connection = sqlite:///$S/nova.db?timeout=60
 [conductor]
 workers = 1
 [scheduler]
@@ -217,6 +217,9 @@ cat >"$S/rabbit/rabbitmq.conf" <<EOT
 listeners.tcp.1 = 127.0.0.1:$RABBIT_PORT
 loopback_users.guest = true
 EOT
+
+# The sqlite URLs carry a 60 s busy timeout (Python's default is 5 s): Nova's api, conductor and
+# scheduler write the same files, and on a loaded 2-core machine 5 s is not always enough.
 
 # Starts "$@" in its own session (so stop.sh can end its children too), logs to log/NAME.log.
 run() {
@@ -287,7 +290,7 @@ if [[ $mode == cold ]]; then
     placement-manage --config-file "$S/placement/placement.conf" db sync
     pyrun glance.cmd.manage --config-file "$S/glance-api.conf" db_sync
     "${nova_manage[@]}" api_db sync
-    "${nova_manage[@]}" cell_v2 map_cell0 --database_connection "sqlite:///$S/nova_cell0.db"
+    "${nova_manage[@]}" cell_v2 map_cell0 --database_connection "sqlite:///$S/nova_cell0.db?timeout=60"
     "${nova_manage[@]}" db sync
     "${nova_manage[@]}" cell_v2 create_cell --name cell1
   } >>"$S/log/setup.log" 2>&1 || { log "database setup failed; see $S/log/setup.log"; tail -n 30 "$S/log/setup.log" >&2; exit 1; }
