@@ -28,6 +28,8 @@ async fn conformance_against_real_keystone_and_nova() {
     create_active_stop_start_delete_checked_with_the_cli(&stack).await;
     eprintln!("== missing_flavor_or_image_lists_what_exists");
     missing_flavor_or_image_lists_what_exists(&stack).await;
+    eprintln!("== key_pair_and_error_state_with_nova_fault");
+    key_pair_and_error_state_with_nova_fault(&stack).await;
     eprintln!("== the_same_create_twice_leaves_exactly_one_server");
     the_same_create_twice_leaves_exactly_one_server(&stack).await;
 }
@@ -232,4 +234,58 @@ async fn the_same_create_twice_leaves_exactly_one_server(stack: &Stack) {
         os.delete(&id, WAIT).await.unwrap();
     }
     assert!(stack.cli_ids_named(&name).is_empty());
+}
+
+async fn key_pair_and_error_state_with_nova_fault(stack: &Stack) {
+    let os = OpenStack::connect(stack.admin()).await.unwrap();
+    // A key pair made with the CLI, given by name.
+    let key = unique("pcg-key");
+    // (It prints the private key, which is dropped here.)
+    stack.cli(&["keypair", "create", &key]);
+    let name = unique("pcg-key-srv");
+    let mut s = spec(&name);
+    s.key_name = Some(key.clone());
+    s.availability_zone = Some("nova".into());
+    let created = os.create(Some(&unique("cmd-key")), &s).await.unwrap();
+    os.wait_status(&created.id, "ACTIVE", WAIT).await.unwrap();
+    let shown = stack.cli(&[
+        "server",
+        "show",
+        &created.id,
+        "-f",
+        "value",
+        "-c",
+        "key_name",
+    ]);
+    assert_eq!(shown.trim(), key);
+    os.delete(&created.id, WAIT).await.unwrap();
+    stack.cli(&["keypair", "delete", &key]);
+
+    // A flavor no host can hold: the server goes to ERROR and the wait reports Nova's fault.
+    let flavor = unique("pcg-huge");
+    stack.cli(&[
+        "flavor",
+        "create",
+        "--ram",
+        "100000000",
+        "--vcpus",
+        "1",
+        "--disk",
+        "0",
+        &flavor,
+    ]);
+    let name = unique("pcg-err");
+    let mut s = spec(&name);
+    s.flavor = flavor.clone();
+    let created = os.create(Some(&unique("cmd-err")), &s).await.unwrap();
+    let e = os
+        .wait_status(&created.id, "ACTIVE", WAIT)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ProviderFault, "{e}");
+    let m = e.to_string();
+    assert!(m.contains("ERROR") && m.contains("No valid host"), "{m}");
+    assert_eq!(stack.cli_status(&created.id).as_deref(), Some("ERROR"));
+    os.delete(&created.id, WAIT).await.unwrap();
+    stack.cli(&["flavor", "delete", &flavor]);
 }
