@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use pcg_provider::command::{BareMetalCommand, BareMetalService, EnrolCommand, Protocol, KINDS};
-use pcg_provider::{ErrorKind, PowerAction, ProviderError};
+use pcg_provider::{ErrorKind, PowerAction};
 use serde_json::Value;
 
 use crate::executor::{ExecContext, ExecError, Registry};
@@ -51,14 +51,6 @@ pub fn restore(svc: &BareMetalService, store: &Store) {
             tracing::warn!(bmc = %name, "cannot restore this enrolled BMC; enrol it again");
         }
     }
-}
-
-fn exec_error(e: ProviderError) -> ExecError {
-    let class = serde_json::to_value(e.kind())
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "provider".into());
-    ExecError::new(&class, e.to_string())
 }
 
 /// Whether running `cmd` a second time could repeat an effect.
@@ -102,7 +94,7 @@ async fn handle(ctx: ExecContext, payload: Value) -> Result<Value, ExecError> {
     let gw = ctx.gateway.clone();
     let svc = gw.bare_metal.clone();
     let cmd = BareMetalCommand::parse_value(&ctx.kind, payload.clone())
-        .map_err(exec_error)?
+        .map_err(ExecError::from)?
         .ok_or_else(|| {
             ExecError::new(
                 "unknown_kind",
@@ -124,7 +116,7 @@ async fn handle(ctx: ExecContext, payload: Value) -> Result<Value, ExecError> {
                 ),
             )
         } else {
-            exec_error(e)
+            ExecError::from(e)
         }
     })?;
     if let BareMetalCommand::Enrol(c) = &cmd {

@@ -45,6 +45,18 @@ impl ExecError {
     }
 }
 
+impl From<pcg_provider::ProviderError> for ExecError {
+    /// A provider error keeps its kind (`auth`, `not_found`, `timeout`, ...) as the class and its
+    /// message, which names the endpoint and what to do.
+    fn from(e: pcg_provider::ProviderError) -> Self {
+        let class = serde_json::to_value(e.kind())
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "provider".into());
+        ExecError::new(&class, e.to_string())
+    }
+}
+
 /// What a handler is told about the command it executes.
 #[derive(Clone)]
 pub struct ExecContext {

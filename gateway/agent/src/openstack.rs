@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use pcg_openstack::command::{self, Command};
 use pcg_openstack::{CloudEntry, OpenStack};
-use pcg_provider::{ErrorKind, ProviderError};
+use pcg_provider::ErrorKind;
 use serde_json::Value;
 
 use crate::executor::{ExecContext, ExecError, Registry};
@@ -24,14 +24,6 @@ use crate::executor::{ExecContext, ExecError, Registry};
 #[derive(Default)]
 struct Clients(tokio::sync::Mutex<HashMap<String, Arc<OpenStack>>>);
 
-fn exec_error(e: ProviderError) -> ExecError {
-    let class = serde_json::to_value(e.kind())
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "provider".into());
-    ExecError::new(&class, e.to_string())
-}
-
 impl Clients {
     async fn get(&self, cmd: &Command) -> Result<(String, Arc<OpenStack>), ExecError> {
         let key = serde_json::to_string(cmd.cloud())
@@ -39,8 +31,8 @@ impl Clients {
         if let Some(c) = self.0.lock().await.get(&key) {
             return Ok((key, c.clone()));
         }
-        let entry = CloudEntry::resolve(cmd.cloud()).map_err(exec_error)?;
-        let client = Arc::new(OpenStack::connect(entry).await.map_err(exec_error)?);
+        let entry = CloudEntry::resolve(cmd.cloud()).map_err(ExecError::from)?;
+        let client = Arc::new(OpenStack::connect(entry).await.map_err(ExecError::from)?);
         self.0.lock().await.insert(key.clone(), client.clone());
         Ok((key, client))
     }
@@ -52,7 +44,7 @@ async fn handle(
     payload: Value,
 ) -> Result<Value, ExecError> {
     let cmd = Command::parse(&ctx.kind, payload)
-        .map_err(exec_error)?
+        .map_err(ExecError::from)?
         .ok_or_else(|| {
             ExecError::new(
                 "unknown_kind",
@@ -80,7 +72,7 @@ async fn handle(
             clients.0.lock().await.remove(&key);
         }
     }
-    r.map_err(exec_error)
+    r.map_err(ExecError::from)
 }
 
 /// Adds the OpenStack commands to `r`.

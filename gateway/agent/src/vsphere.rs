@@ -15,19 +15,11 @@
 use std::sync::Arc;
 
 use pcg_provider::vm::VmProvider;
-use pcg_provider::{PowerAction, ProviderError};
+use pcg_provider::PowerAction;
 use pcg_vsphere::command::{VsphereCommand, VsphereService, KINDS};
 use serde_json::Value;
 
 use crate::executor::{ExecContext, ExecError, Registry};
-
-fn exec_error(e: ProviderError) -> ExecError {
-    let class = serde_json::to_value(e.kind())
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "provider".into());
-    ExecError::new(&class, e.to_string())
-}
 
 async fn handle(
     service: Arc<VsphereService>,
@@ -35,14 +27,17 @@ async fn handle(
     payload: Value,
 ) -> Result<Value, ExecError> {
     let cmd = VsphereCommand::parse_value(&ctx.kind, payload)
-        .map_err(exec_error)?
+        .map_err(ExecError::from)?
         .ok_or_else(|| {
             ExecError::new(
                 "unknown_kind",
                 format!("{} is not a vSphere command", ctx.kind),
             )
         })?;
-    let driver = service.driver(cmd.endpoint()).await.map_err(exec_error)?;
+    let driver = service
+        .driver(cmd.endpoint())
+        .await
+        .map_err(ExecError::from)?;
     if let VsphereCommand::Power(p) = &cmd {
         if ctx.recovered && matches!(p.action, PowerAction::Reset | PowerAction::Cycle) {
             let current = driver
@@ -61,7 +56,7 @@ async fn handle(
     }
     pcg_vsphere::command::execute(&driver, &ctx.command_id, &cmd)
         .await
-        .map_err(exec_error)
+        .map_err(ExecError::from)
 }
 
 /// Adds the vSphere commands to `r`.
