@@ -39,6 +39,7 @@ pub mod command;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;
+pub mod tls;
 pub mod types;
 pub mod vm;
 
