@@ -40,7 +40,7 @@ printf '#!/bin/sh\nexit 101\n' >"$policy"
 chmod 755 "$policy"
 
 start=$(date +%s)
-before=" $(pgrep -x epmd | tr '\n' ' ') "
+before=" $( (pgrep -x epmd || true) | tr '\n' ' ') "
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # The packages may have started an Erlang port mapper bound to every address; the start script
