@@ -1,14 +1,17 @@
-//! The broker: the tonic `Broker` service every paired gateway holds one tunnel to.
+//! The broker: the gRPC `Broker` service every paired gateway holds one tunnel to.
 //!
 //! A tunnel is authorised by the gateway's client certificate alone (mutual TLS against the
 //! SaaS CA; the identity is the `pcg://tenant/T/gateway/G` URI in the certificate). On Hello the
 //! broker answers Welcome and replays every command still pending for that gateway; a command
 //! stays pending until the gateway's result for it is stored and flushed, and only then is the
 //! result acknowledged (`ResultAck`). A tunnel silent for three heartbeat intervals is closed.
-//! A newer tunnel of the same gateway replaces the older one.
+//! A newer tunnel of the same gateway replaces the older one. When the service stops, every
+//! tunnel gets a Goodbye that asks the gateway to redial a little later.
+//!
+//! The service runs on [`crate::net`]'s listener: the TLS handshake there asks for a client
+//! certificate, and the connection's [`ConnInfo`] travels with each request.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,15 +24,17 @@ use pcg_proto::v1::{
     BrokerFrame, Command as PCommand, GatewayFrame, Goodbye, Heartbeat, RenewResponse, ResultAck,
     Welcome,
 };
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::app::{printable, App};
+use crate::net::ConnInfo;
 use crate::store::{now_ms, Command, CommandResult, CommandState};
-use crate::App;
 
 type Tx = mpsc::Sender<Result<BrokerFrame, Status>>;
+
+/// How long a stopping broker asks gateways to wait before they redial.
+pub const STOP_RETRY_AFTER_MS: u64 = 1_000;
 
 /// One live tunnel.
 #[derive(Clone)]
@@ -37,7 +42,7 @@ pub struct Tunnel {
     /// Distinguishes successive tunnels of the same gateway.
     pub conn_id: u64,
     pub tx: Tx,
-    /// Tells the tunnel's session task to end (revocation, replacement).
+    /// Tells the tunnel's session task to end (revocation, replacement, stop).
     pub close: Arc<Notify>,
     pub connected_ms: i64,
 }
@@ -77,24 +82,40 @@ impl Tunnels {
     }
 
     /// Closes the tunnel of `gateway_id`, if any, telling the gateway why.
-    pub async fn close(&self, gateway_id: &str, reason: &str, permanent: bool) {
+    pub fn close(&self, gateway_id: &str, reason: &str, permanent: bool) {
         let t = self
             .0
             .lock()
             .expect("tunnels lock is never poisoned")
             .remove(gateway_id);
         if let Some(t) = t {
-            let _ = t.tx.try_send(Ok(goodbye(reason, permanent)));
+            let _ = t.tx.try_send(Ok(goodbye(reason, permanent, 0)));
+            t.close.notify_one();
+        }
+    }
+
+    /// Closes every tunnel, asking each gateway to redial after `retry_after_ms`.
+    pub fn close_all(&self, reason: &str, retry_after_ms: u64) {
+        let all: Vec<Tunnel> = self
+            .0
+            .lock()
+            .expect("tunnels lock is never poisoned")
+            .drain()
+            .map(|(_, t)| t)
+            .collect();
+        for t in all {
+            let _ = t.tx.try_send(Ok(goodbye(reason, false, retry_after_ms)));
             t.close.notify_one();
         }
     }
 }
 
-fn goodbye(reason: &str, permanent: bool) -> BrokerFrame {
+fn goodbye(reason: &str, permanent: bool, retry_after_ms: u64) -> BrokerFrame {
     BrokerFrame {
         kind: Some(BKind::Goodbye(Goodbye {
             reason: reason.to_string(),
             permanent,
+            retry_after_ms,
         })),
     }
 }
@@ -143,16 +164,23 @@ pub async fn deliver(app: &App, cmd: &Command) {
     }
 }
 
-/// Extracts `(tenant_id, gateway_id)` from the client certificate of the request.
-fn peer_identity<T>(req: &Request<T>) -> Result<(String, String), Status> {
+/// `(tenant_id, gateway_id, certified public key)` from the client certificate of a request.
+fn peer_identity<T>(req: &Request<T>) -> Result<(String, String, Vec<u8>), Status> {
     let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("no client certificate; pair the gateway first"))?;
+        .extensions()
+        .get::<ConnInfo>()
+        .and_then(|c| c.peer_certs.clone())
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "no client certificate: the tunnel needs the certificate this gateway received at pairing; pair the gateway first",
+            )
+        })?;
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
     let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref())
         .map_err(|_| Status::unauthenticated("unreadable client certificate"))?;
+    let key = x.public_key().subject_public_key.data.to_vec();
     let san = x
         .subject_alternative_name()
         .ok()
@@ -160,8 +188,8 @@ fn peer_identity<T>(req: &Request<T>) -> Result<(String, String), Status> {
         .ok_or_else(|| Status::unauthenticated("client certificate names no pcg identity"))?;
     for n in &san.value.general_names {
         if let x509_parser::extensions::GeneralName::URI(u) = n {
-            if let Some(id) = pcg_proto::pairing::parse_identity_uri(u) {
-                return Ok(id);
+            if let Some((t, g)) = pcg_proto::pairing::parse_identity_uri(u) {
+                return Ok((t, g, key));
             }
         }
     }
@@ -176,6 +204,37 @@ pub struct BrokerService {
 
 type FrameStream = Pin<Box<dyn Stream<Item = Result<BrokerFrame, Status>> + Send + 'static>>;
 
+impl BrokerService {
+    /// Records a refused tunnel as an event, at most once a minute per identity (a refused
+    /// gateway may keep dialling; the events list must not fill with it).
+    fn refused(&self, tenant_id: Option<&str>, gateway_id: &str, why: &str) {
+        {
+            let mut m = self
+                .app
+                .refused_events
+                .lock()
+                .expect("refused-events lock is never poisoned");
+            let now = Instant::now();
+            if m.get(gateway_id)
+                .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60))
+            {
+                return;
+            }
+            if m.len() > 10_000 {
+                m.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+            }
+            m.insert(gateway_id.to_string(), now);
+        }
+        tracing::warn!(gateway = %gateway_id, "tunnel refused: {why}");
+        let _ = self.app.store.event(
+            tenant_id,
+            Some(gateway_id),
+            "tunnel.refused",
+            why.to_string(),
+        );
+    }
+}
+
 #[tonic::async_trait]
 impl Broker for BrokerService {
     type OpenStream = FrameStream;
@@ -184,26 +243,48 @@ impl Broker for BrokerService {
         &self,
         req: Request<Streaming<GatewayFrame>>,
     ) -> Result<Response<Self::OpenStream>, Status> {
-        let (tenant_id, gateway_id) = peer_identity(&req)?;
+        if self.app.shutdown.is_cancelled() {
+            return Err(Status::unavailable(
+                "the broker is stopping; redial in a moment",
+            ));
+        }
+        let (tenant_id, gateway_id, key) = peer_identity(&req)?;
         let gw = self
             .app
             .store
             .gateway(&gateway_id)
             .map_err(|e| Status::unavailable(e.to_string()))?
-            .filter(|g| g.tenant_id == tenant_id)
-            .ok_or_else(|| {
-                Status::permission_denied(format!(
-                    "gateway {gateway_id} is not known to this SaaS; pair it again with a new token"
-                ))
-            })?;
+            .filter(|g| g.tenant_id == tenant_id);
+        let Some(gw) = gw else {
+            let known_tenant = self.app.store.tenant(&tenant_id).ok().flatten().is_some();
+            let why = format!(
+                "gateway {} is not known to this SaaS; pair it again with a new token",
+                printable(&gateway_id)
+            );
+            self.refused(
+                known_tenant.then_some(tenant_id.as_str()),
+                &gateway_id,
+                &why,
+            );
+            return Err(Status::permission_denied(why));
+        };
         if gw.revoked_ms.is_some() {
-            return Err(Status::permission_denied(format!(
+            let why = format!(
                 "gateway {gateway_id} was revoked by a tenant admin; pair it again with a new token"
-            )));
+            );
+            self.refused(Some(&tenant_id), &gateway_id, &why);
+            return Err(Status::permission_denied(why));
+        }
+        let key_hex = hex::encode(&key);
+        if gw.public_key.as_deref() != Some(key_hex.as_str()) {
+            let _ = self
+                .app
+                .store
+                .update_gateway(&gateway_id, |g| g.public_key = Some(key_hex.clone()));
         }
         let (tx, rx) = mpsc::channel(4096);
         let inbound = req.into_inner();
-        tokio::spawn(session(
+        self.app.tasks.spawn(session(
             self.app.clone(),
             tenant_id,
             gateway_id,
@@ -225,7 +306,11 @@ async fn session(
 ) {
     let interval = Duration::from_millis(app.cfg.heartbeat_ms.max(100));
     // The first frame must be Hello.
-    let hello = match tokio::time::timeout(interval * 3, inbound.message()).await {
+    let hello = tokio::select! {
+        r = tokio::time::timeout(interval * 3, inbound.message()) => r,
+        _ = app.shutdown.cancelled() => return,
+    };
+    let hello = match hello {
         Ok(Ok(Some(GatewayFrame {
             kind: Some(GKind::Hello(h)),
         }))) => h,
@@ -254,13 +339,22 @@ async fn session(
         let _ = old.tx.try_send(Ok(goodbye(
             "replaced by a newer tunnel of this gateway",
             false,
+            0,
         )));
         old.close.notify_one();
     }
     let skew = hello.clock_unix_ms - now;
+    let version: String = hello.gateway_version.chars().take(64).collect();
+    let kinds: Vec<String> = hello
+        .command_kinds
+        .iter()
+        .take(1024)
+        .filter(|k| crate::app::commands::valid_kind(k))
+        .cloned()
+        .collect();
     let _ = app.store.update_gateway(&gateway_id, |g| {
-        g.version = Some(hello.gateway_version.clone());
-        g.command_kinds = hello.command_kinds.clone();
+        g.version = Some(version.clone());
+        g.command_kinds = kinds.clone();
         g.last_connected_ms = Some(now);
         g.last_seen_ms = Some(now);
     });
@@ -270,7 +364,7 @@ async fn session(
         "gateway.connected",
         format!(
             "gateway {gateway_id} connected (version {}, clock skew {skew} ms)",
-            hello.gateway_version
+            printable(&version)
         ),
     );
     let welcome = BrokerFrame {
@@ -327,6 +421,14 @@ async fn session(
                 }
             }
             _ = close.notified() => break "closed by the broker".to_string(),
+            _ = app.shutdown.cancelled() => {
+                let _ = tx.try_send(Ok(goodbye(
+                    "the SaaS broker is stopping; redial in a moment",
+                    false,
+                    STOP_RETRY_AFTER_MS,
+                )));
+                break "the broker is stopping".to_string();
+            }
         }
     };
     app.tunnels.remove_if(&gateway_id, conn_id);
@@ -393,10 +495,10 @@ async fn handle_frame(
                         // Not acknowledged: the gateway keeps it and sends it again.
                         return Err(format!("cannot store result: {e}"));
                     }
-                    app.notify_command(&r.command_id);
+                    app.waiters.notify(&r.command_id);
                 }
                 Ok(None) => {
-                    tracing::warn!(gateway = %gateway_id, command = %r.command_id, "result for an unknown command; acknowledging so the gateway drops it");
+                    tracing::warn!(gateway = %gateway_id, command = %printable(&r.command_id), "result for an unknown command; acknowledging so the gateway drops it");
                 }
                 Err(e) => return Err(format!("cannot store result: {e}")),
             }
@@ -421,14 +523,14 @@ async fn handle_frame(
                 app.cfg.gateway_cert_lifetime_secs,
             ) {
                 Ok(issued) => {
-                    let not_after_ms =
-                        i64::try_from(issued.not_after.unix_timestamp_nanos() / 1_000_000)
-                            .unwrap_or(i64::MAX);
+                    let not_after_ms = issued.not_after_ms();
+                    let key_hex = hex::encode(&issued.public_key);
                     let stored = app
                         .store
                         .update_gateway(gateway_id, |g| {
                             g.cert_serial = issued.serial_hex.clone();
                             g.cert_not_after_ms = not_after_ms;
+                            g.public_key = Some(key_hex.clone());
                         })
                         .and_then(|_| {
                             app.store.event(
@@ -471,24 +573,10 @@ async fn handle_frame(
     Ok(())
 }
 
-/// Runs the broker (gRPC with mutual TLS) on `listener` until `shutdown` resolves.
-pub async fn serve(
-    app: Arc<App>,
-    listener: TcpListener,
-    cert_pem: String,
-    key_pem: String,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert_pem, key_pem))
-        .client_ca_root(Certificate::from_pem(app.ca.cert_pem.clone()));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
-        .tls_config(tls)?
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(BrokerServer::new(BrokerService { app }))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
-    Ok(())
+/// The broker's gRPC routes, to serve on [`crate::net`]'s listener.
+pub fn router(app: Arc<App>) -> axum::Router {
+    let svc = BrokerServer::new(BrokerService { app })
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20);
+    axum::Router::new().route_service("/pcg.tunnel.v1.Broker/{*method}", svc)
 }

@@ -45,6 +45,22 @@ pub struct IssuedCert {
     pub pem: String,
     pub serial_hex: String,
     pub not_after: OffsetDateTime,
+    /// The certified public key (SEC1 point): what secrets for this gateway are sealed to.
+    pub public_key: Vec<u8>,
+}
+
+impl IssuedCert {
+    /// `not_after` in Unix milliseconds.
+    pub fn not_after_ms(&self) -> i64 {
+        i64::try_from(self.not_after.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+    }
+}
+
+/// The public key (the `subjectPublicKey` bits: a SEC1 point for EC keys) of a DER certificate.
+pub fn cert_public_key(der: &[u8]) -> Option<Vec<u8>> {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, c)| c.public_key().subject_public_key.data.to_vec())
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
@@ -195,10 +211,13 @@ impl Ca {
         serial[0] &= 0x7f;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        let public_key = cert_public_key(cert.der())
+            .ok_or_else(|| CaError::BadCsr("the CSR's public key cannot be read back".into()))?;
         Ok(IssuedCert {
             pem: cert.pem(),
             serial_hex: hex::encode(serial),
             not_after: params.not_after,
+            public_key,
         })
     }
 }

@@ -36,6 +36,22 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// Largest accepted command payload, bytes.
     pub max_payload_bytes: usize,
+    /// How long an `Idempotency-Key` names the command it first made, seconds.
+    pub idempotency_window_secs: u64,
+    /// Established connections across both listeners (also bounded by the descriptor limit).
+    pub max_connections: usize,
+    /// Connections from one IP address, per listener.
+    pub max_connections_per_ip: usize,
+    /// TLS handshakes under way at once, per listener; past it the oldest is dropped.
+    pub max_pending_handshakes: usize,
+    /// Time a client has to complete the TLS handshake, milliseconds.
+    pub tls_handshake_timeout_ms: u64,
+    /// Time an HTTP/1.1 client has to send a request's headers, milliseconds.
+    pub header_timeout_ms: u64,
+    /// A connection that moves no byte for this long is closed, seconds.
+    pub idle_timeout_secs: u64,
+    /// On SIGTERM/SIGINT: how long open requests and tunnels get to finish, milliseconds.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for Config {
@@ -51,6 +67,14 @@ impl Default for Config {
             gateway_cert_lifetime_secs: 30 * 86_400,
             heartbeat_ms: 10_000,
             max_payload_bytes: 256 * 1024,
+            idempotency_window_secs: 86_400,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            max_pending_handshakes: 256,
+            tls_handshake_timeout_ms: 10_000,
+            header_timeout_ms: 10_000,
+            idle_timeout_secs: 300,
+            shutdown_grace_ms: 5_000,
         }
     }
 }

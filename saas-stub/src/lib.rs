@@ -1,114 +1,39 @@
 //! pcg-saas: the SaaS companion of the pcg gateway.
 //!
-//! - [`store`]: durable state (sled): tenants, API keys, pairing tokens, gateways, commands, events.
-//! - [`ca`]: the CA generated on first start; signs server certificates and gateway certificates.
-//! - [`api`]: the REST API (axum over HTTPS) for people and automation, and the pairing endpoint.
-//! - [`broker`]: the tonic `Broker` service every paired gateway keeps one tunnel to.
+//! - [`app`]: the application layer: every operation, with typed errors;
+//! - [`api`]: the REST API (axum over HTTPS), thin handlers over [`app`];
+//! - [`broker`]: the gRPC `Broker` service every paired gateway keeps one tunnel to;
+//! - [`net`]: the TLS listener both run on (connection limits, handshake, header and idle
+//!   timeouts);
+//! - [`store`]: durable state (sled): tenants, API keys, pairing tokens, gateways, commands,
+//!   idempotency keys, events;
+//! - [`ca`], [`tls`]: the CA generated on first start and the servers' TLS configurations;
 //! - [`config`]: the TOML file and environment overrides.
 //!
-//! [`App`] holds the shared state; [`serve`] runs both listeners until `shutdown` resolves.
+//! [`open`] loads the state; [`serve`] runs both listeners until `shutdown` resolves, then ends
+//! every tunnel with a Goodbye, lets open requests finish within `shutdown_grace_ms`, flushes
+//! and returns.
 
 pub mod api;
+pub mod app;
 pub mod broker;
 pub mod ca;
 pub mod config;
+pub mod net;
 pub mod store;
 pub mod tls;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 
+pub use app::{open, App};
 pub use config::Config;
 
 /// Version reported by the API and the broker.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// State shared by the REST API and the broker.
-pub struct App {
-    pub cfg: Config,
-    pub store: store::Store,
-    pub ca: ca::Ca,
-    /// Live tunnels by gateway id.
-    pub tunnels: broker::Tunnels,
-    /// Waiters for command completion (long-poll `GET /v1/commands/{id}?wait_seconds=`).
-    pub waiters: Mutex<HashMap<String, Arc<Notify>>>,
-    /// URL put in pairing tokens.
-    pub api_url: String,
-    /// Broker endpoints handed to gateways.
-    pub broker_urls: Vec<String>,
-}
-
-impl App {
-    /// Wakes everyone waiting on `command_id`.
-    pub fn notify_command(&self, command_id: &str) {
-        let n = self
-            .waiters
-            .lock()
-            .expect("waiters lock is never poisoned")
-            .remove(command_id);
-        if let Some(n) = n {
-            n.notify_waiters();
-        }
-    }
-
-    fn waiter(&self, command_id: &str) -> Arc<Notify> {
-        self.waiters
-            .lock()
-            .expect("waiters lock is never poisoned")
-            .entry(command_id.to_string())
-            .or_default()
-            .clone()
-    }
-}
-
-/// Opens the data directory (creating the CA, the store and the operator key on first start)
-/// and returns the shared state. `api_addr`/`broker_addr` are the bound addresses, used for the
-/// advertised URLs when the config names none.
-pub fn open(
-    cfg: Config,
-    api_addr: std::net::SocketAddr,
-    broker_addr: std::net::SocketAddr,
-) -> anyhow::Result<Arc<App>> {
-    use anyhow::Context as _;
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
-    let ca = ca::Ca::load_or_create(&cfg.data_dir)?;
-    let store = store::Store::open(&cfg.data_dir.join("db")).with_context(|| {
-        format!(
-            "cannot open the store in {} (is another pcg-saas using this data directory?)",
-            cfg.data_dir.display()
-        )
-    })?;
-    let op_path = cfg.data_dir.join("operator.key");
-    if !op_path.exists() {
-        let (_, key) = store.create_api_key(None, "operator")?;
-        ca::write_private(&op_path, format!("{key}\n").as_bytes())
-            .with_context(|| format!("cannot write {}", op_path.display()))?;
-        tracing::info!(path = %op_path.display(), "first start: operator API key written (owner-only file)");
-    }
-    let api_url = cfg
-        .public_api_url
-        .clone()
-        .unwrap_or_else(|| format!("https://{api_addr}"));
-    let broker_urls = if cfg.public_broker_urls.is_empty() {
-        vec![format!("https://{broker_addr}")]
-    } else {
-        cfg.public_broker_urls.clone()
-    };
-    Ok(Arc::new(App {
-        cfg,
-        store,
-        ca,
-        tunnels: broker::Tunnels::default(),
-        waiters: Mutex::new(HashMap::new()),
-        api_url,
-        broker_urls,
-    }))
-}
 
 /// Server certificate names: configured ones, the listen addresses, 127.0.0.1 and localhost.
 fn server_names(app: &App) -> Vec<String> {
@@ -145,28 +70,91 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (cert_pem, key_pem) = app.ca.issue_server(&server_names(&app))?;
     let api_tls = tls::api_server_config(&cert_pem, &key_pem, &app.ca.cert_der)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let mut rx1 = stop_rx.clone();
-    let mut rx2 = stop_rx;
-    let api_task = tokio::spawn(api::serve(app.clone(), api, api_tls, async move {
-        let _ = rx1.wait_for(|s| *s).await;
-    }));
-    let broker_task = tokio::spawn(broker::serve(
-        app.clone(),
-        broker,
-        cert_pem,
-        key_pem,
-        async move {
-            let _ = rx2.wait_for(|s| *s).await;
-        },
+    let broker_tls = tls::broker_server_config(&cert_pem, &key_pem, &app.ca.cert_der)?;
+    let cfg = &app.cfg;
+    let limits = net::Limits {
+        max_pending_handshakes: cfg.max_pending_handshakes,
+        max_connections_per_ip: cfg.max_connections_per_ip,
+        handshake_timeout: Duration::from_millis(cfg.tls_handshake_timeout_ms),
+        header_timeout: Duration::from_millis(cfg.header_timeout_ms),
+        idle_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
+    };
+    let budget = net::ConnBudget::new(cfg.max_connections, 2, cfg.max_pending_handshakes);
+    let rest = api::router(app.clone());
+    let grpc = broker::router(app.clone());
+    let listeners = tokio_util::task::TaskTracker::new();
+    listeners.spawn(net::serve(
+        "api",
+        api,
+        api_tls,
+        limits.clone(),
+        budget.clone(),
+        Arc::default(),
+        move |info| with_conn_info(rest.clone(), info),
+        app.shutdown.clone(),
+        app.tasks.clone(),
     ));
-    let (a, b) = tokio::join!(api_task, broker_task);
-    a??;
-    b??;
+    listeners.spawn(net::serve(
+        "broker",
+        broker,
+        broker_tls,
+        limits,
+        budget,
+        Arc::default(),
+        move |info| with_conn_info(grpc.clone(), info),
+        app.shutdown.clone(),
+        app.tasks.clone(),
+    ));
+    listeners.close();
+    // Housekeeping: forget idempotency keys past their window.
+    {
+        let app2 = app.clone();
+        app.tasks.spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(600));
+            loop {
+                tokio::select! {
+                    _ = t.tick() => {}
+                    _ = app2.shutdown.cancelled() => return,
+                }
+                match app2.store.prune_idempotency(app2.idempotency_window_ms()) {
+                    Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot expired idempotency keys"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("pruning idempotency keys failed: {e}"),
+                }
+            }
+        });
+    }
+    shutdown.await;
+    tracing::info!("stopping: closing tunnels and listeners");
+    app.shutdown.cancel();
+    app.tunnels.close_all(
+        "the SaaS broker is stopping; redial in a moment",
+        broker::STOP_RETRY_AFTER_MS,
+    );
+    listeners.wait().await;
+    app.tasks.close();
+    let grace = Duration::from_millis(app.cfg.shutdown_grace_ms);
+    if tokio::time::timeout(grace, app.tasks.wait()).await.is_err() {
+        tracing::warn!(
+            left = app.tasks.len(),
+            "connections still open after {grace:?}; closing them"
+        );
+    }
     app.store.flush().await?;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// `router` with the connection's facts in every request's extensions.
+fn with_conn_info(
+    router: axum::Router,
+    info: net::ConnInfo,
+) -> tower::util::MapRequest<
+    axum::Router,
+    impl Fn(http::Request<hyper::body::Incoming>) -> http::Request<hyper::body::Incoming> + Clone,
+> {
+    tower::util::MapRequest::new(router, move |mut req: http::Request<_>| {
+        req.extensions_mut().insert(info.clone());
+        req
+    })
 }

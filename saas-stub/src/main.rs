@@ -34,6 +34,8 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Everything this process writes (store, CA, keys) is for its own user only.
+    pcg_durable::fs::owner_only_umask();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Openapi => {

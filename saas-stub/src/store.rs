@@ -8,27 +8,9 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Replaces the value of every object key that names a secret (`password`, `secret`, `token`,
-/// `private_key`, `api_key`, case-insensitive) with `"<redacted>"`, at any depth.
-pub fn redact_secrets(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, val) in m.iter_mut() {
-                let k = k.to_ascii_lowercase();
-                if ["password", "secret", "token", "private_key", "api_key"]
-                    .iter()
-                    .any(|s| k == *s || k.ends_with(&format!("_{s}")))
-                {
-                    *val = serde_json::Value::String("<redacted>".into());
-                } else {
-                    redact_secrets(val);
-                }
-            }
-        }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(redact_secrets),
-        _ => {}
-    }
-}
+/// Replaces every value under a secret-named key with `"<redacted>"`, at any depth (the one
+/// definition of a secret-named key is [`pcg_proto::sealed::is_secret_key`]).
+pub use pcg_proto::sealed::redact_secrets;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -66,25 +48,6 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("corrupt record in tree {tree}: {message}")]
     Corrupt { tree: &'static str, message: String },
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn secrets_are_redacted_at_any_depth() {
-        let mut v = serde_json::json!({
-            "name": "n1",
-            "endpoint": {"address": "a", "user": "u", "password": "p", "bmc_password": "q"},
-            "list": [{"api_key": "k"}],
-            "tokens": 3
-        });
-        super::redact_secrets(&mut v);
-        assert_eq!(v["endpoint"]["password"], "<redacted>");
-        assert_eq!(v["endpoint"]["bmc_password"], "<redacted>");
-        assert_eq!(v["endpoint"]["user"], "u");
-        assert_eq!(v["list"][0]["api_key"], "<redacted>");
-        assert_eq!(v["tokens"], 3);
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -141,6 +104,19 @@ pub struct Gateway {
     pub command_kinds: Vec<String>,
     pub last_connected_ms: Option<i64>,
     pub last_seen_ms: Option<i64>,
+    /// Hex of the public key (SEC1 point) of its current certificate: payload secrets are
+    /// sealed to it. Recorded at pairing, renewal and every tunnel.
+    #[serde(default)]
+    pub public_key: Option<String>,
+}
+
+/// What an `Idempotency-Key` of a tenant stands for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub command_id: String,
+    /// Keyed digest of the request it was first used with.
+    pub fingerprint: String,
+    pub created_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -236,6 +212,7 @@ pub struct Store {
     commands: sled::Tree,
     pending: sled::Tree,
     events: sled::Tree,
+    idempotency: sled::Tree,
 }
 
 fn get<T: DeserializeOwned>(
@@ -283,6 +260,7 @@ impl Store {
             commands: db.open_tree("commands")?,
             pending: db.open_tree("pending")?,
             events: db.open_tree("events")?,
+            idempotency: db.open_tree("idempotency")?,
             commit: pcg_durable::GroupCommit::new(db.clone()),
             db,
         })
@@ -608,8 +586,6 @@ impl Store {
                 };
                 c.completed_ms = Some(now_ms());
                 c.result = Some(result.clone());
-                // Delivered and done: credentials in the payload are no longer needed.
-                redact_secrets(&mut c.payload);
             }
         })?;
         if let Some(c) = updated {
@@ -639,6 +615,79 @@ impl Store {
         out.sort_by(|a, b| b.submitted_ms.cmp(&a.submitted_ms).then(a.id.cmp(&b.id)));
         out.truncate(f.limit);
         Ok(out)
+    }
+
+    // --- idempotency keys ------------------------------------------------------------------
+
+    fn idem_key(tenant_id: &str, key: &str) -> Vec<u8> {
+        let mut k = tenant_id.as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(key.as_bytes());
+        k
+    }
+
+    pub fn idempotency_key(
+        &self,
+        tenant_id: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        get(
+            &self.idempotency,
+            "idempotency",
+            &Self::idem_key(tenant_id, key),
+        )
+    }
+
+    /// Records `rec` under the key unless a live claim holds it; returns whether it did. A
+    /// claim older than `window_ms`, or older than a minute whose command was never stored
+    /// (its request failed mid-way), is taken over.
+    pub fn claim_idempotency_key(
+        &self,
+        tenant_id: &str,
+        key: &str,
+        rec: &IdempotencyRecord,
+        window_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let k = Self::idem_key(tenant_id, key);
+        let new = serde_json::to_vec(rec).expect("records serialise");
+        loop {
+            let old = self.idempotency.get(&k)?;
+            if let Some(raw) = &old {
+                let cur: IdempotencyRecord =
+                    serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt {
+                        tree: "idempotency",
+                        message: e.to_string(),
+                    })?;
+                let age = rec.created_ms - cur.created_ms;
+                let abandoned = age > 60_000 && self.command(&cur.command_id)?.is_none();
+                if age <= window_ms && !abandoned {
+                    return Ok(false);
+                }
+            }
+            match self
+                .idempotency
+                .compare_and_swap(&k, old, Some(new.clone()))?
+            {
+                Ok(()) => return Ok(true),
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Forgets idempotency keys older than `window_ms`; returns how many.
+    pub fn prune_idempotency(&self, window_ms: i64) -> Result<usize, StoreError> {
+        let cutoff = now_ms() - window_ms;
+        let mut n = 0;
+        for kv in self.idempotency.iter() {
+            let (k, v) = kv?;
+            if let Ok(r) = serde_json::from_slice::<IdempotencyRecord>(&v) {
+                if r.created_ms < cutoff {
+                    self.idempotency.remove(k)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     // --- events ----------------------------------------------------------------------------

@@ -6,6 +6,10 @@
 //! 1308, fixed only on its unreleased main branch); pcg-saas hung here within seconds under
 //! 16 concurrent submissions, with every sled I/O thread parked in `make_stable`. One flush at a
 //! time avoids it, and batching the waiters keeps throughput.
+//!
+//! [`fs`] keeps data directories owner-only.
+
+pub mod fs;
 
 use std::sync::mpsc;
 use std::thread;

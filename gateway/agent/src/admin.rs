@@ -144,8 +144,7 @@ async fn handle(gw: &Arc<Gateway>, req: AdminRequest) -> AdminResponse {
             let timeout = std::time::Duration::from_millis(gw.cfg.connect_timeout_ms);
             match crate::pairing::pair(&gw.store, &token, force, timeout).await {
                 Ok(id) => {
-                    gw.identity_changed.notify_waiters();
-                    gw.identity_changed.notify_one();
+                    gw.identity_changed();
                     AdminResponse {
                         ok: true,
                         paired: Some(Paired {

@@ -267,6 +267,20 @@ pub async fn on_command(gw: &Arc<Gateway>, cmd: Command) -> Result<(), crate::st
     Ok(())
 }
 
+/// The payload with its sealed secrets opened (in memory only; the journal keeps it sealed).
+fn open_payload(gw: &Gateway, mut payload: Value) -> Result<Value, ExecError> {
+    if !pcg_proto::sealed::contains_sealed(&payload) {
+        return Ok(payload);
+    }
+    let keys = gw
+        .store
+        .openers()
+        .map_err(|e| ExecError::new("sealed_secret", e.to_string()))?;
+    pcg_proto::sealed::open_secrets(&mut payload, &keys)
+        .map_err(|e| ExecError::new("sealed_secret", e.to_string()))?;
+    Ok(payload)
+}
+
 /// Executes a journaled entry and records its result.
 pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
     if !gw.mark_running(&entry.id) {
@@ -276,8 +290,12 @@ pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
         let _permit = gw.permits.clone().acquire_owned().await;
         let started = now_ms();
         let outcome = if entry.payload.is_object() {
-            match gw.registry.get(&entry.kind) {
-                None => Err(ExecError::new(
+            match (
+                gw.registry.get(&entry.kind),
+                open_payload(&gw, entry.payload.clone()),
+            ) {
+                (_, Err(e)) => Err(e),
+                (None, _) => Err(ExecError::new(
                     "unknown_kind",
                     format!(
                         "this gateway cannot execute {:?}; it supports: {}",
@@ -285,7 +303,7 @@ pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
                         gw.registry.kinds().join(", ")
                     ),
                 )),
-                Some(h) => {
+                (Some(h), Ok(payload)) => {
                     let ctx = ExecContext {
                         command_id: entry.id.clone(),
                         kind: entry.kind.clone(),
@@ -293,7 +311,7 @@ pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
                         gateway: gw.clone(),
                     };
                     // A panicking handler fails its command instead of the gateway.
-                    match tokio::spawn(h.execute(ctx, entry.payload.clone())).await {
+                    match tokio::spawn(h.execute(ctx, payload)).await {
                         Ok(r) => r,
                         Err(e) => Err(ExecError::new("internal", format!("handler failed: {e}"))),
                     }
@@ -305,9 +323,14 @@ pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
             ))
         };
         let result = match outcome {
-            Ok(output) => StoredResult {
+            Ok(mut output) => StoredResult {
+                // A handler's output never carries a secret back (an echo of a password, a
+                // driver that returns its endpoint): secret-named values are redacted.
+                output: {
+                    pcg_proto::sealed::redact_secrets(&mut output);
+                    output
+                },
                 ok: true,
-                output,
                 error_class: String::new(),
                 error_message: String::new(),
                 started_ms: started,

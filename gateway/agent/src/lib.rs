@@ -27,9 +27,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use pcg_proto::v1::GatewayFrame;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 
 pub use config::Config;
+pub use pcg_durable::fs::owner_only_umask;
 pub use pcg_proto::pairing::PairingToken;
 use status::{Status, TunnelStatus};
 
@@ -42,8 +43,8 @@ pub struct Gateway {
     pub registry: executor::Registry,
     /// Bounds concurrent executions.
     pub permits: Arc<Semaphore>,
-    /// Woken when pairing stored a new identity.
-    pub identity_changed: Notify,
+    /// Bumped when pairing stored a new identity: the tunnel drops the old one at once.
+    identity_gen: tokio::sync::watch::Sender<u64>,
     /// Serialises pairing requests.
     pub pairing: tokio::sync::Mutex<()>,
     /// Enrolled BMCs and their drivers.
@@ -63,7 +64,7 @@ impl Gateway {
             cfg,
             store,
             registry,
-            identity_changed: Notify::new(),
+            identity_gen: tokio::sync::watch::Sender::new(0),
             pairing: tokio::sync::Mutex::new(()),
             bare_metal: baremetal::service(),
             outbox_dirty: std::sync::atomic::AtomicBool::new(false),
@@ -99,6 +100,15 @@ impl Gateway {
             clock_unix_ms: store::now_ms(),
             command_kinds: self.registry.kinds(),
         }
+    }
+
+    /// Tells the tunnel that the stored identity changed (a new pairing).
+    pub fn identity_changed(&self) {
+        self.identity_gen.send_modify(|g| *g += 1);
+    }
+
+    pub(crate) fn watch_identity(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.identity_gen.subscribe()
     }
 
     pub(crate) fn set_tunnel(&self, f: impl FnOnce(&mut TunnelStatus)) {

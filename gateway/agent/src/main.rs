@@ -22,6 +22,8 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Everything the daemon writes (store, keys, admin socket) is for its own user only.
+    pcg_gateway::owner_only_umask();
     let Cmd::Run { config } = Cli::parse().cmd;
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -273,6 +273,7 @@ pub async fn pair(
         paired_ms: now_ms(),
         token_id: token.token_id,
         revoked: None,
+        previous_keys_sealed: Vec::new(),
     };
     store.set_identity(&identity)?;
     store.flush().await?;

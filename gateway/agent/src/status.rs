@@ -19,6 +19,9 @@ pub enum TunnelState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TunnelStatus {
     pub state: TunnelState,
+    /// The identity the tunnel speaks for (the stored one once it has followed a re-pairing).
+    #[serde(default)]
+    pub gateway_id: Option<String>,
     pub broker_endpoint: Option<String>,
     pub connected_since_ms: Option<i64>,
     pub last_heartbeat_ms: Option<i64>,
@@ -33,6 +36,7 @@ impl Default for TunnelStatus {
     fn default() -> Self {
         TunnelStatus {
             state: TunnelState::Unpaired,
+            gateway_id: None,
             broker_endpoint: None,
             connected_since_ms: None,
             last_heartbeat_ms: None,
@@ -191,6 +195,7 @@ mod tests {
             api_url: Some("https://saas.example:8443".into()),
             tunnel: TunnelStatus {
                 state: TunnelState::Connected,
+                gateway_id: Some("gw_2".into()),
                 broker_endpoint: Some("https://saas.example:8444".into()),
                 connected_since_ms: Some(1_800_000_000_000 - 90_000),
                 last_heartbeat_ms: Some(1_800_000_000_000 - 2_000),

@@ -59,6 +59,10 @@ pub struct Identity {
     /// Set when the SaaS said this identity is revoked.
     #[serde(default)]
     pub revoked: Option<String>,
+    /// The private keys of this identity's earlier certificates (sealed like `key_sealed`, newest
+    /// first, at most two): secrets the SaaS sealed to an earlier key still open after renewal.
+    #[serde(default)]
+    pub previous_keys_sealed: Vec<String>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -72,6 +76,12 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
+    /// Keeps the current key as a previous one (before a renewal replaces it).
+    pub fn retire_key(&mut self) {
+        self.previous_keys_sealed.insert(0, self.key_sealed.clone());
+        self.previous_keys_sealed.truncate(2);
+    }
+
     /// When the certificate should be renewed: two thirds into its lifetime.
     pub fn renew_at_ms(&self) -> i64 {
         self.cert_received_ms + (self.cert_not_after_ms - self.cert_received_ms) * 2 / 3
@@ -151,7 +161,11 @@ impl Store {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(|e| sled_err(sled::Error::Io(e)))?;
+        // Owner-only: the store holds the identity and sealed credentials.
+        pcg_durable::fs::private_dir(dir).map_err(|e| sled_err(sled::Error::Io(e)))?;
+        for (p, e) in pcg_durable::fs::tighten_permissions(dir) {
+            tracing::warn!(path = %p.display(), "cannot make owner-only: {e}");
+        }
         let key = load_or_create_key(&dir.join("secret.key"))?;
         let deadline = std::time::Instant::now() + wait;
         let db = loop {
@@ -249,6 +263,27 @@ impl Store {
             .open_in_place(nonce, aead::Aad::empty(), &mut buf)
             .map_err(|_| bad("cannot be decrypted"))?;
         Ok(plain.to_vec())
+    }
+
+    /// The keys sealed secrets of commands for this gateway are opened with: the current
+    /// certificate's key and the previous ones.
+    pub fn openers(&self) -> Result<Vec<pcg_proto::sealed::Opener>, StoreError> {
+        let Some(id) = self.identity()? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for sealed in std::iter::once(&id.key_sealed).chain(id.previous_keys_sealed.iter()) {
+            let pem = self.unseal(sealed)?;
+            let pem = String::from_utf8(pem).map_err(|_| StoreError::Corrupt {
+                what: "private key".into(),
+                message: "not UTF-8 PEM".into(),
+            })?;
+            match pcg_proto::sealed::Opener::from_pkcs8_pem(&pem) {
+                Ok(o) => out.push(o),
+                Err(e) => tracing::warn!("a key of this identity cannot open sealed secrets: {e}"),
+            }
+        }
+        Ok(out)
     }
 
     // --- enrolled BMCs ---------------------------------------------------------------------

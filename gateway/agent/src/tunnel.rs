@@ -29,11 +29,17 @@ pub fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
 
 /// How one tunnel ended.
 enum End {
-    /// Redial after backoff.
-    Retry(String),
+    /// Redial after backoff (and after at least the given pause, when the broker asked for one).
+    Retry(String, Option<Duration>),
     /// The identity was refused for good (revoked or unknown): wait for a new pairing.
     Refused(String),
+    /// The gateway was paired again: dial at once with the new identity.
+    IdentityChanged,
     Shutdown,
+}
+
+fn retry(why: impl Into<String>) -> End {
+    End::Retry(why.into(), None)
 }
 
 /// Runs the tunnel until `shutdown` is set.
@@ -42,10 +48,12 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
     let cap = Duration::from_millis(gw.cfg.backoff_cap_ms.max(gw.cfg.backoff_base_ms));
     let mut attempt: u32 = 0;
     let mut endpoint_idx = 0usize;
+    let mut identity_rx = gw.watch_identity();
     loop {
         if *shutdown.borrow() {
             break;
         }
+        identity_rx.borrow_and_update();
         let identity = match gw.store.identity() {
             Ok(Some(i)) if i.revoked.is_none() => i,
             Ok(other) => {
@@ -57,7 +65,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
                     }
                 });
                 tokio::select! {
-                    _ = gw.identity_changed.notified() => continue,
+                    _ = identity_rx.changed() => continue,
                     _ = shutdown.changed() => break,
                 }
             }
@@ -73,16 +81,26 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
             .clone();
         gw.set_tunnel(|t| {
             t.state = TunnelState::Connecting;
+            t.gateway_id = Some(identity.gateway_id.clone());
             t.broker_endpoint = Some(url.clone());
             t.next_attempt_ms = None;
         });
         let end = tokio::select! {
             e = session(&gw, &identity, &url, &mut attempt) => e,
+            _ = identity_rx.changed() => End::IdentityChanged,
             _ = shutdown.changed() => End::Shutdown,
         };
         gw.clear_outbound();
         match end {
             End::Shutdown => break,
+            End::IdentityChanged => {
+                tracing::info!("the gateway was paired again; reconnecting with the new identity");
+                attempt = 0;
+                gw.set_tunnel(|t| {
+                    t.connected_since_ms = None;
+                    t.last_error = None;
+                });
+            }
             End::Refused(why) => {
                 tracing::error!("the broker refused this gateway: {why}");
                 let mut id = identity.clone();
@@ -95,9 +113,9 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
                     t.connected_since_ms = None;
                 });
             }
-            End::Retry(why) => {
+            End::Retry(why, pause) => {
                 endpoint_idx += 1;
-                let delay = backoff(base, cap, attempt);
+                let delay = backoff(base, cap, attempt).max(pause.unwrap_or_default());
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(endpoint = %url, "tunnel down: {why}; redialling in {} ms", delay.as_millis());
                 gw.set_tunnel(|t| {
@@ -109,7 +127,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
                 });
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {},
-                    _ = gw.identity_changed.notified() => {},
+                    _ = identity_rx.changed() => {},
                     _ = shutdown.changed() => break,
                 }
             }
@@ -160,7 +178,7 @@ async fn session(
     let channel = match endpoint.connect().await {
         Ok(c) => c,
         Err(e) => {
-            return End::Retry(format!(
+            return retry(format!(
                 "cannot connect to the broker at {url}: {}",
                 crate::pairing::error_chain(&e)
             ))
@@ -180,7 +198,7 @@ async fn session(
         })),
     };
     if tx.send(hello).await.is_err() {
-        return End::Retry("tunnel closed before Hello".into());
+        return retry("tunnel closed before Hello");
     }
     let mut inbound = match tokio::time::timeout(
         timeout,
@@ -189,7 +207,7 @@ async fn session(
     .await
     {
         Err(_) => {
-            return End::Retry(format!(
+            return retry(format!(
                 "the broker at {url} did not answer within {timeout:?}"
             ))
         }
@@ -197,7 +215,7 @@ async fn session(
             return End::Refused(s.message().to_string())
         }
         Ok(Err(s)) => {
-            return End::Retry(format!(
+            return retry(format!(
                 "the broker at {url} refused the tunnel: {}",
                 s.message()
             ))
@@ -212,8 +230,8 @@ async fn session(
         Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied => {
             return End::Refused(s.message().to_string())
         }
-        Ok(Err(s)) => return End::Retry(format!("tunnel refused: {}", s.message())),
-        _ => return End::Retry("the broker did not send Welcome".into()),
+        Ok(Err(s)) => return retry(format!("tunnel refused: {}", s.message())),
+        _ => return retry("the broker did not send Welcome"),
     };
     *attempt = 0;
     gw.set_outbound(tx.clone());
@@ -243,7 +261,7 @@ async fn session(
                         Some(BKind::Command(c)) => {
                             if let Err(e) = executor::on_command(gw, c).await {
                                 // Not journaled durably: drop the tunnel so the broker redelivers.
-                                return End::Retry(format!("cannot journal a command: {e}"));
+                                return retry(format!("cannot journal a command: {e}"));
                             }
                         }
                         Some(BKind::ResultAck(a)) => {
@@ -261,7 +279,14 @@ async fn session(
                             });
                         }
                         Some(BKind::Goodbye(g)) => {
-                            return if g.permanent { End::Refused(g.reason) } else { End::Retry(format!("the broker closed the tunnel: {}", g.reason)) };
+                            return if g.permanent {
+                                End::Refused(g.reason)
+                            } else {
+                                End::Retry(
+                                    format!("the broker closed the tunnel: {}", g.reason),
+                                    (g.retry_after_ms > 0).then(|| Duration::from_millis(g.retry_after_ms.min(600_000))),
+                                )
+                            };
                         }
                         Some(BKind::Renewed(r)) => {
                             if let Some((key, _)) = renewal.take() {
@@ -271,13 +296,13 @@ async fn session(
                         Some(BKind::Welcome(_)) | None => {}
                     }
                 }
-                Ok(None) => return End::Retry("the broker ended the tunnel".into()),
+                Ok(None) => return retry("the broker ended the tunnel"),
                 Err(s) if s.code() == tonic::Code::PermissionDenied => return End::Refused(s.message().to_string()),
-                Err(s) => return End::Retry(format!("tunnel broken: {}", s.message())),
+                Err(s) => return retry(format!("tunnel broken: {}", s.message())),
             },
             _ = ticker.tick() => {
                 if last_frame.elapsed() > interval * 3 {
-                    return End::Retry(format!("the broker was silent for {} ms", last_frame.elapsed().as_millis()));
+                    return retry(format!("the broker was silent for {} ms", last_frame.elapsed().as_millis()));
                 }
                 if gw.outbox_dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
                     resend_outbox(gw);
@@ -331,6 +356,7 @@ async fn finish_renewal(gw: &Gateway, key: rcgen::KeyPair, r: RenewResponse) {
         return fail("no identity to renew".into());
     };
     id.cert_pem = r.certificate_pem;
+    id.retire_key();
     id.key_sealed = gw.store.seal(key.serialize_pem().as_bytes());
     id.cert_received_ms = now_ms();
     id.cert_not_after_ms = not_after;

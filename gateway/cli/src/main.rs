@@ -41,7 +41,18 @@ enum Cmd {
     },
 }
 
+/// Writes to stdout; a reader that went away (`pcgctl status | head`) is not an error.
+fn out(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut o = std::io::stdout().lock();
+    match o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
+}
+
 fn main() -> ExitCode {
+    pcg_gateway::owner_only_umask();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -102,13 +113,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            println!(
-                "paired: gateway {} of tenant {}\nbroker: {}\ncertificate expires {}",
+            out(&format!(
+                "paired: gateway {} of tenant {}\nbroker: {}\ncertificate expires {}\n",
                 paired.gateway_id,
                 paired.tenant_id,
                 paired.broker_endpoints.join(", "),
                 pcg_gateway::status::rfc3339(paired.certificate_not_after_ms)
-            );
+            ))?;
             Ok(())
         }
         Cmd::Status { json } => {
@@ -121,9 +132,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(e) => return Err(e.into()),
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                out(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
             } else {
-                print!("{}", status.render());
+                out(&status.render())?;
             }
             Ok(())
         }

@@ -1,6 +1,6 @@
 //! The pcg contract between gateway and SaaS: the tunnel's protobuf messages and `Broker` gRPC
-//! service (generated from `proto/pcg/tunnel/v1/tunnel.proto`), the pairing token format, and
-//! the JSON bodies of the pairing exchange. Both sides depend on this crate and nothing else of
+//! service (generated from `proto/pcg/tunnel/v1/tunnel.proto`), the pairing token format, the
+//! JSON bodies of the pairing exchange, and secrets sealed to a gateway's key. Both sides depend on this crate and nothing else of
 //! each other.
 
 #[allow(
@@ -17,5 +17,6 @@ pub mod tunnel {
 }
 
 pub mod pairing;
+pub mod sealed;
 
 pub use tunnel::v1;

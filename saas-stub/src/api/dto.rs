@@ -1,0 +1,283 @@
+//! What the REST API reads and writes: request bodies and the views of stored records. Every
+//! type here is in the OpenAPI document.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::app::gateways::GatewayState;
+use crate::store::{
+    now_ms, redact_secrets, ApiKey, Command, CommandState, Event, Tenant, TokenRecord,
+};
+
+/// RFC 3339 UTC for Unix milliseconds.
+pub fn ts(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TenantView {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreateTenantRequest {
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreateTenantResponse {
+    pub tenant: TenantView,
+    /// The tenant's first admin API key. Shown once; store it now.
+    pub admin_api_key: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ApiKeyView {
+    pub id: String,
+    pub tenant_id: Option<String>,
+    pub name: String,
+    pub created_at: String,
+    pub revoked: bool,
+}
+
+impl From<&ApiKey> for ApiKeyView {
+    fn from(k: &ApiKey) -> Self {
+        ApiKeyView {
+            id: k.id.clone(),
+            tenant_id: k.tenant_id.clone(),
+            name: k.name.clone(),
+            created_at: ts(k.created_ms),
+            revoked: k.revoked,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreateApiKeyRequest {
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreateApiKeyResponse {
+    pub api_key: ApiKeyView,
+    /// The key itself. Shown once; store it now.
+    pub key: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+    pub expires_at: String,
+    /// `active`, `used` or `revoked` (an active token past `expires_at` is expired).
+    pub state: String,
+    pub expired: bool,
+    pub gateway_id: Option<String>,
+}
+
+impl From<&TokenRecord> for TokenView {
+    fn from(t: &TokenRecord) -> Self {
+        TokenView {
+            id: t.id.clone(),
+            name: t.name.clone(),
+            created_at: ts(t.created_ms),
+            expires_at: ts(t.expires_ms),
+            state: serde_json::to_value(t.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            expired: now_ms() >= t.expires_ms,
+            gateway_id: t.gateway_id.clone(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Default)]
+#[serde(default)]
+pub struct CreateTokenRequest {
+    /// A label, e.g. the site the appliance goes to.
+    pub name: String,
+    /// Lifetime in seconds (default from the config, 3600; at most 30 days).
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreateTokenResponse {
+    /// The token to give to `pcgctl pair` or the appliance's OVF property. Shown once.
+    pub token: String,
+    pub pairing_token: TokenView,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct GatewayView {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub hostname: String,
+    pub paired_at: String,
+    pub certificate_expires_at: String,
+    pub revoked_at: Option<String>,
+    pub version: Option<String>,
+    /// Command kinds the gateway said it can execute when it last connected.
+    pub command_kinds: Vec<String>,
+    pub connected: bool,
+    pub connected_since: Option<String>,
+    pub last_seen_at: Option<String>,
+    /// Commands stored for this gateway that have no result yet.
+    pub pending_commands: usize,
+}
+
+impl From<&GatewayState> for GatewayView {
+    fn from(s: &GatewayState) -> Self {
+        let g = &s.gateway;
+        GatewayView {
+            id: g.id.clone(),
+            tenant_id: g.tenant_id.clone(),
+            name: g.name.clone(),
+            hostname: g.hostname.clone(),
+            paired_at: ts(g.paired_ms),
+            certificate_expires_at: ts(g.cert_not_after_ms),
+            revoked_at: g.revoked_ms.map(ts),
+            version: g.version.clone(),
+            command_kinds: g.command_kinds.clone(),
+            connected: s.connected_since_ms.is_some(),
+            connected_since: s.connected_since_ms.map(ts),
+            last_seen_at: g.last_seen_ms.map(ts),
+            pending_commands: s.pending,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct SubmitCommandRequest {
+    /// `<namespace>.<verb>`, e.g. `gateway.diagnose`.
+    pub kind: String,
+    /// The command's arguments: a JSON object (default `{}`).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub payload: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ResultView {
+    pub ok: bool,
+    #[schema(value_type = Object)]
+    pub output: serde_json::Value,
+    pub error_class: Option<String>,
+    pub error_message: Option<String>,
+    pub started_at: String,
+    pub finished_at: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CommandView {
+    pub id: String,
+    pub gateway_id: String,
+    pub kind: String,
+    /// The payload as submitted, with secrets (`password`, `secret`, `token`, ... keys) redacted.
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+    pub state: CommandState,
+    pub submitted_at: String,
+    /// How many times the command was handed to a tunnel.
+    pub deliveries: u32,
+    pub received_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub result: Option<ResultView>,
+}
+
+impl From<&Command> for CommandView {
+    fn from(c: &Command) -> Self {
+        CommandView {
+            id: c.id.clone(),
+            gateway_id: c.gateway_id.clone(),
+            kind: c.kind.clone(),
+            payload: {
+                let mut p = c.payload.clone();
+                redact_secrets(&mut p);
+                p
+            },
+            state: c.state,
+            submitted_at: ts(c.submitted_ms),
+            deliveries: c.deliveries,
+            received_at: c.received_ms.map(ts),
+            completed_at: c.completed_ms.map(ts),
+            result: c.result.as_ref().map(|r| ResultView {
+                ok: r.ok,
+                output: r.output.clone(),
+                error_class: (!r.error_class.is_empty()).then(|| r.error_class.clone()),
+                error_message: (!r.error_message.is_empty()).then(|| r.error_message.clone()),
+                started_at: ts(r.started_ms),
+                finished_at: ts(r.finished_ms),
+            }),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct EventView {
+    /// Increasing sequence number; pass the last one seen as `since` to page.
+    pub seq: u64,
+    pub at: String,
+    pub gateway_id: Option<String>,
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub tunnels: usize,
+}
+
+/// Body of `POST /v1/pair` (the gateway sends it; see `pcg_proto::pairing::PairRequest`).
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct PairRequestDoc {
+    pub token_id: String,
+    pub secret: String,
+    pub csr_pem: String,
+    pub hostname: String,
+    pub gateway_version: String,
+}
+
+/// Answer of `POST /v1/pair` (see `pcg_proto::pairing::PairResponse`).
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct PairResponseDoc {
+    pub tenant_id: String,
+    pub gateway_id: String,
+    pub certificate_pem: String,
+    pub ca_pem: String,
+    pub broker_endpoints: Vec<String>,
+}
+
+impl From<&Tenant> for TenantView {
+    fn from(t: &Tenant) -> Self {
+        TenantView {
+            id: t.id.clone(),
+            name: t.name.clone(),
+            created_at: ts(t.created_ms),
+        }
+    }
+}
+
+impl From<Event> for EventView {
+    fn from(e: Event) -> Self {
+        EventView {
+            seq: e.seq,
+            at: ts(e.at_ms),
+            gateway_id: e.gateway_id,
+            kind: e.kind,
+            message: e.message,
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The REST handlers: each parses its request, calls one operation of [`App`], and renders the
+//! answer. The `#[utoipa::path]` attributes are the API's description.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+
+use super::dto::*;
+use super::error::{ApiResult, ErrorBody};
+use super::{Body, PathId, Q};
+use crate::app::commands::Submit;
+use crate::app::{App, Caller};
+use crate::store::{CommandFilter, CommandState};
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+pub async fn healthz(State(app): State<Arc<App>>) -> Json<Health> {
+    Json(Health {
+        status: if app.shutdown.is_cancelled() {
+            "stopping".into()
+        } else {
+            "ok".into()
+        },
+        version: crate::VERSION.into(),
+        tunnels: app.tunnel_count(),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/ca", responses((status = 200, description = "The SaaS CA certificate, PEM", content_type = "application/x-pem-file", body = String)))]
+pub async fn ca_pem(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(http::header::CONTENT_TYPE, "application/x-pem-file")],
+        app.ca.cert_pem.clone(),
+    )
+}
+
+#[utoipa::path(post, path = "/v1/pair", request_body = PairRequestDoc,
+    responses((status = 200, body = PairResponseDoc),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 410, body = ErrorBody)))]
+pub async fn pair(
+    State(app): State<Arc<App>>,
+    Body(req): Body<pcg_proto::pairing::PairRequest>,
+) -> ApiResult<Json<pcg_proto::pairing::PairResponse>> {
+    Ok(Json(app.pair(req).await?))
+}
+
+#[utoipa::path(post, path = "/v1/tenants", request_body = CreateTenantRequest,
+    responses((status = 201, body = CreateTenantResponse), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn create_tenant(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Body(req): Body<CreateTenantRequest>,
+) -> ApiResult<(StatusCode, Json<CreateTenantResponse>)> {
+    let (t, key) = app.create_tenant(&caller, &req.name).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateTenantResponse {
+            tenant: (&t).into(),
+            admin_api_key: key,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/tenants", responses((status = 200, body = Vec<TenantView>)),
+    security(("api_key" = [])))]
+pub async fn list_tenants(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<TenantView>>> {
+    Ok(Json(
+        app.list_tenants(&caller)?
+            .iter()
+            .map(TenantView::from)
+            .collect(),
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/api-keys", request_body = CreateApiKeyRequest,
+    responses((status = 201, body = CreateApiKeyResponse), (status = 400, body = ErrorBody)), security(("api_key" = [])))]
+pub async fn create_api_key(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Body(req): Body<CreateApiKeyRequest>,
+) -> ApiResult<(StatusCode, Json<CreateApiKeyResponse>)> {
+    let (k, key) = app.create_api_key(&caller, &req.name).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateApiKeyResponse {
+            api_key: (&k).into(),
+            key,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/api-keys", responses((status = 200, body = Vec<ApiKeyView>)),
+    security(("api_key" = [])))]
+pub async fn list_api_keys(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<ApiKeyView>>> {
+    Ok(Json(
+        app.list_api_keys(&caller)?
+            .iter()
+            .map(ApiKeyView::from)
+            .collect(),
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)), security(("api_key" = [])))]
+pub async fn revoke_api_key(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+) -> ApiResult<StatusCode> {
+    app.revoke_api_key(&caller, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/pairing-tokens", request_body = CreateTokenRequest,
+    responses((status = 201, body = CreateTokenResponse), (status = 400, body = ErrorBody)), security(("api_key" = [])))]
+pub async fn create_token(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Body(req): Body<CreateTokenRequest>,
+) -> ApiResult<(StatusCode, Json<CreateTokenResponse>)> {
+    let t = app
+        .create_token(&caller, &req.name, req.ttl_seconds)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateTokenResponse {
+            token: t.token,
+            pairing_token: (&t.record).into(),
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/pairing-tokens", responses((status = 200, body = Vec<TokenView>)),
+    security(("api_key" = [])))]
+pub async fn list_tokens(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<TokenView>>> {
+    Ok(Json(
+        app.list_tokens(&caller)?
+            .iter()
+            .map(TokenView::from)
+            .collect(),
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/pairing-tokens/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)), security(("api_key" = [])))]
+pub async fn revoke_token(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+) -> ApiResult<StatusCode> {
+    app.revoke_token(&caller, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/gateways", responses((status = 200, body = Vec<GatewayView>)),
+    security(("api_key" = [])))]
+pub async fn list_gateways(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<GatewayView>>> {
+    Ok(Json(
+        app.list_gateways(&caller)?
+            .iter()
+            .map(GatewayView::from)
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/gateways/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = GatewayView), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get_gateway(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+) -> ApiResult<Json<GatewayView>> {
+    Ok(Json((&app.get_gateway(&caller, &id)?).into()))
+}
+
+#[utoipa::path(post, path = "/v1/gateways/{id}/revoke", params(("id" = String, Path)),
+    responses((status = 200, body = GatewayView), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn revoke_gateway(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+) -> ApiResult<Json<GatewayView>> {
+    Ok(Json((&app.revoke_gateway(&caller, &id).await?).into()))
+}
+
+/// The idempotency header of `POST /v1/gateways/{id}/commands`.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+#[utoipa::path(post, path = "/v1/gateways/{id}/commands",
+    params(("id" = String, Path),
+           ("Idempotency-Key" = Option<String>, Header, description = "Makes the submit safe to retry: the same key with the same body returns the command the first request made (with `Idempotent-Replayed: true`); with a different body, 422. Keys are remembered per tenant for `idempotency_window_secs` (default 24 h).")),
+    request_body = SubmitCommandRequest,
+    responses((status = 201, body = CommandView), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn submit_command(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+    headers: HeaderMap,
+    Body(req): Body<SubmitCommandRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    crate::app::AppError::invalid(
+                        "invalid_idempotency_key",
+                        "the Idempotency-Key must be printable ASCII",
+                    )
+                })?
+                .to_string(),
+        ),
+    };
+    let done = app
+        .submit_command(
+            &caller,
+            Submit {
+                gateway_id: &id,
+                kind: req.kind,
+                payload: req.payload,
+                idempotency_key,
+            },
+        )
+        .await?;
+    let mut h = HeaderMap::new();
+    if done.replayed {
+        h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok((
+        StatusCode::CREATED,
+        h,
+        Json(CommandView::from(&done.command)),
+    ))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListCommandsQuery {
+    pub gateway_id: Option<String>,
+    /// queued, delivered, received, succeeded or failed.
+    pub state: Option<String>,
+    pub kind: Option<String>,
+    /// At most this many, newest first (default 100, at most 1000).
+    pub limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/commands", params(ListCommandsQuery),
+    responses((status = 200, body = Vec<CommandView>), (status = 400, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn list_commands(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Q(q): Q<ListCommandsQuery>,
+) -> ApiResult<Json<Vec<CommandView>>> {
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(CommandState::parse(s).ok_or_else(|| {
+            crate::app::AppError::invalid(
+                "invalid_state",
+                format!(
+                    "unknown state \"{}\"; use queued, delivered, received, succeeded or failed",
+                    crate::app::printable(s)
+                ),
+            )
+        })?),
+    };
+    let f = CommandFilter {
+        gateway_id: q.gateway_id,
+        state,
+        kind: q.kind,
+        limit: q.limit.unwrap_or(100).clamp(1, 1000),
+    };
+    Ok(Json(
+        app.list_commands(&caller, f)?
+            .iter()
+            .map(CommandView::from)
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GetCommandQuery {
+    /// Wait up to this many seconds (at most 60) for the command to finish.
+    pub wait_seconds: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/commands/{id}", params(("id" = String, Path), GetCommandQuery),
+    responses((status = 200, body = CommandView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get_command(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+    Q(q): Q<GetCommandQuery>,
+) -> ApiResult<Json<CommandView>> {
+    let wait = Duration::from_secs(q.wait_seconds.unwrap_or(0).min(60));
+    Ok(Json((&app.get_command(&caller, &id, wait).await?).into()))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListEventsQuery {
+    /// Only events with a larger sequence number.
+    pub since: Option<u64>,
+    pub gateway_id: Option<String>,
+    /// Default 100, at most 1000.
+    pub limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/events", params(ListEventsQuery),
+    responses((status = 200, body = Vec<EventView>), (status = 400, body = ErrorBody)), security(("api_key" = [])))]
+pub async fn list_events(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Q(q): Q<ListEventsQuery>,
+) -> ApiResult<Json<Vec<EventView>>> {
+    let evs = app.list_events(
+        &caller,
+        q.since,
+        q.gateway_id.as_deref(),
+        q.limit.unwrap_or(100),
+    )?;
+    Ok(Json(evs.into_iter().map(EventView::from).collect()))
+}

@@ -1,0 +1,317 @@
+//! Commands: submit (idempotent with a client's key), look up (long-polling for the result),
+//! list.
+//!
+//! Secrets in a payload (values under `password`, `secret`, `token`, ... keys) are sealed to the
+//! gateway's public key before anything is written, so neither the store nor the logs ever hold
+//! them in clear; only the gateway can open them.
+
+use std::time::Duration;
+
+use pcg_proto::sealed::{seal_secrets, Recipient};
+use serde_json::Value;
+
+use super::{plausible_id, printable, App, AppError, AppResult, Caller, Kind};
+use crate::store::{
+    self, now_ms, Command, CommandFilter, CommandState, Gateway, IdempotencyRecord,
+};
+
+/// Longest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// A command to submit, as a client sent it.
+pub struct Submit<'a> {
+    pub gateway_id: &'a str,
+    pub kind: String,
+    pub payload: Option<Value>,
+    /// The client's `Idempotency-Key`, if any.
+    pub idempotency_key: Option<String>,
+}
+
+/// What a submit did.
+pub struct Submitted {
+    pub command: Command,
+    /// True when the idempotency key named an earlier submit, which is returned instead.
+    pub replayed: bool,
+}
+
+/// `namespace.verb[.more]`: lower-case ASCII letters, digits and `_`, at most 128 characters.
+pub fn valid_kind(kind: &str) -> bool {
+    let parts: Vec<&str> = kind.split('.').collect();
+    kind.len() <= 128
+        && parts.len() >= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+        && parts[0].as_bytes()[0].is_ascii_lowercase()
+}
+
+impl App {
+    pub(super) fn tenant_gateway(&self, tenant: &str, id: &str) -> AppResult<Gateway> {
+        let found = if plausible_id(id) {
+            self.store.gateway(id)?
+        } else {
+            None
+        };
+        found.filter(|g| g.tenant_id == tenant).ok_or_else(|| {
+            AppError::not_found(format!(
+                "gateway {} not found in tenant {tenant}; list your gateways with GET /v1/gateways",
+                printable(id)
+            ))
+        })
+    }
+
+    /// Checks, seals and stores a command (durably), then hands it to the gateway's tunnel.
+    pub async fn submit_command(
+        self: &std::sync::Arc<Self>,
+        caller: &Caller,
+        req: Submit<'_>,
+    ) -> AppResult<Submitted> {
+        let tenant = caller.tenant()?;
+        let g = self.tenant_gateway(tenant, req.gateway_id)?;
+        if let Some(k) = &req.idempotency_key {
+            if k.is_empty()
+                || k.len() > MAX_IDEMPOTENCY_KEY
+                || !k.bytes().all(|b| (0x21..=0x7e).contains(&b))
+            {
+                return Err(AppError::invalid(
+                    "invalid_idempotency_key",
+                    format!("the Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters without spaces (a UUID is a good choice)"),
+                ));
+            }
+        }
+        if g.revoked_ms.is_some() {
+            return Err(AppError::new(
+                Kind::Conflict,
+                "gateway_revoked",
+                format!(
+                    "gateway {} is revoked and takes no commands; pair a gateway again with a new token",
+                    g.id
+                ),
+            ));
+        }
+        if !valid_kind(&req.kind) {
+            return Err(AppError::invalid(
+                "invalid_kind",
+                format!(
+                    "command kind \"{}\" is malformed: it must look like `namespace.verb` (lower-case letters, digits, `_`, at most 128 characters), e.g. `gateway.diagnose`",
+                    printable(&req.kind)
+                ),
+            ));
+        }
+        let mut payload = req.payload.unwrap_or_else(|| serde_json::json!({}));
+        if !payload.is_object() {
+            return Err(AppError::invalid(
+                "invalid_payload",
+                "the command payload must be a JSON object",
+            ));
+        }
+        let body = serde_json::to_vec(&payload).expect("JSON values serialise");
+        if body.len() > self.cfg.max_payload_bytes {
+            return Err(AppError::new(
+                Kind::TooLarge,
+                "payload_too_large",
+                format!(
+                    "the command payload is {} bytes; the limit is {} (max_payload_bytes)",
+                    body.len(),
+                    self.cfg.max_payload_bytes
+                ),
+            ));
+        }
+        if !g.command_kinds.is_empty() && !g.command_kinds.contains(&req.kind) {
+            return Err(AppError::new(
+                Kind::Unprocessable,
+                "unsupported_kind",
+                format!(
+                    "gateway {} does not support command kind \"{}\"; it supports: {}",
+                    g.id,
+                    req.kind,
+                    g.command_kinds.join(", ")
+                ),
+            ));
+        }
+        // The fingerprint of this request, for its idempotency key: over the clear request, so
+        // that a retry matches, keyed so that it reveals nothing about the body.
+        let fingerprint = req.idempotency_key.as_ref().map(|_| {
+            let mut m = ring::hmac::Context::with_key(&self.idempotency_key);
+            for part in [g.id.as_bytes(), req.kind.as_bytes(), &body] {
+                m.update(&(part.len() as u64).to_be_bytes());
+                m.update(part);
+            }
+            hex::encode(m.sign().as_ref())
+        });
+        if let (Some(key), Some(fp)) = (&req.idempotency_key, &fingerprint) {
+            if let Some(done) = self.replay(tenant, key, fp).await? {
+                return Ok(done);
+            }
+        }
+        if pcg_proto::sealed::contains_secrets(&payload) {
+            let recipient = g
+                .public_key
+                .as_deref()
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|k| Recipient::from_sec1(&k).ok())
+                .ok_or_else(|| {
+                    AppError::new(
+                        Kind::Unavailable,
+                        "gateway_key_unknown",
+                        format!(
+                            "the payload carries secrets, but the public key of gateway {} is not known yet to seal them to; connect the gateway once (it records its key) and send again",
+                            g.id
+                        ),
+                    )
+                })?;
+            seal_secrets(&mut payload, &recipient);
+        }
+        let mut cmd = Command {
+            id: store::new_id("cmd", 12),
+            tenant_id: tenant.to_string(),
+            gateway_id: g.id.clone(),
+            kind: req.kind,
+            payload,
+            state: CommandState::Queued,
+            submitted_ms: now_ms(),
+            deliveries: 0,
+            received_ms: None,
+            completed_ms: None,
+            result: None,
+            pending_key: Vec::new(),
+        };
+        if let (Some(key), Some(fp)) = (&req.idempotency_key, fingerprint) {
+            let rec = IdempotencyRecord {
+                command_id: cmd.id.clone(),
+                fingerprint: fp.clone(),
+                created_ms: cmd.submitted_ms,
+            };
+            // First writer of the key wins; a concurrent twin gets the winner's command. A claim
+            // past the window, or one whose request never stored its command, is taken over.
+            if !self
+                .store
+                .claim_idempotency_key(tenant, key, &rec, self.idempotency_window_ms())?
+            {
+                return match self.replay(tenant, key, &fp).await? {
+                    Some(done) => Ok(done),
+                    None => Err(AppError::new(
+                        Kind::Conflict,
+                        "idempotency_conflict",
+                        "another request with this Idempotency-Key is being processed; retry in a moment",
+                    )),
+                };
+            }
+        }
+        self.store.insert_command(&mut cmd)?;
+        self.store.flush().await?;
+        let (app, queued) = (self.clone(), cmd.clone());
+        self.tasks
+            .spawn(async move { crate::broker::deliver(&app, &queued).await });
+        Ok(Submitted {
+            command: cmd,
+            replayed: false,
+        })
+    }
+
+    /// The command an idempotency key already names, if the request matches it.
+    async fn replay(
+        &self,
+        tenant: &str,
+        key: &str,
+        fingerprint: &str,
+    ) -> AppResult<Option<Submitted>> {
+        let Some(rec) = self.store.idempotency_key(tenant, key)? else {
+            return Ok(None);
+        };
+        if now_ms() - rec.created_ms > self.idempotency_window_ms() {
+            return Ok(None);
+        }
+        if rec.fingerprint != fingerprint {
+            return Err(AppError::new(
+                Kind::Unprocessable,
+                "idempotency_key_reused",
+                format!(
+                    "Idempotency-Key \"{}\" was used for a different request (command {}); use a new key for a new request",
+                    printable(key),
+                    rec.command_id
+                ),
+            ));
+        }
+        match self.store.command(&rec.command_id)? {
+            Some(c) => {
+                // Whatever the first request wrote is durable before it is repeated.
+                self.store.flush().await?;
+                Ok(Some(Submitted {
+                    command: c,
+                    replayed: true,
+                }))
+            }
+            // The key was claimed but its command is not stored (yet, or the request failed):
+            // a concurrent twin is still running, or the store failed mid-way.
+            None => Ok(None),
+        }
+    }
+
+    /// How long idempotency keys are remembered, ms.
+    pub fn idempotency_window_ms(&self) -> i64 {
+        i64::try_from(self.cfg.idempotency_window_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    /// One command of the caller's tenant; with `wait`, waits up to that long for its result
+    /// (returning early when the service stops).
+    pub async fn get_command(
+        &self,
+        caller: &Caller,
+        id: &str,
+        wait: Duration,
+    ) -> AppResult<Command> {
+        let tenant = caller.tenant()?.to_string();
+        let not_found = || {
+            AppError::not_found(format!(
+                "command {} not found in tenant {tenant}",
+                printable(id)
+            ))
+        };
+        if !plausible_id(id) {
+            return Err(not_found());
+        }
+        let read = || -> AppResult<Command> {
+            self.store
+                .command(id)?
+                .filter(|c| c.tenant_id == tenant)
+                .ok_or_else(not_found)
+        };
+        let c = read()?;
+        if c.state.is_terminal() || wait.is_zero() {
+            return Ok(c);
+        }
+        // Only a real, unfinished command of the caller is waited on.
+        let deadline = tokio::time::Instant::now() + wait.min(Duration::from_secs(60));
+        let waiter = self.waiters.wait_for(id);
+        loop {
+            let notified = waiter.notify().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let c = read()?;
+            if c.state.is_terminal()
+                || tokio::time::Instant::now() >= deadline
+                || self.shutdown.is_cancelled()
+            {
+                return Ok(c);
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = self.shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    pub fn list_commands(&self, caller: &Caller, f: CommandFilter) -> AppResult<Vec<Command>> {
+        let tenant = caller.tenant()?;
+        if f.gateway_id.as_deref().is_some_and(|g| !plausible_id(g))
+            || f.kind.as_deref().is_some_and(|k| !valid_kind(k))
+        {
+            return Ok(Vec::new());
+        }
+        Ok(self.store.commands(tenant, &f)?)
+    }
+}

@@ -1,0 +1,83 @@
+//! Gateways: list, look up, revoke.
+
+use super::{App, AppResult, Caller};
+use crate::store::{self, now_ms, Gateway};
+
+/// A gateway record with what only the running service knows about it.
+pub struct GatewayState {
+    pub gateway: Gateway,
+    /// When its live tunnel connected, if it has one.
+    pub connected_since_ms: Option<i64>,
+    /// Commands stored for it without a result yet.
+    pub pending: usize,
+}
+
+impl App {
+    fn state(&self, g: Gateway) -> GatewayState {
+        GatewayState {
+            connected_since_ms: self.tunnels.get(&g.id).map(|t| t.connected_ms),
+            pending: self.store.pending_count(&g.id),
+            gateway: g,
+        }
+    }
+
+    pub fn list_gateways(&self, caller: &Caller) -> AppResult<Vec<GatewayState>> {
+        let tenant = caller.tenant()?;
+        Ok(self
+            .store
+            .gateways(Some(tenant))?
+            .into_iter()
+            .map(|g| self.state(g))
+            .collect())
+    }
+
+    pub fn get_gateway(&self, caller: &Caller, id: &str) -> AppResult<GatewayState> {
+        let g = self.tenant_gateway(caller.tenant()?, id)?;
+        Ok(self.state(g))
+    }
+
+    /// Revokes a gateway: its pending commands fail with `gateway_revoked`, its tunnel is
+    /// closed with a permanent Goodbye, and its certificate is refused from then on.
+    pub async fn revoke_gateway(&self, caller: &Caller, id: &str) -> AppResult<GatewayState> {
+        let tenant = caller.tenant()?;
+        let g = self.tenant_gateway(tenant, id)?;
+        if g.revoked_ms.is_none() {
+            self.store
+                .update_gateway(&g.id, |g| g.revoked_ms = Some(now_ms()))?;
+            // Pending commands can no longer be delivered: fail them so nobody waits forever.
+            for c in self.store.pending_commands(&g.id)? {
+                let now = now_ms();
+                self.store.complete_command(
+                    &c.id,
+                    &g.id,
+                    store::CommandResult {
+                        ok: false,
+                        output: serde_json::Value::Null,
+                        error_class: "gateway_revoked".into(),
+                        error_message: format!(
+                            "gateway {} was revoked before it returned a result",
+                            g.id
+                        ),
+                        started_ms: now,
+                        finished_ms: now,
+                    },
+                )?;
+                self.waiters.notify(&c.id);
+            }
+            self.store.event(
+                Some(tenant),
+                Some(&g.id),
+                "gateway.revoked",
+                format!("gateway {} revoked", g.id),
+            )?;
+            self.store.flush().await?;
+            self.tunnels.close(
+                &g.id,
+                "this gateway was revoked by a tenant admin; pair it again with a new token",
+                true,
+            );
+        }
+        let g = self.tenant_gateway(tenant, id)?;
+        Ok(self.state(g))
+    }
+}

@@ -1,0 +1,208 @@
+//! The application layer: every operation of pcg-saas (tenants, API keys, pairing tokens,
+//! pairing, gateways, commands, events) as methods of [`App`], with typed errors
+//! ([`AppError`]). The REST handlers (`crate::api`) and the broker (`crate::broker`) are thin
+//! layers over it: they parse, call one method, and render.
+
+pub mod admin;
+pub mod commands;
+pub mod error;
+pub mod gateways;
+mod pairing;
+pub mod waiters;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::{AppError, AppResult, Kind};
+
+use crate::store::{self, ApiKey};
+use crate::{broker, ca, Config};
+
+/// State shared by the REST API and the broker.
+pub struct App {
+    pub cfg: Config,
+    pub store: store::Store,
+    pub ca: ca::Ca,
+    /// Live tunnels by gateway id.
+    pub tunnels: broker::Tunnels,
+    /// Long-polls waiting for a command to finish (`GET /v1/commands/{id}?wait_seconds=`).
+    pub waiters: waiters::Waiters,
+    /// URL put in pairing tokens.
+    pub api_url: String,
+    /// Broker endpoints handed to gateways.
+    pub broker_urls: Vec<String>,
+    /// Cancelled when the service stops: long-polls return, tunnels say Goodbye.
+    pub shutdown: CancellationToken,
+    /// Every task the service spawns, so that stopping waits for them (within a bound).
+    pub tasks: TaskTracker,
+    /// Keys the fingerprint of idempotent requests (kept apart from the store, so a stolen
+    /// database cannot test guesses of a request body against it).
+    idempotency_key: ring::hmac::Key,
+    /// When a refused tunnel of an identity was last recorded as an event (rate limit).
+    pub(crate) refused_events:
+        std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+/// The authenticated caller of a request.
+pub struct Caller(pub ApiKey);
+
+impl Caller {
+    /// The caller's tenant; the operator key has none and is refused here.
+    pub fn tenant(&self) -> AppResult<&str> {
+        self.0.tenant_id.as_deref().ok_or_else(|| {
+            AppError::new(
+                Kind::Forbidden,
+                "operator_key",
+                "the operator key administers tenants only; use an API key of the tenant (POST /v1/tenants returns its first admin key)",
+            )
+        })
+    }
+
+    fn operator(&self) -> AppResult<()> {
+        if self.0.tenant_id.is_none() {
+            Ok(())
+        } else {
+            Err(AppError::new(
+                Kind::Forbidden,
+                "not_operator",
+                "only the operator key (operator.key in the SaaS data directory) can create tenants",
+            ))
+        }
+    }
+}
+
+/// Opens the data directory (creating the CA, the store and the operator key on first start)
+/// and returns the shared state. `api_addr`/`broker_addr` are the bound addresses, used for the
+/// advertised URLs when the config names none.
+pub fn open(
+    cfg: Config,
+    api_addr: std::net::SocketAddr,
+    broker_addr: std::net::SocketAddr,
+) -> anyhow::Result<Arc<App>> {
+    use anyhow::Context as _;
+    pcg_durable::fs::private_dir(&cfg.data_dir)
+        .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+    let ca = ca::Ca::load_or_create(&cfg.data_dir)?;
+    let store = store::Store::open(&cfg.data_dir.join("db")).with_context(|| {
+        format!(
+            "cannot open the store in {} (is another pcg-saas using this data directory?)",
+            cfg.data_dir.display()
+        )
+    })?;
+    let op_path = cfg.data_dir.join("operator.key");
+    if !op_path.exists() {
+        let (_, key) = store.create_api_key(None, "operator")?;
+        ca::write_private(&op_path, format!("{key}\n").as_bytes())
+            .with_context(|| format!("cannot write {}", op_path.display()))?;
+        tracing::info!(path = %op_path.display(), "first start: operator API key written (owner-only file)");
+    }
+    let idem_path = cfg.data_dir.join("idempotency.key");
+    if !idem_path.exists() {
+        ca::write_private(&idem_path, &rand::random::<[u8; 32]>())
+            .with_context(|| format!("cannot write {}", idem_path.display()))?;
+    }
+    let idem = std::fs::read(&idem_path)
+        .with_context(|| format!("cannot read {}", idem_path.display()))?;
+    for (path, e) in pcg_durable::fs::tighten_permissions(&cfg.data_dir) {
+        tracing::warn!(path = %path.display(), "cannot make owner-only: {e}");
+    }
+    let api_url = cfg
+        .public_api_url
+        .clone()
+        .unwrap_or_else(|| format!("https://{api_addr}"));
+    let broker_urls = if cfg.public_broker_urls.is_empty() {
+        vec![format!("https://{broker_addr}")]
+    } else {
+        cfg.public_broker_urls.clone()
+    };
+    Ok(Arc::new(App {
+        cfg,
+        store,
+        ca,
+        tunnels: broker::Tunnels::default(),
+        waiters: waiters::Waiters::default(),
+        api_url,
+        broker_urls,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        idempotency_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &idem),
+        refused_events: std::sync::Mutex::new(std::collections::HashMap::new()),
+    }))
+}
+
+impl App {
+    /// Authenticates an `Authorization` header value (`Bearer pcgk_...`, scheme in any case).
+    pub fn authenticate(&self, header: Option<&str>) -> AppResult<Caller> {
+        let header = header.ok_or_else(|| {
+            AppError::new(
+                Kind::Unauthenticated,
+                "unauthenticated",
+                "missing `Authorization: Bearer <API key>` header",
+            )
+        })?;
+        let header = header.trim();
+        let (scheme, key) = header.split_once(' ').unwrap_or((header, ""));
+        let presented = Some(key.trim())
+            .filter(|_| scheme.eq_ignore_ascii_case("bearer"))
+            .ok_or_else(|| {
+                AppError::new(
+                    Kind::Unauthenticated,
+                    "unauthenticated",
+                    "the Authorization header must be `Bearer <API key>`",
+                )
+            })?;
+        match self.store.authenticate(presented)? {
+            Some(k) => Ok(Caller(k)),
+            None => Err(AppError::new(
+                Kind::Unauthenticated,
+                "invalid_api_key",
+                "the API key is unknown, revoked or mistyped; check the key, or ask a tenant admin for a new one",
+            )),
+        }
+    }
+
+    /// Liveness facts for `/healthz`.
+    pub fn tunnel_count(&self) -> usize {
+        self.tunnels.count()
+    }
+}
+
+/// Checks a name given by a client: 1 to 128 characters, no control characters.
+pub fn check_name(what: &str, name: &str) -> AppResult<String> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 128 {
+        return Err(AppError::invalid(
+            "invalid_name",
+            format!("{what} must be 1 to 128 characters"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(AppError::invalid(
+            "invalid_name",
+            format!("{what} must not contain control characters"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// Whether `id` could be an id this service made (`prefix_hex`, at most 64 characters): other
+/// strings are answered "not found" without a store lookup.
+pub fn plausible_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A string shown in logs and events with control characters escaped and its length bounded,
+/// so a client cannot forge log lines.
+pub fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(200).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 200 {
+        out.push('…');
+    }
+    out
+}

@@ -1,0 +1,446 @@
+//! The TLS listener both services run on: it accepts TCP connections, bounds what an
+//! unauthenticated client can hold, completes the TLS handshake, and serves HTTP/1.1 or HTTP/2
+//! with hyper until the connection ends or the service stops.
+//!
+//! What a client cannot do to it:
+//! - hold a connection without finishing the TLS handshake: each handshake is bounded in time,
+//!   and when `max_pending_handshakes` are under way the oldest is dropped to make room, so a
+//!   flood of silent connections cannot lock a real client out;
+//! - take more than `max_connections_per_ip` connections from one address (refused at once);
+//! - push the process past its descriptor limit: established connections share one budget
+//!   ([`ConnBudget`]) sized below `RLIMIT_NOFILE`; past it new connections are closed at once
+//!   while the established ones are served;
+//! - send headers forever (`header_read_timeout`) or sit idle forever (`idle_timeout`: no byte
+//!   either way for that long closes the connection; tunnels heartbeat well within it).
+//!
+//! Every accepted socket gets `TCP_NODELAY`: request/response and tunnel frames are small, and
+//! Nagle's algorithm would hold each one for a delayed ACK.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The bounds of one listener.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// TLS handshakes under way at once; past it the oldest is dropped.
+    pub max_pending_handshakes: usize,
+    /// Connections (pending or established) from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Time a client has to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time an HTTP/1.1 client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// A connection that moves no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// Established connections across every listener of the process, kept below the descriptor
+/// limit so that accepting never fails for lack of descriptors while the store needs some.
+#[derive(Clone)]
+pub struct ConnBudget {
+    sem: Arc<Semaphore>,
+    total: usize,
+}
+
+impl ConnBudget {
+    /// At most `configured` connections, and at most the soft descriptor limit minus a reserve
+    /// for the store, logs and the pending handshakes of `listeners` listeners.
+    pub fn new(configured: usize, listeners: usize, pending_per_listener: usize) -> ConnBudget {
+        let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(1024);
+        let reserve = 64 + listeners * (pending_per_listener + 2);
+        let total = configured.min(nofile.saturating_sub(reserve)).max(16);
+        if total < configured {
+            tracing::info!(
+                nofile,
+                configured,
+                connections = total,
+                "the descriptor limit bounds established connections; raise LimitNOFILE for more"
+            );
+        }
+        ConnBudget {
+            sem: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// How many connections the budget allows.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// How many are in use.
+    pub fn in_use(&self) -> usize {
+        self.total - self.sem.available_permits()
+    }
+}
+
+/// What a service knows about the connection a request came on.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The client certificate chain, when the client presented one.
+    pub peer_certs: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
+    /// ALPN protocol the handshake settled on.
+    pub alpn: Option<Vec<u8>>,
+}
+
+/// Connections per source address.
+#[derive(Default)]
+struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+
+struct IpSlot {
+    map: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
+        let mut m = self.0.lock().expect("per-ip lock is never poisoned");
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            map: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.0.lock().expect("per-ip lock is never poisoned");
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Handshakes under way, oldest first; the oldest is cancelled when a new one needs room.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    by_age: BTreeMap<u64, CancellationToken>,
+}
+
+fn pending_remove(p: &Mutex<Pending>, seq: u64) {
+    p.lock()
+        .expect("pending lock is never poisoned")
+        .by_age
+        .remove(&seq);
+}
+
+/// Counts what the listener refused, for logs and health.
+#[derive(Default, Debug)]
+pub struct ListenerStats {
+    pub refused_per_ip: AtomicU64,
+    pub refused_budget: AtomicU64,
+    pub evicted_handshakes: AtomicU64,
+    pub handshake_timeouts: AtomicU64,
+}
+
+/// Serves TLS connections on `listener` with the service `make(conn_info)` builds per
+/// connection, until `shutdown` is cancelled; connection tasks are spawned on `tracker`. On
+/// shutdown, listening stops at once and every connection is asked to finish gracefully
+/// (HTTP/2 GOAWAY, HTTP/1.1 close after the current response); the caller decides how long to
+/// wait for them (`tracker.wait()`).
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<M, S>(
+    name: &'static str,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    limits: Limits,
+    budget: ConnBudget,
+    stats: Arc<ListenerStats>,
+    make: M,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) where
+    M: Fn(ConnInfo) -> S + Send + Sync + 'static,
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<axum::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let per_ip = Arc::new(PerIp::default());
+    let pending = Arc::new(Mutex::new(Pending::default()));
+    let make = Arc::new(make);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // Out of descriptors or a transient error: the connection stays in the
+                    // kernel's backlog; try again shortly.
+                    tracing::warn!(listener = name, "accept failed: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let Some(ip_slot) = per_ip.take(peer.ip(), limits.max_connections_per_ip) else {
+            stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(listener = name, %peer, "refused: too many connections from this address");
+            continue;
+        };
+        if budget.sem.available_permits() == 0 {
+            stats.refused_budget.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(listener = name, %peer, "refused: connection budget exhausted");
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        // Room for this handshake: drop the oldest one under way when full.
+        let cancel = CancellationToken::new();
+        let seq = {
+            let mut p = pending.lock().expect("pending lock is never poisoned");
+            while p.by_age.len() >= limits.max_pending_handshakes.max(1) {
+                if let Some((_, oldest)) = p.by_age.pop_first() {
+                    oldest.cancel();
+                    stats.evicted_handshakes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let seq = p.next;
+            p.next += 1;
+            p.by_age.insert(seq, cancel.clone());
+            seq
+        };
+        let conn = Conn {
+            name,
+            tcp,
+            peer,
+            acceptor: acceptor.clone(),
+            limits: limits.clone(),
+            stats: stats.clone(),
+            pending: pending.clone(),
+            seq,
+            cancel,
+            shutdown: shutdown.clone(),
+            budget: budget.clone(),
+            _ip: ip_slot,
+        };
+        let make = make.clone();
+        tracker.spawn(conn.run(move |info| make(info)));
+    }
+}
+
+struct Conn {
+    name: &'static str,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    limits: Limits,
+    stats: Arc<ListenerStats>,
+    pending: Arc<Mutex<Pending>>,
+    seq: u64,
+    /// Cancelled when this handshake is evicted to make room.
+    cancel: CancellationToken,
+    shutdown: CancellationToken,
+    /// Established connections hold a permit of it; pending handshakes do not (they are
+    /// bounded by `max_pending_handshakes` instead).
+    budget: ConnBudget,
+    _ip: IpSlot,
+}
+
+impl Conn {
+    async fn run<S>(self, make: impl FnOnce(ConnInfo) -> S)
+    where
+        S: tower::Service<
+                http::Request<hyper::body::Incoming>,
+                Response = http::Response<axum::body::Body>,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let Conn {
+            name,
+            tcp,
+            peer,
+            acceptor,
+            limits,
+            stats,
+            pending,
+            seq,
+            cancel,
+            shutdown,
+            budget,
+            _ip,
+        } = self;
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => r,
+            _ = cancel.cancelled() => {
+                tracing::debug!(listener = name, %peer, "handshake dropped to make room for a newer one");
+                return;
+            }
+            _ = shutdown.cancelled() => {
+                pending_remove(&pending, seq);
+                return;
+            }
+        };
+        pending_remove(&pending, seq);
+        let tls = match handshake {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(listener = name, %peer, "TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(listener = name, %peer, "TLS handshake not completed in time");
+                return;
+            }
+        };
+        let _permit: OwnedSemaphorePermit = match budget.sem.try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                stats.refused_budget.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(listener = name, %peer, "refused: connection budget exhausted");
+                return;
+            }
+        };
+        let (_, session) = tls.get_ref();
+        let info = ConnInfo {
+            peer,
+            peer_certs: session
+                .peer_certificates()
+                .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
+            alpn: session.alpn_protocol().map(<[u8]>::to_vec),
+        };
+        let activity = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let io = Activity {
+            inner: tls,
+            last: activity.clone(),
+            started,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(make(info));
+        let mut builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let idle = limits.idle_timeout;
+        let mut check = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(listener = name, %peer, "connection ended: {e}");
+                    }
+                    return;
+                }
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = check.tick() => {
+                    let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                    if started.elapsed().saturating_sub(last) > idle {
+                        tracing::debug!(listener = name, %peer, "closing a connection idle for {idle:?}");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An I/O stream that records when a byte last moved, for the idle timeout.
+struct Activity<T> {
+    inner: T,
+    last: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl<T> Activity<T> {
+    fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
