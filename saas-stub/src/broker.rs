@@ -132,6 +132,31 @@ fn command_frame(c: &Command) -> BrokerFrame {
     }
 }
 
+/// Why a tunnel's session ended (recorded in the `gateway.disconnected` event).
+#[derive(Debug, thiserror::Error)]
+enum Closed {
+    #[error("the gateway closed the tunnel")]
+    ByGateway,
+    #[error("tunnel error: {0}")]
+    Stream(String),
+    #[error("silent for {0} ms (three heartbeat intervals)")]
+    Silent(u128),
+    #[error("closed by the broker (revoked, replaced or not draining)")]
+    ByBroker,
+    #[error("the broker is stopping")]
+    Stopping,
+    #[error("cannot store result of command {command}: {source}")]
+    Store {
+        command: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
+    #[error("tunnel congested or ended while acknowledging a result")]
+    Congested,
+    #[error("Hello sent twice")]
+    HelloTwice,
+}
+
 /// Hands a freshly stored command to its gateway's tunnel if one is up. If the tunnel cannot
 /// take it within a few seconds the tunnel is closed, so that the gateway redials and gets the
 /// command through the replay of pending commands; nothing is lost either way.
@@ -404,12 +429,12 @@ async fn session(
                         break e;
                     }
                 }
-                Ok(None) => break "the gateway closed the tunnel".to_string(),
-                Err(e) => break format!("tunnel error: {}", e.message()),
+                Ok(None) => break Closed::ByGateway,
+                Err(e) => break Closed::Stream(e.message().to_string()),
             },
             _ = ticker.tick() => {
                 if last_frame.elapsed() > interval * 3 {
-                    break format!("silent for {} ms", last_frame.elapsed().as_millis());
+                    break Closed::Silent(last_frame.elapsed().as_millis());
                 }
                 seq += 1;
                 let _ = tx.try_send(Ok(BrokerFrame { kind: Some(BKind::Heartbeat(Heartbeat {
@@ -420,14 +445,14 @@ async fn session(
                     let _ = app.store.update_gateway(&gateway_id, |g| g.last_seen_ms = Some(now_ms()));
                 }
             }
-            _ = close.notified() => break "closed by the broker".to_string(),
+            _ = close.notified() => break Closed::ByBroker,
             _ = app.shutdown.cancelled() => {
                 let _ = tx.try_send(Ok(goodbye(
                     "the SaaS broker is stopping; redial in a moment",
                     false,
                     STOP_RETRY_AFTER_MS,
                 )));
-                break "the broker is stopping".to_string();
+                break Closed::Stopping;
             }
         }
     };
@@ -450,7 +475,7 @@ async fn handle_frame(
     gateway_id: &str,
     frame: GatewayFrame,
     tx: &Tx,
-) -> Result<(), String> {
+) -> Result<(), Closed> {
     match frame.kind {
         Some(GKind::Heartbeat(h)) => {
             let _ = tx.try_send(Ok(BrokerFrame {
@@ -491,16 +516,24 @@ async fn handle_frame(
                 .complete_command(&r.command_id, gateway_id, result)
             {
                 Ok(Some(_)) => {
-                    if let Err(e) = app.store.flush().await {
+                    if let Err(source) = app.store.flush().await {
                         // Not acknowledged: the gateway keeps it and sends it again.
-                        return Err(format!("cannot store result: {e}"));
+                        return Err(Closed::Store {
+                            command: r.command_id,
+                            source,
+                        });
                     }
                     app.waiters.notify(&r.command_id);
                 }
                 Ok(None) => {
                     tracing::warn!(gateway = %gateway_id, command = %printable(&r.command_id), "result for an unknown command; acknowledging so the gateway drops it");
                 }
-                Err(e) => return Err(format!("cannot store result: {e}")),
+                Err(source) => {
+                    return Err(Closed::Store {
+                        command: r.command_id,
+                        source,
+                    })
+                }
             }
             // Never wait on a congested tunnel: close it instead; the gateway redials and
             // sends the result again, which is acknowledged then.
@@ -512,7 +545,7 @@ async fn handle_frame(
                 }))
                 .is_err()
             {
-                return Err("tunnel congested or ended".into());
+                return Err(Closed::Congested);
             }
         }
         Some(GKind::Renew(r)) => {
@@ -567,7 +600,7 @@ async fn handle_frame(
                 kind: Some(BKind::Renewed(answer)),
             }));
         }
-        Some(GKind::Hello(_)) => return Err("Hello sent twice".into()),
+        Some(GKind::Hello(_)) => return Err(Closed::HelloTwice),
         None => {}
     }
     Ok(())

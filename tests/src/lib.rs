@@ -72,17 +72,24 @@ impl Proc {
     }
     /// SIGTERM, then wait (up to 10 s) for a clean exit.
     pub fn stop(&mut self) {
+        self.terminate(Duration::from_secs(10));
+    }
+
+    /// SIGTERM, then wait up to `within` for the process to exit by itself: how long it took
+    /// and its exit status, or None when it had to be killed.
+    pub fn terminate(&mut self, within: Duration) -> Option<(Duration, std::process::ExitStatus)> {
+        let start = Instant::now();
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        while start.elapsed() < within {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some((start.elapsed(), st));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         self.kill();
+        None
     }
     /// SIGKILL, as a crash.
     pub fn kill(&mut self) {
@@ -130,6 +137,9 @@ pub struct Saas {
     pub broker_listen: std::net::SocketAddr,
     pub operator_key: String,
     pub http: reqwest::Client,
+    /// Where the REST API actually listens.
+    pub api_listen: std::net::SocketAddr,
+    opts: SaasOptions,
 }
 
 #[derive(Default, Clone)]
@@ -137,6 +147,11 @@ pub struct SaasOptions {
     pub heartbeat_ms: Option<u64>,
     /// Extra TOML appended to the config file.
     pub extra_toml: String,
+    /// Listen addresses (default 127.0.0.1:0, a port chosen by the kernel).
+    pub api_listen: Option<std::net::SocketAddr>,
+    pub broker_listen: Option<std::net::SocketAddr>,
+    /// Run pcg-saas under this descriptor limit (soft and hard), through prlimit.
+    pub nofile: Option<u64>,
 }
 
 impl Saas {
@@ -146,15 +161,27 @@ impl Saas {
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {:?}\napi_listen = \"127.0.0.1:0\"\nbroker_listen = \"127.0.0.1:0\"\nheartbeat_ms = {}\n{}\n",
+                "data_dir = {:?}\napi_listen = \"{}\"\nbroker_listen = \"{}\"\nheartbeat_ms = {}\n{}\n",
                 dir.join("data"),
+                opts.api_listen.map_or("127.0.0.1:0".into(), |a| a.to_string()),
+                opts.broker_listen.map_or("127.0.0.1:0".into(), |a| a.to_string()),
                 opts.heartbeat_ms.unwrap_or(500),
                 opts.extra_toml
             ),
         )?;
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let child = Command::new(bin("pcg-saas"))
+        let mut command = match opts.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(bin("pcg-saas"));
+                c
+            }
+            None => Command::new(bin("pcg-saas")),
+        };
+        let child = command
             .args(["serve", "--config"])
             .arg(&cfg)
             .arg("--ready-file")
@@ -203,11 +230,64 @@ impl Saas {
                 .as_str()
                 .and_then(|s| s.parse().ok())
                 .context("ready file names no broker_listen")?,
+            api_listen: info["api_listen"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .context("ready file names no api_listen")?,
+            opts,
             operator_key: std::fs::read_to_string(dir.join("data/operator.key"))?
                 .trim()
                 .to_string(),
             http,
         })
+    }
+
+    /// Stops this pcg-saas with SIGTERM (waiting up to `within` for it to exit by itself; see
+    /// [`Proc::terminate`]) and starts it again on the same data directory and addresses.
+    pub async fn restart(
+        mut self,
+        within: Duration,
+    ) -> anyhow::Result<(Saas, Option<(Duration, std::process::ExitStatus)>)> {
+        let stopped = self.proc.terminate(within);
+        let mut opts = self.opts.clone();
+        opts.api_listen = Some(self.api_listen);
+        opts.broker_listen = Some(self.broker_listen);
+        let dir = self.dir.clone();
+        drop(self);
+        Ok((Saas::start(&dir, opts).await?, stopped))
+    }
+
+    /// A REST call with extra headers; returns (status, response headers, JSON body).
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Value)> {
+        let m = reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut req = self
+            .http
+            .request(m, format!("{}{path}", self.api))
+            .bearer_auth(key);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let h = resp.headers().clone();
+        let bytes = resp.bytes().await?;
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Ok((status, h, v))
     }
 
     /// A REST call; returns (status, JSON body).

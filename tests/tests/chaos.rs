@@ -24,6 +24,7 @@ async fn cuts_and_a_crash_lose_nothing_and_repeat_nothing() {
         SaasOptions {
             heartbeat_ms: Some(300),
             extra_toml: format!("public_broker_urls = [\"https://{}\"]\n", relay.addr),
+            ..Default::default()
         },
     )
     .await

@@ -482,6 +482,15 @@ async fn revoking_a_gateway_closes_its_tunnel_and_it_cannot_return() {
     assert_eq!(g["connected"], false);
     let (_, human, _) = again.pcgctl(&["status"]);
     assert!(human.contains("pair again"), "{human}");
+    // The refused tunnel is an event of the tenant.
+    let evs = saas.ok("GET", "/v1/events", &key, None).await.unwrap();
+    assert!(
+        evs.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "tunnel.refused" && e["gateway_id"] == gw_id.as_str()),
+        "no tunnel.refused event: {evs}"
+    );
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -609,6 +618,7 @@ async fn certificates_renew_over_the_tunnel_before_they_expire() {
         SaasOptions {
             heartbeat_ms: Some(300),
             extra_toml: "gateway_cert_lifetime_secs = 9\n".into(),
+            ..Default::default()
         },
     )
     .await

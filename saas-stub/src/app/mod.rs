@@ -206,3 +206,18 @@ pub fn printable(s: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn printable_escapes_control_characters_and_bounds_length() {
+        assert_eq!(super::printable("a\nb\u{1b}[31m"), "a\\nb\\u{1b}[31m");
+        let long = "x".repeat(500);
+        assert_eq!(super::printable(&long).chars().count(), 201);
+        assert!(super::check_name("name", "ok name").is_ok());
+        assert!(super::check_name("name", "bad\tname").is_err());
+        assert!(super::check_name("name", &"y".repeat(129)).is_err());
+        assert!(super::plausible_id("cmd_0a1b"));
+        assert!(!super::plausible_id("../etc"));
+    }
+}

@@ -207,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
             SaasOptions {
                 heartbeat_ms: Some(5000),
                 extra_toml: String::new(),
+                ..Default::default()
             },
         )
         .await?,
