@@ -249,7 +249,7 @@ async fn command_lookups_leave_nothing_behind() {
                     let (saas, key, other_key, done) =
                         (saas.clone(), key.clone(), other_key.clone(), done.clone());
                     async move {
-                        let long: String = (0..1500).map(|_| 'a').collect::<String>()
+                        let long: String = (0..8000).map(|_| 'a').collect::<String>()
                             + &format!("{i}{}", rand::random::<u64>());
                         let plausible = format!("cmd_{:024x}", rand::random::<u128>());
                         let (path, k, expect) = match i % 5 {
