@@ -45,6 +45,11 @@ pub struct Tunnel {
     /// Tells the tunnel's session task to end (revocation, replacement, stop).
     pub close: Arc<Notify>,
     pub connected_ms: i64,
+    /// How the tunnel arrived (`direct` or `websocket`), from where, and the SHA-256 of the
+    /// client certificate that authenticated it.
+    pub transport: &'static str,
+    pub remote: std::net::SocketAddr,
+    pub certificate_sha256: String,
 }
 
 /// Live tunnels by gateway id.
@@ -189,11 +194,21 @@ pub async fn deliver(app: &App, cmd: &Command) {
     }
 }
 
-/// `(tenant_id, gateway_id, certified public key)` from the client certificate of a request.
-fn peer_identity<T>(req: &Request<T>) -> Result<(String, String, Vec<u8>), Status> {
-    let certs = req
-        .extensions()
-        .get::<ConnInfo>()
+/// Who opened a tunnel, from its client certificate, and how it arrived.
+struct Peer {
+    tenant_id: String,
+    gateway_id: String,
+    /// The certified public key (SEC1 point).
+    key: Vec<u8>,
+    certificate_sha256: String,
+    transport: &'static str,
+    remote: std::net::SocketAddr,
+}
+
+/// The identity in the client certificate of a request.
+fn peer_identity<T>(req: &Request<T>) -> Result<Peer, Status> {
+    let conn = req.extensions().get::<ConnInfo>();
+    let certs = conn
         .and_then(|c| c.peer_certs.clone())
         .ok_or_else(|| {
             Status::unauthenticated(
@@ -213,8 +228,18 @@ fn peer_identity<T>(req: &Request<T>) -> Result<(String, String, Vec<u8>), Statu
         .ok_or_else(|| Status::unauthenticated("client certificate names no pcg identity"))?;
     for n in &san.value.general_names {
         if let x509_parser::extensions::GeneralName::URI(u) = n {
-            if let Some((t, g)) = pcg_proto::pairing::parse_identity_uri(u) {
-                return Ok((t, g, key));
+            if let Some((tenant_id, gateway_id)) = pcg_proto::pairing::parse_identity_uri(u) {
+                use sha2::Digest as _;
+                return Ok(Peer {
+                    tenant_id,
+                    gateway_id,
+                    key,
+                    certificate_sha256: hex::encode(sha2::Sha256::digest(leaf.as_ref())),
+                    transport: conn.map_or("direct", |c| c.transport),
+                    remote: conn
+                        .map(|c| c.peer)
+                        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+                });
             }
         }
     }
@@ -273,7 +298,8 @@ impl Broker for BrokerService {
                 "the broker is stopping; redial in a moment",
             ));
         }
-        let (tenant_id, gateway_id, key) = peer_identity(&req)?;
+        let peer = peer_identity(&req)?;
+        let (tenant_id, gateway_id) = (peer.tenant_id.clone(), peer.gateway_id.clone());
         let gw = self
             .app
             .store
@@ -300,7 +326,7 @@ impl Broker for BrokerService {
             self.refused(Some(&tenant_id), &gateway_id, &why);
             return Err(Status::permission_denied(why));
         }
-        let key_hex = hex::encode(&key);
+        let key_hex = hex::encode(&peer.key);
         if gw.public_key.as_deref() != Some(key_hex.as_str()) {
             let _ = self
                 .app
@@ -309,26 +335,17 @@ impl Broker for BrokerService {
         }
         let (tx, rx) = mpsc::channel(4096);
         let inbound = req.into_inner();
-        self.app.tasks.spawn(session(
-            self.app.clone(),
-            tenant_id,
-            gateway_id,
-            inbound,
-            tx,
-        ));
+        self.app
+            .tasks
+            .spawn(session(self.app.clone(), peer, inbound, tx));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
 }
 
-async fn session(
-    app: Arc<App>,
-    tenant_id: String,
-    gateway_id: String,
-    mut inbound: Streaming<GatewayFrame>,
-    tx: Tx,
-) {
+async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>, tx: Tx) {
+    let (tenant_id, gateway_id) = (peer.tenant_id.clone(), peer.gateway_id.clone());
     let interval = Duration::from_millis(app.cfg.heartbeat_ms.max(100));
     // The first frame must be Hello.
     let hello = tokio::select! {
@@ -358,6 +375,9 @@ async fn session(
             tx: tx.clone(),
             close: close.clone(),
             connected_ms: now,
+            transport: peer.transport,
+            remote: peer.remote,
+            certificate_sha256: peer.certificate_sha256.clone(),
         },
     );
     if let Some(old) = old {
@@ -388,7 +408,9 @@ async fn session(
         Some(&gateway_id),
         "gateway.connected",
         format!(
-            "gateway {gateway_id} connected (version {}, clock skew {skew} ms)",
+            "gateway {gateway_id} connected from {} over {} (version {}, clock skew {skew} ms)",
+            peer.remote,
+            peer.transport,
             printable(&version)
         ),
     );

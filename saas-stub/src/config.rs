@@ -1,8 +1,8 @@
 //! pcg-saas configuration: one optional TOML file plus `PCG_SAAS_*` environment overrides.
 //!
-//! With no file at all the service starts on embedded defaults: data in `./pcg-saas-data`, REST
-//! API on 127.0.0.1:8443 and broker on 127.0.0.1:8444, both HTTPS with certificates issued by the
-//! CA generated on first start.
+//! With no file at all the service starts on embedded defaults: data in `./pcg-saas-data`, the
+//! REST API and the broker on one port, 127.0.0.1:8443, HTTPS with a certificate issued by the CA
+//! generated on first start.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,13 +15,16 @@ use serde::Deserialize;
 pub struct Config {
     /// Directory for the sled store, the CA and the operator key.
     pub data_dir: PathBuf,
-    /// Address the REST API (HTTPS) listens on.
+    /// Address the public port listens on: the REST API, the WebSocket way in, and (unless
+    /// `broker_listen` is set) the broker.
     pub api_listen: SocketAddr,
-    /// Address the broker (gRPC over mutual TLS) listens on.
-    pub broker_listen: SocketAddr,
+    /// A separate listener for the broker (gRPC over mutual TLS). Unset (the default): the broker
+    /// shares `api_listen`, so one port and one URL serve everything.
+    pub broker_listen: Option<SocketAddr>,
     /// Base URL put in pairing tokens; defaults to `https://<api_listen>`.
     pub public_api_url: Option<String>,
-    /// Broker endpoints handed to gateways at pairing; defaults to `https://<broker_listen>`.
+    /// Broker endpoints handed to gateways at pairing; defaults to the API URL (one port) or
+    /// `https://<broker_listen>`.
     pub public_broker_urls: Vec<String>,
     /// Extra DNS names and IP addresses for the server certificate (127.0.0.1 and localhost are
     /// always included).
@@ -59,7 +62,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("pcg-saas-data"),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
-            broker_listen: SocketAddr::from(([127, 0, 0, 1], 8444)),
+            broker_listen: None,
             public_api_url: None,
             public_broker_urls: Vec::new(),
             server_names: Vec::new(),
@@ -141,7 +144,7 @@ impl Config {
             self.api_listen = parse("PCG_SAAS_API_LISTEN", v)?;
         }
         if let Some(v) = get("PCG_SAAS_BROKER_LISTEN") {
-            self.broker_listen = parse("PCG_SAAS_BROKER_LISTEN", v)?;
+            self.broker_listen = Some(parse("PCG_SAAS_BROKER_LISTEN", v)?);
         }
         if let Some(v) = get("PCG_SAAS_PUBLIC_API_URL") {
             self.public_api_url = Some(v);

@@ -4,7 +4,8 @@
 //! - [`api`]: the REST API (axum over HTTPS), thin handlers over [`app`];
 //! - [`broker`]: the gRPC `Broker` service every paired gateway keeps one tunnel to;
 //! - [`net`]: the TLS listener both run on (connection limits, handshake, header and idle
-//!   timeouts);
+//!   timeouts); by default one public port serves both;
+//! - [`tunnel_ws`]: the WebSocket way in, for gateways behind TLS-inspecting proxies;
 //! - [`store`]: durable state (sled): tenants, API keys, pairing tokens, gateways, commands,
 //!   idempotency keys, events;
 //! - [`ca`], [`tls`]: the CA generated on first start and the servers' TLS configurations;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod net;
 pub mod store;
 pub mod tls;
+pub mod tunnel_ws;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,12 +40,14 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Server certificate names: configured ones, the listen addresses, 127.0.0.1 and localhost.
 fn server_names(app: &App) -> Vec<String> {
     let mut names = app.cfg.server_names.clone();
-    for n in [
-        "127.0.0.1".to_string(),
-        "localhost".to_string(),
-        app.cfg.api_listen.ip().to_string(),
-        app.cfg.broker_listen.ip().to_string(),
-    ] {
+    let mut listens = vec![app.cfg.api_listen.ip().to_string()];
+    if let Some(b) = app.cfg.broker_listen {
+        listens.push(b.ip().to_string());
+    }
+    for n in ["127.0.0.1".to_string(), "localhost".to_string()]
+        .into_iter()
+        .chain(listens)
+    {
         if !names.contains(&n) && n != "0.0.0.0" && n != "::" {
             names.push(n);
         }
@@ -61,50 +65,87 @@ fn server_names(app: &App) -> Vec<String> {
     names
 }
 
-/// Runs the REST API and the broker on the given listeners until `shutdown` resolves.
-pub async fn serve(
-    app: Arc<App>,
-    api: TcpListener,
-    broker: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let (cert_pem, key_pem) = app.ca.issue_server(&server_names(&app))?;
-    let api_tls = tls::api_server_config(&cert_pem, &key_pem, &app.ca.cert_der)?;
-    let broker_tls = tls::broker_server_config(&cert_pem, &key_pem, &app.ca.cert_der)?;
-    let cfg = &app.cfg;
-    let limits = net::Limits {
+/// The bounds of every listener, from the config.
+pub(crate) fn limits(cfg: &Config) -> net::Limits {
+    net::Limits {
         max_pending_handshakes: cfg.max_pending_handshakes,
         max_connections_per_ip: cfg.max_connections_per_ip,
         handshake_timeout: Duration::from_millis(cfg.tls_handshake_timeout_ms),
         header_timeout: Duration::from_millis(cfg.header_timeout_ms),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
-    };
-    let budget = net::ConnBudget::new(cfg.max_connections, 2, cfg.max_pending_handshakes);
-    let rest = api::router(app.clone());
-    let grpc = broker::router(app.clone());
+    }
+}
+
+/// The REST API and the broker on one router: what the public port serves when the broker
+/// shares it, and what inner connections (the WebSocket way in) are served with.
+pub(crate) fn inner_router(app: Arc<App>) -> axum::Router {
+    api::router(app.clone()).merge(broker::router(app))
+}
+
+/// Runs the REST API and the broker until `shutdown` resolves: both on `api` (the public port),
+/// or the broker on its own listener `broker`.
+pub async fn serve(
+    app: Arc<App>,
+    api: TcpListener,
+    broker: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (cert_pem, key_pem) = app.ca.issue_server(&server_names(&app))?;
+    let public_tls = tls::public_server_config(&cert_pem, &key_pem, &app.ca.cert_der)?;
+    let _ = app.inner_tls.set(public_tls.clone());
+    let cfg = &app.cfg;
+    let limits = limits(cfg);
+    let listener_count = if broker.is_some() { 2 } else { 1 };
+    let budget = net::ConnBudget::new(
+        cfg.max_connections,
+        listener_count,
+        cfg.max_pending_handshakes,
+    );
     let listeners = tokio_util::task::TaskTracker::new();
-    listeners.spawn(net::serve(
-        "api",
-        api,
-        api_tls,
-        limits.clone(),
-        budget.clone(),
-        Arc::default(),
-        move |info| with_conn_info(rest.clone(), info),
-        app.shutdown.clone(),
-        app.tasks.clone(),
-    ));
-    listeners.spawn(net::serve(
-        "broker",
-        broker,
-        broker_tls,
-        limits,
-        budget,
-        Arc::default(),
-        move |info| with_conn_info(grpc.clone(), info),
-        app.shutdown.clone(),
-        app.tasks.clone(),
-    ));
+    match broker {
+        None => {
+            let router = inner_router(app.clone());
+            listeners.spawn(net::serve(
+                "public",
+                api,
+                public_tls,
+                limits,
+                budget,
+                Arc::default(),
+                move |info| with_conn_info(router.clone(), info),
+                app.shutdown.clone(),
+                app.tasks.clone(),
+            ));
+        }
+        Some(broker) => {
+            let api_tls = tls::api_server_config(&cert_pem, &key_pem, &app.ca.cert_der)?;
+            let broker_tls = tls::broker_server_config(&cert_pem, &key_pem, &app.ca.cert_der)?;
+            let rest = api::router(app.clone());
+            let grpc = broker::router(app.clone());
+            listeners.spawn(net::serve(
+                "api",
+                api,
+                api_tls,
+                limits.clone(),
+                budget.clone(),
+                Arc::default(),
+                move |info| with_conn_info(rest.clone(), info),
+                app.shutdown.clone(),
+                app.tasks.clone(),
+            ));
+            listeners.spawn(net::serve(
+                "broker",
+                broker,
+                broker_tls,
+                limits,
+                budget,
+                Arc::default(),
+                move |info| with_conn_info(grpc.clone(), info),
+                app.shutdown.clone(),
+                app.tasks.clone(),
+            ));
+        }
+    }
     listeners.close();
     // Housekeeping: forget idempotency keys past their window.
     {
@@ -146,7 +187,7 @@ pub async fn serve(
 }
 
 /// `router` with the connection's facts in every request's extensions.
-fn with_conn_info(
+pub(crate) fn with_conn_info(
     router: axum::Router,
     info: net::ConnInfo,
 ) -> tower::util::MapRequest<

@@ -25,7 +25,8 @@ enum Cmd {
         #[arg(long, short, env = "PCG_SAAS_CONFIG")]
         config: Option<PathBuf>,
         /// Write `{"api", "broker", "api_listen", "broker_listen", "operator_key_file", "pid"}` as JSON
-        /// to this file once both listeners are bound (for scripts and tests).
+        /// to this file once the listeners are bound (for scripts and tests; `broker_listen` is
+        /// the public port when the broker shares it).
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
@@ -61,10 +62,16 @@ async fn serve(config: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow::
     let api = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
         .with_context(|| format!("cannot listen on {} (api_listen)", cfg.api_listen))?;
-    let broker = tokio::net::TcpListener::bind(cfg.broker_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (broker_listen)", cfg.broker_listen))?;
-    let (api_addr, broker_addr) = (api.local_addr()?, broker.local_addr()?);
+    let broker = match cfg.broker_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (broker_listen)"))?,
+        ),
+        None => None,
+    };
+    let api_addr = api.local_addr()?;
+    let broker_addr = broker.as_ref().map(|b| b.local_addr()).transpose()?;
     let data_dir = cfg.data_dir.clone();
     let app = pcg_saas::open(cfg, api_addr, broker_addr)?;
     tracing::info!(api = %app.api_url, broker = ?app.broker_urls, data = %data_dir.display(), "pcg-saas listening");
@@ -73,7 +80,7 @@ async fn serve(config: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow::
             "api": app.api_url,
             "broker": app.broker_urls,
             "api_listen": api_addr.to_string(),
-            "broker_listen": broker_addr.to_string(),
+            "broker_listen": broker_addr.unwrap_or(api_addr).to_string(),
             "operator_key_file": data_dir.join("operator.key"),
             "pid": std::process::id(),
         });

@@ -96,6 +96,50 @@ pub struct ConnInfo {
     pub peer_certs: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
     /// ALPN protocol the handshake settled on.
     pub alpn: Option<Vec<u8>>,
+    /// How the connection arrived: `direct` (TLS on a listener) or `websocket` (TLS inside the
+    /// WebSocket of `/v1/tunnel/ws`).
+    pub transport: &'static str,
+}
+
+impl ConnInfo {
+    fn of<IO>(
+        peer: SocketAddr,
+        tls: &tokio_rustls::server::TlsStream<IO>,
+        transport: &'static str,
+    ) -> Self {
+        let (_, session) = tls.get_ref();
+        ConnInfo {
+            peer,
+            peer_certs: session
+                .peer_certificates()
+                .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
+            alpn: session.alpn_protocol().map(<[u8]>::to_vec),
+            transport,
+        }
+    }
+}
+
+/// The service a connection is served with.
+pub trait ConnService:
+    tower::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<axum::body::Body>,
+        Error = std::convert::Infallible,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> ConnService for S where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<axum::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static
+{
 }
 
 /// Connections per source address.
@@ -175,13 +219,7 @@ pub async fn serve<M, S>(
     tracker: TaskTracker,
 ) where
     M: Fn(ConnInfo) -> S + Send + Sync + 'static,
-    S: tower::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<axum::body::Body>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
+    S: ConnService,
     S::Future: Send + 'static,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -270,13 +308,7 @@ struct Conn {
 impl Conn {
     async fn run<S>(self, make: impl FnOnce(ConnInfo) -> S)
     where
-        S: tower::Service<
-                http::Request<hyper::body::Incoming>,
-                Response = http::Response<axum::body::Body>,
-                Error = std::convert::Infallible,
-            > + Clone
-            + Send
-            + 'static,
+        S: ConnService,
         S::Future: Send + 'static,
     {
         let Conn {
@@ -325,61 +357,105 @@ impl Conn {
                 return;
             }
         };
-        let (_, session) = tls.get_ref();
-        let info = ConnInfo {
-            peer,
-            peer_certs: session
-                .peer_certificates()
-                .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
-            alpn: session.alpn_protocol().map(<[u8]>::to_vec),
-        };
-        let activity = Arc::new(AtomicU64::new(0));
-        let started = Instant::now();
-        let io = Activity {
-            inner: tls,
-            last: activity.clone(),
-            started,
-        };
-        let svc = hyper_util::service::TowerToHyperService::new(make(info));
-        let mut builder =
-            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-        builder
-            .http1()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(limits.header_timeout);
-        builder
-            .http2()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        let idle = limits.idle_timeout;
-        let mut check = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut draining = false;
-        loop {
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(listener = name, %peer, "connection ended: {e}");
-                    }
+        let info = ConnInfo::of(peer, &tls, "direct");
+        let svc = make(info);
+        serve_http(name, peer, tls, svc, &limits, &shutdown).await;
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on an established TLS stream until it ends, the idle timeout
+/// passes, or `shutdown` asks it to finish (gracefully).
+async fn serve_http<IO, S>(
+    name: &'static str,
+    peer: SocketAddr,
+    io: IO,
+    svc: S,
+    limits: &Limits,
+    shutdown: &CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ConnService,
+    S::Future: Send + 'static,
+{
+    let activity = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let io = Activity {
+        inner: io,
+        last: activity.clone(),
+        started,
+    };
+    let svc = hyper_util::service::TowerToHyperService::new(svc);
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let idle = limits.idle_timeout;
+    let mut check = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(listener = name, %peer, "connection ended: {e}");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = check.tick() => {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if started.elapsed().saturating_sub(last) > idle {
+                    tracing::debug!(listener = name, %peer, "closing a connection idle for {idle:?}");
                     return;
-                }
-                _ = shutdown.cancelled(), if !draining => {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                _ = check.tick() => {
-                    let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                    if started.elapsed().saturating_sub(last) > idle {
-                        tracing::debug!(listener = name, %peer, "closing a connection idle for {idle:?}");
-                        return;
-                    }
                 }
             }
         }
     }
+}
+
+/// Serves an inner connection: a byte stream that arrived another way (the WebSocket of
+/// `/v1/tunnel/ws`), on which the client runs the same TLS handshake (client certificate
+/// optional) and HTTP as on the public port, with the REST API and the broker.
+pub async fn serve_inner<IO>(
+    io: IO,
+    peer: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    transport: &'static str,
+    app: Arc<crate::App>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = crate::limits(&app.cfg);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let tls = tokio::select! {
+        r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(io)) => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, transport, "inner TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, transport, "inner TLS handshake not completed in time");
+                return;
+            }
+        },
+        _ = app.shutdown.cancelled() => return,
+    };
+    let info = ConnInfo::of(peer, &tls, transport);
+    let svc = crate::with_conn_info(crate::inner_router(app.clone()), info);
+    serve_http(transport, peer, tls, svc, &limits, &app.shutdown).await;
 }
 
 /// An I/O stream that records when a byte last moved, for the idle timeout.

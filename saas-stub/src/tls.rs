@@ -40,8 +40,32 @@ pub fn api_server_config(
     Ok(Arc::new(cfg))
 }
 
-/// Server TLS config for the broker: a client certificate issued by the SaaS CA is required;
-/// ALPN h2 (gRPC).
+/// Server TLS config of the public port when the broker shares it, and of inner connections
+/// (inside the WebSocket way in): a client certificate is asked for and verified against the
+/// SaaS CA when presented, but not required at this layer (the broker requires one, the REST
+/// API does not use it); ALPN h2 and http/1.1.
+pub fn public_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_der: &[u8],
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let (chain, key) = chain_and_key(cert_pem, key_pem, ca_der)?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Server TLS config for a separate broker listener: a client certificate issued by the SaaS CA
+/// is required; ALPN h2 (gRPC).
 pub fn broker_server_config(
     cert_pem: &str,
     key_pem: &str,

@@ -147,8 +147,9 @@ pub struct SaasOptions {
     pub heartbeat_ms: Option<u64>,
     /// Extra TOML appended to the config file.
     pub extra_toml: String,
-    /// Listen addresses (default 127.0.0.1:0, a port chosen by the kernel).
+    /// Listen address of the public port (default 127.0.0.1:0, a port chosen by the kernel).
     pub api_listen: Option<std::net::SocketAddr>,
+    /// A separate broker listener (default: none, the broker shares the public port).
     pub broker_listen: Option<std::net::SocketAddr>,
     /// Run pcg-saas under this descriptor limit (soft and hard), through prlimit.
     pub nofile: Option<u64>,
@@ -161,10 +162,13 @@ impl Saas {
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {:?}\napi_listen = \"{}\"\nbroker_listen = \"{}\"\nheartbeat_ms = {}\n{}\n",
+                "data_dir = {:?}\napi_listen = \"{}\"\n{}heartbeat_ms = {}\n{}\n",
                 dir.join("data"),
-                opts.api_listen.map_or("127.0.0.1:0".into(), |a| a.to_string()),
-                opts.broker_listen.map_or("127.0.0.1:0".into(), |a| a.to_string()),
+                opts.api_listen
+                    .map_or("127.0.0.1:0".into(), |a| a.to_string()),
+                opts.broker_listen
+                    .map(|a| format!("broker_listen = \"{a}\"\n"))
+                    .unwrap_or_default(),
                 opts.heartbeat_ms.unwrap_or(500),
                 opts.extra_toml
             ),
@@ -251,7 +255,7 @@ impl Saas {
         let stopped = self.proc.terminate(within);
         let mut opts = self.opts.clone();
         opts.api_listen = Some(self.api_listen);
-        opts.broker_listen = Some(self.broker_listen);
+        opts.broker_listen = (self.broker_listen != self.api_listen).then_some(self.broker_listen);
         let dir = self.dir.clone();
         drop(self);
         Ok((Saas::start(&dir, opts).await?, stopped))

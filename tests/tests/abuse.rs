@@ -76,6 +76,8 @@ async fn floods_do_not_stop_service_under_a_1024_descriptor_limit() {
         SaasOptions {
             heartbeat_ms: Some(1000),
             nofile: Some(1024),
+            // Two listeners: each is flooded.
+            broker_listen: Some("127.0.0.1:0".parse().unwrap()),
             // Handshakes are not given up during the test: only eviction makes room.
             extra_toml: "max_pending_handshakes = 64\ntls_handshake_timeout_ms = 120000\n".into(),
             ..Default::default()

@@ -601,7 +601,7 @@ async fn refused_tunnels_are_events() {
         SaasOptions {
             heartbeat_ms: Some(300),
             api_listen: Some(api),
-            broker_listen: Some(broker),
+            broker_listen: (broker != api).then_some(broker),
             ..Default::default()
         },
     )

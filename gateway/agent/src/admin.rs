@@ -141,8 +141,7 @@ async fn handle(gw: &Arc<Gateway>, req: AdminRequest) -> AdminResponse {
         },
         AdminRequest::Pair { token, force } => {
             let _guard = gw.pairing.lock().await;
-            let timeout = std::time::Duration::from_millis(gw.cfg.connect_timeout_ms);
-            match crate::pairing::pair(&gw.store, &token, force, timeout).await {
+            match crate::pairing::pair(&gw.store, &gw.cfg, &token, force).await {
                 Ok(id) => {
                     gw.identity_changed();
                     AdminResponse {

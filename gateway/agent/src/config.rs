@@ -28,6 +28,27 @@ pub struct Config {
     /// When set, enables the `gateway.ledger` command, which appends one line per execution to
     /// this file: a local side effect that can be counted, used to prove exactly-once execution.
     pub ledger_path: Option<PathBuf>,
+    /// HTTP proxy for the tunnel and pairing, `http://[user:password@]host:port`; an empty
+    /// string means none (even if HTTPS_PROXY is set). A proxy set with `pcgctl proxy set`
+    /// (stored sealed) wins over this key; this key wins over HTTPS_PROXY/https_proxy.
+    pub proxy: Option<String>,
+    /// PEM file of a proxy's TLS-inspection CA: trusted for the outer TLS of the WebSocket
+    /// transport only (the tunnel's own TLS always pins the SaaS CA).
+    pub proxy_ca: Option<PathBuf>,
+    /// `auto` (direct, falling back to WebSocket when the path breaks TLS or HTTP/2), `direct`,
+    /// or `websocket`.
+    pub transport: TransportMode,
+    /// In WebSocket fallback, how often the direct path is tried again, seconds.
+    pub direct_retry_secs: u64,
+}
+
+/// Which transports the tunnel may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportMode {
+    Auto,
+    Direct,
+    Websocket,
 }
 
 impl Default for Config {
@@ -41,6 +62,10 @@ impl Default for Config {
             connect_timeout_ms: 10_000,
             journal_retention_hours: 24 * 7,
             ledger_path: None,
+            proxy: None,
+            proxy_ca: None,
+            transport: TransportMode::Auto,
+            direct_retry_secs: 600,
         }
     }
 }
@@ -83,7 +108,8 @@ impl Config {
     }
 
     /// `PCG_GATEWAY_DATA_DIR`, `PCG_GATEWAY_ADMIN_SOCKET`, `PCG_GATEWAY_BACKOFF_BASE_MS`,
-    /// `PCG_GATEWAY_BACKOFF_CAP_MS`, `PCG_GATEWAY_LEDGER`.
+    /// `PCG_GATEWAY_BACKOFF_CAP_MS`, `PCG_GATEWAY_LEDGER`, `PCG_GATEWAY_PROXY_CA`,
+    /// `PCG_GATEWAY_TRANSPORT`.
     pub fn apply_env(
         &mut self,
         get: impl Fn(&'static str) -> Option<String>,
@@ -110,6 +136,19 @@ impl Config {
         }
         if let Some(v) = get("PCG_GATEWAY_LEDGER") {
             self.ledger_path = Some(v.into());
+        }
+        if let Some(v) = get("PCG_GATEWAY_PROXY_CA") {
+            self.proxy_ca = Some(v.into());
+        }
+        if let Some(v) = get("PCG_GATEWAY_TRANSPORT") {
+            self.transport =
+                serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
+                    ConfigError::Env {
+                        var: "PCG_GATEWAY_TRANSPORT",
+                        message: "use auto, direct or websocket".into(),
+                        value: v,
+                    }
+                })?;
         }
         Ok(())
     }

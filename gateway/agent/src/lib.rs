@@ -1,7 +1,9 @@
 //! pcg-gateway: the on-premises daemon of pcg.
 //!
 //! - [`pairing`]: token → key pair + CSR → certificate, CA pinned from the token.
-//! - [`tunnel`]: the outbound mTLS gRPC tunnel to the broker, heartbeats, backoff.
+//! - [`tunnel`]: the outbound mTLS gRPC tunnel to the broker, heartbeats, backoff, transport
+//!   fallback.
+//! - [`transport`]: how the SaaS is reached: proxies, pinned TLS, the WebSocket transport.
 //! - [`executor`]: exactly-once execution through the journal and outbox, and the handler
 //!   registry provider drivers fill.
 //! - [`store`]: sled: identity (private key sealed), journal, outbox.
@@ -18,6 +20,7 @@ pub mod openstack;
 pub mod pairing;
 pub mod status;
 pub mod store;
+pub mod transport;
 pub mod tunnel;
 pub mod vsphere;
 

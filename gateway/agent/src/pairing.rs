@@ -6,16 +6,13 @@
 //! the server must present that CA in its chain, and its certificate must chain to it. Nothing
 //! is trusted blindly, and nothing is stored unless pairing succeeds.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
+use http_body_util::BodyExt as _;
 use pcg_proto::pairing::{PairRequest, PairResponse, PairingToken, TokenError};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 
+use crate::config::TransportMode;
 use crate::store::{now_ms, Identity, Store, StoreError};
+use crate::transport::{DialError, Dialer, Target, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PairError {
@@ -34,8 +31,10 @@ pub enum PairError {
         pinned: String,
         presented: String,
     },
-    #[error("cannot reach the SaaS at {url}: {message}; check DNS, the firewall (outbound HTTPS) and HTTPS_PROXY/NO_PROXY")]
+    #[error("cannot reach the SaaS at {url}: {message}; check DNS, the firewall (outbound HTTPS) and the proxy (`pcgctl proxy`, the `proxy` key, HTTPS_PROXY/NO_PROXY)")]
     Unreachable { url: String, message: String },
+    #[error("the gateway's proxy settings are not usable: {0}")]
+    Proxy(String),
     #[error("the SaaS at {url} refused pairing ({code}): {message}")]
     Refused {
         url: String,
@@ -50,84 +49,6 @@ pub enum PairError {
     Store(#[from] StoreError),
 }
 
-/// Verifies a server against the CA whose SHA-256 is pinned, found in the presented chain.
-#[derive(Debug)]
-struct PinnedCa {
-    pin: Vec<u8>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    /// Fingerprint of what was presented instead, when the pin did not match.
-    mismatch: Mutex<Option<String>>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| Sha256::digest(c.as_ref()).as_slice() == self.pin.as_slice());
-        let Some(ca) = ca else {
-            let presented = intermediates.last().unwrap_or(end_entity).as_ref().to_vec();
-            *self
-                .mismatch
-                .lock()
-                .expect("mismatch lock is never poisoned") =
-                Some(hex::encode(Sha256::digest(presented)));
-            return Err(rustls::Error::General("CA pin mismatch".into()));
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(ca.clone().into_owned())
-            .map_err(|e| rustls::Error::General(format!("pinned CA unusable: {e}")))?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -136,12 +57,59 @@ fn hostname() -> String {
         .unwrap_or_else(|| "pcg-gateway".to_string())
 }
 
-/// Pairs with the SaaS named in `token`, and stores the identity in `store` (flushed).
+/// POSTs the pairing request over one connection of `transport`; returns status and body.
+async fn post_pair(
+    dialer: &Dialer,
+    target: &Target,
+    transport: Transport,
+    body: Vec<u8>,
+) -> Result<(http::StatusCode, bytes::Bytes), DialError> {
+    let dialed = dialer.dial(target, transport, &[b"http/1.1"]).await?;
+    let server = target.authority();
+    let http_err = |e: &dyn std::fmt::Display| DialError::Tls {
+        server: server.clone(),
+        reason: format!("HTTP exchange failed: {e}"),
+    };
+    let exchange = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(dialed.io))
+                .await
+                .map_err(|e| http_err(&e))?;
+        let driver = tokio::spawn(conn);
+        let req = http::Request::post("/v1/pair")
+            .header(http::header::HOST, server.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .map_err(|e| http_err(&e))?;
+        let resp = sender.send_request(req).await.map_err(|e| http_err(&e))?;
+        let status = resp.status();
+        let bytes = http_body_util::Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| http_err(&e))?
+            .to_bytes();
+        driver.abort();
+        Ok((status, bytes))
+    };
+    tokio::time::timeout(dialer.timeout * 3, exchange)
+        .await
+        .map_err(|_| DialError::Tls {
+            server: target.authority(),
+            reason: format!(
+                "no answer to the pairing request within {:?}",
+                dialer.timeout * 3
+            ),
+        })?
+}
+
+/// Pairs with the SaaS named in `token`, and stores the identity in `store` (flushed). The SaaS
+/// is reached the way the tunnel reaches it: directly or through the proxy, falling back to the
+/// WebSocket transport when a proxy intercepts TLS (`transport = "auto"`).
 pub async fn pair(
     store: &Store,
+    cfg: &crate::Config,
     token: &str,
     force: bool,
-    connect_timeout: Duration,
 ) -> Result<Identity, PairError> {
     let token = PairingToken::decode(token)?;
     if let Some(id) = store.identity()? {
@@ -168,24 +136,15 @@ pub async fn pair(
     // Key pair and CSR, made here; only the CSR leaves.
     let (key, csr) = key_and_csr().map_err(PairError::Crypto)?;
 
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(PinnedCa {
-        pin: hex::decode(&token.ca_sha256).map_err(|_| TokenError::Field("bad CA fingerprint"))?,
-        provider: provider.clone(),
-        mismatch: Mutex::new(None),
-    });
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| PairError::Crypto(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .connect_timeout(connect_timeout)
-        .timeout(connect_timeout * 3)
-        .build()
-        .map_err(|e| PairError::Crypto(e.to_string()))?;
+    let pin: [u8; 32] = hex::decode(&token.ca_sha256)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or(TokenError::Field("bad CA fingerprint"))?;
+    let dialer = crate::transport::dialer(cfg, store, pin, None, None).map_err(PairError::Proxy)?;
+    let target = Target::from_url(&url).map_err(|e| PairError::Unreachable {
+        url: url.clone(),
+        message: e.to_string(),
+    })?;
     let req = PairRequest {
         token_id: token.token_id.clone(),
         secret: token.secret.clone(),
@@ -193,34 +152,63 @@ pub async fn pair(
         hostname: hostname(),
         gateway_version: crate::VERSION.to_string(),
     };
-    let resp = client
-        .post(format!("{url}/v1/pair"))
-        .json(&req)
-        .send()
-        .await
-        .map_err(|e| {
-            if let Some(presented) = verifier
-                .mismatch
-                .lock()
-                .expect("mismatch lock is never poisoned")
-                .take()
-            {
-                return PairError::CaMismatch {
-                    url: url.clone(),
-                    pinned: token.ca_sha256.clone(),
-                    presented,
-                };
+    let body = serde_json::to_vec(&req).expect("pairing requests serialise");
+    let transports: &[Transport] = match cfg.transport {
+        TransportMode::Auto => &[Transport::Direct, Transport::Websocket],
+        TransportMode::Direct => &[Transport::Direct],
+        TransportMode::Websocket => &[Transport::Websocket],
+    };
+    let mut first_failure: Option<DialError> = None;
+    let mut answer = None;
+    for &t in transports {
+        match post_pair(&dialer, &target, t, body.clone()).await {
+            Ok(a) => {
+                answer = Some(a);
+                break;
             }
-            PairError::Unreachable {
-                url: url.clone(),
-                message: error_chain(&e),
+            // Only a broken path (TLS intercepted, HTTP/2 refused, handshakes cut) is worth the
+            // WebSocket transport; anything else would fail the same way there.
+            Err(e) if e.is_path_failure() && first_failure.is_none() => first_failure = Some(e),
+            Err(e) => {
+                let direct = first_failure.take();
+                return Err(match (direct, e) {
+                    (Some(DialError::Intercepted { sha256, .. }), _) => PairError::CaMismatch {
+                        url,
+                        pinned: token.ca_sha256.clone(),
+                        presented: sha256,
+                    },
+                    (_, DialError::Intercepted { sha256, .. })
+                    | (_, DialError::OuterUntrusted { sha256, .. }) => PairError::CaMismatch {
+                        url,
+                        pinned: token.ca_sha256.clone(),
+                        presented: sha256,
+                    },
+                    (None, e) => PairError::Unreachable {
+                        url,
+                        message: e.to_string(),
+                    },
+                    (Some(d), e) => PairError::Unreachable {
+                        url,
+                        message: format!("{d}; and over the WebSocket transport: {e}"),
+                    },
+                });
             }
-        })?;
-    let status = resp.status();
-    let body = resp.bytes().await.map_err(|e| PairError::Unreachable {
-        url: url.clone(),
-        message: error_chain(&e),
-    })?;
+        }
+    }
+    let Some((status, body)) = answer else {
+        let e = first_failure.expect("a transport was tried");
+        return Err(match e {
+            DialError::Intercepted { sha256, .. } => PairError::CaMismatch {
+                url,
+                pinned: token.ca_sha256.clone(),
+                presented: sha256,
+            },
+            e => PairError::Unreachable {
+                url,
+                message: e.to_string(),
+            },
+        });
+    };
     if !status.is_success() {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         return Err(PairError::Refused {
@@ -282,7 +270,7 @@ pub async fn pair(
 
 pub(crate) fn pem_cert_der(pem: &str) -> Option<Vec<u8>> {
     use rustls::pki_types::pem::PemObject;
-    CertificateDer::from_pem_slice(pem.as_bytes())
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
         .ok()
         .map(|c| c.to_vec())
 }

@@ -30,6 +30,15 @@ pub struct TunnelStatus {
     /// Tunnels established since start.
     pub connects: u64,
     pub next_attempt_ms: Option<i64>,
+    /// The transport of the tunnel (or of the next dial).
+    #[serde(default)]
+    pub transport: Option<crate::transport::Transport>,
+    /// Why the tunnel is on the WebSocket transport.
+    #[serde(default)]
+    pub transport_reason: Option<String>,
+    /// The proxy the tunnel goes through (password never shown).
+    #[serde(default)]
+    pub proxy: Option<String>,
 }
 
 impl Default for TunnelStatus {
@@ -44,6 +53,9 @@ impl Default for TunnelStatus {
             last_error: None,
             connects: 0,
             next_attempt_ms: None,
+            transport: None,
+            transport_reason: None,
+            proxy: None,
         }
     }
 }
@@ -144,6 +156,23 @@ impl Status {
             TunnelState::Stopped => "stopped".to_string(),
         };
         line("tunnel:", state);
+        if let Some(tr) = t.transport {
+            let via = t
+                .proxy
+                .as_deref()
+                .map(|p| format!(" through the proxy {p}"))
+                .unwrap_or_default();
+            let why = t
+                .transport_reason
+                .as_deref()
+                .map(|r| format!(" — because {r}"))
+                .unwrap_or_default();
+            let name = match tr {
+                crate::transport::Transport::Direct => "direct (TLS and HTTP/2)",
+                crate::transport::Transport::Websocket => "WebSocket (TLS inside wss://)",
+            };
+            line("transport:", format!("{name}{via}{why}"));
+        }
         if let Some(e) = &t.last_error {
             line("last error:", e.clone());
         }
@@ -203,6 +232,9 @@ mod tests {
                 last_error: None,
                 connects: 1,
                 next_attempt_ms: None,
+                transport: Some(crate::transport::Transport::Direct),
+                transport_reason: None,
+                proxy: None,
             },
             certificate_not_after_ms: Some(1_800_000_000_000 + 29 * 86_400_000),
             journal_entries: 12,
@@ -220,6 +252,7 @@ mod tests {
   paired:       yes — tenant tn_1, gateway gw_2
   SaaS:         https://saas.example:8443
   tunnel:       connected to https://saas.example:8444 since 2027-01-15T07:58:30Z (90 s ago), rtt 3 ms
+  transport:    direct (TLS and HTTP/2)
   heartbeat:    2027-01-15T07:59:58Z (2 s ago)
   certificate:  expires 2027-02-13T08:00:00Z (in 29 days)
   journal:      12 entries, 1 running

@@ -137,6 +137,8 @@ pub struct Store {
     journal: sled::Tree,
     outbox: sled::Tree,
     bmcs: sled::Tree,
+    /// Operator settings kept in the store (the proxy URL, sealed: it may hold a password).
+    settings: sled::Tree,
     key: aead::LessSafeKey,
 }
 
@@ -185,6 +187,7 @@ impl Store {
             journal: db.open_tree("journal").map_err(sled_err)?,
             outbox: db.open_tree("outbox").map_err(sled_err)?,
             bmcs: db.open_tree("bmcs").map_err(sled_err)?,
+            settings: db.open_tree("settings").map_err(sled_err)?,
             commit: pcg_durable::GroupCommit::new(db.clone()),
             key,
             path,
@@ -318,6 +321,33 @@ impl Store {
             .filter_map(|k| k.ok())
             .map(|k| String::from_utf8_lossy(&k).into_owned())
             .collect()
+    }
+
+    // --- settings ------------------------------------------------------------------------------
+
+    /// Stores (sealed) or clears the proxy URL set with `pcgctl proxy`.
+    pub fn set_proxy(&self, url: Option<&str>) -> Result<(), StoreError> {
+        match url {
+            Some(u) => {
+                let sealed = self.seal(u.as_bytes());
+                self.settings
+                    .insert(b"proxy", sealed.as_bytes())
+                    .map_err(self.err())?;
+            }
+            None => {
+                self.settings.remove(b"proxy").map_err(self.err())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The proxy URL set with `pcgctl proxy`, if any.
+    pub fn proxy(&self) -> Result<Option<String>, StoreError> {
+        let Some(v) = self.settings.get(b"proxy").map_err(self.err())? else {
+            return Ok(None);
+        };
+        let plain = self.unseal(&String::from_utf8_lossy(&v))?;
+        Ok(Some(String::from_utf8_lossy(&plain).into_owned()))
     }
 
     // --- journal and outbox -----------------------------------------------------------------

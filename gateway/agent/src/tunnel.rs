@@ -1,8 +1,15 @@
-//! The tunnel client: dial the broker over HTTP/2 with mutual TLS, say Hello, receive commands,
-//! heartbeat both ways, and redial with fully random exponential backoff when the tunnel drops
-//! or stays silent past its deadline (three heartbeat intervals).
+//! The tunnel client: dial the broker (through [`crate::transport`]: directly or through a
+//! proxy, over TLS or TLS inside a WebSocket), open the gRPC stream with mutual TLS, say Hello,
+//! receive commands, heartbeat both ways, and redial with fully random exponential backoff when
+//! the tunnel drops or stays silent past its deadline (three heartbeat intervals).
+//!
+//! **Transport fallback** (`transport = "auto"`, the default): the direct transport is tried
+//! first. When it fails twice in a row for a reason of the path itself (TLS intercepted by a
+//! proxy, HTTP/2 refused, a handshake cut or stalled by a middlebox), the tunnel switches to the
+//! WebSocket transport, and says why in `pcgctl status`. While on the WebSocket, the direct path
+//! is probed every `direct_retry_secs`; when it works again the tunnel moves back to it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pcg_proto::v1::broker_client::BrokerClient;
@@ -10,11 +17,13 @@ use pcg_proto::v1::broker_frame::Kind as BKind;
 use pcg_proto::v1::gateway_frame::Kind as GKind;
 use pcg_proto::v1::{GatewayFrame, Heartbeat, Hello, RenewRequest, RenewResponse};
 use tokio::sync::mpsc;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Endpoint;
 
+use crate::config::TransportMode;
 use crate::executor;
 use crate::status::TunnelState;
 use crate::store::now_ms;
+use crate::transport::{DialError, Dialed, Dialer, Target, Transport};
 use crate::Gateway;
 
 /// Full-jitter backoff: a uniformly random delay in `[0, min(cap, base * 2^attempt)]`.
@@ -31,15 +40,80 @@ pub fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
 enum End {
     /// Redial after backoff (and after at least the given pause, when the broker asked for one).
     Retry(String, Option<Duration>),
+    /// Dialling failed before the tunnel was up.
+    Dial(DialError),
     /// The identity was refused for good (revoked or unknown): wait for a new pairing.
     Refused(String),
     /// The gateway was paired again: dial at once with the new identity.
     IdentityChanged,
+    /// On the WebSocket fallback, the direct path worked again: redial directly at once.
+    DirectIsBack,
     Shutdown,
 }
 
 fn retry(why: impl Into<String>) -> End {
     End::Retry(why.into(), None)
+}
+
+/// Which transport the next dial uses.
+struct PathChoice {
+    mode: TransportMode,
+    current: Transport,
+    /// Consecutive direct failures that blame the path.
+    path_failures: u32,
+    /// Why the tunnel is on the WebSocket transport.
+    reason: Option<String>,
+    retry_direct: Duration,
+}
+
+/// Direct failures of the path before falling back.
+const FALLBACK_AFTER: u32 = 2;
+
+impl PathChoice {
+    fn new(mode: TransportMode, retry_direct: Duration) -> Self {
+        PathChoice {
+            mode,
+            current: if mode == TransportMode::Websocket {
+                Transport::Websocket
+            } else {
+                Transport::Direct
+            },
+            path_failures: 0,
+            reason: (mode == TransportMode::Websocket)
+                .then(|| "configured: transport = \"websocket\"".to_string()),
+            retry_direct,
+        }
+    }
+
+    /// Records a failed dial; returns true when it switched to the WebSocket transport.
+    fn failed(&mut self, e: &DialError) -> bool {
+        if self.mode != TransportMode::Auto || self.current != Transport::Direct {
+            return false;
+        }
+        if !e.is_path_failure() {
+            self.path_failures = 0;
+            return false;
+        }
+        self.path_failures += 1;
+        if self.path_failures >= FALLBACK_AFTER {
+            self.current = Transport::Websocket;
+            self.reason = Some(e.to_string());
+            self.path_failures = 0;
+            return true;
+        }
+        false
+    }
+
+    fn direct_again(&mut self) {
+        self.current = Transport::Direct;
+        self.reason = None;
+        self.path_failures = 0;
+    }
+
+    /// Whether a session on this transport should probe the direct path now and then.
+    fn probes(&self) -> bool {
+        self.mode == TransportMode::Auto && self.current == Transport::Websocket
+    }
 }
 
 /// Runs the tunnel until `shutdown` is set.
@@ -49,6 +123,10 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
     let mut attempt: u32 = 0;
     let mut endpoint_idx = 0usize;
     let mut identity_rx = gw.watch_identity();
+    let mut path = PathChoice::new(
+        gw.cfg.transport,
+        Duration::from_secs(gw.cfg.direct_retry_secs.max(1)),
+    );
     loop {
         if *shutdown.borrow() {
             break;
@@ -79,19 +157,22 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
         };
         let url = identity.broker_endpoints[endpoint_idx % identity.broker_endpoints.len().max(1)]
             .clone();
+        let transport = path.current;
         gw.set_tunnel(|t| {
             t.state = TunnelState::Connecting;
             t.gateway_id = Some(identity.gateway_id.clone());
             t.broker_endpoint = Some(url.clone());
             t.next_attempt_ms = None;
+            t.transport = Some(transport);
+            t.transport_reason = path.reason.clone();
         });
         let end = tokio::select! {
-            e = session(&gw, &identity, &url, &mut attempt) => e,
+            e = session(&gw, &identity, &url, transport, &mut attempt, path.probes().then_some(path.retry_direct)) => e,
             _ = identity_rx.changed() => End::IdentityChanged,
             _ = shutdown.changed() => End::Shutdown,
         };
         gw.clear_outbound();
-        match end {
+        let (why, pause) = match end {
             End::Shutdown => break,
             End::IdentityChanged => {
                 tracing::info!("the gateway was paired again; reconnecting with the new identity");
@@ -100,6 +181,15 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
                     t.connected_since_ms = None;
                     t.last_error = None;
                 });
+                continue;
+            }
+            End::DirectIsBack => {
+                tracing::info!(
+                    "the direct path to the broker works again; leaving the WebSocket transport"
+                );
+                path.direct_again();
+                attempt = 0;
+                continue;
             }
             End::Refused(why) => {
                 tracing::error!("the broker refused this gateway: {why}");
@@ -112,77 +202,133 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
                     t.last_error = Some(why.clone());
                     t.connected_since_ms = None;
                 });
+                continue;
             }
-            End::Retry(why, pause) => {
-                endpoint_idx += 1;
-                let delay = backoff(base, cap, attempt).max(pause.unwrap_or_default());
-                attempt = attempt.saturating_add(1);
-                tracing::warn!(endpoint = %url, "tunnel down: {why}; redialling in {} ms", delay.as_millis());
-                gw.set_tunnel(|t| {
-                    t.state = TunnelState::Backoff;
-                    t.last_error = Some(why.clone());
-                    t.connected_since_ms = None;
-                    t.next_attempt_ms =
-                        Some(now_ms() + i64::try_from(delay.as_millis()).unwrap_or(0));
-                });
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {},
-                    _ = identity_rx.changed() => {},
-                    _ = shutdown.changed() => break,
+            End::Dial(e) => {
+                if path.failed(&e) {
+                    tracing::warn!("falling back to the WebSocket transport: {e}");
+                    gw.set_tunnel(|t| {
+                        t.last_error = Some(e.to_string());
+                        t.transport = Some(Transport::Websocket);
+                        t.transport_reason = path.reason.clone();
+                    });
+                    continue;
                 }
+                (e.to_string(), None)
             }
+            End::Retry(why, pause) => (why, pause),
+        };
+        endpoint_idx += 1;
+        let delay = backoff(base, cap, attempt).max(pause.unwrap_or_default());
+        attempt = attempt.saturating_add(1);
+        tracing::warn!(endpoint = %url, transport = transport.as_str(), "tunnel down: {why}; redialling in {} ms", delay.as_millis());
+        gw.set_tunnel(|t| {
+            t.state = TunnelState::Backoff;
+            t.last_error = Some(why.clone());
+            t.connected_since_ms = None;
+            t.next_attempt_ms = Some(now_ms() + i64::try_from(delay.as_millis()).unwrap_or(0));
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {},
+            _ = identity_rx.changed() => {},
+            _ = shutdown.changed() => break,
         }
     }
     gw.set_tunnel(|t| t.state = TunnelState::Stopped);
+}
+
+/// The dialer of this identity: the SaaS CA it was paired with, its certificate and key.
+fn dialer_for(gw: &Gateway, identity: &crate::store::Identity) -> Result<Dialer, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let key_pem = gw
+        .store
+        .unseal(&identity.key_sealed)
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| format!("the stored private key is unreadable: {e}"))?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("the stored certificate is unreadable: {e}"))?;
+    let ca = CertificateDer::from_pem_slice(identity.ca_pem.as_bytes())
+        .map_err(|e| format!("the stored SaaS CA is unreadable: {e}"))?;
+    let pin = crate::transport::dial::sha256(ca.as_ref());
+    crate::transport::dialer(
+        &gw.cfg,
+        &gw.store,
+        pin,
+        Some(ca),
+        Some(Arc::new((chain, key))),
+    )
+}
+
+/// A tonic channel over one connection already dialled (tonic only runs HTTP/2 on it).
+async fn channel(
+    target: &Target,
+    dialed: Dialed,
+    timeout: Duration,
+) -> Result<tonic::transport::Channel, String> {
+    let slot = Arc::new(Mutex::new(Some(dialed.io)));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let io = slot
+            .lock()
+            .expect("connector lock is never poisoned")
+            .take();
+        async move {
+            io.map(hyper_util::rt::TokioIo::new)
+                .ok_or_else(|| std::io::Error::other("the tunnel's connection is gone; redialling"))
+        }
+    });
+    Endpoint::from_shared(format!("http://{}", target.authority()))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(timeout)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| crate::pairing::error_chain(&e))
+}
+
+/// Probes the direct path: a dial that reaches the broker over TLS with HTTP/2 agreed.
+async fn probe_direct(dialer: Dialer, target: Target) -> Result<(), DialError> {
+    dialer
+        .dial(&target, Transport::Direct, &[b"h2"])
+        .await
+        .map(|_| ())
 }
 
 async fn session(
     gw: &Arc<Gateway>,
     identity: &crate::store::Identity,
     url: &str,
+    transport: Transport,
     attempt: &mut u32,
+    probe_every: Option<Duration>,
 ) -> End {
-    let key_pem = match gw.store.unseal(&identity.key_sealed) {
-        Ok(k) => k,
+    let dialer = match dialer_for(gw, identity) {
+        Ok(d) => d,
+        Err(e) => return retry(e),
+    };
+    // The direct transport goes to the broker's endpoint; the WebSocket way in is on the
+    // public (API) port.
+    let target = match Target::from_url(match transport {
+        Transport::Direct => url,
+        Transport::Websocket => &identity.api_url,
+    }) {
+        Ok(t) => t,
         Err(e) => return End::Refused(e.to_string()),
     };
-    let host = url
-        .strip_prefix("https://")
-        .and_then(|r| r.split('/').next())
-        .map(|hp| {
-            // host:port, [v6]:port
-            if let Some(v6) = hp.strip_prefix('[') {
-                v6.split(']').next().unwrap_or(v6).to_string()
-            } else {
-                hp.rsplit_once(':')
-                    .map(|(h, _)| h)
-                    .unwrap_or(hp)
-                    .to_string()
-            }
-        })
-        .unwrap_or_default();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&identity.ca_pem))
-        .identity(Identity::from_pem(&identity.cert_pem, key_pem))
-        .domain_name(host);
-    let timeout = Duration::from_millis(gw.cfg.connect_timeout_ms);
-    let endpoint = match Endpoint::from_shared(url.to_string()).and_then(|e| e.tls_config(tls)) {
-        Ok(e) => e
-            .connect_timeout(timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true),
-        Err(e) => return End::Refused(format!("broker endpoint {url} is unusable: {e}")),
+    let dialed = match dialer.dial(&target, transport, &[b"h2"]).await {
+        Ok(d) => d,
+        Err(e) => return End::Dial(e),
     };
-    let channel = match endpoint.connect().await {
+    let via = dialed.via.clone();
+    let timeout = Duration::from_millis(gw.cfg.connect_timeout_ms);
+    let channel = match channel(&target, dialed, timeout).await {
         Ok(c) => c,
-        Err(e) => {
-            return retry(format!(
-                "cannot connect to the broker at {url}: {}",
-                crate::pairing::error_chain(&e)
-            ))
-        }
+        Err(e) => return retry(format!("cannot open HTTP/2 to the broker at {url}: {e}")),
     };
     let mut client = BrokerClient::new(channel)
         .max_decoding_message_size(16 << 20)
@@ -242,8 +388,10 @@ async fn session(
         t.last_heartbeat_ms = Some(since);
         t.last_error = None;
         t.connects += 1;
+        t.transport = Some(transport);
+        t.proxy = via.clone();
     });
-    tracing::info!(endpoint = %url, "tunnel up");
+    tracing::info!(endpoint = %url, transport = transport.as_str(), proxy = ?via, "tunnel up");
     // Results the broker has not acknowledged yet go out again.
     resend_outbox(gw);
 
@@ -251,9 +399,36 @@ async fn session(
     let mut last_frame = Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Silence is checked more often than heartbeats are sent, so a dead path is noticed soon
+    // after its deadline (three intervals), not up to an interval later.
+    let mut watchdog = tokio::time::interval((interval / 4).max(Duration::from_millis(25)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_probe = probe_every.map(|p| tokio::time::Instant::now() + p);
+    let mut probe: Option<tokio::task::JoinHandle<Result<(), DialError>>> = None;
     let mut seq = 0u64;
     loop {
         tokio::select! {
+            r = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
+                probe = None;
+                match r {
+                    Ok(Ok(())) => return End::DirectIsBack,
+                    Ok(Err(e)) => tracing::info!("the direct path is still broken: {e}"),
+                    Err(e) => tracing::warn!("direct-path probe failed: {e}"),
+                }
+                next_probe = probe_every.map(|p| tokio::time::Instant::now() + p);
+            }
+            _ = async { tokio::time::sleep_until(next_probe.expect("guarded")).await }, if next_probe.is_some() && probe.is_none() => {
+                next_probe = None;
+                let direct = Target::from_url(url);
+                if let Ok(direct) = direct {
+                    probe = Some(tokio::spawn(probe_direct(dialer.clone(), direct)));
+                }
+            }
+            _ = watchdog.tick() => {
+                if last_frame.elapsed() > interval * 3 {
+                    return retry(format!("the broker was silent for {} ms (three heartbeat intervals); the path to it may drop packets", last_frame.elapsed().as_millis()));
+                }
+            }
             msg = inbound.message() => match msg {
                 Ok(Some(frame)) => {
                     last_frame = Instant::now();
@@ -301,9 +476,6 @@ async fn session(
                 Err(s) => return retry(format!("tunnel broken: {}", s.message())),
             },
             _ = ticker.tick() => {
-                if last_frame.elapsed() > interval * 3 {
-                    return retry(format!("the broker was silent for {} ms", last_frame.elapsed().as_millis()));
-                }
                 if gw.outbox_dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
                     resend_outbox(gw);
                 }

@@ -97,13 +97,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(AdminError::NotRunning { .. }) => {
                     // Pair offline; the daemon picks the identity up when it starts.
                     let store = pcg_gateway::store::Store::open_now(&cfg.data_dir)?;
-                    let id = pcg_gateway::pairing::pair(
-                        &store,
-                        &token,
-                        force,
-                        std::time::Duration::from_millis(cfg.connect_timeout_ms),
-                    )
-                    .await?;
+                    let id = pcg_gateway::pairing::pair(&store, &cfg, &token, force).await?;
                     pcg_gateway::admin::Paired {
                         tenant_id: id.tenant_id,
                         gateway_id: id.gateway_id,

@@ -18,5 +18,6 @@ pub mod tunnel {
 
 pub mod pairing;
 pub mod sealed;
+pub mod ws;
 
 pub use tunnel::v1;

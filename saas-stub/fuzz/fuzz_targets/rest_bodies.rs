@@ -26,7 +26,7 @@ fn world() -> &'static World {
             ..Default::default()
         };
         let addr = "127.0.0.1:1".parse().expect("addr");
-        let app: Arc<pcg_saas::App> = pcg_saas::open(cfg, addr, addr).expect("open");
+        let app: Arc<pcg_saas::App> = pcg_saas::open(cfg, addr, None).expect("open");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

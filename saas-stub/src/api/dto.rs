@@ -131,6 +131,8 @@ pub struct GatewayView {
     pub command_kinds: Vec<String>,
     pub connected: bool,
     pub connected_since: Option<String>,
+    /// The live tunnel: how it arrived and the certificate that authenticated it.
+    pub tunnel: Option<TunnelView>,
     pub last_seen_at: Option<String>,
     /// Commands stored for this gateway that have no result yet.
     pub pending_commands: usize,
@@ -149,12 +151,28 @@ impl From<&GatewayState> for GatewayView {
             revoked_at: g.revoked_ms.map(ts),
             version: g.version.clone(),
             command_kinds: g.command_kinds.clone(),
-            connected: s.connected_since_ms.is_some(),
-            connected_since: s.connected_since_ms.map(ts),
+            connected: s.tunnel.is_some(),
+            connected_since: s.tunnel.as_ref().map(|t| ts(t.connected_ms)),
+            tunnel: s.tunnel.as_ref().map(|t| TunnelView {
+                transport: t.transport.to_string(),
+                remote_addr: t.remote.to_string(),
+                certificate_sha256: t.certificate_sha256.clone(),
+            }),
             last_seen_at: g.last_seen_ms.map(ts),
             pending_commands: s.pending,
         }
     }
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TunnelView {
+    /// `direct` (HTTP/2 over TLS on the public port) or `websocket` (the same TLS inside a
+    /// WebSocket, through a TLS-inspecting proxy).
+    pub transport: String,
+    /// The address the tunnel came from (a proxy's, when there is one).
+    pub remote_addr: String,
+    /// SHA-256 of the client certificate that authenticated the tunnel.
+    pub certificate_sha256: String,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]

@@ -158,6 +158,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/commands", get(list_commands))
         .route("/v1/commands/{id}", get(get_command))
         .route("/v1/events", get(list_events))
+        .route(pcg_proto::ws::PATH, get(crate::tunnel_ws::upgrade))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(move |req, next| {
@@ -219,12 +220,7 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             ..Default::default()
         };
-        let app = crate::app::open(
-            cfg,
-            "127.0.0.1:1".parse().expect("addr"),
-            "127.0.0.1:2".parse().expect("addr"),
-        )
-        .expect("open");
+        let app = crate::app::open(cfg, "127.0.0.1:1".parse().expect("addr"), None).expect("open");
         (dir, app)
     }
 

@@ -6,8 +6,8 @@ use crate::store::{self, now_ms, Gateway};
 /// A gateway record with what only the running service knows about it.
 pub struct GatewayState {
     pub gateway: Gateway,
-    /// When its live tunnel connected, if it has one.
-    pub connected_since_ms: Option<i64>,
+    /// Its live tunnel, if it has one.
+    pub tunnel: Option<crate::broker::Tunnel>,
     /// Commands stored for it without a result yet.
     pub pending: usize,
 }
@@ -15,7 +15,7 @@ pub struct GatewayState {
 impl App {
     fn state(&self, g: Gateway) -> GatewayState {
         GatewayState {
-            connected_since_ms: self.tunnels.get(&g.id).map(|t| t.connected_ms),
+            tunnel: self.tunnels.get(&g.id),
             pending: self.store.pending_count(&g.id),
             gateway: g,
         }

@@ -37,6 +37,9 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Every task the service spawns, so that stopping waits for them (within a bound).
     pub tasks: TaskTracker,
+    /// TLS of inner connections (inside the WebSocket way in): client certificate optional.
+    /// Set when the service starts serving.
+    pub inner_tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
     /// Keys the fingerprint of idempotent requests (kept apart from the store, so a stolen
     /// database cannot test guesses of a request body against it).
     idempotency_key: ring::hmac::Key,
@@ -74,12 +77,13 @@ impl Caller {
 }
 
 /// Opens the data directory (creating the CA, the store and the operator key on first start)
-/// and returns the shared state. `api_addr`/`broker_addr` are the bound addresses, used for the
-/// advertised URLs when the config names none.
+/// and returns the shared state. `api_addr`/`broker_addr` are the bound addresses (no
+/// `broker_addr`: the broker shares the public port), used for the advertised URLs when the
+/// config names none.
 pub fn open(
     cfg: Config,
     api_addr: std::net::SocketAddr,
-    broker_addr: std::net::SocketAddr,
+    broker_addr: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Arc<App>> {
     use anyhow::Context as _;
     pcg_durable::fs::private_dir(&cfg.data_dir)
@@ -112,10 +116,10 @@ pub fn open(
         .public_api_url
         .clone()
         .unwrap_or_else(|| format!("https://{api_addr}"));
-    let broker_urls = if cfg.public_broker_urls.is_empty() {
-        vec![format!("https://{broker_addr}")]
-    } else {
-        cfg.public_broker_urls.clone()
+    let broker_urls = match (cfg.public_broker_urls.is_empty(), broker_addr) {
+        (false, _) => cfg.public_broker_urls.clone(),
+        (true, Some(b)) => vec![format!("https://{b}")],
+        (true, None) => vec![api_url.clone()],
     };
     Ok(Arc::new(App {
         cfg,
@@ -127,6 +131,7 @@ pub fn open(
         broker_urls,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        inner_tls: std::sync::OnceLock::new(),
         idempotency_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &idem),
         refused_events: std::sync::Mutex::new(std::collections::HashMap::new()),
     }))
