@@ -149,7 +149,9 @@ impl Ca {
     }
 
     /// Issues a server certificate for `names` (DNS names or IP addresses); returns
-    /// `(cert_pem, key_pem)`.
+    /// `(cert_pem, key_pem)`. The first name is also the subject's common name: some clients
+    /// (TLS-inspecting proxies among them) match a host against the common name and DNS names
+    /// only, not IP addresses.
     pub fn issue_server(&self, names: &[String]) -> Result<(String, String), CaError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
@@ -161,9 +163,10 @@ impl Ca {
             params.subject_alt_names.push(san);
         }
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "pcg-saas");
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().map_or("pcg-saas", String::as_str),
+        );
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

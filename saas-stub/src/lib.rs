@@ -37,9 +37,27 @@ pub use config::Config;
 /// Version reported by the API and the broker.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Server certificate names: configured ones, the listen addresses, 127.0.0.1 and localhost.
+/// Server certificate names: the host of the public API URL first, configured ones, the listen
+/// addresses, 127.0.0.1 and localhost.
 fn server_names(app: &App) -> Vec<String> {
-    let mut names = app.cfg.server_names.clone();
+    let mut names = Vec::new();
+    if let Some(host) = app
+        .api_url
+        .strip_prefix("https://")
+        .and_then(|r| r.split('/').next())
+        .map(|hp| match hp.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') && p.parse::<u16>().is_ok() => h,
+            _ => hp,
+        })
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+    {
+        names.push(host.to_string());
+    }
+    for n in &app.cfg.server_names {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
     let mut listens = vec![app.cfg.api_listen.ip().to_string()];
     if let Some(b) = app.cfg.broker_listen {
         listens.push(b.ip().to_string());

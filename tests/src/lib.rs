@@ -7,9 +7,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod netns;
 pub mod openstack_peer;
 pub mod peers;
 pub mod relay;
+pub mod squid;
 pub mod vcsim;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +42,14 @@ pub fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout`.
@@ -422,6 +432,14 @@ impl Saas {
     }
 }
 
+/// The DER of the first certificate of a PEM file's bytes.
+pub fn pem_der(pem: &[u8]) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem)
+        .expect("a PEM certificate")
+        .to_vec()
+}
+
 /// A rustls client config trusting only `ca_pem`.
 pub fn client_tls(ca_pem: &[u8]) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject;
@@ -443,16 +461,23 @@ pub struct Gw {
     pub dir: PathBuf,
     pub proc: Option<Proc>,
     pub ledger: PathBuf,
+    /// Environment given to pcg-gateway and pcgctl (e.g. HTTPS_PROXY, NO_PROXY).
+    pub env: Vec<(String, String)>,
 }
 
 impl Gw {
     pub fn new(dir: &Path) -> anyhow::Result<Gw> {
+        Self::with_config(dir, "")
+    }
+
+    /// A gateway whose config file also holds `extra_toml`.
+    pub fn with_config(dir: &Path, extra_toml: &str) -> anyhow::Result<Gw> {
         std::fs::create_dir_all(dir)?;
         let ledger = dir.join("ledger.txt");
         std::fs::write(
             dir.join("gateway.toml"),
             format!(
-                "data_dir = {:?}\nbackoff_base_ms = 50\nbackoff_cap_ms = 1000\nconnect_timeout_ms = 3000\nledger_path = {:?}\n",
+                "data_dir = {:?}\nbackoff_base_ms = 50\nbackoff_cap_ms = 1000\nconnect_timeout_ms = 3000\nledger_path = {:?}\n{extra_toml}\n",
                 dir.join("data"),
                 ledger
             ),
@@ -461,6 +486,7 @@ impl Gw {
             dir: dir.to_path_buf(),
             proc: None,
             ledger,
+            env: Vec::new(),
         })
     }
 
@@ -474,6 +500,11 @@ impl Gw {
             .arg("--config")
             .arg(self.config())
             .args(args)
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
             .expect("run pcgctl");
@@ -493,10 +524,28 @@ impl Gw {
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
-        let child = Command::new(bin("pcg-gateway"))
+        self.start_in(None)
+    }
+
+    /// Starts pcg-gateway inside the network namespace `netns` (`ip netns exec`), or here.
+    pub fn start_in(&mut self, netns: Option<&str>) -> anyhow::Result<()> {
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("pcg-gateway"));
+                c
+            }
+            None => Command::new(bin("pcg-gateway")),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(self.config())
             .env("PCG_LOG", "info")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()

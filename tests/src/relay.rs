@@ -12,6 +12,7 @@ pub struct Relay {
     pub addr: SocketAddr,
     upstream: Arc<Mutex<Option<SocketAddr>>>,
     cut_tx: watch::Sender<u64>,
+    stall_tx: watch::Sender<u64>,
     refuse: Arc<AtomicBool>,
     /// Connections accepted so far.
     pub accepted: Arc<AtomicU64>,
@@ -25,6 +26,7 @@ impl Relay {
         let addr = listener.local_addr()?;
         let upstream: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
         let (cut_tx, cut_rx) = watch::channel(0u64);
+        let (stall_tx, stall_rx) = watch::channel(0u64);
         let refuse = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let task = {
@@ -47,6 +49,7 @@ impl Relay {
                         continue;
                     };
                     let mut cut = cut_rx.clone();
+                    let mut stall = stall_rx.clone();
                     tokio::spawn(async move {
                         let Ok(up) = TcpStream::connect(target).await else {
                             return;
@@ -55,11 +58,16 @@ impl Relay {
                         let _ = up.set_nodelay(true);
                         let (mut dr, mut dw) = down.into_split();
                         let (mut ur, mut uw) = up.into_split();
-                        let seen = *cut.borrow_and_update();
+                        cut.borrow_and_update();
+                        stall.borrow_and_update();
                         tokio::select! {
                             _ = tokio::io::copy(&mut dr, &mut uw) => {},
                             _ = tokio::io::copy(&mut ur, &mut dw) => {},
-                            _ = cut.wait_for(|v| *v != seen) => {},
+                            _ = cut.changed() => {},
+                            _ = stall.changed() => {
+                                // A silent drop: nothing is forwarded any more, nothing closed.
+                                let _ = cut.changed().await;
+                            },
                         }
                         // Dropping both halves closes both sockets.
                     });
@@ -70,6 +78,7 @@ impl Relay {
             addr,
             upstream,
             cut_tx,
+            stall_tx,
             refuse,
             accepted,
             task,
@@ -83,6 +92,12 @@ impl Relay {
     /// Cuts every connection open now.
     pub fn cut_all(&self) {
         self.cut_tx.send_modify(|v| *v += 1);
+    }
+
+    /// Stops forwarding on every connection open now without closing any (a silent drop, as a
+    /// NAT or firewall that forgot the flow).
+    pub fn stall_all(&self) {
+        self.stall_tx.send_modify(|v| *v += 1);
     }
 
     /// Refuses (accepts and closes) new connections while `on`.

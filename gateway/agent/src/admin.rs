@@ -21,6 +21,12 @@ pub enum AdminRequest {
         #[serde(default)]
         force: bool,
     },
+    /// Sets (`Some`) or clears (`None`) the proxy kept sealed in the store.
+    SetProxy {
+        url: Option<String>,
+    },
+    /// The proxy in effect and where it comes from.
+    ProxyInfo,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -32,6 +38,8 @@ pub struct AdminResponse {
     pub status: Option<Status>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub paired: Option<Paired>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<crate::transport::ProxyInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +142,29 @@ use tokio::io::AsyncReadExt as _;
 
 async fn handle(gw: &Arc<Gateway>, req: AdminRequest) -> AdminResponse {
     match req {
+        AdminRequest::ProxyInfo => match crate::transport::proxy_info(&gw.cfg, &gw.store) {
+            Ok(p) => AdminResponse {
+                ok: true,
+                proxy: Some(p),
+                ..Default::default()
+            },
+            Err(e) => AdminResponse {
+                ok: false,
+                error: Some(e),
+                ..Default::default()
+            },
+        },
+        AdminRequest::SetProxy { url } => match set_proxy(&gw.store, url.as_deref()).await {
+            Ok(()) => AdminResponse {
+                ok: true,
+                ..Default::default()
+            },
+            Err(e) => AdminResponse {
+                ok: false,
+                error: Some(e),
+                ..Default::default()
+            },
+        },
         AdminRequest::Status => AdminResponse {
             ok: true,
             status: Some(gw.status()),
@@ -163,4 +194,13 @@ async fn handle(gw: &Arc<Gateway>, req: AdminRequest) -> AdminResponse {
             }
         }
     }
+}
+
+/// Checks and stores the proxy URL (sealed; `None` clears it). The next dial uses it.
+pub async fn set_proxy(store: &crate::store::Store, url: Option<&str>) -> Result<(), String> {
+    if let Some(u) = url {
+        crate::transport::Proxy::parse(u)?;
+    }
+    store.set_proxy(url).map_err(|e| e.to_string())?;
+    store.flush().await.map_err(|e| e.to_string())
 }

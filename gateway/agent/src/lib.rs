@@ -92,6 +92,7 @@ impl Gateway {
                 .expect("status lock is never poisoned")
                 .clone(),
             certificate_not_after_ms: id.as_ref().map(|i| i.cert_not_after_ms),
+            certificate_sha256: id.as_ref().and_then(|i| status::pem_sha256(&i.cert_pem)),
             journal_entries: self.store.journal_len(),
             running: self
                 .running

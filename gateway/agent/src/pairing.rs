@@ -170,15 +170,16 @@ pub async fn pair(
             // WebSocket transport; anything else would fail the same way there.
             Err(e) if e.is_path_failure() && first_failure.is_none() => first_failure = Some(e),
             Err(e) => {
+                tracing::debug!("pairing over {t:?} failed: {e}");
                 let direct = first_failure.take();
                 return Err(match (direct, e) {
-                    (Some(DialError::Intercepted { sha256, .. }), _) => PairError::CaMismatch {
-                        url,
-                        pinned: token.ca_sha256.clone(),
-                        presented: sha256,
-                    },
-                    (_, DialError::Intercepted { sha256, .. })
-                    | (_, DialError::OuterUntrusted { sha256, .. }) => PairError::CaMismatch {
+                    // Both ways met a CA that is not the pinned one (and no proxy CA explains
+                    // the outer one): another SaaS, or interception without `proxy_ca`.
+                    (
+                        Some(DialError::Intercepted { sha256, .. }),
+                        DialError::Intercepted { .. } | DialError::OuterUntrusted { .. },
+                    )
+                    | (None, DialError::Intercepted { sha256, .. }) => PairError::CaMismatch {
                         url,
                         pinned: token.ca_sha256.clone(),
                         presented: sha256,

@@ -39,6 +39,9 @@ pub struct TunnelStatus {
     /// The proxy the tunnel goes through (password never shown).
     #[serde(default)]
     pub proxy: Option<String>,
+    /// When the tunnel last went down (Unix ms).
+    #[serde(default)]
+    pub down_since_ms: Option<i64>,
 }
 
 impl Default for TunnelStatus {
@@ -56,6 +59,7 @@ impl Default for TunnelStatus {
             transport: None,
             transport_reason: None,
             proxy: None,
+            down_since_ms: None,
         }
     }
 }
@@ -69,12 +73,24 @@ pub struct Status {
     pub api_url: Option<String>,
     pub tunnel: TunnelStatus,
     pub certificate_not_after_ms: Option<i64>,
+    /// SHA-256 of this gateway's certificate: what the SaaS shows for its tunnel.
+    #[serde(default)]
+    pub certificate_sha256: Option<String>,
     pub journal_entries: usize,
     pub running: usize,
     pub outbox_depth: usize,
     pub uptime_s: u64,
     pub clock_unix_ms: i64,
     pub command_kinds: Vec<String>,
+}
+
+/// SHA-256 (hex) of the first certificate of a PEM string.
+pub fn pem_sha256(pem: &str) -> Option<String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use sha2::Digest as _;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .map(|c| hex::encode(sha2::Sha256::digest(c.as_ref())))
 }
 
 /// RFC 3339 UTC for Unix milliseconds.
@@ -235,8 +251,10 @@ mod tests {
                 transport: Some(crate::transport::Transport::Direct),
                 transport_reason: None,
                 proxy: None,
+                down_since_ms: None,
             },
             certificate_not_after_ms: Some(1_800_000_000_000 + 29 * 86_400_000),
+            certificate_sha256: None,
             journal_entries: 12,
             running: 1,
             outbox_depth: 0,

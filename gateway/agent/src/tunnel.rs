@@ -172,6 +172,12 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
             _ = shutdown.changed() => End::Shutdown,
         };
         gw.clear_outbound();
+        let ended = now_ms();
+        gw.set_tunnel(|t| {
+            if t.state == TunnelState::Connected {
+                t.down_since_ms = Some(ended);
+            }
+        });
         let (why, pause) = match end {
             End::Shutdown => break,
             End::IdentityChanged => {
@@ -390,6 +396,7 @@ async fn session(
         t.connects += 1;
         t.transport = Some(transport);
         t.proxy = via.clone();
+        t.down_since_ms = None;
     });
     tracing::info!(endpoint = %url, transport = transport.as_str(), proxy = ?via, "tunnel up");
     // Results the broker has not acknowledged yet go out again.

@@ -39,6 +39,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The HTTP proxy the gateway reaches the SaaS through.
+    #[command(subcommand)]
+    Proxy(ProxyCmd),
+}
+
+#[derive(Subcommand)]
+enum ProxyCmd {
+    /// Use this proxy, `http://[USER:PASSWORD@]HOST:PORT` (`-` reads it from stdin, keeping a
+    /// password out of the shell's history). Stored sealed; wins over the config and HTTPS_PROXY.
+    Set { url: String },
+    /// Forget the proxy set with `pcgctl proxy set` (the config or HTTPS_PROXY apply again).
+    Clear,
+    /// Show the proxy in effect and where it comes from (never its password).
+    Show,
 }
 
 /// Writes to stdout; a reader that went away (`pcgctl status | head`) is not an error.
@@ -116,6 +130,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ))?;
             Ok(())
         }
+        Cmd::Proxy(cmd) => proxy(&cfg, &socket, cmd).await,
         Cmd::Status { json } => {
             let status = match admin::request(&socket, &AdminRequest::Status).await {
                 Ok(resp) if resp.ok => resp
@@ -154,6 +169,9 @@ fn offline_status(cfg: &pcg_gateway::Config, socket: &std::path::Path) -> anyhow
             ..TunnelStatus::default()
         },
         certificate_not_after_ms: id.as_ref().map(|i| i.cert_not_after_ms),
+        certificate_sha256: id
+            .as_ref()
+            .and_then(|i| pcg_gateway::status::pem_sha256(&i.cert_pem)),
         journal_entries: store.journal_len(),
         running: store.running()?.len(),
         outbox_depth: store.outbox_depth(),
@@ -161,4 +179,53 @@ fn offline_status(cfg: &pcg_gateway::Config, socket: &std::path::Path) -> anyhow
         clock_unix_ms: pcg_gateway::store::now_ms(),
         command_kinds: Vec::new(),
     })
+}
+
+async fn proxy(
+    cfg: &pcg_gateway::Config,
+    socket: &std::path::Path,
+    cmd: ProxyCmd,
+) -> anyhow::Result<()> {
+    let url = match &cmd {
+        ProxyCmd::Set { url } if url == "-" => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            Some(Some(s.trim().to_string()))
+        }
+        ProxyCmd::Set { url } => Some(Some(url.clone())),
+        ProxyCmd::Clear => Some(None),
+        ProxyCmd::Show => None,
+    };
+    // Through the daemon when it runs (it holds the store), else on the store directly.
+    let online = match &url {
+        Some(url) => admin::request(socket, &AdminRequest::SetProxy { url: url.clone() }).await,
+        None => admin::request(socket, &AdminRequest::ProxyInfo).await,
+    };
+    let info = match online {
+        Ok(resp) if !resp.ok => {
+            anyhow::bail!(resp
+                .error
+                .unwrap_or_else(|| "the proxy command failed".into()))
+        }
+        Ok(resp) => match resp.proxy {
+            Some(p) => p,
+            None => {
+                let resp = admin::request(socket, &AdminRequest::ProxyInfo).await?;
+                resp.proxy
+                    .ok_or_else(|| anyhow::anyhow!("the daemon sent no proxy information"))?
+            }
+        },
+        Err(AdminError::NotRunning { .. }) => {
+            let store = pcg_gateway::store::Store::open_now(&cfg.data_dir)?;
+            if let Some(url) = &url {
+                pcg_gateway::admin::set_proxy(&store, url.as_deref())
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+            }
+            pcg_gateway::transport::proxy_info(cfg, &store).map_err(anyhow::Error::msg)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    out(&info.render())?;
+    Ok(())
 }

@@ -117,6 +117,7 @@ fn classify_tls(
                 server: server.to_string(),
                 sha256: p.sha256,
                 issuer: p.issuer,
+                reason: p.reason,
             }
         } else {
             DialError::Intercepted {

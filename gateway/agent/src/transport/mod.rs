@@ -20,6 +20,77 @@ pub use proxy::{Proxy, ProxySettings};
 
 use std::time::Duration;
 
+/// The proxy settings in effect: `pcgctl proxy set` (stored sealed) > the `proxy` key >
+/// HTTPS_PROXY/https_proxy; NO_PROXY/no_proxy from the environment.
+pub fn proxy_settings(
+    cfg: &crate::Config,
+    store: &crate::store::Store,
+) -> Result<ProxySettings, String> {
+    let stored = store.proxy().map_err(|e| e.to_string())?;
+    let (configured, source) = match (&stored, &cfg.proxy) {
+        (Some(p), _) => (Some(p.as_str()), Some("pcgctl proxy set")),
+        (None, Some(p)) => (Some(p.as_str()), None),
+        (None, None) => (None, None),
+    };
+    let mut proxies = ProxySettings::resolve(configured, |k| std::env::var(k).ok())?;
+    if let Some(s) = source {
+        if proxies.proxy.is_some() {
+            proxies.source = Some(s.to_string());
+        }
+    }
+    Ok(proxies)
+}
+
+/// What `pcgctl proxy show` prints.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ProxyInfo {
+    /// The proxy, password hidden.
+    pub proxy: Option<String>,
+    pub source: Option<String>,
+    pub no_proxy: Option<String>,
+    pub proxy_ca: Option<String>,
+    pub transport: crate::config::TransportMode,
+}
+
+impl ProxyInfo {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        match (&self.proxy, &self.source) {
+            (Some(p), Some(s)) => out.push_str(&format!("proxy:      {p} (from {s})\n")),
+            (Some(p), None) => out.push_str(&format!("proxy:      {p}\n")),
+            (None, _) => out.push_str("proxy:      none (direct connections)\n"),
+        }
+        if let Some(n) = &self.no_proxy {
+            out.push_str(&format!("no proxy:   {n}\n"));
+        }
+        if let Some(c) = &self.proxy_ca {
+            out.push_str(&format!(
+                "proxy CA:   {c} (trusted for the WebSocket transport's outer TLS)\n"
+            ));
+        }
+        let t = serde_json::to_value(self.transport)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        out.push_str(&format!("transport:  {t}\n"));
+        out
+    }
+}
+
+/// The proxy settings in effect, as shown to people.
+pub fn proxy_info(cfg: &crate::Config, store: &crate::store::Store) -> Result<ProxyInfo, String> {
+    let s = proxy_settings(cfg, store)?;
+    Ok(ProxyInfo {
+        proxy: s.proxy.as_ref().map(Proxy::display),
+        source: s.source.clone(),
+        no_proxy: std::env::var("NO_PROXY")
+            .or_else(|_| std::env::var("no_proxy"))
+            .ok(),
+        proxy_ca: cfg.proxy_ca.as_ref().map(|p| p.display().to_string()),
+        transport: cfg.transport,
+    })
+}
+
 /// The dialer the configuration and the store describe: the proxy (`pcgctl proxy set` > the
 /// `proxy` key > HTTPS_PROXY), `proxy_ca`, the connect timeout, and the SaaS CA and client
 /// certificate given.
@@ -35,18 +106,7 @@ pub fn dialer(
         )>,
     >,
 ) -> Result<Dialer, String> {
-    let stored = store.proxy().map_err(|e| e.to_string())?;
-    let (configured, source) = match (&stored, &cfg.proxy) {
-        (Some(p), _) => (Some(p.as_str()), Some("pcgctl proxy set")),
-        (None, Some(p)) => (Some(p.as_str()), None),
-        (None, None) => (None, None),
-    };
-    let mut proxies = ProxySettings::resolve(configured, |k| std::env::var(k).ok())?;
-    if let Some(s) = source {
-        if proxies.proxy.is_some() {
-            proxies.source = Some(s.to_string());
-        }
-    }
+    let proxies = proxy_settings(cfg, store)?;
     let proxy_ca = match &cfg.proxy_ca {
         None => Vec::new(),
         Some(path) => {
@@ -124,11 +184,12 @@ pub enum DialError {
     },
     #[error("TLS with {server} failed: {reason}")]
     Tls { server: String, reason: String },
-    #[error("the outer TLS of the WebSocket transport to {server} is not trusted: it presented a certificate issued by \"{issuer}\" (CA SHA-256 {sha256}); if that is your proxy's TLS-inspection CA, give it to the gateway as `proxy_ca`")]
+    #[error("the outer TLS of the WebSocket transport to {server} is not trusted ({reason}): it presented a certificate issued by \"{issuer}\" (SHA-256 {sha256}); if that is your proxy's TLS-inspection CA, give it to the gateway as `proxy_ca`")]
     OuterUntrusted {
         server: String,
         sha256: String,
         issuer: String,
+        reason: String,
     },
     #[error("the WebSocket upgrade to {url} was refused ({status}){}; an administrator must let WebSocket upgrades through the proxy (squid: `http_upgrade_request_protocols websocket allow all`)", via.as_deref().map(|p| format!(" — by or behind the proxy {p}")).unwrap_or_default())]
     WebSocketRefused {

@@ -19,6 +19,8 @@ pub struct Presented {
     /// Its issuer and subject, as a person reads them.
     pub issuer: String,
     pub subject: String,
+    /// Why it was not trusted.
+    pub reason: String,
 }
 
 /// Verifies a server against the pinned SaaS CA (found in the presented chain, or given) and,
@@ -119,7 +121,7 @@ impl ServerCertVerifier for Verifier {
         } else {
             self.verify_with(roots, end_entity, &others, server_name, ocsp, now)
         };
-        if result.is_err() {
+        if let Err(e) = &result {
             let top = intermediates.last().unwrap_or(end_entity).as_ref();
             let (issuer, subject) = describe(top);
             *self
@@ -129,6 +131,7 @@ impl ServerCertVerifier for Verifier {
                 sha256: hex::encode(Sha256::digest(top)),
                 issuer,
                 subject,
+                reason: e.to_string(),
             });
         }
         result
