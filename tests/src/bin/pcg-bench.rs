@@ -7,6 +7,11 @@
 //!    this process (a minimal client: Hello, then a heartbeat every 5 s), and reads the RSS of
 //!    the pcg-saas process before and after.
 //!
+//! `pcg-bench transports` instead compares the tunnel's transports side by side in one run: one
+//! gateway each directly, through a squid CONNECT proxy, and through a TLS-inspecting squid
+//! (the WebSocket transport), then the time to get a tunnel back after a silent drop (a relay
+//! that stops forwarding without closing; heartbeat 1 s).
+//!
 //! Build the binaries first (`cargo build --release --bins`), then run
 //! `target/release/pcg-bench` so it starts the release daemons beside it.
 
@@ -26,6 +31,11 @@ use serde_json::json;
 
 #[derive(Parser)]
 struct Args {
+    /// `tunnel` (default): 1 and N gateways and idle-tunnel memory; `transports`: direct vs
+    /// CONNECT proxy vs WebSocket through a TLS-inspecting proxy, and reconnect after a silent
+    /// drop.
+    #[arg(default_value = "tunnel")]
+    scenario: String,
     /// Commands per scenario.
     #[arg(long, default_value_t = 2000)]
     commands: usize,
@@ -196,10 +206,146 @@ async fn idle_tunnel(
     }))
 }
 
+/// Direct vs CONNECT vs WebSocket, and reconnect after a silent drop.
+async fn transports(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
+    use pcg_e2e::squid::{Kind, Squid};
+    let relay = pcg_e2e::relay::Relay::bind().await?;
+    let saas = Arc::new(
+        Saas::start(
+            &root.join("saas"),
+            SaasOptions {
+                heartbeat_ms: Some(1000),
+                ..Default::default()
+            },
+        )
+        .await?,
+    );
+    let (_, key) = saas.tenant("bench").await?;
+    let connect = Squid::start(Kind::Connect).context("squid is needed: scripts/peers/install-network.sh")?;
+    let bump = Squid::start(Kind::Bump {
+        origin_ca: saas.dir.join("data/ca.pem"),
+        upgrades: true,
+    })
+    .context("squid is needed")?;
+    let setups = [
+        ("direct".to_string(), String::new()),
+        (
+            "CONNECT proxy (squid)".to_string(),
+            format!("proxy = {:?}", connect.url(None)),
+        ),
+        (
+            "WebSocket through TLS-inspecting squid".to_string(),
+            format!(
+                "proxy = {:?}\nproxy_ca = {:?}",
+                bump.url(None),
+                bump.ca_pem.clone().context("bump CA")?
+            ),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (i, (label, extra)) in setups.iter().enumerate() {
+        let (_, tok) = saas.token(&key, None).await?;
+        let mut gw = Gw::with_config(&root.join(format!("t{i}")), extra)?;
+        gw.pair(&tok)?;
+        gw.start()?;
+        let st = gw.wait_tunnel("connected", Duration::from_secs(60)).await?;
+        let id = gw.gateway_id().context("gateway id")?;
+        let ids = vec![id];
+        run_commands(&saas, &key, &ids, 200, args.concurrency, "warm-up").await?;
+        let one = run_commands(&saas, &key, &ids, 500, 1, &format!("{label}, 1 in flight")).await?;
+        let many = run_commands(
+            &saas,
+            &key,
+            &ids,
+            args.commands,
+            args.concurrency,
+            &format!("{label}, {} in flight", args.concurrency),
+        )
+        .await?;
+        println!("{label}: transport {}", st["tunnel"]["transport"]);
+        rows.push(one);
+        rows.push(many);
+        if let Some(p) = gw.proc.as_mut() {
+            p.stop();
+        }
+    }
+    // Reconnect after a silent drop: a gateway whose tunnel goes through a relay that stops
+    // forwarding without closing anything.
+    let saas2 = Saas::start(
+        &root.join("saas2"),
+        SaasOptions {
+            heartbeat_ms: Some(1000),
+            extra_toml: format!(
+                "public_api_url = \"https://{0}\"\npublic_broker_urls = [\"https://{0}\"]\n",
+                relay.addr
+            ),
+            ..Default::default()
+        },
+    )
+    .await?;
+    relay.set_upstream(saas2.api_listen);
+    let (_, key2) = saas2.tenant("bench").await?;
+    let mut drops = Vec::new();
+    let (_, tok) = saas2.token(&key2, None).await?;
+    let mut gw = Gw::new(&root.join("drop"))?;
+    gw.pair(&tok)?;
+    gw.start()?;
+    for _ in 0..5 {
+        gw.wait_tunnel("connected", Duration::from_secs(60)).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = Instant::now();
+        relay.stall_all();
+        pcg_e2e::wait_for("the drop noticed", Duration::from_secs(60), || async {
+            gw.status().filter(|s| s["tunnel"]["state"] != "connected")
+        })
+        .await?;
+        let noticed = t.elapsed();
+        gw.wait_tunnel("connected", Duration::from_secs(60)).await?;
+        drops.push((noticed.as_secs_f64() * 1000.0, t.elapsed().as_secs_f64() * 1000.0));
+        relay.cut_all();
+    }
+    println!();
+    println!("| transport, load | commands | wall s | commands/s | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|---|");
+    for f in &rows {
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} |",
+            f.label,
+            f.commands,
+            f.secs,
+            f.commands as f64 / f.secs,
+            f.p50_ms,
+            f.p99_ms
+        );
+    }
+    println!();
+    println!("silent drop (heartbeat 1000 ms), 5 times: noticed after / tunnel back after (ms):");
+    for (n, b) in &drops {
+        println!("  {n:.0} / {b:.0}");
+    }
+    let out = json!({
+        "concurrency": args.concurrency,
+        "scenarios": rows.iter().map(|f| json!({
+            "label": f.label, "commands": f.commands, "wall_s": f.secs,
+            "commands_per_s": f.commands as f64 / f.secs, "p50_ms": f.p50_ms, "p99_ms": f.p99_ms,
+        })).collect::<Vec<_>>(),
+        "silent_drop_ms": drops.iter().map(|(n, b)| json!({"noticed": n, "back": b})).collect::<Vec<_>>(),
+    });
+    if let Some(d) = args.out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&out)?)?;
+    println!("figures written to {}", args.out.display());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let root = tempfile::Builder::new().prefix("pcg-bench-").tempdir()?;
+    if args.scenario == "transports" {
+        return transports(&args, root.path()).await;
+    }
     println!("pcg-bench: binaries from {}", pcg_e2e::bin_dir().display());
     let saas = Arc::new(
         Saas::start(
