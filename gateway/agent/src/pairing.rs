@@ -158,7 +158,9 @@ pub async fn pair(
         TransportMode::Direct => &[Transport::Direct],
         TransportMode::Websocket => &[Transport::Websocket],
     };
-    let mut first_failure: Option<DialError> = None;
+    // Try each transport in turn; only a broken path (TLS intercepted, HTTP/2 refused,
+    // handshakes cut) is worth the next one: anything else would fail the same way there.
+    let mut failures: Vec<DialError> = Vec::new();
     let mut answer = None;
     for &t in transports {
         match post_pair(&dialer, &target, t, body.clone()).await {
@@ -166,47 +168,41 @@ pub async fn pair(
                 answer = Some(a);
                 break;
             }
-            // Only a broken path (TLS intercepted, HTTP/2 refused, handshakes cut) is worth the
-            // WebSocket transport; anything else would fail the same way there.
-            Err(e) if e.is_path_failure() && first_failure.is_none() => first_failure = Some(e),
             Err(e) => {
                 tracing::debug!("pairing over {t:?} failed: {e}");
-                let direct = first_failure.take();
-                return Err(match (direct, e) {
-                    // Both ways met a CA that is not the pinned one (and no proxy CA explains
-                    // the outer one): another SaaS, or interception without `proxy_ca`.
-                    (
-                        Some(DialError::Intercepted { sha256, .. }),
-                        DialError::Intercepted { .. } | DialError::OuterUntrusted { .. },
-                    )
-                    | (None, DialError::Intercepted { sha256, .. }) => PairError::CaMismatch {
-                        url,
-                        pinned: token.ca_sha256.clone(),
-                        presented: sha256,
-                    },
-                    (None, e) => PairError::Unreachable {
-                        url,
-                        message: e.to_string(),
-                    },
-                    (Some(d), e) => PairError::Unreachable {
-                        url,
-                        message: format!("{d}; and over the WebSocket transport: {e}"),
-                    },
-                });
+                let go_on = e.is_path_failure();
+                failures.push(e);
+                if !go_on {
+                    break;
+                }
             }
         }
     }
     let Some((status, body)) = answer else {
-        let e = first_failure.expect("a transport was tried");
-        return Err(match e {
-            DialError::Intercepted { sha256, .. } => PairError::CaMismatch {
+        return Err(match failures.as_slice() {
+            // Every way met a CA that is not the pinned one (and no proxy CA vouched for the
+            // outer TLS): another SaaS, or TLS interception without `proxy_ca`.
+            [DialError::Intercepted { sha256, .. }, rest @ ..]
+                if rest.iter().all(|e| {
+                    matches!(
+                        e,
+                        DialError::Intercepted { .. } | DialError::OuterUntrusted { .. }
+                    )
+                }) =>
+            {
+                PairError::CaMismatch {
+                    url,
+                    pinned: token.ca_sha256.clone(),
+                    presented: sha256.clone(),
+                }
+            }
+            all => PairError::Unreachable {
                 url,
-                pinned: token.ca_sha256.clone(),
-                presented: sha256,
-            },
-            e => PairError::Unreachable {
-                url,
-                message: e.to_string(),
+                message: all
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; and over the WebSocket transport: "),
             },
         });
     };
