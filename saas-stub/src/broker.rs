@@ -183,7 +183,9 @@ pub async fn deliver(app: &App, cmd: &Command) {
         .flatten();
     let frame = command_frame(updated.as_ref().unwrap_or(cmd));
     match tokio::time::timeout(Duration::from_secs(5), t.tx.send(Ok(frame))).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => {
+            app.metrics.commands_delivered.inc();
+        }
         Ok(Err(_)) => {} // tunnel ended; replay on reconnect
         Err(_) => {
             tracing::warn!(gateway = %cmd.gateway_id, "tunnel not draining; closing it so the gateway redials");
@@ -380,6 +382,13 @@ async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>
             certificate_sha256: peer.certificate_sha256.clone(),
         },
     );
+    app.metrics
+        .tunnel_opens
+        .get_or_create(&crate::metrics::TransportLabels {
+            transport: peer.transport.to_string(),
+        })
+        .inc();
+    app.metrics.tunnels.set(app.tunnels.count() as i64);
     if let Some(old) = old {
         let _ = old.tx.try_send(Ok(goodbye(
             "replaced by a newer tunnel of this gateway",
@@ -479,6 +488,8 @@ async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>
         }
     };
     app.tunnels.remove_if(&gateway_id, conn_id);
+    app.metrics.tunnel_closes.inc();
+    app.metrics.tunnels.set(app.tunnels.count() as i64);
     let _ = app
         .store
         .update_gateway(&gateway_id, |g| g.last_seen_ms = Some(now_ms()));
@@ -525,6 +536,7 @@ async fn handle_frame(
                     serde_json::Value::String(String::from_utf8_lossy(&r.output).into_owned())
                 })
             };
+            let ok = r.ok;
             let result = CommandResult {
                 ok: r.ok,
                 output,
@@ -537,7 +549,19 @@ async fn handle_frame(
                 .store
                 .complete_command(&r.command_id, gateway_id, result)
             {
-                Ok(Some(_)) => {
+                Ok(Some(newly)) => {
+                    if newly {
+                        app.metrics
+                            .commands_finished
+                            .get_or_create(&crate::metrics::OutcomeLabels {
+                                outcome: if ok { "succeeded" } else { "failed" }.into(),
+                            })
+                            .inc();
+                        if let Ok(Some(c)) = app.store.command(&r.command_id) {
+                            let ms = (now_ms() - c.submitted_ms).max(0);
+                            app.metrics.delivery_seconds.observe(ms as f64 / 1000.0);
+                        }
+                    }
                     if let Err(source) = app.store.flush().await {
                         // Not acknowledged: the gateway keeps it and sends it again.
                         return Err(Closed::Store {

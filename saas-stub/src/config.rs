@@ -55,6 +55,9 @@ pub struct Config {
     pub idle_timeout_secs: u64,
     /// On SIGTERM/SIGINT: how long open requests and tunnels get to finish, milliseconds.
     pub shutdown_grace_ms: u64,
+    /// A plain-HTTP listener for `GET /metrics` (for a Prometheus on an internal network);
+    /// unset, metrics are served only on the public port, to the operator key.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -78,6 +81,7 @@ impl Default for Config {
             header_timeout_ms: 10_000,
             idle_timeout_secs: 300,
             shutdown_grace_ms: 5_000,
+            metrics_listen: None,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`store`]: durable state (sled): tenants, API keys, pairing tokens, gateways, commands,
 //!   idempotency keys, events;
 //! - [`ca`], [`tls`]: the CA generated on first start and the servers' TLS configurations;
+//! - [`metrics`]: Prometheus metrics (`GET /metrics` with the operator key, or `metrics_listen`);
 //! - [`config`]: the TOML file and environment overrides.
 //!
 //! [`open`] loads the state; [`serve`] runs both listeners until `shutdown` resolves, then ends
@@ -20,6 +21,7 @@ pub mod app;
 pub mod broker;
 pub mod ca;
 pub mod config;
+pub mod metrics;
 pub mod net;
 pub mod store;
 pub mod tls;
@@ -163,6 +165,18 @@ pub async fn serve(
                 app.tasks.clone(),
             ));
         }
+    }
+    if let Some(addr) = app.cfg.metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (metrics_listen): {e}"))?;
+        let (app2, app3) = (app.clone(), app.clone());
+        listeners.spawn(async move {
+            pcg_obs::serve_metrics(l, Arc::new(move || app2.render_metrics()), async move {
+                app3.shutdown.cancelled().await
+            })
+            .await;
+        });
     }
     listeners.close();
     // Housekeeping: forget idempotency keys past their window.

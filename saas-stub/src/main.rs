@@ -24,6 +24,12 @@ enum Cmd {
         /// TOML config file (optional; defaults apply without one).
         #[arg(long, short, env = "PCG_SAAS_CONFIG")]
         config: Option<PathBuf>,
+        /// Log level: error, warn, info, debug or trace (PCG_LOG, a filter, wins).
+        #[arg(long, value_name = "LEVEL")]
+        log_level: Option<String>,
+        /// Log format on stderr: text or json (one object per line).
+        #[arg(long, value_name = "FORMAT", default_value = "text")]
+        log_format: pcg_obs::LogFormat,
         /// Write `{"api", "broker", "api_listen", "broker_listen", "operator_key_file", "pid"}` as JSON
         /// to this file once the listeners are bound (for scripts and tests; `broker_listen` is
         /// the public port when the broker shares it).
@@ -43,14 +49,13 @@ fn main() -> anyhow::Result<()> {
             print!("{}", pcg_saas::api::openapi_document());
             Ok(())
         }
-        Cmd::Serve { config, ready_file } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("PCG_LOG")
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+        Cmd::Serve {
+            config,
+            ready_file,
+            log_level,
+            log_format,
+        } => {
+            pcg_obs::init_logging(log_level.as_deref(), log_format).map_err(anyhow::Error::msg)?;
             let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
             rt.block_on(serve(config, ready_file))
         }

@@ -266,6 +266,14 @@ impl Store {
         })
     }
 
+    /// Writes, flushes and removes a probe record: whether the store takes durable writes.
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        self.db.insert(b"__probe", &now_ms().to_be_bytes())?;
+        self.flush().await?;
+        self.db.remove(b"__probe")?;
+        Ok(())
+    }
+
     /// Makes everything written so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.commit.flush().await?;
@@ -530,6 +538,25 @@ impl Store {
             let (_, id) = kv?;
             if let Some(c) = get::<Command>(&self.commands, "commands", &id)? {
                 out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commands without a result, counted by tenant.
+    pub fn pending_by_tenant(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, usize>, StoreError> {
+        let mut tenant_of = std::collections::HashMap::new();
+        for g in self.gateways(None)? {
+            tenant_of.insert(g.id, g.tenant_id);
+        }
+        let mut out = std::collections::BTreeMap::new();
+        for k in self.pending.iter().keys() {
+            let k = k?;
+            let gw = k.split(|b| *b == 0).next().unwrap_or_default();
+            if let Some(t) = tenant_of.get(&*String::from_utf8_lossy(gw)) {
+                *out.entry(t.clone()).or_insert(0) += 1;
             }
         }
         Ok(out)

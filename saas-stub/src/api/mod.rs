@@ -76,9 +76,27 @@ pub fn body_limit(app: &App) -> usize {
     app.cfg.max_payload_bytes + 64 * 1024
 }
 
-/// Refuses a declared body over the limit before reading it, and turns any error answer that
-/// is not in the API's format (from routing or the HTTP layer) into it.
-async fn guard(limit: usize, req: Request, next: Next) -> Response {
+/// Refuses a declared body over the limit before reading it, turns any error answer that is not
+/// in the API's format (from routing or the HTTP layer) into it, and counts the request.
+async fn guard(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_string();
+    let method = req.method().to_string();
+    let resp = guarded(body_limit(&app), req, next).await;
+    app.metrics
+        .observe_request(&route, &method, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+async fn guarded(limit: usize, req: Request, next: Next) -> Response {
     let declared = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
@@ -129,6 +147,30 @@ async fn openapi_json() -> impl IntoResponse {
     )
 }
 
+/// Prometheus metrics of the service, for the operator key.
+async fn metrics(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    caller: Caller,
+) -> ApiResult<Response> {
+    let text = app.metrics_text(&caller)?;
+    Ok((
+        [(http::header::CONTENT_TYPE, pcg_obs::METRICS_CONTENT_TYPE)],
+        text,
+    )
+        .into_response())
+}
+
+/// Readiness: 200 when the store takes a durable write and the service is not stopping; 503
+/// with the reason otherwise. (`/healthz` is liveness: the process answers.)
+async fn readyz(axum::extract::State(app): axum::extract::State<Arc<App>>) -> ApiResult<Response> {
+    app.ready().await?;
+    Ok((
+        [(http::header::CONTENT_TYPE, "application/json")],
+        "{\"status\":\"ready\"}",
+    )
+        .into_response())
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -159,11 +201,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/commands/{id}", get(get_command))
         .route("/v1/events", get(list_events))
         .route(pcg_proto::ws::PATH, get(crate::tunnel_ws::upgrade))
+        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn(move |req, next| {
-            guard(limit, req, next)
-        }))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
 }
 

@@ -202,6 +202,7 @@ impl App {
         }
         self.store.insert_command(&mut cmd)?;
         self.store.flush().await?;
+        self.metrics.commands_submitted.inc();
         let (app, queued) = (self.clone(), cmd.clone());
         self.tasks
             .spawn(async move { crate::broker::deliver(&app, &queued).await });

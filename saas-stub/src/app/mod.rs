@@ -33,6 +33,8 @@ pub struct App {
     pub api_url: String,
     /// Broker endpoints handed to gateways.
     pub broker_urls: Vec<String>,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
     /// Cancelled when the service stops: long-polls return, tunnels say Goodbye.
     pub shutdown: CancellationToken,
     /// Every task the service spawns, so that stopping waits for them (within a bound).
@@ -129,6 +131,7 @@ pub fn open(
         waiters: waiters::Waiters::default(),
         api_url,
         broker_urls,
+        metrics: crate::metrics::Metrics::default(),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         inner_tls: std::sync::OnceLock::new(),
@@ -166,6 +169,54 @@ impl App {
                 "the API key is unknown, revoked or mistyped; check the key, or ask a tenant admin for a new one",
             )),
         }
+    }
+
+    /// The metrics in the OpenMetrics text format, pending commands per tenant read now.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.tunnels.set(self.tunnels.count() as i64);
+        match self.store.pending_by_tenant() {
+            Ok(by_tenant) => {
+                self.metrics.pending.clear();
+                for (tenant, n) in by_tenant {
+                    self.metrics
+                        .pending
+                        .get_or_create(&crate::metrics::TenantLabels { tenant })
+                        .set(n as i64);
+                }
+            }
+            Err(e) => tracing::warn!("pending commands for metrics: {e}"),
+        }
+        pcg_obs::encode(&self.metrics.registry)
+    }
+
+    /// The metrics text, for the operator key only.
+    pub fn metrics_text(&self, caller: &Caller) -> AppResult<String> {
+        caller.operator().map_err(|_| {
+            AppError::new(
+                Kind::Forbidden,
+                "not_operator",
+                "metrics are for the operator key (operator.key in the SaaS data directory), or set metrics_listen",
+            )
+        })?;
+        Ok(self.render_metrics())
+    }
+
+    /// Whether the service can take work: not stopping, and the store takes a durable write.
+    pub async fn ready(&self) -> AppResult<()> {
+        if self.shutdown.is_cancelled() {
+            return Err(AppError::new(
+                Kind::Unavailable,
+                "stopping",
+                "the service is stopping",
+            ));
+        }
+        self.store.probe_write().await.map_err(|e| {
+            AppError::new(
+                Kind::Unavailable,
+                "store_unavailable",
+                format!("the store does not take durable writes: {e}"),
+            )
+        })
     }
 
     /// Liveness facts for `/healthz`.

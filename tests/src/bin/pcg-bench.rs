@@ -221,7 +221,8 @@ async fn transports(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
         .await?,
     );
     let (_, key) = saas.tenant("bench").await?;
-    let connect = Squid::start(Kind::Connect).context("squid is needed: scripts/peers/install-network.sh")?;
+    let connect =
+        Squid::start(Kind::Connect).context("squid is needed: scripts/peers/install-network.sh")?;
     let bump = Squid::start(Kind::Bump {
         origin_ca: saas.dir.join("data/ca.pem"),
         upgrades: true,
@@ -301,7 +302,10 @@ async fn transports(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
         .await?;
         let noticed = t.elapsed();
         gw.wait_tunnel("connected", Duration::from_secs(60)).await?;
-        drops.push((noticed.as_secs_f64() * 1000.0, t.elapsed().as_secs_f64() * 1000.0));
+        drops.push((
+            noticed.as_secs_f64() * 1000.0,
+            t.elapsed().as_secs_f64() * 1000.0,
+        ));
         relay.cut_all();
     }
     println!();

@@ -1,0 +1,125 @@
+//! Observability shared by pcg-saas and pcg-gateway:
+//! - [`init_logging`]: logs on stderr as text or JSON lines, at a level from `--log-level`,
+//!   or a filter from `PCG_LOG` (tracing `EnvFilter` syntax), which wins;
+//! - [`serve_metrics`]: a plain HTTP endpoint answering `GET /metrics` with a
+//!   `prometheus-client` registry in the OpenMetrics text format.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+pub use prometheus_client;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`, `spans`).
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            o => Err(format!("log format {o:?}: use text or json")),
+        }
+    }
+}
+
+/// Sets up logging on stderr. `PCG_LOG` (a filter such as `info,pcg_saas=debug`) wins over
+/// `level` (`error`, `warn`, `info`, `debug`, `trace`; default `info`).
+pub fn init_logging(level: Option<&str>, format: LogFormat) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("PCG_LOG") {
+        Ok(f) if !f.trim().is_empty() => {
+            EnvFilter::try_new(&f).map_err(|e| format!("PCG_LOG={f:?}: {e}"))?
+        }
+        _ => {
+            let l = level.unwrap_or("info");
+            if !["error", "warn", "info", "debug", "trace"].contains(&l) {
+                return Err(format!(
+                    "log level {l:?}: use error, warn, info, debug or trace (or PCG_LOG for a filter)"
+                ));
+            }
+            EnvFilter::new(l)
+        }
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let r = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    r.map_err(|e| format!("cannot set up logging: {e}"))
+}
+
+/// The content type of the metrics answer.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Encodes `registry` in the OpenMetrics text format.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("writing to a String cannot fail");
+    out
+}
+
+/// Serves `GET /metrics` on `listener` (plain HTTP/1.1) until `shutdown` resolves, answering
+/// what `render` returns (e.g. [`encode`] of a registry after refreshing gauges read at scrape
+/// time).
+pub async fn serve_metrics(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("metrics listener: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let render = render.clone();
+                    async move {
+                        let resp = if req.uri().path() == "/metrics"
+                            && req.method() == http::Method::GET
+                        {
+                            http::Response::builder()
+                                .header(http::header::CONTENT_TYPE, METRICS_CONTENT_TYPE)
+                                .body(http_body_util::Full::new(bytes::Bytes::from(render())))
+                        } else {
+                            http::Response::builder()
+                                .status(http::StatusCode::NOT_FOUND)
+                                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                    b"metrics are at GET /metrics\n",
+                                )))
+                        };
+                        Ok::<_, Infallible>(resp.expect("a static response builds"))
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
