@@ -44,7 +44,7 @@ pub mod types;
 pub mod vm;
 
 pub use baremetal::{BareMetal, DriverFactory, DEFAULT_POWER_WAIT};
-pub use error::{ErrorKind, ProviderError, Result};
+pub use error::{Component, ErrorKind, ProviderError, Result};
 pub use types::*;
 
 /// Re-exported so drivers implement [`BareMetal`] with the same macro.

@@ -176,11 +176,12 @@ impl OpenStack {
             .map(Duration::from_millis)
             .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         let cfg = cloud.to_osauth()?;
-        let ctx = NovaContext::keystone(&cloud);
+        let ctx = NovaContext::keystone(&cloud, timeout);
         let session = match tokio::time::timeout(timeout, cfg.create_session()).await {
             Ok(r) => r.map_err(|e| map_err(&ctx, e))?,
             Err(_) => {
                 return Err(ProviderError::Timeout {
+                    component: pcg_provider::Component::OpenStack,
                     endpoint: cloud.auth_url().to_string(),
                     operation: "Keystone authentication".into(),
                     after: timeout,
@@ -205,7 +206,7 @@ impl OpenStack {
     }
 
     fn ctx(&self, what: impl Into<String>) -> NovaContext {
-        NovaContext::service(&self.cloud, what)
+        NovaContext::service(&self.cloud, what, self.timeout)
     }
 
     async fn bounded<T>(
@@ -216,6 +217,7 @@ impl OpenStack {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r.map_err(|e| map_err(&self.ctx(what), e)),
             Err(_) => Err(ProviderError::Timeout {
+                component: pcg_provider::Component::OpenStack,
                 endpoint: self.endpoint().to_string(),
                 operation: what.to_string(),
                 after: self.timeout,
@@ -242,6 +244,7 @@ impl OpenStack {
                 Ok(r) => return r.map_err(|e| map_err(&self.ctx(what), e)),
                 Err(_) => {
                     return Err(ProviderError::Timeout {
+                        component: pcg_provider::Component::OpenStack,
                         endpoint: self.endpoint().to_string(),
                         operation: what.to_string(),
                         after: self.timeout,
@@ -652,6 +655,7 @@ impl OpenStack {
             }
             if Instant::now() >= deadline {
                 return Err(ProviderError::Timeout {
+                    component: pcg_provider::Component::OpenStack,
                     endpoint: self.endpoint().to_string(),
                     operation: format!(
                         "waiting for server {id} to be {status} (it is {}{})",
@@ -679,6 +683,7 @@ impl OpenStack {
             };
             if Instant::now() >= deadline {
                 return Err(ProviderError::Timeout {
+                    component: pcg_provider::Component::OpenStack,
                     endpoint: self.endpoint().to_string(),
                     operation: format!(
                         "waiting for server {id} to be deleted (it is {})",

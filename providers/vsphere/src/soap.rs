@@ -374,6 +374,7 @@ impl Client {
             }
         }
         Err(ProviderError::Auth {
+            component: pcg_provider::Component::Vcenter,
             endpoint: self.inner.url.clone(),
             user: self.inner.user.clone(),
             detail: format!("{op}: not authenticated even after logging in again"),
@@ -400,8 +401,21 @@ impl Client {
             paths.iter().map(|p| elem("pathSet", p)).collect::<String>(),
             obj.xml("obj"),
         );
-        let mut all = self.retrieve(&spec).await?;
+        // A fault for a missing object names the object.
+        let mut all = self.retrieve(&spec).await.map_err(|e| match e {
+            ProviderError::NotFound {
+                component,
+                endpoint,
+                what,
+            } => ProviderError::NotFound {
+                component,
+                endpoint,
+                what: format!("{obj} ({what})"),
+            },
+            e => e,
+        })?;
         all.pop().ok_or_else(|| ProviderError::NotFound {
+            component: pcg_provider::Component::Vcenter,
             endpoint: self.inner.url.clone(),
             what: format!("{obj}"),
         })
@@ -575,11 +589,13 @@ impl CallError {
         match self {
             Self::Fault(f) => f.into_error(url, user, op),
             Self::Timeout(after) => ProviderError::Timeout {
+                component: pcg_provider::Component::Vcenter,
                 endpoint: url.to_owned(),
                 operation: op.to_owned(),
                 after,
             },
             Self::Transport(e) => ProviderError::Unreachable {
+                component: pcg_provider::Component::Vcenter,
                 endpoint: url.to_owned(),
                 reason: error_chain(&e),
             },
