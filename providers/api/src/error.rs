@@ -79,7 +79,7 @@ impl std::fmt::Display for Component {
 }
 
 /// A failure of a provider operation.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProviderError {
     /// The endpoint could not be reached at all (connection refused, no route, TLS failure).

@@ -4,7 +4,8 @@
 //! Every payload carries its `endpoint` (URL, user, password, TLS trust): the gateway stores no
 //! vCenter credentials, and the SaaS redacts the `password` key wherever it shows a payload.
 //! Sessions are still shared: commands naming the same endpoint, user and password reuse one
-//! driver and so one session.
+//! driver and so one session, and commands that arrive while its login is under way wait for
+//! that one login. A vCenter that does not answer delays only the commands addressed to it.
 //!
 //! | kind | payload | result |
 //! |---|---|---|
@@ -14,15 +15,13 @@
 //! | `vsphere.get` | `endpoint`, `id` | [`VmInfo`] |
 //! | `vsphere.inventory` | `endpoint` | [`Inventory`] |
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use pcg_provider::vm::{Inventory, VmInfo, VmProvider, VmSpec};
-use pcg_provider::{no_progress, PowerAction, ProviderError, Result};
+use pcg_provider::{no_progress, PowerAction, ProviderError, Result, Sessions};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
 
 use crate::{VsphereDriver, VsphereEndpoint};
 
@@ -109,12 +108,15 @@ impl VsphereCommand {
 /// Connected drivers by endpoint, user and password digest, so commands share sessions.
 #[derive(Default)]
 pub struct VsphereService {
-    drivers: Mutex<HashMap<String, VsphereDriver>>,
+    drivers: Sessions<VsphereDriver>,
 }
 
+/// The session key of an endpoint: URL, user and a digest of everything (password and TLS trust
+/// included), so changed credentials get a new session.
 fn key(ep: &VsphereEndpoint) -> String {
-    let digest =
-        Sha256::digest(serde_json::to_vec(ep).unwrap_or_else(|_| ep.url.as_bytes().to_vec()));
+    let digest = Sha256::digest(serde_json::to_vec(ep).unwrap_or_else(|_| {
+        format!("{}|{}|{}", ep.url, ep.user, ep.password.expose()).into_bytes()
+    }));
     format!("{}|{}|{}", ep.url, ep.user, hex::encode(digest))
 }
 
@@ -123,16 +125,26 @@ impl VsphereService {
         Self::default()
     }
 
-    /// The driver for `ep`, connecting (and so checking the credentials) the first time.
+    /// The driver for `ep`, connecting (and so checking the credentials) the first time. A
+    /// login to one vCenter never waits for another; commands for the same endpoint that arrive
+    /// during its login share that login.
     pub async fn driver(&self, ep: &VsphereEndpoint) -> Result<VsphereDriver> {
-        let k = key(ep);
-        let mut m = self.drivers.lock().await;
-        if let Some(d) = m.get(&k) {
-            return Ok(d.clone());
-        }
-        let d = VsphereDriver::connect(ep).await?;
-        m.insert(k, d.clone());
-        Ok(d)
+        let ep2 = ep.clone();
+        self.drivers
+            .get_or_connect(&key(ep), move || async move {
+                VsphereDriver::connect(&ep2).await
+            })
+            .await
+    }
+
+    /// Drops the session kept for `ep`: commands still using it finish, then it is logged out.
+    pub fn forget(&self, ep: &VsphereEndpoint) {
+        self.drivers.remove(&key(ep));
+    }
+
+    /// How many sessions are kept or being opened.
+    pub fn sessions(&self) -> usize {
+        self.drivers.len()
     }
 
     /// Parses and executes one command; `command_id` marks what `vsphere.create` makes.
