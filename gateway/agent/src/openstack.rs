@@ -1,8 +1,10 @@
 //! OpenStack commands (`openstack.create`, `.get`, `.power`, `.delete`, `.inventory`) in the
 //! executor, on pcg-openstack. Payloads are described in `pcg_openstack::command`.
 //!
-//! One logged-in client per cloud is kept (keyed by the payload's `cloud`), so Keystone is asked
-//! for a token once and osauth renews it; a client whose credentials are refused is dropped.
+//! One logged-in client per cloud entry is kept (`OpenstackService`), so Keystone is asked for a
+//! token once and osauth renews it; logins to different clouds never wait for each other,
+//! commands that arrive during a login share it, and a client whose credentials are refused is
+//! dropped.
 //!
 //! Exactly once in effect: `openstack.create` marks the server with the command id in Nova
 //! metadata as part of the create request and looks for that mark first, so a redelivered or
@@ -10,36 +12,17 @@
 //! inventory converge. A reset or cycle interrupted by a restart is not repeated: it fails with
 //! `interrupted` and the server's current status.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use pcg_openstack::command::{self, Command};
-use pcg_openstack::{CloudEntry, OpenStack};
+use pcg_openstack::command::{self, Command, OpenstackService};
+use pcg_openstack::CloudEntry;
 use pcg_provider::ErrorKind;
 use serde_json::Value;
 
 use crate::executor::{ExecContext, ExecError, Registry};
 
-/// Logged-in clients by cloud.
-#[derive(Default)]
-struct Clients(tokio::sync::Mutex<HashMap<String, Arc<OpenStack>>>);
-
-impl Clients {
-    async fn get(&self, cmd: &Command) -> Result<(String, Arc<OpenStack>), ExecError> {
-        let key = serde_json::to_string(cmd.cloud())
-            .map_err(|e| ExecError::invalid_payload(e.to_string()))?;
-        if let Some(c) = self.0.lock().await.get(&key) {
-            return Ok((key, c.clone()));
-        }
-        let entry = CloudEntry::resolve(cmd.cloud()).map_err(ExecError::from)?;
-        let client = Arc::new(OpenStack::connect(entry).await.map_err(ExecError::from)?);
-        self.0.lock().await.insert(key.clone(), client.clone());
-        Ok((key, client))
-    }
-}
-
 async fn handle(
-    clients: Arc<Clients>,
+    service: Arc<OpenstackService>,
     ctx: ExecContext,
     payload: Value,
 ) -> Result<Value, ExecError> {
@@ -51,7 +34,8 @@ async fn handle(
                 format!("{} is not an OpenStack command", ctx.kind),
             )
         })?;
-    let (key, os) = clients.get(&cmd).await?;
+    let cloud = CloudEntry::resolve(cmd.cloud()).map_err(ExecError::from)?;
+    let os = service.client(&cloud).await.map_err(ExecError::from)?;
     if ctx.recovered && cmd.repeats_an_effect() {
         let status = match &cmd {
             Command::Power(p) => os.get(&p.server).await.ok().map(|s| s.status),
@@ -69,7 +53,7 @@ async fn handle(
     let r = command::execute(&os, &ctx.command_id, &cmd).await;
     if let Err(e) = &r {
         if e.kind() == ErrorKind::Auth {
-            clients.0.lock().await.remove(&key);
+            service.forget(&cloud);
         }
     }
     r.map_err(ExecError::from)
@@ -77,11 +61,11 @@ async fn handle(
 
 /// Adds the OpenStack commands to `r`.
 pub fn register(r: &mut Registry) {
-    let clients = Arc::new(Clients::default());
+    let service = Arc::new(OpenstackService::new());
     for kind in command::KINDS {
-        let clients = clients.clone();
+        let service = service.clone();
         r.register(kind, move |ctx: ExecContext, p: Value| {
-            handle(clients.clone(), ctx, p)
+            handle(service.clone(), ctx, p)
         });
     }
 }

@@ -4,6 +4,9 @@
 //! or an inline clouds.yaml entry (whose `password` / `application_credential_secret` the SaaS
 //! redacts when it shows the command).
 //!
+//! [`OpenstackService`] keeps one logged-in client per cloud entry: a login to one cloud never
+//! waits for another, and commands that arrive during a login share it.
+//!
 //! | kind | payload | output |
 //! |---|---|---|
 //! | `openstack.create` | `cloud`, `server` ([`ServerSpec`]), `wait` (default true: until ACTIVE) | the server |
@@ -12,12 +15,14 @@
 //! | `openstack.delete` | `cloud`, `server` | `{"deleted": bool}` (false: it was already gone) |
 //! | `openstack.inventory` | `cloud` | flavors, images, networks and servers |
 
-use pcg_provider::{PowerAction, ProviderError};
+use std::sync::Arc;
+
+use pcg_provider::{PowerAction, ProviderError, Sessions};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::client::{OpenStack, ServerSpec, DEFAULT_WAIT};
-use crate::config::CloudRef;
+use crate::config::{CloudEntry, CloudRef};
 
 /// Every command kind.
 pub const KINDS: [&str; 5] = [
@@ -134,6 +139,41 @@ pub async fn execute(
             })
         }
     })
+}
+
+/// Logged-in clients by cloud entry (see [`CloudEntry::session_key`]), with single-flight logins.
+#[derive(Default)]
+pub struct OpenstackService {
+    clients: Sessions<Arc<OpenStack>>,
+}
+
+impl OpenstackService {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The logged-in client for `cloud`, logging in (asking Keystone for a token) the first
+    /// time. A login to one cloud never waits for another; commands for the same cloud that
+    /// arrive during its login share that login.
+    pub async fn client(&self, cloud: &CloudEntry) -> Result<Arc<OpenStack>, ProviderError> {
+        let entry = cloud.clone();
+        self.clients
+            .get_or_connect(&cloud.session_key(), move || async move {
+                OpenStack::connect(entry).await.map(Arc::new)
+            })
+            .await
+    }
+
+    /// Drops the client kept for `cloud` (its credentials were refused, or its enrolment was
+    /// replaced); the next command logs in again.
+    pub fn forget(&self, cloud: &CloudEntry) {
+        self.clients.remove(&cloud.session_key());
+    }
+
+    /// How many clients are kept or logging in.
+    pub fn sessions(&self) -> usize {
+        self.clients.len()
+    }
 }
 
 #[cfg(test)]

@@ -189,6 +189,24 @@ impl CloudEntry {
         }
     }
 
+    /// The entry as clouds.yaml shapes it (secrets included: seal it before storing it).
+    pub fn entry(&self) -> &Value {
+        &self.entry
+    }
+
+    /// A key naming this entry for session caches: the auth URL, the user, and a digest of the
+    /// whole entry, so changed credentials get a new session.
+    pub fn session_key(&self) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(self.entry.to_string().as_bytes());
+        format!(
+            "{}|{}|{}",
+            self.auth_url(),
+            self.user(),
+            hex::encode(digest)
+        )
+    }
+
     fn auth_str(&self, key: &str) -> Option<&str> {
         self.entry.get("auth")?.get(key)?.as_str()
     }
