@@ -222,11 +222,13 @@ pub fn send_result(gw: &Gateway, id: &str, r: &StoredResult) {
 
 /// Handles a command delivered by the broker.
 pub async fn on_command(gw: &Arc<Gateway>, cmd: Command) -> Result<(), crate::store::StoreError> {
-    let payload: Value = if cmd.payload.is_empty() {
+    let mut payload: Value = if cmd.payload.is_empty() {
         json!({})
     } else {
         serde_json::from_slice(&cmd.payload).unwrap_or(Value::Null)
     };
+    // Secrets never reach the journal in clear (see `secrets`).
+    crate::secrets::seal(&gw.store, &mut payload);
     let entry = JournalEntry {
         id: cmd.id.clone(),
         kind: cmd.kind.clone(),
@@ -286,6 +288,8 @@ pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
                     ),
                 )),
                 Some(h) => {
+                    let mut payload = entry.payload.clone();
+                    let opened = crate::secrets::open(&gw.store, &mut payload);
                     let ctx = ExecContext {
                         command_id: entry.id.clone(),
                         kind: entry.kind.clone(),
@@ -293,9 +297,17 @@ pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
                         gateway: gw.clone(),
                     };
                     // A panicking handler fails its command instead of the gateway.
-                    match tokio::spawn(h.execute(ctx, entry.payload.clone())).await {
-                        Ok(r) => r,
-                        Err(e) => Err(ExecError::new("internal", format!("handler failed: {e}"))),
+                    match opened {
+                        Err(e) => Err(ExecError::new(
+                            "storage",
+                            format!("the payload's sealed secrets cannot be opened: {e}"),
+                        )),
+                        Ok(()) => match tokio::spawn(h.execute(ctx, payload)).await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                Err(ExecError::new("internal", format!("handler failed: {e}")))
+                            }
+                        },
                     }
                 }
             }

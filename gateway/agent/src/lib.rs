@@ -6,6 +6,8 @@
 //!   registry provider drivers fill.
 //! - [`store`]: sled: identity (private key sealed), journal, outbox.
 //! - [`admin`]: the owner-only Unix socket pcgctl talks to.
+//! - [`endpoints`]: vCenters and OpenStack clouds enrolled by name; [`secrets`]: payload secrets
+//!   sealed before they are journaled.
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves.
@@ -13,9 +15,11 @@
 pub mod admin;
 pub mod baremetal;
 pub mod config;
+pub mod endpoints;
 pub mod executor;
 pub mod openstack;
 pub mod pairing;
+pub mod secrets;
 pub mod status;
 pub mod store;
 pub mod tunnel;
