@@ -47,6 +47,8 @@ pub struct Vcsim {
     pub url: String,
     pub thumbprint: String,
     pub ca_path: PathBuf,
+    /// The password it accepts (`-pass` among the launcher flags, else [`VCSIM_PASSWORD`]).
+    pub password: String,
     _dir: tempfile::TempDir,
 }
 
@@ -96,6 +98,12 @@ impl Vcsim {
             url: url.unwrap_or_default(),
             thumbprint: thumbprint.unwrap_or_default(),
             ca_path: ca.unwrap_or_default(),
+            password: args
+                .iter()
+                .position(|a| *a == "-pass")
+                .and_then(|i| args.get(i + 1))
+                .map_or(VCSIM_PASSWORD, |p| *p)
+                .to_owned(),
             _dir: dir,
         })
     }
@@ -105,7 +113,7 @@ impl Vcsim {
         json!({
             "url": self.url,
             "user": VCSIM_USER,
-            "password": VCSIM_PASSWORD,
+            "password": self.password,
             "tls": {"pin_sha256": self.thumbprint},
             "timeout_ms": 20000,
         })
@@ -120,6 +128,8 @@ impl Vcsim {
                 &self.url,
                 "-ca",
                 &self.ca_path.display().to_string(),
+                "-pass",
+                &self.password,
             ])
             .args(args)
             .output()

@@ -117,3 +117,139 @@ async fn openstack_server_lifecycle_through_the_tunnel() {
     let v = run("openstack.get", json!({"cloud": cloud, "server": id})).await;
     assert_eq!(v["result"]["error_class"], "not_found", "{v}");
 }
+
+/// Every file under `dir` that holds `needle` (as bytes).
+fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    hits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openstack_cloud_enrolled_by_name_survives_a_restart_and_its_password_stays_sealed() {
+    let Some(stack) = OpenstackStack::start() else {
+        return;
+    };
+    let dir = pcg_e2e::test_dir();
+    let (saas, mut gw, key, gw_id) = pcg_e2e::paired(dir.path(), SaasOptions::default())
+        .await
+        .unwrap();
+    let run = |kind: &'static str, payload: serde_json::Value| {
+        let saas = &saas;
+        let key = &key;
+        let gw_id = &gw_id;
+        async move {
+            let id = saas.submit(key, gw_id, kind, payload).await.unwrap();
+            saas.wait_command(key, &id, Duration::from_secs(200))
+                .await
+                .unwrap()
+        }
+    };
+    let lab = json!({"enrolled": "lab"});
+
+    // Before any enrolment: an unknown name says none is enrolled and how to enrol one.
+    let v = run("openstack.inventory", json!({"cloud": lab})).await;
+    assert_eq!(v["result"]["error_class"], "not_found", "{v}");
+    let msg = v["result"]["error_message"].as_str().unwrap();
+    assert!(
+        msg.contains("none") && msg.contains("openstack.enrol"),
+        "{msg}"
+    );
+    // Only an inline entry is enrolled (a clouds.yaml name is already on the gateway host).
+    let v = run("openstack.enrol", json!({"name": "lab", "cloud": "pcg"})).await;
+    assert_eq!(v["result"]["error_class"], "invalid_spec", "{v}");
+    // A wrong password enrols nothing; the error is Keystone's, not a BMC's.
+    let mut wrong = stack.cloud();
+    wrong["auth"]["password"] = json!("not-the-password");
+    let v = run("openstack.enrol", json!({"name": "lab", "cloud": wrong})).await;
+    assert_eq!(v["result"]["error_class"], "auth", "{v}");
+    let msg = v["result"]["error_message"].as_str().unwrap();
+    assert!(msg.contains("Keystone") && !msg.contains("BMC"), "{msg}");
+    let v = run("openstack.inventory", json!({"cloud": lab})).await;
+    assert_eq!(v["result"]["error_class"], "not_found", "{v}");
+
+    let v = run(
+        "openstack.enrol",
+        json!({"name": "lab", "cloud": stack.cloud()}),
+    )
+    .await;
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let out = &v["result"]["output"];
+    assert_eq!(out["auth_url"], stack.auth_url(), "{v}");
+    assert_eq!(out["user"], "admin", "{v}");
+    assert_eq!(out["project"], "admin", "{v}");
+    assert!(!v.to_string().contains(stack.password()), "{v}");
+
+    let name = format!("pcg-e2e-enrolled-{}", std::process::id());
+    let v = run(
+        "openstack.create",
+        json!({"cloud": lab, "server": {"name": name, "flavor": "pcg.tiny", "image": "pcg-image"}}),
+    )
+    .await;
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let id = v["result"]["output"]["id"].as_str().unwrap().to_string();
+    assert_eq!(stack.status(&id).as_deref(), Some("ACTIVE"));
+
+    // The gateway restarted still knows the name.
+    gw.proc.as_mut().unwrap().stop();
+    gw.start().unwrap();
+    gw.wait_tunnel("connected", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let v = run(
+        "openstack.power",
+        json!({"cloud": lab, "server": id, "action": "off"}),
+    )
+    .await;
+    assert_eq!(v["result"]["output"]["status"], "SHUTOFF", "{v}");
+    assert_eq!(stack.status(&id).as_deref(), Some("SHUTOFF"));
+    let v = run("openstack.get", json!({"cloud": lab, "server": id})).await;
+    assert_eq!(v["result"]["output"]["id"], id, "{v}");
+
+    // An unknown name lists the enrolled ones.
+    let v = run(
+        "openstack.get",
+        json!({"cloud": {"enrolled": "lab2"}, "server": id}),
+    )
+    .await;
+    assert_eq!(v["result"]["error_class"], "not_found", "{v}");
+    assert!(
+        v["result"]["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("enrolled: lab)"),
+        "{v}"
+    );
+
+    // Re-enrolling the name replaces the entry; commands keep working through it.
+    let mut again = stack.cloud();
+    again["interface"] = json!("public");
+    let v = run("openstack.enrol", json!({"name": "lab", "cloud": again})).await;
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let v = run("openstack.delete", json!({"cloud": lab, "server": id})).await;
+    assert_eq!(v["result"]["output"]["deleted"], true, "{v}");
+    assert_eq!(stack.status(&id), None);
+
+    // The password is nowhere in the gateway's directory (store, journal, log) in clear.
+    gw.proc.as_mut().unwrap().stop();
+    let hits = files_holding(&gw.dir, stack.password().as_bytes());
+    assert!(hits.is_empty(), "the password is in {hits:?}");
+    assert!(!gw.log().contains(stack.password()));
+    // The search does see the store's bytes: the auth URL (no secret) is in the journal.
+    assert!(
+        !files_holding(&gw.dir.join("data"), stack.auth_url().as_bytes()).is_empty(),
+        "the store's files were not searched"
+    );
+}

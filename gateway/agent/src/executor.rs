@@ -222,11 +222,13 @@ pub fn send_result(gw: &Gateway, id: &str, r: &StoredResult) {
 
 /// Handles a command delivered by the broker.
 pub async fn on_command(gw: &Arc<Gateway>, cmd: Command) -> Result<(), crate::store::StoreError> {
-    let payload: Value = if cmd.payload.is_empty() {
+    let mut payload: Value = if cmd.payload.is_empty() {
         json!({})
     } else {
         serde_json::from_slice(&cmd.payload).unwrap_or(Value::Null)
     };
+    // Secrets never reach the journal in clear.
+    seal_clear_secrets(gw, &mut payload);
     let entry = JournalEntry {
         id: cmd.id.clone(),
         kind: cmd.kind.clone(),
@@ -265,6 +267,28 @@ pub async fn on_command(gw: &Arc<Gateway>, cmd: Command) -> Result<(), crate::st
         },
     }
     Ok(())
+}
+
+/// Seals, to this gateway's own key, any secret a payload carries in clear (the SaaS seals them
+/// before it stores anything; this covers a SaaS that did not), before the journal write: a sled
+/// store keeps old versions of a record on disk for a while, so sealing later would not be enough.
+/// Without a key to seal to, secrets are redacted (the command then fails instead of storing
+/// them).
+fn seal_clear_secrets(gw: &Gateway, payload: &mut Value) {
+    if !pcg_proto::sealed::contains_secrets(payload) {
+        return;
+    }
+    match gw.store.openers() {
+        Ok(keys) if !keys.is_empty() => {
+            pcg_proto::sealed::seal_secrets(payload, &keys[0].recipient());
+        }
+        other => {
+            if let Err(e) = other {
+                tracing::error!("cannot load this gateway's key to seal a payload's secrets: {e}");
+            }
+            pcg_proto::sealed::redact_secrets(payload);
+        }
+    }
 }
 
 /// The payload with its sealed secrets opened (in memory only; the journal keeps it sealed).

@@ -8,6 +8,7 @@
 //!   registry provider drivers fill.
 //! - [`store`]: sled: identity (private key sealed), journal, outbox.
 //! - [`admin`]: the owner-only Unix socket pcgctl talks to.
+//! - [`endpoints`]: vCenters and OpenStack clouds enrolled by name.
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves.
@@ -15,6 +16,7 @@
 pub mod admin;
 pub mod baremetal;
 pub mod config;
+pub mod endpoints;
 pub mod executor;
 pub mod openstack;
 pub mod pairing;

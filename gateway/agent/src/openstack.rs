@@ -1,45 +1,54 @@
-//! OpenStack commands (`openstack.create`, `.get`, `.power`, `.delete`, `.inventory`) in the
-//! executor, on pcg-openstack. Payloads are described in `pcg_openstack::command`.
+//! OpenStack commands (`openstack.enrol`, `.create`, `.get`, `.power`, `.delete`, `.inventory`)
+//! in the executor, on pcg-openstack. Payloads are described in `pcg_openstack::command`.
 //!
-//! One logged-in client per cloud is kept (keyed by the payload's `cloud`), so Keystone is asked
-//! for a token once and osauth renews it; a client whose credentials are refused is dropped.
+//! A payload's `cloud` is a clouds.yaml cloud name on the gateway host (a string), an inline
+//! clouds.yaml entry (an object), or `{"enrolled": NAME}`: a cloud enrolled with
+//! `openstack.enrol`, which checks that Keystone issues a token and keeps the inline entry in the
+//! gateway's store, secrets sealed ([`crate::endpoints`]). Re-enrolling a name replaces it and
+//! drops the client kept for the old entry.
+//!
+//! One logged-in client per cloud entry is kept (`OpenstackService`), so Keystone is asked for a
+//! token once and osauth renews it; logins to different clouds never wait for each other, and a
+//! client whose credentials are refused is dropped.
 //!
 //! Exactly once in effect: `openstack.create` marks the server with the command id in Nova
 //! metadata as part of the create request and looks for that mark first, so a redelivered or
-//! recovered create returns the server the first one made. Get, power on/off, delete and
+//! recovered create returns the server the first one made. Enrol, get, power on/off, delete and
 //! inventory converge. A reset or cycle interrupted by a restart is not repeated: it fails with
 //! `interrupted` and the server's current status.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use pcg_openstack::command::{self, Command};
-use pcg_openstack::{CloudEntry, OpenStack};
+use pcg_openstack::command::{self, Command, OpenstackService};
+use pcg_openstack::{CloudEntry, CloudRef};
 use pcg_provider::ErrorKind;
 use serde_json::Value;
 
+use crate::endpoints::Enrolled;
 use crate::executor::{ExecContext, ExecError, Registry};
 
-/// Logged-in clients by cloud.
-#[derive(Default)]
-struct Clients(tokio::sync::Mutex<HashMap<String, Arc<OpenStack>>>);
+/// Enrolled clouds in the gateway's store.
+pub const ENROLLED: Enrolled = Enrolled {
+    provider: "openstack",
+    what: "OpenStack cloud",
+    enrol_kind: "openstack.enrol",
+};
 
-impl Clients {
-    async fn get(&self, cmd: &Command) -> Result<(String, Arc<OpenStack>), ExecError> {
-        let key = serde_json::to_string(cmd.cloud())
-            .map_err(|e| ExecError::invalid_payload(e.to_string()))?;
-        if let Some(c) = self.0.lock().await.get(&key) {
-            return Ok((key, c.clone()));
+/// The cloud entry a command addresses.
+fn entry(ctx: &ExecContext, cloud: &CloudRef) -> Result<CloudEntry, ExecError> {
+    match cloud {
+        CloudRef::Enrolled { enrolled } => {
+            let value: Value = ENROLLED.get(&ctx.gateway.store, enrolled)?;
+            let mut e = CloudEntry::inline(value).map_err(ExecError::from)?;
+            e.source = format!("enrolled cloud {enrolled:?}");
+            Ok(e)
         }
-        let entry = CloudEntry::resolve(cmd.cloud()).map_err(ExecError::from)?;
-        let client = Arc::new(OpenStack::connect(entry).await.map_err(ExecError::from)?);
-        self.0.lock().await.insert(key.clone(), client.clone());
-        Ok((key, client))
+        other => CloudEntry::resolve(other).map_err(ExecError::from),
     }
 }
 
 async fn handle(
-    clients: Arc<Clients>,
+    service: Arc<OpenstackService>,
     ctx: ExecContext,
     payload: Value,
 ) -> Result<Value, ExecError> {
@@ -51,7 +60,8 @@ async fn handle(
                 format!("{} is not an OpenStack command", ctx.kind),
             )
         })?;
-    let (key, os) = clients.get(&cmd).await?;
+    let cloud = entry(&ctx, cmd.cloud())?;
+    let os = service.client(&cloud).await.map_err(ExecError::from)?;
     if ctx.recovered && cmd.repeats_an_effect() {
         let status = match &cmd {
             Command::Power(p) => os.get(&p.server).await.ok().map(|s| s.status),
@@ -69,19 +79,31 @@ async fn handle(
     let r = command::execute(&os, &ctx.command_id, &cmd).await;
     if let Err(e) = &r {
         if e.kind() == ErrorKind::Auth {
-            clients.0.lock().await.remove(&key);
+            service.forget(&cloud);
         }
     }
-    r.map_err(ExecError::from)
+    let out = r.map_err(ExecError::from)?;
+    if let Command::Enrol(e) = &cmd {
+        let old = ENROLLED
+            .put(&ctx.gateway.store, &e.name, cloud.entry(), out.clone())
+            .await?;
+        if let Some(old) = old.filter(|old| old != cloud.entry()) {
+            if let Ok(old) = CloudEntry::inline(old) {
+                service.forget(&old);
+            }
+        }
+        tracing::info!(name = %e.name, auth_url = %cloud.auth_url(), user = %cloud.user(), "OpenStack cloud enrolled");
+    }
+    Ok(out)
 }
 
 /// Adds the OpenStack commands to `r`.
 pub fn register(r: &mut Registry) {
-    let clients = Arc::new(Clients::default());
+    let service = Arc::new(OpenstackService::new());
     for kind in command::KINDS {
-        let clients = clients.clone();
+        let service = service.clone();
         r.register(kind, move |ctx: ExecContext, p: Value| {
-            handle(clients.clone(), ctx, p)
+            handle(service.clone(), ctx, p)
         });
     }
 }

@@ -1,5 +1,7 @@
 //! The gateway's durable state on sled: its identity (certificate, CA, broker endpoints, and the
-//! private key sealed with the secret key file), the command journal and the result outbox.
+//! private key sealed with the secret key file), the command journal and the result outbox, and
+//! provider endpoints enrolled by name (BMCs in `bmcs`; vCenters and OpenStack clouds in
+//! `endpoints`, credentials sealed like the private key).
 //!
 //! The journal is what makes commands take effect exactly once: an id is written (and flushed)
 //! before the gateway acts on it, its result is written (and flushed) before it is sent, and an
@@ -101,6 +103,20 @@ pub struct BmcRecord {
     pub enrolled_ms: i64,
 }
 
+/// A provider endpoint enrolled by name (`vsphere.enrol`, `openstack.enrol`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    /// The provider namespace: `vsphere`, `openstack`.
+    pub provider: String,
+    pub name: String,
+    /// The endpoint as JSON (address, user, password or secret, TLS trust), sealed like the
+    /// private key.
+    pub endpoint_sealed: String,
+    /// What enrolment learned about it (no secrets).
+    pub info: serde_json::Value,
+    pub enrolled_ms: i64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StoredResult {
     pub ok: bool,
@@ -139,6 +155,7 @@ pub struct Store {
     bmcs: sled::Tree,
     /// Operator settings kept in the store (the proxy URL, sealed: it may hold a password).
     settings: sled::Tree,
+    endpoints: sled::Tree,
     key: aead::LessSafeKey,
 }
 
@@ -188,6 +205,7 @@ impl Store {
             outbox: db.open_tree("outbox").map_err(sled_err)?,
             bmcs: db.open_tree("bmcs").map_err(sled_err)?,
             settings: db.open_tree("settings").map_err(sled_err)?,
+            endpoints: db.open_tree("endpoints").map_err(sled_err)?,
             commit: pcg_durable::GroupCommit::new(db.clone()),
             key,
             path,
@@ -348,6 +366,57 @@ impl Store {
         };
         let plain = self.unseal(&String::from_utf8_lossy(&v))?;
         Ok(Some(String::from_utf8_lossy(&plain).into_owned()))
+    }
+
+    // --- provider endpoints by name ----------------------------------------------------------
+
+    fn endpoint_key(provider: &str, name: &str) -> Vec<u8> {
+        format!("{provider}\0{name}").into_bytes()
+    }
+
+    /// Stores an enrolled endpoint under its provider and name, replacing (and returning) the
+    /// record enrolled under that name before.
+    pub fn put_endpoint(&self, r: &EndpointRecord) -> Result<Option<EndpointRecord>, StoreError> {
+        let old = self
+            .endpoints
+            .insert(
+                Self::endpoint_key(&r.provider, &r.name),
+                serde_json::to_vec(r).expect("records serialise"),
+            )
+            .map_err(self.err())?;
+        Ok(old.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// The endpoint enrolled as `name` for `provider`.
+    pub fn endpoint(
+        &self,
+        provider: &str,
+        name: &str,
+    ) -> Result<Option<EndpointRecord>, StoreError> {
+        match self
+            .endpoints
+            .get(Self::endpoint_key(provider, name))
+            .map_err(self.err())?
+        {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what: format!("{provider} endpoint {name}"),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
+    /// Names of the endpoints enrolled for `provider`, sorted.
+    pub fn endpoint_names(&self, provider: &str) -> Vec<String> {
+        let prefix = format!("{provider}\0");
+        self.endpoints
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .collect()
     }
 
     // --- journal and outbox -----------------------------------------------------------------
@@ -551,6 +620,35 @@ mod tests {
         assert_eq!(s.outbox_depth(), 0);
         assert_eq!(s.prune(-1).expect("prune"), 1);
         assert!(s.entry("a").expect("get").is_none());
+    }
+
+    #[test]
+    fn endpoints_by_provider_and_name_replace_and_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        let rec = |provider: &str, name: &str, v: &str| EndpointRecord {
+            provider: provider.into(),
+            name: name.into(),
+            endpoint_sealed: s.seal(v.as_bytes()),
+            info: serde_json::json!({}),
+            enrolled_ms: now_ms(),
+        };
+        assert!(s
+            .put_endpoint(&rec("vsphere", "a", "1"))
+            .expect("put")
+            .is_none());
+        s.put_endpoint(&rec("vsphere", "b", "2")).expect("put");
+        s.put_endpoint(&rec("openstack", "a", "3")).expect("put");
+        let old = s
+            .put_endpoint(&rec("vsphere", "a", "4"))
+            .expect("put")
+            .expect("replaced");
+        assert_eq!(s.unseal(&old.endpoint_sealed).expect("unseal"), b"1");
+        assert_eq!(s.endpoint_names("vsphere"), vec!["a", "b"]);
+        assert_eq!(s.endpoint_names("openstack"), vec!["a"]);
+        let a = s.endpoint("vsphere", "a").expect("get").expect("known");
+        assert_eq!(s.unseal(&a.endpoint_sealed).expect("unseal"), b"4");
+        assert!(s.endpoint("openstack", "b").expect("get").is_none());
     }
 
     #[test]

@@ -1,25 +1,38 @@
-//! vSphere commands (`vsphere.create`, `.delete`, `.power`, `.get`, `.inventory`) in the
-//! executor, on pcg-vsphere. Payloads are described in `pcg_vsphere::command`.
+//! vSphere commands (`vsphere.enrol`, `.create`, `.delete`, `.power`, `.get`, `.inventory`) in
+//! the executor, on pcg-vsphere. Payloads are described in `pcg_vsphere::command`.
 //!
-//! Each payload carries its vCenter endpoint (URL, user, password, TLS trust); the gateway stores
-//! no vCenter password, and the SaaS redacts `password` keys wherever it shows a payload. One
-//! connected driver (one vCenter session) is kept per endpoint, user and password, so commands
-//! share a session; a driver is kept only once its login succeeded.
+//! A payload's `endpoint` is either inline (URL, user, password, TLS trust; the SaaS redacts
+//! `password` keys wherever it shows a payload) or the name of a vCenter enrolled with
+//! `vsphere.enrol`, which logs in to check the endpoint and keeps it in the gateway's store,
+//! password sealed ([`crate::endpoints`]); later commands give just the name. Re-enrolling a
+//! name replaces it and drops the session kept for the old credentials. One connected driver
+//! (one vCenter session) is kept per endpoint, user and password, so commands share a session;
+//! a driver is kept only once its login succeeded, and a vCenter that does not answer delays
+//! only the commands addressed to it.
 //!
 //! Exactly once in effect: `vsphere.create` marks the VM with the command id in extraConfig as
 //! part of the clone and looks for that mark first, so a redelivered or recovered create returns
-//! the VM the first one made. Get, power on/off, guest shutdown, delete and inventory converge. A
-//! reset or cycle interrupted by a restart is not repeated: it fails with `interrupted` and the
-//! VM's current power state.
+//! the VM the first one made. Enrol, get, power on/off, guest shutdown, delete and inventory
+//! converge. A reset or cycle interrupted by a restart is not repeated: it fails with
+//! `interrupted` and the VM's current power state.
 
 use std::sync::Arc;
 
 use pcg_provider::vm::VmProvider;
 use pcg_provider::PowerAction;
-use pcg_vsphere::command::{VsphereCommand, VsphereService, KINDS};
+use pcg_vsphere::command::{EndpointRef, VsphereCommand, VsphereService, KINDS};
+use pcg_vsphere::VsphereEndpoint;
 use serde_json::Value;
 
+use crate::endpoints::Enrolled;
 use crate::executor::{ExecContext, ExecError, Registry};
+
+/// Enrolled vCenters in the gateway's store.
+pub const ENROLLED: Enrolled = Enrolled {
+    provider: "vsphere",
+    what: "vCenter",
+    enrol_kind: "vsphere.enrol",
+};
 
 async fn handle(
     service: Arc<VsphereService>,
@@ -34,10 +47,24 @@ async fn handle(
                 format!("{} is not a vSphere command", ctx.kind),
             )
         })?;
-    let driver = service
-        .driver(cmd.endpoint())
-        .await
-        .map_err(ExecError::from)?;
+    let ep: VsphereEndpoint = match cmd.endpoint() {
+        EndpointRef::Inline(ep) => *ep,
+        EndpointRef::Enrolled(name) => ENROLLED.get(&ctx.gateway.store, &name)?,
+    };
+    let driver = service.driver(&ep).await.map_err(ExecError::from)?;
+    if let VsphereCommand::Enrol(c) = &cmd {
+        let out = pcg_vsphere::command::execute(&driver, &ctx.command_id, &cmd)
+            .await
+            .map_err(ExecError::from)?;
+        let old = ENROLLED
+            .put(&ctx.gateway.store, &c.name, &c.endpoint, out.clone())
+            .await?;
+        if let Some(old) = old.filter(|old| *old != c.endpoint) {
+            service.forget(&old);
+        }
+        tracing::info!(name = %c.name, url = %c.endpoint.url, user = %c.endpoint.user, "vCenter enrolled");
+        return Ok(out);
+    }
     if let VsphereCommand::Power(p) = &cmd {
         if ctx.recovered && matches!(p.action, PowerAction::Reset | PowerAction::Cycle) {
             let current = driver

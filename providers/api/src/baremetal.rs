@@ -72,6 +72,7 @@ pub trait BareMetal: Send + Sync {
             }
             if start.elapsed() >= bound {
                 return Err(ProviderError::Timeout {
+                    component: crate::Component::Bmc,
                     endpoint: self.endpoint().to_owned(),
                     operation: format!("waiting for power {want:?} of system {system}"),
                     after: bound,

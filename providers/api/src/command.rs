@@ -190,6 +190,7 @@ async fn system_of(driver: &dyn BareMetal, named: Option<&String>) -> Result<Str
     caps.default_system()
         .map(str::to_owned)
         .ok_or_else(|| ProviderError::NotFound {
+            component: crate::Component::Bmc,
             endpoint: driver.endpoint().to_owned(),
             what: "any system".into(),
         })
@@ -307,6 +308,7 @@ impl BareMetalService {
             .get(name)
             .cloned()
             .ok_or_else(|| ProviderError::NotFound {
+                component: crate::Component::Bmc,
                 endpoint: "gateway".into(),
                 what: format!("enrolled BMC {name:?} (send baremetal.enrol first)"),
             })

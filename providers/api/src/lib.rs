@@ -39,12 +39,14 @@ pub mod command;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;
+pub mod sessions;
 pub mod tls;
 pub mod types;
 pub mod vm;
 
 pub use baremetal::{BareMetal, DriverFactory, DEFAULT_POWER_WAIT};
-pub use error::{ErrorKind, ProviderError, Result};
+pub use error::{Component, ErrorKind, ProviderError, Result};
+pub use sessions::Sessions;
 pub use types::*;
 
 /// Re-exported so drivers implement [`BareMetal`] with the same macro.

@@ -189,6 +189,7 @@ impl IpmiDriver {
         );
         Err(match completion {
             0xd4 => ProviderError::Auth {
+                component: pcg_provider::Component::Bmc,
                 endpoint: self.endpoint.clone(),
                 user: self.ep.user.clone(),
                 detail,
@@ -214,6 +215,7 @@ impl IpmiDriver {
             Ok(())
         } else {
             Err(ProviderError::NotFound {
+                component: pcg_provider::Component::Bmc,
                 endpoint: self.endpoint.clone(),
                 what: format!("system {system:?} (an IPMI BMC has one system, {SYSTEM:?})"),
             })

@@ -206,6 +206,7 @@ impl Session {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let unreachable = |e: std::io::Error| ProviderError::Unreachable {
+            component: pcg_provider::Component::Bmc,
             endpoint: endpoint.to_owned(),
             reason: e.to_string(),
         };
@@ -238,6 +239,7 @@ impl Session {
 
     fn timeout(&self, operation: &str) -> ProviderError {
         ProviderError::Timeout {
+            component: pcg_provider::Component::Bmc,
             endpoint: self.endpoint.clone(),
             operation: operation.to_owned(),
             after: self.bound,
@@ -246,6 +248,7 @@ impl Session {
 
     fn auth(&self, detail: String) -> ProviderError {
         ProviderError::Auth {
+            component: pcg_provider::Component::Bmc,
             endpoint: self.endpoint.clone(),
             user: self.user.clone(),
             detail,
@@ -333,6 +336,7 @@ impl Session {
 
     fn io_error(&self, e: std::io::Error) -> ProviderError {
         ProviderError::Unreachable {
+            component: pcg_provider::Component::Bmc,
             endpoint: self.endpoint.clone(),
             reason: format!("UDP: {e}"),
         }

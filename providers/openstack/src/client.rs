@@ -25,6 +25,8 @@ pub const NOVA_MICROVERSION: (u16, u16) = (2, 37);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bound on waiting for a server to reach a state.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+/// How many delete requests [`OpenStack::delete`] sends at most when Nova gives a delete up.
+pub const DELETE_REQUESTS: u32 = 3;
 
 /// A server to create. Flavor, image and networks are names or ids.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -176,11 +178,12 @@ impl OpenStack {
             .map(Duration::from_millis)
             .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         let cfg = cloud.to_osauth()?;
-        let ctx = NovaContext::keystone(&cloud);
+        let ctx = NovaContext::keystone(&cloud, timeout);
         let session = match tokio::time::timeout(timeout, cfg.create_session()).await {
             Ok(r) => r.map_err(|e| map_err(&ctx, e))?,
             Err(_) => {
                 return Err(ProviderError::Timeout {
+                    component: pcg_provider::Component::OpenStack,
                     endpoint: cloud.auth_url().to_string(),
                     operation: "Keystone authentication".into(),
                     after: timeout,
@@ -205,7 +208,7 @@ impl OpenStack {
     }
 
     fn ctx(&self, what: impl Into<String>) -> NovaContext {
-        NovaContext::service(&self.cloud, what)
+        NovaContext::service(&self.cloud, what, self.timeout)
     }
 
     async fn bounded<T>(
@@ -216,6 +219,7 @@ impl OpenStack {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r.map_err(|e| map_err(&self.ctx(what), e)),
             Err(_) => Err(ProviderError::Timeout {
+                component: pcg_provider::Component::OpenStack,
                 endpoint: self.endpoint().to_string(),
                 operation: what.to_string(),
                 after: self.timeout,
@@ -242,6 +246,7 @@ impl OpenStack {
                 Ok(r) => return r.map_err(|e| map_err(&self.ctx(what), e)),
                 Err(_) => {
                     return Err(ProviderError::Timeout {
+                        component: pcg_provider::Component::OpenStack,
                         endpoint: self.endpoint().to_string(),
                         operation: what.to_string(),
                         after: self.timeout,
@@ -531,24 +536,52 @@ impl OpenStack {
     }
 
     /// Deletes a server; `Ok(false)` when it was already gone. Waits until Nova no longer lists
-    /// it (within `bound`).
+    /// it (within `bound`). When Nova gives the delete up (the server is left with no task and
+    /// not deleted, e.g. set to ERROR by a failure inside Nova), it is asked again, up to
+    /// [`DELETE_REQUESTS`] requests in all.
     pub async fn delete(&self, id: &str, bound: Duration) -> Result<bool, ProviderError> {
-        let r = self
-            .idempotent(&format!("delete server {id}"), || async {
-                self.session
-                    .delete(COMPUTE, ["servers", id])
-                    .api_version(NOVA_MICROVERSION)
-                    .send()
-                    .await
-            })
-            .await;
-        match r {
-            Ok(_) => {}
-            Err(ProviderError::NotFound { .. }) => return Ok(false),
-            Err(e) => return Err(e),
+        let deadline = Instant::now() + bound;
+        let mut requests = 0;
+        loop {
+            requests += 1;
+            let r = self
+                .idempotent(&format!("delete server {id}"), || async {
+                    self.session
+                        .delete(COMPUTE, ["servers", id])
+                        .api_version(NOVA_MICROVERSION)
+                        .send()
+                        .await
+                })
+                .await;
+            match r {
+                Ok(_) => {}
+                // Gone before the first request: nothing was deleted; before a later one: the
+                // earlier request did it after all.
+                Err(ProviderError::NotFound { .. }) => return Ok(requests > 1),
+                Err(e) => return Err(e),
+            }
+            match self.wait_deleted_until(id, deadline, bound).await? {
+                None => return Ok(true),
+                Some(s) if requests < DELETE_REQUESTS => {
+                    tracing::warn!(
+                        server = id,
+                        status = %s.status,
+                        fault = s.fault.as_deref().unwrap_or(""),
+                        "Nova gave the delete up; asking again"
+                    );
+                }
+                Some(s) => {
+                    return Err(ProviderError::ProviderFault {
+                        endpoint: self.endpoint().to_string(),
+                        message: format!(
+                        "Nova did not delete server {id} after {requests} requests (it is {}: {})",
+                        s.status,
+                        s.fault.as_deref().unwrap_or("Nova gave no fault message")
+                    ),
+                    })
+                }
+            }
         }
-        self.wait_deleted(id, bound).await?;
-        Ok(true)
     }
 
     /// Sends a power action. `On`/`Off` are no-ops when the server is already there. Waits for
@@ -652,6 +685,7 @@ impl OpenStack {
             }
             if Instant::now() >= deadline {
                 return Err(ProviderError::Timeout {
+                    component: pcg_provider::Component::OpenStack,
                     endpoint: self.endpoint().to_string(),
                     operation: format!(
                         "waiting for server {id} to be {status} (it is {}{})",
@@ -679,6 +713,48 @@ impl OpenStack {
             };
             if Instant::now() >= deadline {
                 return Err(ProviderError::Timeout {
+                    component: pcg_provider::Component::OpenStack,
+                    endpoint: self.endpoint().to_string(),
+                    operation: format!(
+                        "waiting for server {id} to be deleted (it is {})",
+                        s.status
+                    ),
+                    after: bound,
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// After a delete request: polls until Nova no longer knows the server (`None`), or until
+    /// it gave the delete up (`Some(server)`: seen deleting, then no task left and not
+    /// deleted), until `deadline`.
+    async fn wait_deleted_until(
+        &self,
+        id: &str,
+        deadline: Instant,
+        bound: Duration,
+    ) -> Result<Option<Server>, ProviderError> {
+        let mut delay = Duration::from_millis(250);
+        // Only a server seen deleting can be seen giving the delete up (clouds that hide the
+        // task state are waited for, as before).
+        let mut seen_deleting = false;
+        loop {
+            let Some(s) = self.try_get(id).await? else {
+                return Ok(None);
+            };
+            if s.task_state.as_deref() == Some("deleting") {
+                seen_deleting = true;
+            } else if seen_deleting
+                && s.task_state.is_none()
+                && !matches!(s.status.as_str(), "DELETED" | "SOFT_DELETED")
+            {
+                return Ok(Some(s));
+            }
+            if Instant::now() >= deadline {
+                return Err(ProviderError::Timeout {
+                    component: pcg_provider::Component::OpenStack,
                     endpoint: self.endpoint().to_string(),
                     operation: format!(
                         "waiting for server {id} to be deleted (it is {})",

@@ -1,26 +1,34 @@
 //! The `openstack.*` commands the gateway executes: payloads, parsing and execution.
 //!
-//! Every payload names its cloud with `cloud`: a cloud name from clouds.yaml on the gateway host,
-//! or an inline clouds.yaml entry (whose `password` / `application_credential_secret` the SaaS
-//! redacts when it shows the command).
+//! Every payload names its cloud with `cloud` ([`CloudRef`]): a cloud name from clouds.yaml on the
+//! gateway host (a string), a cloud enrolled with `openstack.enrol` (`{"enrolled": "NAME"}`), or
+//! an inline clouds.yaml entry (any other object; its `password` /
+//! `application_credential_secret` the SaaS redacts when it shows the command).
+//!
+//! [`OpenstackService`] keeps one logged-in client per cloud entry: a login to one cloud never
+//! waits for another, and commands that arrive during a login share it.
 //!
 //! | kind | payload | output |
 //! |---|---|---|
+//! | `openstack.enrol` | `name`, `cloud` (an inline entry) | `{"name", "auth_url", "user", "project", "region"}` once Keystone issued a token |
 //! | `openstack.create` | `cloud`, `server` ([`ServerSpec`]), `wait` (default true: until ACTIVE) | the server |
 //! | `openstack.get` | `cloud`, `server` (id) | the server |
 //! | `openstack.power` | `cloud`, `server`, `action` (on, off, soft_shutdown, reset, cycle) | the server |
 //! | `openstack.delete` | `cloud`, `server` | `{"deleted": bool}` (false: it was already gone) |
 //! | `openstack.inventory` | `cloud` | flavors, images, networks and servers |
 
-use pcg_provider::{PowerAction, ProviderError};
+use std::sync::Arc;
+
+use pcg_provider::{PowerAction, ProviderError, Sessions};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::client::{OpenStack, ServerSpec, DEFAULT_WAIT};
-use crate::config::CloudRef;
+use crate::config::{CloudEntry, CloudRef};
 
 /// Every command kind.
-pub const KINDS: [&str; 5] = [
+pub const KINDS: [&str; 6] = [
+    "openstack.enrol",
     "openstack.create",
     "openstack.get",
     "openstack.power",
@@ -30,6 +38,17 @@ pub const KINDS: [&str; 5] = [
 
 fn yes() -> bool {
     true
+}
+
+/// `openstack.enrol`: check that Keystone issues a token for `cloud`, then keep it under `name`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enrol {
+    /// The name later commands give as `"cloud": {"enrolled": NAME}`.
+    pub name: String,
+    /// An inline clouds.yaml entry (a cloud name or an enrolled reference is refused: the first
+    /// is already on the gateway host, the second is already enrolled).
+    pub cloud: CloudRef,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +84,7 @@ pub struct CloudOnly {
 /// A parsed `openstack.*` command.
 #[derive(Debug, Clone)]
 pub enum Command {
+    Enrol(Enrol),
     Create(Create),
     Get(Target),
     Power(Power),
@@ -79,6 +99,30 @@ impl Command {
             serde_json::from_value(v).map_err(|e| ProviderError::invalid(kind, e.to_string()))
         }
         Ok(Some(match kind {
+            "openstack.enrol" => {
+                let e: Enrol = de(kind, payload)?;
+                let ok = !e.name.is_empty()
+                    && e.name.len() <= 128
+                    && e.name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                if !ok {
+                    return Err(ProviderError::invalid(
+                        "name",
+                        format!(
+                            "{:?}: use 1 to 128 letters, digits, '-', '_' or '.'",
+                            e.name
+                        ),
+                    ));
+                }
+                if !matches!(e.cloud, CloudRef::Inline(_)) {
+                    return Err(ProviderError::invalid(
+                        "cloud",
+                        "openstack.enrol takes an inline clouds.yaml entry (an object with `auth`); a clouds.yaml cloud name is already on the gateway host and needs no enrolment",
+                    ));
+                }
+                Command::Enrol(e)
+            }
             "openstack.create" => Command::Create(de(kind, payload)?),
             "openstack.get" => Command::Get(de(kind, payload)?),
             "openstack.power" => Command::Power(de(kind, payload)?),
@@ -91,6 +135,7 @@ impl Command {
     /// The cloud the command addresses.
     pub fn cloud(&self) -> &CloudRef {
         match self {
+            Command::Enrol(e) => &e.cloud,
             Command::Create(c) => &c.cloud,
             Command::Get(t) | Command::Delete(t) => &t.cloud,
             Command::Power(p) => &p.cloud,
@@ -113,6 +158,17 @@ pub async fn execute(
 ) -> Result<Value, ProviderError> {
     let server = |s: &crate::Server| serde_json::to_value(s).unwrap_or(Value::Null);
     Ok(match cmd {
+        Command::Enrol(e) => {
+            let entry = os.cloud().entry();
+            let auth = |k: &str| entry.get("auth").and_then(|a| a.get(k)).cloned();
+            json!({
+                "name": e.name,
+                "auth_url": os.cloud().auth_url(),
+                "user": os.cloud().user(),
+                "project": auth("project_name").or_else(|| auth("project_id")),
+                "region": os.cloud().region(),
+            })
+        }
         Command::Create(c) => {
             let s = os.create(Some(command_id), &c.server).await?;
             let s = if c.wait && s.status != "ACTIVE" {
@@ -134,6 +190,41 @@ pub async fn execute(
             })
         }
     })
+}
+
+/// Logged-in clients by cloud entry (see [`CloudEntry::session_key`]), with single-flight logins.
+#[derive(Default)]
+pub struct OpenstackService {
+    clients: Sessions<Arc<OpenStack>>,
+}
+
+impl OpenstackService {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The logged-in client for `cloud`, logging in (asking Keystone for a token) the first
+    /// time. A login to one cloud never waits for another; commands for the same cloud that
+    /// arrive during its login share that login.
+    pub async fn client(&self, cloud: &CloudEntry) -> Result<Arc<OpenStack>, ProviderError> {
+        let entry = cloud.clone();
+        self.clients
+            .get_or_connect(&cloud.session_key(), move || async move {
+                OpenStack::connect(entry).await.map(Arc::new)
+            })
+            .await
+    }
+
+    /// Drops the client kept for `cloud` (its credentials were refused, or its enrolment was
+    /// replaced); the next command logs in again.
+    pub fn forget(&self, cloud: &CloudEntry) {
+        self.clients.remove(&cloud.session_key());
+    }
+
+    /// How many clients are kept or logging in.
+    pub fn sessions(&self) -> usize {
+        self.clients.len()
+    }
 }
 
 #[cfg(test)]
@@ -159,5 +250,35 @@ mod tests {
         assert!(Command::parse("baremetal.power", json!({}))
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn cloud_is_a_name_an_enrolled_reference_or_an_inline_entry() {
+        let get =
+            |cloud: Value| Command::parse("openstack.get", json!({"cloud": cloud, "server": "x"}));
+        let c = get(json!({"enrolled": "lab"})).unwrap().unwrap();
+        assert!(matches!(c.cloud(), CloudRef::Enrolled { enrolled } if enrolled == "lab"));
+        let c = get(json!({"auth": {"auth_url": "http://k/v3"}}))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(c.cloud(), CloudRef::Inline(_)));
+        // `enrolled` with anything else, or not a name: refused, never taken as an inline entry.
+        for bad in [
+            json!({"enrolled": "lab", "auth": {}}),
+            json!({"enrolled": 3}),
+            json!({"enrolled": ""}),
+            json!(7),
+            json!(""),
+        ] {
+            let e = get(bad.clone()).unwrap_err();
+            assert!(e.to_string().contains("enrolled"), "{bad}: {e}");
+        }
+        // Enrolment takes an inline entry only.
+        let enrol = |cloud: Value| {
+            Command::parse("openstack.enrol", json!({"name": "lab", "cloud": cloud}))
+        };
+        assert!(enrol(json!({"auth": {"auth_url": "http://k/v3"}})).is_ok());
+        assert!(enrol(json!("pcg")).is_err());
+        assert!(enrol(json!({"enrolled": "other"})).is_err());
     }
 }

@@ -17,14 +17,47 @@ use pcg_provider::ProviderError;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// Which cloud to use.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Which cloud to use: the `cloud` of an `openstack.*` payload.
+///
+/// - a string: a cloud named in clouds.yaml on the gateway host;
+/// - `{"enrolled": "NAME"}` (that one key only): a cloud enrolled with `openstack.enrol`, whose
+///   entry the gateway keeps (clouds.yaml entries have no `enrolled` key, so the two cannot be
+///   confused);
+/// - any other object: a clouds.yaml cloud entry given inline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum CloudRef {
     /// A cloud named in clouds.yaml on the gateway host (found as openstackclient finds it).
     Named(String),
+    /// A cloud enrolled on the gateway with `openstack.enrol`.
+    Enrolled { enrolled: String },
     /// A clouds.yaml cloud entry given inline: `{"auth": {...}, "auth_type": ..., "region_name": ...}`.
     Inline(Value),
+}
+
+impl<'de> Deserialize<'de> for CloudRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match Value::deserialize(d)? {
+            Value::String(name) if !name.trim().is_empty() => Ok(Self::Named(name)),
+            Value::Object(m) if m.contains_key("enrolled") => {
+                match (m.len(), m.get("enrolled")) {
+                    (1, Some(Value::String(name))) if !name.trim().is_empty() => {
+                        Ok(Self::Enrolled {
+                            enrolled: name.clone(),
+                        })
+                    }
+                    _ => Err(D::Error::custom(
+                        "cloud: {\"enrolled\": NAME} names a cloud enrolled with openstack.enrol and takes no other key",
+                    )),
+                }
+            }
+            v @ Value::Object(_) => Ok(Self::Inline(v)),
+            _ => Err(D::Error::custom(
+                "cloud must be a clouds.yaml cloud name (a string), {\"enrolled\": NAME} (see openstack.enrol) or an inline clouds.yaml entry (an object)",
+            )),
+        }
+    }
 }
 
 /// A resolved cloud entry in clouds.yaml shape, plus what messages need.
@@ -181,12 +214,34 @@ impl CloudEntry {
         Ok(me)
     }
 
-    /// Resolves a [`CloudRef`].
+    /// Resolves a [`CloudRef`]. Enrolled clouds are the gateway's to resolve (it keeps their
+    /// entries), so they are refused here.
     pub fn resolve(r: &CloudRef) -> Result<Self, ProviderError> {
         match r {
             CloudRef::Named(n) => Self::named(n),
             CloudRef::Inline(v) => Self::inline(v.clone()),
+            CloudRef::Enrolled { enrolled } => Err(invalid(format!(
+                "{enrolled:?} names an enrolled cloud; only the gateway resolves enrolled names"
+            ))),
         }
+    }
+
+    /// The entry as clouds.yaml shapes it (secrets included: seal it before storing it).
+    pub fn entry(&self) -> &Value {
+        &self.entry
+    }
+
+    /// A key naming this entry for session caches: the auth URL, the user, and a digest of the
+    /// whole entry, so changed credentials get a new session.
+    pub fn session_key(&self) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(self.entry.to_string().as_bytes());
+        format!(
+            "{}|{}|{}",
+            self.auth_url(),
+            self.user(),
+            hex::encode(digest)
+        )
     }
 
     fn auth_str(&self, key: &str) -> Option<&str> {

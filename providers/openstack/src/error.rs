@@ -12,23 +12,31 @@ pub(crate) struct NovaContext {
     user: String,
     what: String,
     login: bool,
+    /// The bound requests run under (what a timeout reports).
+    bound: std::time::Duration,
 }
 
 impl NovaContext {
-    pub(crate) fn keystone(c: &CloudEntry) -> Self {
+    pub(crate) fn keystone(c: &CloudEntry, bound: std::time::Duration) -> Self {
         Self {
             auth_url: c.auth_url().to_string(),
             user: c.user(),
             what: "Keystone authentication".into(),
             login: true,
+            bound,
         }
     }
-    pub(crate) fn service(c: &CloudEntry, what: impl Into<String>) -> Self {
+    pub(crate) fn service(
+        c: &CloudEntry,
+        what: impl Into<String>,
+        bound: std::time::Duration,
+    ) -> Self {
         Self {
             auth_url: c.auth_url().to_string(),
             user: c.user(),
             what: what.into(),
             login: false,
+            bound,
         }
     }
 }
@@ -41,6 +49,7 @@ pub(crate) fn map_err(ctx: &NovaContext, e: osauth::Error) -> ProviderError {
     let detail = format!("{}: {text}", ctx.what);
     match e.kind() {
         K::AuthenticationFailed => ProviderError::Auth {
+            component: pcg_provider::Component::OpenStack,
             endpoint,
             user: ctx.user.clone(),
             detail: format!("{detail} (Keystone refused the credentials)"),
@@ -49,6 +58,7 @@ pub(crate) fn map_err(ctx: &NovaContext, e: osauth::Error) -> ProviderError {
             ProviderError::Quota { endpoint, detail }
         }
         K::AccessDenied => ProviderError::Auth {
+            component: pcg_provider::Component::OpenStack,
             endpoint,
             user: ctx.user.clone(),
             detail: format!("{detail} (forbidden: the user's role does not allow this)"),
@@ -57,6 +67,7 @@ pub(crate) fn map_err(ctx: &NovaContext, e: osauth::Error) -> ProviderError {
             ProviderError::Quota { endpoint, detail }
         }
         K::ResourceNotFound => ProviderError::NotFound {
+            component: pcg_provider::Component::OpenStack,
             endpoint,
             what: detail,
         },
@@ -68,11 +79,13 @@ pub(crate) fn map_err(ctx: &NovaContext, e: osauth::Error) -> ProviderError {
         K::InvalidConfig => ProviderError::invalid("cloud", detail),
         K::InvalidInput | K::IncompatibleApiVersion => ProviderError::invalid("request", detail),
         K::OperationTimedOut => ProviderError::Timeout {
+            component: pcg_provider::Component::OpenStack,
             endpoint,
             operation: ctx.what.clone(),
-            after: std::time::Duration::ZERO,
+            after: ctx.bound,
         },
         K::ProtocolError if ctx.login || is_connect(&lower) => ProviderError::Unreachable {
+            component: pcg_provider::Component::OpenStack,
             endpoint,
             reason: detail,
         },
@@ -99,6 +112,7 @@ mod tests {
             user: "alice".into(),
             what: "create server".into(),
             login: false,
+            bound: std::time::Duration::from_secs(30),
         }
     }
 

@@ -178,6 +178,7 @@ impl VmProvider for OpenStack {
             }
             if std::time::Instant::now() >= deadline {
                 return Err(ProviderError::Timeout {
+                    component: pcg_provider::Component::OpenStack,
                     endpoint: OpenStack::endpoint(self).to_string(),
                     operation: format!("waiting for an IP address of server {id}"),
                     after: bound,

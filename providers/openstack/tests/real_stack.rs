@@ -1,5 +1,11 @@
 //! Conformance of pcg-openstack against a real Keystone + Nova (Debian packages, started by
 //! scripts/peers/openstack/start.sh), every effect cross-checked with the openstack CLI.
+//!
+//! Each check is its own test (so none comes near the runner's timeout on a busy machine); they
+//! use the shared stack one at a time (Nova on sqlite refuses concurrent writes now and then,
+//! "database is locked"): `Stack::start` takes the stack's lock, and under nextest the tests of
+//! this binary also form one test group of one thread (.config/nextest.toml), so a test's time
+//! is not spent waiting for the lock.
 
 #![allow(clippy::unwrap_used)]
 
@@ -7,7 +13,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{unique, Stack};
+use std::sync::Arc;
+
+use common::{unique, Blackhole, Stack};
+use pcg_openstack::command::OpenstackService;
 use pcg_openstack::{CloudEntry, OpenStack, ServerSpec};
 use pcg_provider::vm::{VmPlacement, VmProvider, VmSpec};
 use pcg_provider::{ErrorKind, PowerAction, PowerState};
@@ -15,23 +24,82 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(180);
 
-/// One test, its steps one after another: Nova on sqlite refuses concurrent writes now and then
-/// ("database is locked"), so the checks do not race each other on the shared stack.
 #[tokio::test]
-async fn conformance_against_real_keystone_and_nova() {
+async fn auth_by_password_application_credential_and_clouds_yaml() {
     let Some(stack) = Stack::start() else { return };
-    eprintln!("== auth_by_password_application_credential_and_clouds_yaml");
-    auth_by_password_application_credential_and_clouds_yaml(&stack).await;
-    eprintln!("== wrong_password_is_an_auth_error_naming_auth_url_and_user");
-    wrong_password_is_an_auth_error_naming_auth_url_and_user(&stack).await;
-    eprintln!("== create_active_stop_start_delete_checked_with_the_cli");
-    create_active_stop_start_delete_checked_with_the_cli(&stack).await;
-    eprintln!("== missing_flavor_or_image_lists_what_exists");
-    missing_flavor_or_image_lists_what_exists(&stack).await;
-    eprintln!("== key_pair_and_error_state_with_nova_fault");
-    key_pair_and_error_state_with_nova_fault(&stack).await;
-    eprintln!("== the_same_create_twice_leaves_exactly_one_server");
-    the_same_create_twice_leaves_exactly_one_server(&stack).await;
+    auth_by_password_application_credential_and_clouds_yaml_(&stack).await;
+}
+
+#[tokio::test]
+async fn wrong_password_is_an_auth_error_naming_auth_url_and_user() {
+    let Some(stack) = Stack::start() else { return };
+    wrong_password_is_an_auth_error_naming_auth_url_and_user_(&stack).await;
+}
+
+#[tokio::test]
+async fn create_active_stop_start_delete_checked_with_the_cli() {
+    let Some(stack) = Stack::start() else { return };
+    create_active_stop_start_delete_checked_with_the_cli_(&stack).await;
+}
+
+#[tokio::test]
+async fn missing_flavor_or_image_lists_what_exists() {
+    let Some(stack) = Stack::start() else { return };
+    missing_flavor_or_image_lists_what_exists_(&stack).await;
+}
+
+#[tokio::test]
+async fn key_pair_and_error_state_with_nova_fault() {
+    let Some(stack) = Stack::start() else { return };
+    key_pair_and_error_state_with_nova_fault_(&stack).await;
+}
+
+#[tokio::test]
+async fn the_same_create_twice_leaves_exactly_one_server() {
+    let Some(stack) = Stack::start() else { return };
+    the_same_create_twice_leaves_exactly_one_server_(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keystone_that_does_not_answer_stalls_only_its_own_commands() {
+    let Some(stack) = Stack::start() else { return };
+    let dead = Blackhole::start().await;
+    let svc = Arc::new(OpenstackService::new());
+    let mut dead_entry = stack.admin_entry();
+    dead_entry["auth"]["auth_url"] = json!(format!("{}/v3", dead.url));
+    dead_entry["timeout_ms"] = json!(20_000);
+    let dead_cloud = CloudEntry::inline(dead_entry).unwrap();
+    let mut dialling = Vec::new();
+    for _ in 0..2 {
+        let (svc, c) = (svc.clone(), dead_cloud.clone());
+        dialling.push(tokio::spawn(async move { svc.client(&c).await }));
+    }
+    dead.wait_accepted(1).await;
+    // Meanwhile the real cloud logs in and answers, and commands arriving together for it
+    // share one login (one client).
+    let mut live = Vec::new();
+    for _ in 0..3 {
+        let (svc, c) = (svc.clone(), stack.admin());
+        live.push(tokio::spawn(async move { svc.client(&c).await }));
+    }
+    let mut clients = Vec::new();
+    for t in live {
+        clients.push(t.await.unwrap().unwrap());
+    }
+    assert!(clients.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
+    assert!(!clients[0].flavors().await.unwrap().is_empty());
+    assert!(
+        dialling.iter().all(|t| !t.is_finished()),
+        "the real cloud's commands waited for the dead Keystone's login"
+    );
+    for t in dialling {
+        let e = t.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        let s = e.to_string();
+        assert!(s.contains("within 20s") && s.contains("Keystone"), "{s}");
+        assert!(!s.contains("BMC"), "{s}");
+    }
+    assert_eq!(dead.accepted(), 1, "one login attempt for both commands");
 }
 
 fn spec(name: &str) -> ServerSpec {
@@ -43,7 +111,7 @@ fn spec(name: &str) -> ServerSpec {
     }
 }
 
-async fn auth_by_password_application_credential_and_clouds_yaml(stack: &Stack) {
+async fn auth_by_password_application_credential_and_clouds_yaml_(stack: &Stack) {
     // Password, inline entry.
     let os = OpenStack::connect(stack.admin()).await.unwrap();
     assert!(!os.flavors().await.unwrap().is_empty());
@@ -101,7 +169,7 @@ async fn auth_by_password_application_credential_and_clouds_yaml(stack: &Stack) 
     stack.cli(&["application", "credential", "delete", &name]);
 }
 
-async fn wrong_password_is_an_auth_error_naming_auth_url_and_user(stack: &Stack) {
+async fn wrong_password_is_an_auth_error_naming_auth_url_and_user_(stack: &Stack) {
     let mut entry = stack.admin_entry();
     entry["auth"]["password"] = json!("not-the-password");
     let e = OpenStack::connect(CloudEntry::inline(entry).unwrap())
@@ -114,6 +182,9 @@ async fn wrong_password_is_an_auth_error_naming_auth_url_and_user(stack: &Stack)
         "{s}"
     );
     assert!(!s.contains("not-the-password"), "{s}");
+    // The hint is Keystone's own (project and domain, application credential), never a BMC's.
+    assert!(s.contains("Keystone") && s.contains("project"), "{s}");
+    assert!(!s.contains("BMC"), "{s}");
     // Nothing listens: unreachable, naming the URL.
     let mut entry = stack.admin_entry();
     entry["auth"]["auth_url"] = json!("http://127.0.0.1:9/v3");
@@ -122,9 +193,11 @@ async fn wrong_password_is_an_auth_error_naming_auth_url_and_user(stack: &Stack)
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unreachable, "{e}");
     assert!(e.to_string().contains("127.0.0.1:9"), "{e}");
+    assert!(e.to_string().contains("auth URL"), "{e}");
+    assert!(!e.to_string().contains("BMC"), "{e}");
 }
 
-async fn create_active_stop_start_delete_checked_with_the_cli(stack: &Stack) {
+async fn create_active_stop_start_delete_checked_with_the_cli_(stack: &Stack) {
     let os = OpenStack::connect(stack.admin()).await.unwrap();
     let name = unique("pcg-life");
     let mut s = spec(&name);
@@ -161,9 +234,11 @@ async fn create_active_stop_start_delete_checked_with_the_cli(stack: &Stack) {
     assert!(!os.delete(&created.id, WAIT).await.unwrap());
     let e = os.get(&created.id).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("OpenStack"), "{e}");
+    assert!(!e.to_string().contains("BMC"), "{e}");
 }
 
-async fn missing_flavor_or_image_lists_what_exists(stack: &Stack) {
+async fn missing_flavor_or_image_lists_what_exists_(stack: &Stack) {
     let os = OpenStack::connect(stack.admin()).await.unwrap();
     let name = unique("pcg-missing");
     let mut s = spec(&name);
@@ -190,7 +265,7 @@ async fn missing_flavor_or_image_lists_what_exists(stack: &Stack) {
     assert!(stack.cli_ids_named(&name).is_empty(), "nothing was created");
 }
 
-async fn the_same_create_twice_leaves_exactly_one_server(stack: &Stack) {
+async fn the_same_create_twice_leaves_exactly_one_server_(stack: &Stack) {
     let os = OpenStack::connect(stack.admin()).await.unwrap();
     let name = unique("pcg-once");
     let cmd = unique("cmd-once");
@@ -236,7 +311,7 @@ async fn the_same_create_twice_leaves_exactly_one_server(stack: &Stack) {
     assert!(stack.cli_ids_named(&name).is_empty());
 }
 
-async fn key_pair_and_error_state_with_nova_fault(stack: &Stack) {
+async fn key_pair_and_error_state_with_nova_fault_(stack: &Stack) {
     let os = OpenStack::connect(stack.admin()).await.unwrap();
     // A key pair made with the CLI, given by name.
     let key = unique("pcg-key");

@@ -133,6 +133,7 @@ impl Client {
     fn transport_error(&self, e: reqwest::Error, what: &str) -> ProviderError {
         if e.is_timeout() {
             return ProviderError::Timeout {
+                component: pcg_provider::Component::Bmc,
                 endpoint: self.base.clone(),
                 operation: what.to_owned(),
                 after: self.timeout,
@@ -146,6 +147,7 @@ impl Client {
             src = s.source();
         }
         ProviderError::Unreachable {
+            component: pcg_provider::Component::Bmc,
             endpoint: self.base.clone(),
             reason,
         }
@@ -157,11 +159,13 @@ impl Client {
         let endpoint = self.base.clone();
         match r.status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ProviderError::Auth {
+                component: pcg_provider::Component::Bmc,
                 endpoint,
                 user: self.user.clone(),
                 detail: format!("HTTP {} on {what}", r.status.as_u16()),
             },
             StatusCode::NOT_FOUND => ProviderError::NotFound {
+                component: pcg_provider::Component::Bmc,
                 endpoint,
                 what: what.to_owned(),
             },
@@ -383,6 +387,7 @@ impl Client {
             }
             if start.elapsed() >= bound {
                 return Err(ProviderError::Timeout {
+                    component: pcg_provider::Component::Bmc,
                     endpoint: self.base.clone(),
                     operation: format!("task {monitor}"),
                     after: bound,

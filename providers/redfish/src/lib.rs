@@ -144,6 +144,7 @@ impl RedfishDriver {
             .get(system)
             .cloned()
             .ok_or_else(|| ProviderError::NotFound {
+                component: pcg_provider::Component::Bmc,
                 endpoint: self.client.endpoint().to_owned(),
                 what: format!("system {system:?}"),
             })

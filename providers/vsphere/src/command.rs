@@ -1,31 +1,33 @@
 //! `vsphere.*` command payloads as the gateway receives them, and [`VsphereService`], which keeps
 //! one connected driver (one vCenter session) per endpoint and user and executes a command.
 //!
-//! Every payload carries its `endpoint` (URL, user, password, TLS trust): the gateway stores no
-//! vCenter credentials, and the SaaS redacts the `password` key wherever it shows a payload.
-//! Sessions are still shared: commands naming the same endpoint, user and password reuse one
-//! driver and so one session.
+//! A payload names its vCenter with `endpoint`: either inline (an object: URL, user, password,
+//! TLS trust; the SaaS redacts the `password` key wherever it shows a payload) or, as a string,
+//! the name it was enrolled under with `vsphere.enrol` (the gateway keeps the endpoint, sealed,
+//! and resolves the name; see [`EndpointRef`]). Sessions are shared: commands naming the same
+//! endpoint, user and password reuse one driver and so one session, and commands that arrive
+//! while its login is under way wait for that one login.
 //!
 //! | kind | payload | result |
 //! |---|---|---|
+//! | `vsphere.enrol` | `name`, `endpoint` (inline) | `{"name", "url", "user", "vcenter", "api_version"}` after a login |
 //! | `vsphere.create` | `endpoint`, `spec` ([`VmSpec`]), `wait_ip_ms`? | [`VmInfo`] (with `ip` when waited for) |
 //! | `vsphere.delete` | `endpoint`, `id` | `{"id", "deleted": bool}` |
 //! | `vsphere.power` | `endpoint`, `id`, `action` ([`PowerAction`]) | [`VmInfo`] |
 //! | `vsphere.get` | `endpoint`, `id` | [`VmInfo`] |
 //! | `vsphere.inventory` | `endpoint` | [`Inventory`] |
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use pcg_provider::vm::{Inventory, VmInfo, VmProvider, VmSpec};
-use pcg_provider::{no_progress, PowerAction, ProviderError, Result};
-use serde::{Deserialize, Serialize};
+use pcg_provider::{no_progress, PowerAction, ProviderError, Result, Sessions};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
 
 use crate::{VsphereDriver, VsphereEndpoint};
 
+pub const ENROL: &str = "vsphere.enrol";
 pub const CREATE: &str = "vsphere.create";
 pub const DELETE: &str = "vsphere.delete";
 pub const POWER: &str = "vsphere.power";
@@ -33,13 +35,56 @@ pub const GET: &str = "vsphere.get";
 pub const INVENTORY: &str = "vsphere.inventory";
 
 /// Every command kind this module handles.
-pub const KINDS: [&str; 5] = [CREATE, DELETE, POWER, GET, INVENTORY];
+pub const KINDS: [&str; 6] = [ENROL, CREATE, DELETE, POWER, GET, INVENTORY];
+
+/// Which vCenter a command addresses: the `endpoint` of a payload.
+///
+/// A JSON string is the name of an endpoint enrolled with `vsphere.enrol`; a JSON object is an
+/// inline [`VsphereEndpoint`]. Nothing else is accepted, so the two cannot be confused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum EndpointRef {
+    /// The name given to `vsphere.enrol`.
+    Enrolled(String),
+    /// The endpoint itself, credentials included.
+    Inline(Box<VsphereEndpoint>),
+}
+
+impl<'de> Deserialize<'de> for EndpointRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match Value::deserialize(d)? {
+            Value::String(name) if !name.trim().is_empty() => Ok(Self::Enrolled(name)),
+            v @ Value::Object(_) => serde_json::from_value(v)
+                .map(|ep| Self::Inline(Box::new(ep)))
+                .map_err(|e| D::Error::custom(format!("endpoint: {e}"))),
+            _ => Err(D::Error::custom(
+                "endpoint must be the name of an enrolled vCenter (a string, see vsphere.enrol) or an object {\"url\", \"user\", \"password\", \"tls\"}",
+            )),
+        }
+    }
+}
+
+impl From<VsphereEndpoint> for EndpointRef {
+    fn from(ep: VsphereEndpoint) -> Self {
+        Self::Inline(Box::new(ep))
+    }
+}
+
+/// `vsphere.enrol`: log in to check the endpoint, then keep it under `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolCommand {
+    /// The name later commands give as their `endpoint`.
+    pub name: String,
+    pub endpoint: VsphereEndpoint,
+}
 
 /// `vsphere.create`: clone `spec.source` into a new VM marked with the command id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCommand {
-    pub endpoint: VsphereEndpoint,
+    pub endpoint: EndpointRef,
     pub spec: VmSpec,
     /// Also wait (this many milliseconds at most) for the guest to report an IP address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,7 +95,7 @@ pub struct CreateCommand {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmCommand {
-    pub endpoint: VsphereEndpoint,
+    pub endpoint: EndpointRef,
     pub id: String,
 }
 
@@ -58,7 +103,7 @@ pub struct VmCommand {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PowerCommand {
-    pub endpoint: VsphereEndpoint,
+    pub endpoint: EndpointRef,
     pub id: String,
     pub action: PowerAction,
 }
@@ -67,17 +112,34 @@ pub struct PowerCommand {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InventoryCommand {
-    pub endpoint: VsphereEndpoint,
+    pub endpoint: EndpointRef,
 }
 
 /// A parsed `vsphere.*` command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VsphereCommand {
+    Enrol(Box<EnrolCommand>),
     Create(Box<CreateCommand>),
     Delete(VmCommand),
     Power(PowerCommand),
     Get(VmCommand),
     Inventory(InventoryCommand),
+}
+
+fn valid_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProviderError::invalid(
+            "name",
+            format!("{name:?}: use 1 to 128 letters, digits, '-', '_' or '.'"),
+        ))
+    }
 }
 
 impl VsphereCommand {
@@ -87,6 +149,11 @@ impl VsphereCommand {
             serde_json::from_value(v).map_err(|e| ProviderError::invalid(kind, e.to_string()))
         }
         Ok(Some(match kind {
+            ENROL => {
+                let c: EnrolCommand = p(kind, payload)?;
+                valid_name(&c.name)?;
+                Self::Enrol(Box::new(c))
+            }
             CREATE => Self::Create(p(kind, payload)?),
             DELETE => Self::Delete(p(kind, payload)?),
             POWER => Self::Power(p(kind, payload)?),
@@ -96,12 +163,14 @@ impl VsphereCommand {
         }))
     }
 
-    pub fn endpoint(&self) -> &VsphereEndpoint {
+    /// The vCenter the command addresses (for `vsphere.enrol`, the endpoint being enrolled).
+    pub fn endpoint(&self) -> EndpointRef {
         match self {
-            Self::Create(c) => &c.endpoint,
-            Self::Delete(c) | Self::Get(c) => &c.endpoint,
-            Self::Power(c) => &c.endpoint,
-            Self::Inventory(c) => &c.endpoint,
+            Self::Enrol(c) => EndpointRef::Inline(Box::new(c.endpoint.clone())),
+            Self::Create(c) => c.endpoint.clone(),
+            Self::Delete(c) | Self::Get(c) => c.endpoint.clone(),
+            Self::Power(c) => c.endpoint.clone(),
+            Self::Inventory(c) => c.endpoint.clone(),
         }
     }
 }
@@ -109,12 +178,15 @@ impl VsphereCommand {
 /// Connected drivers by endpoint, user and password digest, so commands share sessions.
 #[derive(Default)]
 pub struct VsphereService {
-    drivers: Mutex<HashMap<String, VsphereDriver>>,
+    drivers: Sessions<VsphereDriver>,
 }
 
+/// The session key of an endpoint: URL, user and a digest of everything (password and TLS trust
+/// included), so changed credentials get a new session.
 fn key(ep: &VsphereEndpoint) -> String {
-    let digest =
-        Sha256::digest(serde_json::to_vec(ep).unwrap_or_else(|_| ep.url.as_bytes().to_vec()));
+    let digest = Sha256::digest(serde_json::to_vec(ep).unwrap_or_else(|_| {
+        format!("{}|{}|{}", ep.url, ep.user, ep.password.expose()).into_bytes()
+    }));
     format!("{}|{}|{}", ep.url, ep.user, hex::encode(digest))
 }
 
@@ -123,24 +195,47 @@ impl VsphereService {
         Self::default()
     }
 
-    /// The driver for `ep`, connecting (and so checking the credentials) the first time.
+    /// The driver for `ep`, connecting (and so checking the credentials) the first time. A
+    /// login to one vCenter never waits for another; commands for the same endpoint that arrive
+    /// during its login share that login.
     pub async fn driver(&self, ep: &VsphereEndpoint) -> Result<VsphereDriver> {
-        let k = key(ep);
-        let mut m = self.drivers.lock().await;
-        if let Some(d) = m.get(&k) {
-            return Ok(d.clone());
-        }
-        let d = VsphereDriver::connect(ep).await?;
-        m.insert(k, d.clone());
-        Ok(d)
+        let ep2 = ep.clone();
+        self.drivers
+            .get_or_connect(&key(ep), move || async move {
+                VsphereDriver::connect(&ep2).await
+            })
+            .await
     }
 
-    /// Parses and executes one command; `command_id` marks what `vsphere.create` makes.
+    /// Drops the session kept for `ep` (e.g. its enrolment was replaced): commands still using
+    /// it finish, then it is logged out.
+    pub fn forget(&self, ep: &VsphereEndpoint) {
+        self.drivers.remove(&key(ep));
+    }
+
+    /// How many sessions are kept or being opened.
+    pub fn sessions(&self) -> usize {
+        self.drivers.len()
+    }
+
+    /// Parses and executes one command with an inline endpoint (names of enrolled endpoints are
+    /// the gateway's to resolve); `command_id` marks what `vsphere.create` makes.
     pub async fn handle(&self, kind: &str, command_id: &str, payload: Value) -> Result<Value> {
         let cmd = VsphereCommand::parse_value(kind, payload)?.ok_or_else(|| {
             ProviderError::invalid("kind", format!("{kind} is not a vsphere command"))
         })?;
-        let driver = self.driver(cmd.endpoint()).await?;
+        let ep = match cmd.endpoint() {
+            EndpointRef::Inline(ep) => *ep,
+            EndpointRef::Enrolled(name) => {
+                return Err(ProviderError::invalid(
+                    "endpoint",
+                    format!(
+                    "{name:?} names an enrolled vCenter; only the gateway resolves enrolled names"
+                ),
+                ))
+            }
+        };
+        let driver = self.driver(&ep).await?;
         execute(&driver, command_id, &cmd).await
     }
 }
@@ -151,11 +246,22 @@ fn to_value<T: Serialize>(v: &T) -> Value {
 
 /// Executes a parsed command against a driver.
 pub async fn execute(
-    driver: &dyn VmProvider,
+    vsphere: &VsphereDriver,
     command_id: &str,
     cmd: &VsphereCommand,
 ) -> Result<Value> {
+    let driver: &dyn VmProvider = vsphere;
     match cmd {
+        VsphereCommand::Enrol(c) => {
+            let sc = vsphere.client().service_content();
+            Ok(json!({
+                "name": c.name,
+                "url": vsphere.client().endpoint(),
+                "user": c.endpoint.user,
+                "vcenter": sc.full_name,
+                "api_version": sc.api_version,
+            }))
+        }
         VsphereCommand::Create(c) => {
             let mut vm: VmInfo = driver.create(command_id, &c.spec, &no_progress).await?;
             if let Some(ms) = c.wait_ip_ms {
@@ -202,5 +308,37 @@ mod tests {
             .is_none());
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("\"p\""), "{dbg}");
+    }
+
+    #[test]
+    fn endpoint_is_a_name_or_an_inline_object_and_nothing_else() {
+        let c = VsphereCommand::parse_value(GET, json!({"endpoint": "lab-vc", "id": "vm-1"}))
+            .expect("parses")
+            .expect("ours");
+        assert_eq!(c.endpoint(), EndpointRef::Enrolled("lab-vc".into()));
+        for bad in [json!(""), json!(7), json!(["a"]), json!(null)] {
+            let e = VsphereCommand::parse_value(GET, json!({"endpoint": bad, "id": "vm-1"}))
+                .expect_err("refused");
+            assert!(e.to_string().contains("vsphere.enrol"), "{e}");
+        }
+        // An inline endpoint's own errors are reported as such.
+        let e = VsphereCommand::parse_value(
+            GET,
+            json!({"endpoint": {"url": "https://vc", "user": "u"}, "id": "vm-1"}),
+        )
+        .expect_err("no password");
+        assert!(e.to_string().contains("password"), "{e}");
+        // Enrolment takes an inline endpoint and a plain name.
+        let ep = json!({"url": "https://vc.example", "user": "u", "password": "p"});
+        assert!(
+            VsphereCommand::parse_value(ENROL, json!({"name": "lab-vc", "endpoint": ep})).is_ok()
+        );
+        assert!(
+            VsphereCommand::parse_value(ENROL, json!({"name": "lab-vc", "endpoint": "other"}))
+                .is_err()
+        );
+        assert!(
+            VsphereCommand::parse_value(ENROL, json!({"name": "a b/c", "endpoint": ep})).is_err()
+        );
     }
 }

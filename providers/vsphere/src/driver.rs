@@ -304,6 +304,7 @@ impl VsphereDriver {
             }
             if start.elapsed() > TASK_TIMEOUT {
                 return Err(ProviderError::Timeout {
+                    component: pcg_provider::Component::Vcenter,
                     endpoint: self.url(),
                     operation: format!("{what} ({task})"),
                     after: TASK_TIMEOUT,
@@ -809,6 +810,7 @@ impl VmProvider for VsphereDriver {
             }
             if start.elapsed() >= bound {
                 return Err(ProviderError::Timeout {
+                    component: pcg_provider::Component::Vcenter,
                     endpoint: self.url(),
                     operation: format!("waiting for the guest IP of {id} (are VMware Tools or open-vm-tools running?)"),
                     after: bound,

@@ -110,12 +110,14 @@ impl Fault {
         match self.kind() {
             FaultKind::InvalidLogin | FaultKind::NotAuthenticated | FaultKind::NoPermission => {
                 ProviderError::Auth {
+                    component: pcg_provider::Component::Vcenter,
                     endpoint,
                     user: user.to_owned(),
                     detail: self.describe(op),
                 }
             }
             FaultKind::ManagedObjectNotFound => ProviderError::NotFound {
+                component: pcg_provider::Component::Vcenter,
                 endpoint,
                 what: self.describe(op),
             },

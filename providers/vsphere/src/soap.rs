@@ -17,6 +17,28 @@ use crate::VsphereEndpoint;
 
 /// Default bound on one SOAP request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on connecting (TCP and TLS handshake) to vCenter, when the request bound is larger: a
+/// vCenter that does not accept connections is reported sooner than one that is slow to answer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The bounds one request runs under; a timeout reports the one that fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// The whole request, connection included.
+    pub request: Duration,
+    /// Connecting: TCP connect and TLS handshake (never more than `request`).
+    pub connect: Duration,
+}
+
+impl Bounds {
+    /// The bounds for a request bound of `request`.
+    pub fn new(request: Duration) -> Self {
+        Self {
+            request,
+            connect: request.min(CONNECT_TIMEOUT),
+        }
+    }
+}
 /// Default interval of the keep-alive of an idle session (vCenter drops idle sessions after 30
 /// minutes by default).
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10 * 60);
@@ -134,7 +156,7 @@ struct Inner {
     user: String,
     password: Secret,
     http: reqwest::Client,
-    timeout: Duration,
+    bounds: Bounds,
     sc: ServiceContent,
     session: Mutex<Session>,
     /// When a request last succeeded (the keep-alive skips busy sessions).
@@ -180,13 +202,14 @@ impl Client {
     /// here with `Auth` naming the endpoint and the user.
     pub async fn connect(ep: &VsphereEndpoint) -> Result<Self> {
         let url = sdk_url(&ep.url)?;
-        let timeout = ep
-            .timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(DEFAULT_TIMEOUT);
+        let bounds = Bounds::new(
+            ep.timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_TIMEOUT),
+        );
         let mut builder = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(15)))
+            .timeout(bounds.request)
+            .connect_timeout(bounds.connect)
             .redirect(reqwest::redirect::Policy::none())
             .tls_built_in_root_certs(false)
             .pool_max_idle_per_host(16);
@@ -207,7 +230,7 @@ impl Client {
             "<RetrieveServiceContent>{}</RetrieveServiceContent>",
             MoRef::new("ServiceInstance", "ServiceInstance").xml("_this")
         );
-        let resp = post(&http, &url, timeout, &body, None)
+        let resp = post(&http, &url, bounds, &body, None)
             .await
             .map_err(|e| e.into_error(&url, &ep.user, "RetrieveServiceContent"))?;
         let sc = resp
@@ -224,7 +247,7 @@ impl Client {
                 user: ep.user.clone(),
                 password: ep.password.clone(),
                 http,
-                timeout,
+                bounds,
                 sc,
                 session: Mutex::new(Session::default()),
                 last_used: StdMutex::new(Instant::now()),
@@ -282,7 +305,7 @@ impl Client {
         let resp = post(
             &self.inner.http,
             &self.inner.url,
-            self.inner.timeout,
+            self.inner.bounds,
             &body,
             None,
         )
@@ -318,7 +341,7 @@ impl Client {
         match post(
             &self.inner.http,
             &self.inner.url,
-            self.inner.timeout,
+            self.inner.bounds,
             &body,
             Some(&cookie),
         )
@@ -349,7 +372,7 @@ impl Client {
             let result = post(
                 &self.inner.http,
                 &self.inner.url,
-                self.inner.timeout,
+                self.inner.bounds,
                 body,
                 Some(&cookie),
             )
@@ -374,6 +397,7 @@ impl Client {
             }
         }
         Err(ProviderError::Auth {
+            component: pcg_provider::Component::Vcenter,
             endpoint: self.inner.url.clone(),
             user: self.inner.user.clone(),
             detail: format!("{op}: not authenticated even after logging in again"),
@@ -400,8 +424,21 @@ impl Client {
             paths.iter().map(|p| elem("pathSet", p)).collect::<String>(),
             obj.xml("obj"),
         );
-        let mut all = self.retrieve(&spec).await?;
+        // A fault for a missing object names the object.
+        let mut all = self.retrieve(&spec).await.map_err(|e| match e {
+            ProviderError::NotFound {
+                component,
+                endpoint,
+                what,
+            } => ProviderError::NotFound {
+                component,
+                endpoint,
+                what: format!("{obj} ({what})"),
+            },
+            e => e,
+        })?;
         all.pop().ok_or_else(|| ProviderError::NotFound {
+            component: pcg_provider::Component::Vcenter,
             endpoint: self.inner.url.clone(),
             what: format!("{obj}"),
         })
@@ -520,10 +557,10 @@ impl Drop for Inner {
         };
         let http = self.http.clone();
         let url = self.url.clone();
-        let timeout = self.timeout;
+        let bounds = self.bounds;
         let body = format!("<Logout>{}</Logout>", self.sc.session_manager.xml("_this"));
         handle.spawn(async move {
-            let _ = post(&http, &url, timeout, &body, Some(&cookie)).await;
+            let _ = post(&http, &url, bounds, &body, Some(&cookie)).await;
         });
     }
 }
@@ -565,7 +602,12 @@ struct Response {
 pub(crate) enum CallError {
     Fault(Fault),
     Transport(reqwest::Error),
-    Timeout(Duration),
+    /// A bound fired: `connecting` when no connection (TCP + TLS) was established within the
+    /// connect bound, else the request bound.
+    Timeout {
+        after: Duration,
+        connecting: bool,
+    },
     Http(u16, String),
     Malformed(String),
 }
@@ -574,12 +616,18 @@ impl CallError {
     fn into_error(self, url: &str, user: &str, op: &str) -> ProviderError {
         match self {
             Self::Fault(f) => f.into_error(url, user, op),
-            Self::Timeout(after) => ProviderError::Timeout {
+            Self::Timeout { after, connecting } => ProviderError::Timeout {
+                component: pcg_provider::Component::Vcenter,
                 endpoint: url.to_owned(),
-                operation: op.to_owned(),
+                operation: if connecting {
+                    format!("{op} (no TCP/TLS connection established)")
+                } else {
+                    op.to_owned()
+                },
                 after,
             },
             Self::Transport(e) => ProviderError::Unreachable {
+                component: pcg_provider::Component::Vcenter,
                 endpoint: url.to_owned(),
                 reason: error_chain(&e),
             },
@@ -635,7 +683,7 @@ pub enum ParsedError {
 async fn post(
     http: &reqwest::Client,
     url: &str,
-    timeout: Duration,
+    bounds: Bounds,
     body: &str,
     cookie: Option<&str>,
 ) -> std::result::Result<Response, CallError> {
@@ -649,7 +697,16 @@ async fn post(
     }
     let resp = req.send().await.map_err(|e| {
         if e.is_timeout() {
-            CallError::Timeout(timeout)
+            // reqwest tells which bound fired only through is_connect(): a timeout while
+            // connecting is the connect bound, any other the request bound.
+            CallError::Timeout {
+                after: if e.is_connect() {
+                    bounds.connect
+                } else {
+                    bounds.request
+                },
+                connecting: e.is_connect(),
+            }
         } else {
             CallError::Transport(e)
         }
@@ -665,7 +722,10 @@ async fn post(
         .map(str::to_owned);
     let text = resp.text().await.map_err(|e| {
         if e.is_timeout() {
-            CallError::Timeout(timeout)
+            CallError::Timeout {
+                after: bounds.request,
+                connecting: false,
+            }
         } else {
             CallError::Transport(e)
         }

@@ -50,6 +50,8 @@ async fn refused_connection_is_unreachable() {
     let e = VsphereDriver::connect(&ep(&url)).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unreachable, "{e}");
     assert!(e.to_string().contains(&url), "{e}");
+    assert!(e.to_string().contains("vCenter"), "{e}");
+    assert!(!e.to_string().contains("BMC"), "{e}");
 }
 
 #[tokio::test]
@@ -59,6 +61,9 @@ async fn silent_server_is_a_timeout_within_the_bound() {
     let e = VsphereDriver::connect(&ep(&url)).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // The server accepted and read the request: the request bound fired, and is the one stated.
+    assert!(e.to_string().contains("within 500ms"), "{e}");
+    assert!(!e.to_string().contains("BMC"), "{e}");
 }
 
 #[tokio::test]

@@ -59,6 +59,9 @@ async fn login_with_pinned_or_ca_trust_and_wrong_pin_refused() {
     let e = VsphereDriver::connect(&wrong).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unreachable, "{e}");
     assert!(e.to_string().contains("pinned"), "{e}");
+    // vCenter's hint: its certificate's thumbprint, not a BMC.
+    assert!(e.to_string().contains("thumbprint"), "{e}");
+    assert!(!e.to_string().contains("BMC"), "{e}");
 
     let mut none = sim.endpoint();
     none.tls = None;
@@ -77,6 +80,9 @@ async fn wrong_password_is_an_auth_error_naming_endpoint_and_user() {
     assert!(s.contains(&sim.url) && s.contains("\"user\""), "{s}");
     assert!(s.contains("InvalidLogin"), "{s}");
     assert!(!s.contains("not-the-password"), "{s}");
+    // The hint is vCenter's own: the user's role in vCenter, never a BMC.
+    assert!(s.contains("vCenter") && s.contains("role"), "{s}");
+    assert!(!s.contains("BMC"), "{s}");
 }
 
 #[tokio::test]
@@ -85,6 +91,9 @@ async fn faults_are_typed() {
     let d = VsphereDriver::connect(&sim.endpoint()).await.unwrap();
     let e = d.get("vm-999999").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let s = e.to_string();
+    assert!(s.contains("vCenter") && s.contains("vm-999999"), "{s}");
+    assert!(!s.contains("BMC"), "{s}");
 
     // Powering off a VM that is off: InvalidPowerState from the task.
     let vm = d

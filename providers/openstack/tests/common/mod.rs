@@ -160,3 +160,55 @@ pub fn unique(prefix: &str) -> String {
             .subsec_micros()
     )
 }
+
+/// A Keystone that does not answer: a TCP listener on 127.0.0.1 that accepts connections and
+/// never sends a byte, counting what it accepted.
+pub struct Blackhole {
+    pub url: String,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    pub async fn start() -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        Self {
+            url,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits (up to a minute) until it accepted `n` connections.
+    pub async fn wait_accepted(&self, n: usize) {
+        let start = std::time::Instant::now();
+        while self.accepted() < n {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "the blackhole accepted {} connections, expected {n}",
+                self.accepted()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

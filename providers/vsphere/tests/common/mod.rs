@@ -166,3 +166,66 @@ impl Drop for Vcsim {
         let _ = self.child.wait();
     }
 }
+
+/// A vCenter that does not answer: a TCP listener on 127.0.0.1 that accepts connections and
+/// never sends a byte (a TLS handshake to it never completes), counting what it accepted.
+pub struct Blackhole {
+    pub url: String,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    pub async fn start() -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("https://{}", l.local_addr().expect("local addr"));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        Self {
+            url,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// An endpoint for it (any pin: no certificate ever arrives) with the given request bound.
+    pub fn endpoint(&self, timeout_ms: u64) -> VsphereEndpoint {
+        let mut ep = VsphereEndpoint::new(&self.url, USER, PASSWORD);
+        ep.tls = Some(TlsTrust::PinSha256("ab".repeat(32)));
+        ep.timeout_ms = Some(timeout_ms);
+        ep
+    }
+
+    /// Waits (up to a minute) until it accepted `n` connections.
+    pub async fn wait_accepted(&self, n: usize) {
+        let start = std::time::Instant::now();
+        while self.accepted() < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the blackhole accepted {} connections, expected {n}",
+                self.accepted()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
