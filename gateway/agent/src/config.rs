@@ -40,6 +40,9 @@ pub struct Config {
     pub transport: TransportMode,
     /// In WebSocket fallback, how often the direct path is tried again, seconds.
     pub direct_retry_secs: u64,
+    /// Plain-HTTP `GET /metrics` (Prometheus) on this address; unset (the default): no metrics
+    /// endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Which transports the tunnel may use.
@@ -66,6 +69,7 @@ impl Default for Config {
             proxy_ca: None,
             transport: TransportMode::Auto,
             direct_retry_secs: 600,
+            metrics_listen: None,
         }
     }
 }

@@ -386,6 +386,15 @@ pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
             }
         }
         gw.unmark_running(&entry.id);
+        gw.metrics.command(
+            &entry.kind,
+            if result.ok {
+                "succeeded"
+            } else {
+                result.error_class.as_str()
+            },
+            (result.finished_ms - result.started_ms).max(0) as f64 / 1000.0,
+        );
         send_result(&gw, &entry.id, &result);
     });
 }

@@ -9,6 +9,7 @@
 //! - [`store`]: sled: identity (private key sealed), journal, outbox.
 //! - [`admin`]: the owner-only Unix socket pcgctl talks to.
 //! - [`endpoints`]: vCenters and OpenStack clouds enrolled by name.
+//! - [`metrics`]: Prometheus metrics on `metrics_listen` (off by default).
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves.
@@ -18,6 +19,7 @@ pub mod baremetal;
 pub mod config;
 pub mod endpoints;
 pub mod executor;
+pub mod metrics;
 pub mod openstack;
 pub mod pairing;
 pub mod status;
@@ -54,6 +56,8 @@ pub struct Gateway {
     pub pairing: tokio::sync::Mutex<()>,
     /// Enrolled BMCs and their drivers.
     pub bare_metal: std::sync::Arc<pcg_provider::command::BareMetalService>,
+    /// Prometheus metrics.
+    pub metrics: metrics::Metrics,
     /// Set when a result could not be queued on the tunnel; the outbox is sent again.
     pub(crate) outbox_dirty: std::sync::atomic::AtomicBool,
     started: Instant,
@@ -73,6 +77,7 @@ impl Gateway {
             pairing: tokio::sync::Mutex::new(()),
             bare_metal: baremetal::service(),
             outbox_dirty: std::sync::atomic::AtomicBool::new(false),
+            metrics: metrics::Metrics::default(),
             started: Instant::now(),
             tunnel: Mutex::new(TunnelStatus::default()),
             outbound: Mutex::new(None),
@@ -118,7 +123,23 @@ impl Gateway {
     }
 
     pub(crate) fn set_tunnel(&self, f: impl FnOnce(&mut TunnelStatus)) {
-        f(&mut self.tunnel.lock().expect("status lock is never poisoned"));
+        let mut t = self.tunnel.lock().expect("status lock is never poisoned");
+        f(&mut t);
+        self.metrics.state(t.state);
+        self.metrics.tunnel_websocket.set(i64::from(
+            t.transport == Some(transport::Transport::Websocket),
+        ));
+    }
+
+    /// The metrics in the OpenMetrics text format (journal and outbox read now).
+    pub fn render_metrics(&self) -> String {
+        self.metrics
+            .journal_entries
+            .set(self.store.journal_len() as i64);
+        self.metrics
+            .outbox_depth
+            .set(self.store.outbox_depth() as i64);
+        pcg_obs::encode(&self.metrics.registry)
     }
 
     pub(crate) fn outbound(&self) -> Option<mpsc::Sender<GatewayFrame>> {
@@ -187,6 +208,19 @@ pub async fn run(
     }
     let socket = gw.cfg.admin_socket_path();
     let admin = tokio::spawn(admin::serve(gw.clone(), socket.clone()));
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = gw.cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (metrics_listen): {e}"))?;
+        let (gw2, stop) = (gw.clone(), metrics_stop.clone());
+        tokio::spawn(async move {
+            pcg_obs::serve_metrics(l, Arc::new(move || gw2.render_metrics()), async move {
+                stop.cancelled().await
+            })
+            .await;
+        });
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let tunnel = tokio::spawn(tunnel::run(gw.clone(), stop_rx));
     let retention_ms =
@@ -217,6 +251,7 @@ pub async fn run(
     }
     let _ = stop_tx.send(true);
     let _ = tunnel.await;
+    metrics_stop.cancel();
     pruner.abort();
     gw.store.flush().await?;
     let _ = std::fs::remove_file(&socket);

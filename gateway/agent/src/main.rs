@@ -18,20 +18,24 @@ enum Cmd {
         /// TOML config file (optional).
         #[arg(long, short, env = "PCG_GATEWAY_CONFIG")]
         config: Option<PathBuf>,
+        /// Log level: error, warn, info, debug or trace (PCG_LOG, a filter, wins).
+        #[arg(long, value_name = "LEVEL")]
+        log_level: Option<String>,
+        /// Log format on stderr: text or json (one object per line).
+        #[arg(long, value_name = "FORMAT", default_value = "text")]
+        log_format: pcg_obs::LogFormat,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     // Everything the daemon writes (store, keys, admin socket) is for its own user only.
     pcg_gateway::owner_only_umask();
-    let Cmd::Run { config } = Cli::parse().cmd;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PCG_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let Cmd::Run {
+        config,
+        log_level,
+        log_format,
+    } = Cli::parse().cmd;
+    pcg_obs::init_logging(log_level.as_deref(), log_format).map_err(anyhow::Error::msg)?;
     let cfg = pcg_gateway::Config::load(config.as_deref())?;
     let registry = pcg_gateway::executor::Registry::standard(cfg.ledger_path.clone());
     let rt = tokio::runtime::Runtime::new()?;

@@ -51,6 +51,23 @@ enum End {
     Shutdown,
 }
 
+impl End {
+    /// A short category for the reconnect metric.
+    fn category(&self) -> &'static str {
+        match self {
+            End::Retry(why, Some(_)) if why.contains("broker closed") => "goodbye",
+            End::Retry(why, _) if why.contains("silent") => "silent",
+            End::Retry(why, _) if why.contains("broker closed") => "goodbye",
+            End::Retry(..) => "broken",
+            End::Dial(e) => e.hop(),
+            End::Refused(_) => "refused",
+            End::IdentityChanged => "identity_changed",
+            End::DirectIsBack => "direct_is_back",
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
 fn retry(why: impl Into<String>) -> End {
     End::Retry(why.into(), None)
 }
@@ -178,6 +195,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
                 t.down_since_ms = Some(ended);
             }
         });
+        gw.metrics.reconnect(end.category());
         let (why, pause) = match end {
             End::Shutdown => break,
             End::IdentityChanged => {
@@ -459,6 +477,9 @@ async fn session(
                                     t.rtt_ms = u64::try_from(now - h.echo_sent_unix_ms).ok();
                                 }
                             });
+                            if h.echo_seq != 0 {
+                                gw.metrics.heartbeat_rtt_seconds.set((now - h.echo_sent_unix_ms).max(0) as f64 / 1000.0);
+                            }
                         }
                         Some(BKind::Goodbye(g)) => {
                             return if g.permanent {

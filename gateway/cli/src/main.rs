@@ -14,7 +14,12 @@ use pcg_gateway::status::{Status, TunnelState, TunnelStatus};
 #[command(
     name = "pcgctl",
     version,
-    about = "Operate a pcg gateway: pair it, see its status"
+    about = "Operate a pcg gateway: pair it, see its status, set its proxy",
+    after_help = "Examples:
+  pcgctl pair pcg1_eyJ1Ijoi...        pair with a token from your SaaS tenant
+  pcgctl status                        is it connected? (exit status says so too)
+  pcgctl --config /etc/pcg/gateway.toml status --json
+  pcgctl completions bash > /etc/bash_completion.d/pcgctl"
 )]
 struct Cli {
     /// The gateway's TOML config file (for its data directory and admin socket).
@@ -27,6 +32,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Pair this gateway with a SaaS tenant using a one-time token (`-` reads it from stdin).
+    #[command(after_help = "Examples:
+  pcgctl pair pcg1_eyJ1Ijoi...         the token your tenant admin created
+  pcgctl pair - < token.txt            keeps the token out of the shell's history
+  pcgctl pair --force pcg1_...         replace this gateway's identity (a new gateway)")]
     Pair {
         token: String,
         /// Replace an existing identity.
@@ -34,14 +43,33 @@ enum Cmd {
         force: bool,
     },
     /// Show pairing, tunnel, certificate, journal and outbox.
+    ///
+    /// Exit status: 0 connected; 2 not paired; 3 paired but the tunnel is down (or the daemon is
+    /// not running); 4 revoked (pair again); 1 pcgctl itself failed.
+    #[command(after_help = "Examples:
+  pcgctl status
+  pcgctl status --json | jq .tunnel
+  pcgctl status >/dev/null || echo \"not connected: $?\"")]
     Status {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// The HTTP proxy the gateway reaches the SaaS through.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  pcgctl proxy set http://proxy.corp:3128
+  echo 'http://gw:S3cret@proxy.corp:3128' | pcgctl proxy set -
+  pcgctl proxy show
+  pcgctl proxy clear"
+    )]
     Proxy(ProxyCmd),
+    /// Print a shell completion script for pcgctl (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Examples:
+  pcgctl completions bash > /etc/bash_completion.d/pcgctl
+  pcgctl completions zsh > \"${fpath[1]}/_pcgctl\"")]
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand)]
@@ -79,7 +107,7 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -87,7 +115,28 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Exit status of `pcgctl status` by state.
+fn status_code(s: &Status) -> ExitCode {
+    match (s.paired, s.tunnel.state) {
+        (false, _) => ExitCode::from(2),
+        (true, TunnelState::Connected) => ExitCode::SUCCESS,
+        (true, TunnelState::Revoked) => ExitCode::from(4),
+        (true, _) => ExitCode::from(3),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Cmd::Completions { shell } = cli.cmd {
+        let mut buf = Vec::new();
+        clap_complete::generate(
+            shell,
+            &mut <Cli as clap::CommandFactory>::command(),
+            "pcgctl",
+            &mut buf,
+        );
+        out(&String::from_utf8_lossy(&buf))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let cfg = pcg_gateway::Config::load(cli.config.as_deref())?;
     let socket = cfg.admin_socket_path();
     match cli.cmd {
@@ -128,9 +177,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 paired.broker_endpoints.join(", "),
                 pcg_gateway::status::rfc3339(paired.certificate_not_after_ms)
             ))?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Cmd::Proxy(cmd) => proxy(&cfg, &socket, cmd).await,
+        Cmd::Proxy(cmd) => proxy(&cfg, &socket, cmd).await.map(|()| ExitCode::SUCCESS),
+        Cmd::Completions { .. } => unreachable!("handled above"),
         Cmd::Status { json } => {
             let status = match admin::request(&socket, &AdminRequest::Status).await {
                 Ok(resp) if resp.ok => resp
@@ -145,7 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 out(&status.render())?;
             }
-            Ok(())
+            Ok(status_code(&status))
         }
     }
 }

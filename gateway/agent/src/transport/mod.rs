@@ -202,6 +202,24 @@ pub enum DialError {
 }
 
 impl DialError {
+    /// The hop that failed, as a short label (`dial_dns`, `dial_proxy`, `dial_tls`, ...).
+    pub fn hop(&self) -> &'static str {
+        match self {
+            DialError::BadUrl { .. } => "dial_url",
+            DialError::Dns { .. } => "dial_dns",
+            DialError::Unreachable { .. } => "dial_tcp",
+            DialError::ProxyUnreachable { .. }
+            | DialError::ProxyAuth { .. }
+            | DialError::ProxyRefused { .. } => "dial_proxy",
+            DialError::Intercepted { .. } | DialError::OuterUntrusted { .. } => "dial_intercepted",
+            DialError::NoH2 { .. } => "dial_no_h2",
+            DialError::HandshakeCut { .. }
+            | DialError::HandshakeTimeout { .. }
+            | DialError::Tls { .. } => "dial_tls",
+            DialError::WebSocketRefused { .. } | DialError::WebSocket { .. } => "dial_websocket",
+        }
+    }
+
     /// Whether the path to the SaaS itself is broken for the direct transport in a way the
     /// WebSocket transport may get around (TLS interception, HTTP/2 refused, handshakes cut or
     /// stalled by a middlebox).
