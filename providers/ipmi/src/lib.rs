@@ -39,6 +39,7 @@ pub struct IpmiDriver {
     addr: SocketAddr,
     ep: BmcEndpoint,
     protocol: LanProtocol,
+    idle_limit: Duration,
     session: Mutex<Option<Session>>,
     caps: std::sync::Mutex<Option<Capabilities>>,
 }
@@ -120,6 +121,7 @@ impl IpmiDriver {
             addr,
             ep: ep.clone(),
             protocol: LanProtocol::Auto,
+            idle_limit: session::IDLE_REOPEN,
             session: Mutex::new(None),
             caps: std::sync::Mutex::new(None),
         })
@@ -129,6 +131,13 @@ impl IpmiDriver {
     /// is broken).
     pub fn with_protocol(mut self, protocol: LanProtocol) -> Self {
         self.protocol = protocol;
+        self
+    }
+
+    /// Replaces a session that was idle for `limit` before its next use, instead of the
+    /// default 30 s (for BMCs that expire idle sessions sooner).
+    pub fn with_idle_limit(mut self, limit: Duration) -> Self {
+        self.idle_limit = limit;
         self
     }
 
@@ -152,7 +161,7 @@ impl IpmiDriver {
             .lock()
             .await
             .as_ref()
-            .map(|s| s.stats)
+            .map(Session::stats)
             .unwrap_or_default()
     }
 
@@ -161,17 +170,17 @@ impl IpmiDriver {
         let mut guard = self.session.lock().await;
         if guard.is_none() {
             let bound = self.ep.timeout_or(DEFAULT_TIMEOUT);
-            *guard = Some(
-                Session::new(
-                    self.addr,
-                    &self.endpoint,
-                    &self.ep.user,
-                    self.ep.password.clone(),
-                    bound,
-                    self.protocol,
-                )
-                .await?,
-            );
+            let mut s = Session::new(
+                self.addr,
+                &self.endpoint,
+                &self.ep.user,
+                self.ep.password.clone(),
+                bound,
+                self.protocol,
+            )
+            .await?;
+            s.set_idle_limit(self.idle_limit);
+            *guard = Some(s);
         }
         let Some(session) = guard.as_mut() else {
             return Err(ProviderError::ProviderFault {
@@ -193,11 +202,8 @@ impl IpmiDriver {
                 user: self.ep.user.clone(),
                 detail,
             },
-            0xc0 => ProviderError::NoSessionSlots {
-                endpoint: self.endpoint.clone(),
-                user: self.ep.user.clone(),
-                detail,
-            },
+            // "Node busy" is not about sessions: only the BMC's own word on session slots
+            // (RMCP+ status 0x01, Activate Session's 0x81) becomes NoSessionSlots.
             0xc1 => ProviderError::Unsupported {
                 endpoint: self.endpoint.clone(),
                 what: detail,
