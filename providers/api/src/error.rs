@@ -16,6 +16,11 @@ pub enum ProviderError {
     #[error("cannot reach {endpoint}: {reason}; check the address, port, routing/firewall from the gateway and, for HTTPS, the trusted CA or pinned certificate")]
     Unreachable { endpoint: String, reason: String },
 
+    /// The endpoint answered, but its TLS certificate is not trusted by the configured trust
+    /// (CA bundle or pin): a configuration matter, not a network one.
+    #[error("{endpoint}: TLS certificate not trusted: {detail}; give the CA that signed it (or the server's own self-signed certificate) as tls.ca_pem, or pin it with tls.pin_sha256")]
+    TlsTrust { endpoint: String, detail: String },
+
     /// The endpoint did not answer within the configured bound.
     #[error("{endpoint} did not answer {operation} within {after:?}; check that the BMC is up and reachable over the network, or raise the timeout")]
     Timeout {
@@ -70,6 +75,7 @@ pub enum ProviderError {
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     Unreachable,
+    TlsTrust,
     Timeout,
     Auth,
     NotFound,
@@ -86,6 +92,7 @@ impl ProviderError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Unreachable { .. } => ErrorKind::Unreachable,
+            Self::TlsTrust { .. } => ErrorKind::TlsTrust,
             Self::Timeout { .. } => ErrorKind::Timeout,
             Self::Auth { .. } => ErrorKind::Auth,
             Self::NotFound { .. } => ErrorKind::NotFound,

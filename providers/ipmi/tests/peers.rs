@@ -469,6 +469,66 @@ async fn baremetal_commands_through_the_service(bmc: impl LabBmc) {
         (Some("off"), Some("none")),
         "{out}"
     );
+
+    // Power answers the state after the change (and the one before); `status` only reads.
+    let out = svc
+        .handle(
+            command::POWER,
+            serde_json::json!({"bmc": "rack1", "action": "on"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (out["state"].as_str(), out["previous"].as_str()),
+        (Some("on"), Some("off")),
+        "{out}"
+    );
+    let changes = bmc.power_changes();
+    let out = svc
+        .handle(
+            command::POWER,
+            serde_json::json!({"bmc": "rack1", "action": "status"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["state"], "on", "{out}");
+
+    // The boot override alone, without a power change, read back by ipmitool. Neither ipmi_sim
+    // nor VirtualBMC keeps persistence or the EFI flag: the result says what the BMC kept.
+    for (device, text) in [
+        ("disk", "Force Boot from default Hard-Drive"),
+        ("bios_setup", "Force Boot into BIOS Setup"),
+        ("cd", "Force Boot from CD/DVD"),
+        ("pxe", "Force PXE"),
+    ] {
+        let out = svc
+            .handle(
+                command::BOOT,
+                serde_json::json!({"bmc": "rack1", "device": device,
+                    "persistence": "continuous", "mode": "uefi"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["boot"]["device"], device, "{out}");
+        assert_eq!(out["power"], "on", "{out}");
+        let seen = bmc.ipmitool(&["chassis", "bootparam", "get", "5"]);
+        assert!(seen.contains(text), "set {device}, ipmitool reads:\n{seen}");
+    }
+    assert_eq!(
+        bmc.power_changes(),
+        changes,
+        "boot overrides and status changed the power:\n{}",
+        bmc.actions()
+    );
+    // IPMI has no virtual media: refused, naming the BMC.
+    let e = svc
+        .handle(
+            command::INSERT_MEDIA,
+            serde_json::json!({"bmc": "rack1", "image_url": "http://127.0.0.1:1/boot.iso"}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), pcg_provider::ErrorKind::Unsupported, "{e}");
     svc.driver("rack1").unwrap().close().await.unwrap();
 }
 
