@@ -1,5 +1,5 @@
-//! pcg-ipmi: the bare-metal driver for IPMI BMCs over LAN (v2.0 RMCP+ with cipher suite 3; v1.5
-//! MD5 only where a BMC offers nothing else).
+//! pcg-ipmi: the bare-metal driver for IPMI BMCs over LAN (v2.0 RMCP+ with cipher suite 17 or 3;
+//! v1.5 MD5 only where a BMC offers nothing else).
 //!
 //! [`IpmiDriver`] implements [`pcg_provider::BareMetal`] on a session layer of our own
 //! ([`session::Session`]: tokio UDP, retransmission, session reuse, Close Session on every path)
@@ -20,6 +20,7 @@ use pcg_provider::{
 use serde_json::json;
 use tokio::sync::Mutex;
 
+pub use packet::CipherSuite;
 pub use session::{LanProtocol, Stats};
 use session::{Reply, Session};
 
@@ -40,6 +41,7 @@ pub struct IpmiDriver {
     ep: BmcEndpoint,
     protocol: LanProtocol,
     idle_limit: Duration,
+    cipher_suite: Option<CipherSuite>,
     session: Mutex<Option<Session>>,
     caps: std::sync::Mutex<Option<Capabilities>>,
 }
@@ -122,6 +124,7 @@ impl IpmiDriver {
             ep: ep.clone(),
             protocol: LanProtocol::Auto,
             idle_limit: session::IDLE_REOPEN,
+            cipher_suite: None,
             session: Mutex::new(None),
             caps: std::sync::Mutex::new(None),
         })
@@ -139,6 +142,22 @@ impl IpmiDriver {
     pub fn with_idle_limit(mut self, limit: Duration) -> Self {
         self.idle_limit = limit;
         self
+    }
+
+    /// Uses only RMCP+ cipher suite `suite`, instead of suite 17 with a fallback to 3 for BMCs
+    /// that refuse it.
+    pub fn with_cipher_suite(mut self, suite: CipherSuite) -> Self {
+        self.cipher_suite = Some(suite);
+        self
+    }
+
+    /// The RMCP+ cipher suite in use, once a session was opened.
+    pub async fn cipher_suite(&self) -> Option<CipherSuite> {
+        self.session
+            .lock()
+            .await
+            .as_ref()
+            .and_then(Session::cipher_suite)
     }
 
     /// The LAN protocol in use, once a session was opened.
@@ -180,6 +199,9 @@ impl IpmiDriver {
             )
             .await?;
             s.set_idle_limit(self.idle_limit);
+            if let Some(suite) = self.cipher_suite {
+                s.force_cipher_suite(suite);
+            }
             *guard = Some(s);
         }
         let Some(session) = guard.as_mut() else {
@@ -290,7 +312,10 @@ impl BareMetal for IpmiDriver {
             power_settle_ms: 15_000,
             details: json!({
                 "transport": self.protocol().await.unwrap_or(LanProtocol::Auto).label(),
-                "cipher_suite": if self.protocol().await == Some(LanProtocol::Lanplus) { json!(3) } else { json!(null) },
+                "cipher_suite": match (self.protocol().await, self.cipher_suite().await) {
+                    (Some(LanProtocol::Lanplus), Some(suite)) => json!(suite.id()),
+                    _ => json!(null),
+                },
                 "device": dev,
                 "timeout_ms": self.ep.timeout_or(DEFAULT_TIMEOUT).as_millis() as u64,
             }),

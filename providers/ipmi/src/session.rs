@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use pcg_provider::{ProviderError, Result, Secret};
 use tokio::net::UdpSocket;
 
-use crate::packet::{self, payload, Keys};
+use crate::packet::{self, payload, CipherSuite, Keys};
 
 /// Privilege level ADMINISTRATOR.
 pub const PRIV_ADMIN: u8 = 0x04;
@@ -258,6 +258,10 @@ pub struct Session {
     /// A session idle this long is replaced before its next use.
     idle_limit: Duration,
     active: Option<Active>,
+    /// The RMCP+ cipher suite this BMC speaks, once known (or as configured), and whether it
+    /// was configured (no fallback).
+    suite: Option<CipherSuite>,
+    suite_forced: bool,
     /// The protocol asked for, and the one chosen with the BMC.
     protocol: LanProtocol,
     resolved: Option<LanProtocol>,
@@ -307,10 +311,23 @@ fn rmcp_status(code: u8) -> &'static str {
         0x0e => "unauthorized GUID",
         0x0f => "invalid integrity check value",
         0x10 => "invalid confidentiality algorithm",
-        0x11 => "no cipher suite match (pcg offers cipher suite 3)",
+        0x11 => "no cipher suite match (pcg offers cipher suites 17 and 3)",
         0x12 => "illegal or unrecognized parameter",
         _ => "unknown status",
     }
+}
+
+/// What an Open Session exchange came to.
+enum Opened {
+    Session {
+        console_sid: u32,
+        bmc_sid: u32,
+        suite: CipherSuite,
+    },
+    /// An error status from the BMC (no session was opened).
+    Refused(u8),
+    /// A session with algorithms pcg does not speak (aborted).
+    Foreign((u8, u8, u8)),
 }
 
 enum Step<T> {
@@ -337,6 +354,8 @@ impl Session {
             addr,
             socket,
             proposal: None,
+            suite: None,
+            suite_forced: false,
             bound,
             idle_limit: IDLE_REOPEN,
             active: None,
@@ -424,6 +443,17 @@ impl Session {
 
     pub fn bound(&self) -> Duration {
         self.bound
+    }
+
+    /// Uses only `suite` (no fallback to another).
+    pub fn force_cipher_suite(&mut self, suite: CipherSuite) {
+        self.suite = Some(suite);
+        self.suite_forced = true;
+    }
+
+    /// The cipher suite of the RMCP+ sessions, once one was opened (or as forced).
+    pub fn cipher_suite(&self) -> Option<CipherSuite> {
+        self.suite
     }
 
     /// Replaces a session idle for `limit` before its next use (default [`IDLE_REOPEN`]).
@@ -562,6 +592,11 @@ impl Session {
         if protocol == LanProtocol::Lan15 {
             return self.handshake_v15(deadline).await;
         }
+        if self.suite.is_none() {
+            let suite = self.pick_cipher_suite(deadline).await;
+            tracing::debug!(endpoint = %self.endpoint, suite = suite.id(), "RMCP+ cipher suite");
+            self.suite = Some(suite);
+        }
         loop {
             match self.handshake(deadline).await {
                 Err(ProviderError::Timeout { operation, .. })
@@ -592,9 +627,69 @@ impl Session {
             ));
         }
         kuid.resize(20, 0);
-        // A fresh source port for every handshake, and one request, repeated as it is: the same
-        // tag and console session id on every retransmission.
+        // A fresh source port for every handshake.
         self.fresh_socket().await?;
+        // Keep part of the bound to ask whether the BMC answers at all.
+        let reserve = (self.bound / 4).min(Duration::from_secs(1));
+        let open_deadline = deadline.checked_sub(reserve).unwrap_or(deadline);
+        // The suite the BMC listed (or 3 where it lists none); should the BMC refuse its
+        // algorithms (status 0x04 and the like: no session is made), the other one. A BMC that
+        // answers with other algorithms than proposed (pyghmi answers suite 3's to anything)
+        // has chosen those.
+        let preferred = self.suite.unwrap_or(CipherSuite::Three);
+        let mut opened = self.open_session(preferred, open_deadline).await;
+        if let Ok(Opened::Refused(status)) = opened {
+            if !self.suite_forced && matches!(status, 0x04 | 0x05 | 0x06 | 0x07 | 0x10 | 0x11) {
+                let other = match preferred {
+                    CipherSuite::Three => CipherSuite::Seventeen,
+                    CipherSuite::Seventeen => CipherSuite::Three,
+                };
+                tracing::debug!(endpoint = %self.endpoint, status, suite = other.id(), "cipher suite refused; proposing the other");
+                opened = self.open_session(other, open_deadline).await;
+            }
+        }
+        let (console_sid, bmc_sid, suite) = match opened {
+            Ok(Opened::Session {
+                console_sid,
+                bmc_sid,
+                suite,
+            }) => (console_sid, bmc_sid, suite),
+            Ok(Opened::Refused(status)) => return Err(self.status_error("Open Session", status)),
+            Ok(Opened::Foreign(algorithms)) => {
+                return Err(ProviderError::Unsupported {
+                    endpoint: self.endpoint.clone(),
+                    what: format!(
+                        "the RMCP+ algorithms it chose (authentication, integrity, confidentiality {algorithms:02x?}); pcg speaks cipher suites 17 and 3"
+                    ),
+                })
+            }
+            Err(ProviderError::Timeout { .. }) => {
+                return Err(self.diagnose_silence(deadline).await)
+            }
+            Err(e) => return Err(e),
+        };
+        if self.suite_forced && Some(suite) != self.suite {
+            self.abort_handshake(bmc_sid);
+            return Err(ProviderError::Unsupported {
+                endpoint: self.endpoint.clone(),
+                what: format!(
+                    "cipher suite {} (it chose suite {})",
+                    self.suite.map_or(0, CipherSuite::id),
+                    suite.id()
+                ),
+            });
+        }
+        self.suite = Some(suite);
+        if let Some(p) = self.proposal.as_mut() {
+            p.chosen_bmc_sid = Some(bmc_sid);
+        }
+        self.handshake_rakp(deadline, suite, console_sid, bmc_sid, &user, &kuid)
+            .await
+    }
+
+    /// Open Session proposing `suite`: one request, repeated as it is (the same tag and console
+    /// session id) on the Open Session timer until an answer or `deadline`.
+    async fn open_session(&mut self, suite: CipherSuite, deadline: Instant) -> Result<Opened> {
         let tag = self.next_tag();
         let console_sid = rand::random::<u32>().max(1);
         self.proposal = Some(Proposal {
@@ -604,60 +699,72 @@ impl Session {
             sends: 0,
             last_send: Instant::now(),
         });
-        let open = packet::open_session_request(tag, console_sid, PRIV_ADMIN);
+        let open = packet::open_session_request(tag, console_sid, PRIV_ADMIN, suite);
         let open_pkt = packet::encode(payload::OPEN_SESSION_REQUEST, 0, 0, &open, None);
-        // Keep part of the bound to ask whether the BMC answers at all.
-        let reserve = (self.bound / 4).min(Duration::from_secs(1));
-        let open_deadline = deadline.checked_sub(reserve).unwrap_or(deadline);
-        let opened = self
-            .exchange(
-                "RMCP+ Open Session",
-                open_deadline,
-                u32::MAX,
-                Timer::OpenSession,
-                |s| {
-                    s.stats.open_session_requests += 1;
-                    if let Some(p) = s.proposal.as_mut() {
-                        p.sends += 1;
-                        p.last_send = Instant::now();
-                    }
-                    open_pkt.clone()
-                },
-                |s, bytes| {
-                    let Ok(p) = packet::decode(bytes, None) else {
-                        return Ok(Step::Skip);
-                    };
-                    if p.ptype != payload::OPEN_SESSION_RESPONSE {
-                        return Ok(Step::Skip);
-                    }
-                    let Ok(r) = packet::parse_open_session_response(&p.payload) else {
-                        return Ok(Step::Skip);
-                    };
-                    if r.tag != tag || r.console_sid.is_some_and(|c| c != console_sid) {
-                        return Ok(Step::Skip);
-                    }
-                    if r.status != 0 {
-                        return Err(s.status_error("Open Session", r.status));
-                    }
-                    Ok(Step::Done(r.bmc_sid))
-                },
-            )
-            .await;
-        let bmc_sid = match opened {
-            Err(ProviderError::Timeout { .. }) => {
-                return Err(self.diagnose_silence(deadline).await)
-            }
-            other => other?,
-        };
-        if let Some(p) = self.proposal.as_mut() {
-            p.chosen_bmc_sid = Some(bmc_sid);
-        }
+        self.exchange(
+            "RMCP+ Open Session",
+            deadline,
+            u32::MAX,
+            Timer::OpenSession,
+            |s| {
+                s.stats.open_session_requests += 1;
+                if let Some(p) = s.proposal.as_mut() {
+                    p.sends += 1;
+                    p.last_send = Instant::now();
+                }
+                open_pkt.clone()
+            },
+            |s, bytes| {
+                let Ok(p) = packet::decode(bytes, None) else {
+                    return Ok(Step::Skip);
+                };
+                if p.ptype != payload::OPEN_SESSION_RESPONSE {
+                    return Ok(Step::Skip);
+                }
+                let Ok(r) = packet::parse_open_session_response(&p.payload) else {
+                    return Ok(Step::Skip);
+                };
+                if r.tag != tag || r.console_sid.is_some_and(|c| c != console_sid) {
+                    return Ok(Step::Skip);
+                }
+                if r.status != 0 {
+                    return Ok(Step::Done(Opened::Refused(r.status)));
+                }
+                let (auth, integ, conf) = r.algorithms.unwrap_or_default();
+                Ok(Step::Done(
+                    match CipherSuite::from_algorithms(auth, integ, conf) {
+                        Some(chosen) => Opened::Session {
+                            console_sid,
+                            bmc_sid: r.bmc_sid,
+                            suite: chosen,
+                        },
+                        None => {
+                            // A session the BMC opened that pcg cannot use: drop it.
+                            s.abort_handshake(r.bmc_sid);
+                            Opened::Foreign((auth, integ, conf))
+                        }
+                    },
+                ))
+            },
+        )
+        .await
+    }
 
+    /// RAKP 1–4 for the session the BMC opened, then Set Session Privilege Level.
+    async fn handshake_rakp(
+        &mut self,
+        deadline: Instant,
+        suite: CipherSuite,
+        console_sid: u32,
+        bmc_sid: u32,
+        user: &[u8],
+        kuid: &[u8],
+    ) -> Result<()> {
         // RAKP 1/2.
         let rm: [u8; 16] = rand::random();
         let role = PRIV_ADMIN | NAME_ONLY_LOOKUP;
         let tag = self.next_tag();
-        let r1 = packet::rakp1(tag, bmc_sid, &rm, role, &user);
+        let r1 = packet::rakp1(tag, bmc_sid, &rm, role, user);
         let r2 = self
             .exchange(
                 RAKP1_OP,
@@ -694,8 +801,8 @@ impl Session {
             }
         };
         let ulen = [user.len() as u8];
-        let expect = packet::hmac_sha1(
-            &kuid,
+        let expect = suite.hmac(
+            kuid,
             &[
                 &console_sid.to_le_bytes(),
                 &bmc_sid.to_le_bytes(),
@@ -704,27 +811,28 @@ impl Session {
                 &r2.guid,
                 &[role],
                 &ulen,
-                &user,
+                user,
             ],
         );
-        if r2.auth_code.get(..20) != Some(&expect[..]) {
+        if r2.auth_code.get(..expect.len()) != Some(&expect[..]) {
             // Tell the BMC to drop the half-open session, then report the password.
             self.abort_handshake(bmc_sid);
             return Err(
                 self.auth("password rejected (RAKP 2 key exchange code does not match)".into())
             );
         }
-        let sik = packet::hmac_sha1(&kuid, &[&rm, &r2.rc, &[role], &ulen, &user]);
-        let keys = Keys::from_sik(&sik);
+        let sik = suite.hmac(kuid, &[&rm, &r2.rc, &[role], &ulen, user]);
+        let keys = Keys::derive(suite, &sik);
 
         // RAKP 3/4.
         let tag = self.next_tag();
-        let code = packet::hmac_sha1(
-            &kuid,
-            &[&r2.rc, &console_sid.to_le_bytes(), &[role], &ulen, &user],
+        let code = suite.hmac(
+            kuid,
+            &[&r2.rc, &console_sid.to_le_bytes(), &[role], &ulen, user],
         );
         let r3 = packet::rakp3(tag, 0, bmc_sid, &code);
-        let icv = packet::hmac_sha1(&sik, &[&rm, &bmc_sid.to_le_bytes(), &r2.guid]);
+        let mut icv = suite.hmac(&sik, &[&rm, &bmc_sid.to_le_bytes(), &r2.guid]);
+        icv.truncate(suite.rakp4_icv_len());
         let rakp4 = self
             .exchange(
                 RAKP3_OP,
@@ -757,7 +865,7 @@ impl Session {
                     if r.status != 0 {
                         return Err(s.status_error("RAKP 4", r.status));
                     }
-                    if r.icv.get(..12) != Some(&icv[..12]) {
+                    if r.icv.get(..icv.len()) != Some(&icv[..]) {
                         return Err(s.auth("RAKP 4 integrity check value does not match".into()));
                     }
                     Ok(Step::Done(()))
@@ -893,6 +1001,56 @@ impl Session {
                     d, caps.completion
                 ),
             })
+        }
+    }
+
+    /// The cipher suite to propose: 17 when Get Channel Cipher Suites lists it, else 3 (also
+    /// when the BMC does not answer that command within a second: not every BMC does).
+    async fn pick_cipher_suite(&mut self, deadline: Instant) -> CipherSuite {
+        let bound = (Instant::now() + Duration::from_secs(1)).min(deadline);
+        let mut records = Vec::new();
+        for index in 0..8u8 {
+            self.rq_seq = (self.rq_seq + 1) & 0x3f;
+            let rq_seq = self.rq_seq;
+            // This channel, payload IPMI, list by cipher suite, page `index`.
+            let msg = packet::ipmi_request(0x06, 0x54, rq_seq, &[0x0e, 0x00, 0x80 | index]);
+            let page = self
+                .exchange(
+                    "Get Channel Cipher Suites",
+                    bound,
+                    u32::MAX,
+                    Timer::Session,
+                    |_| packet::encode_presession_v15(&msg),
+                    |_, bytes| {
+                        // Some BMCs (pyghmi) answer in the RMCP+ format, outside any session.
+                        let m = match packet::decode_presession_v15(bytes) {
+                            Ok(m) => m,
+                            Err(_) => match packet::decode(bytes, None) {
+                                Ok(p) if p.ptype == payload::IPMI && p.session_id == 0 => p.payload,
+                                _ => return Ok(Step::Skip),
+                            },
+                        };
+                        match packet::ipmi_response(&m) {
+                            Ok(r) if r.cmd == 0x54 && r.rq_seq == rq_seq => Ok(Step::Done(r)),
+                            _ => Ok(Step::Skip),
+                        }
+                    },
+                )
+                .await;
+            match page {
+                Ok(r) if r.completion == 0 && !r.data.is_empty() => {
+                    records.extend_from_slice(&r.data[1..]);
+                    if r.data.len() < 17 {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        if packet::cipher_suite_ids(&records).contains(&17) {
+            CipherSuite::Seventeen
+        } else {
+            CipherSuite::Three
         }
     }
 
@@ -1041,6 +1199,10 @@ impl Session {
                 detail,
             },
             0x09 | 0x0a | 0x0d | 0x0e | 0x0f => self.auth(detail),
+            0x04 | 0x05 | 0x06 | 0x07 | 0x10 | 0x11 => ProviderError::Unsupported {
+                endpoint: self.endpoint.clone(),
+                what: format!("the RMCP+ cipher suite proposed ({detail})"),
+            },
             _ => ProviderError::ProviderFault {
                 endpoint: self.endpoint.clone(),
                 message: detail,

@@ -675,3 +675,58 @@ async fn ipmi_open_session_answered_after_400_ms_leaves_nothing() {
 async fn ipmi_open_session_answered_after_1_s_leaves_nothing() {
     slow_open_session_leaves_nothing(Duration::from_secs(1)).await;
 }
+
+/// Cipher suite 17 (RAKP-HMAC-SHA256, HMAC-SHA256-128, AES-CBC-128). No packaged BMC offers it
+/// (ipmi_sim and pyghmi's server stop at suite 3): the peer is pyghmi's BMC server extended by
+/// the project's peer script, which ipmitool -C 17 checks independently here first.
+#[tokio::test]
+async fn pyghmi_cipher_suite_17_checked_by_ipmitool() {
+    let Some(bmc) = PyghmiBmc::start_with_suite_17() else {
+        return;
+    };
+    // The independent client agrees with the peer on suite 17.
+    let out = common::ipmitool_suite_at(bmc.port, 17, &["chassis", "power", "status"]).unwrap();
+    assert!(out.contains("Chassis Power is off"), "{out}");
+    // pcg picks suite 17 from Get Channel Cipher Suites and runs the conformance checks on it.
+    let d = IpmiDriver::new(&bmc.endpoint()).unwrap();
+    let caps = conformance::enrol(&d).await;
+    assert_eq!(caps.details["cipher_suite"], 17, "{caps:?}");
+    assert_eq!(
+        d.cipher_suite().await,
+        Some(pcg_ipmi::CipherSuite::Seventeen)
+    );
+    conformance::power_round_trip(&d, SYSTEM, SETTLE).await;
+    d.power(SYSTEM, PowerAction::On).await.unwrap();
+    d.set_boot_override(SYSTEM, &BootOverride::once(BootDevice::Cd))
+        .await
+        .unwrap();
+    let out =
+        common::ipmitool_suite_at(bmc.port, 17, &["chassis", "bootparam", "get", "5"]).unwrap();
+    assert!(out.contains("Force Boot from CD/DVD"), "{out}");
+    let out = common::ipmitool_suite_at(bmc.port, 17, &["chassis", "power", "status"]).unwrap();
+    assert!(out.contains("Chassis Power is on"), "{out}");
+    d.close().await.unwrap();
+    // A wrong password fails as Auth under suite 17 too.
+    conformance::wrong_password(&IpmiDriver::factory, &bmc.endpoint()).await;
+    // Suite 3 when asked for it, on the same BMC.
+    let d = IpmiDriver::new(&bmc.endpoint())
+        .unwrap()
+        .with_cipher_suite(pcg_ipmi::CipherSuite::Three);
+    let caps = conformance::enrol(&d).await;
+    assert_eq!(caps.details["cipher_suite"], 3, "{caps:?}");
+    d.close().await.unwrap();
+}
+
+/// A BMC that does not offer suite 17 (ipmi_sim refuses its algorithms) is not asked for it when
+/// it lists its suites, and refuses it cleanly when forced: no session is left.
+#[tokio::test]
+async fn ipmi_sim_without_suite_17() {
+    let Some(bmc) = IpmiSim::start() else { return };
+    let d = IpmiDriver::new(&bmc.endpoint())
+        .unwrap()
+        .with_cipher_suite(pcg_ipmi::CipherSuite::Seventeen);
+    let e = d.enrol().await.unwrap_err();
+    assert_eq!(e.kind(), pcg_provider::ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("0x04"), "{e}");
+    assert_eq!(bmc.active_sessions(), 1, "only ipmitool's own session");
+}

@@ -273,8 +273,21 @@ pub trait LabBmc {
 
 /// Runs `ipmitool -I lanplus -C 3 ... ARGS` against the BMC on 127.0.0.1:`port`.
 pub fn ipmitool_at(port: u16, args: &[&str]) -> Result<String, String> {
+    ipmitool_suite_at(port, 3, args)
+}
+
+/// Runs `ipmitool -I lanplus -C SUITE ... ARGS` against the BMC on 127.0.0.1:`port`.
+pub fn ipmitool_suite_at(port: u16, suite: u8, args: &[&str]) -> Result<String, String> {
     let out = Command::new("ipmitool")
-        .args(["-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p"])
+        .args([
+            "-I",
+            "lanplus",
+            "-C",
+            &suite.to_string(),
+            "-H",
+            "127.0.0.1",
+            "-p",
+        ])
         .arg(port.to_string())
         .args(["-U", USER, "-P", PASSWORD])
         .args(args)
@@ -318,12 +331,23 @@ pub struct PyghmiBmc {
     pub port: u16,
     python: PathBuf,
     pub dir: tempfile::TempDir,
+    /// Also offers cipher suite 17 (the peer script's extension of pyghmi's server).
+    pub suite17: bool,
 }
 
 impl PyghmiBmc {
     /// Starts the BMC and waits until ipmitool gets an answer from it, or None (loudly) when
     /// pyghmi is not installed and `PCG_REQUIRE_PEERS` is unset.
     pub fn start() -> Option<PyghmiBmc> {
+        Self::start_with(false)
+    }
+
+    /// Like [`PyghmiBmc::start`], offering cipher suite 17 besides 3 (`--cipher-suite-17`).
+    pub fn start_with_suite_17() -> Option<PyghmiBmc> {
+        Self::start_with(true)
+    }
+
+    fn start_with(suite17: bool) -> Option<PyghmiBmc> {
         peers()?;
         let python = venv_python();
         let has_pyghmi = python.is_file()
@@ -351,10 +375,11 @@ impl PyghmiBmc {
         for _ in 0..3 {
             let port = free_udp_port();
             let mut me = PyghmiBmc {
-                child: spawn_pyghmi(&python, dir.path(), port),
+                child: spawn_pyghmi(&python, dir.path(), port, suite17),
                 port,
                 python: python.clone(),
                 dir,
+                suite17,
             };
             match me.wait_ready() {
                 Ok(()) => return Some(me),
@@ -398,7 +423,7 @@ impl PyghmiBmc {
     }
 }
 
-fn spawn_pyghmi(python: &Path, dir: &Path, port: u16) -> Child {
+fn spawn_pyghmi(python: &Path, dir: &Path, port: u16, suite17: bool) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -408,6 +433,7 @@ fn spawn_pyghmi(python: &Path, dir: &Path, port: u16) -> Child {
         .arg(repo_root().join("scripts/peers/ipmi/pyghmi-bmc.py"))
         .args(["127.0.0.1", &port.to_string(), USER, PASSWORD])
         .arg(dir.join("state"))
+        .args(suite17.then_some("--cipher-suite-17"))
         .stdin(Stdio::null())
         .stdout(Stdio::from(log.try_clone().expect("clone log")))
         .stderr(Stdio::from(log))
@@ -428,7 +454,7 @@ impl LabBmc for PyghmiBmc {
     fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn_pyghmi(&self.python, self.dir.path(), self.port);
+        self.child = spawn_pyghmi(&self.python, self.dir.path(), self.port, self.suite17);
         self.wait_ready()
             .unwrap_or_else(|e| panic!("pyghmi BMC did not come back: {e}"));
     }
