@@ -1348,3 +1348,68 @@ impl Drop for Session {
         self.retire_socket();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_answer(tag: u8, status: u8, console_sid: u32, bmc_sid: u32) -> Vec<u8> {
+        let mut m = vec![tag, status, PRIV_ADMIN, 0];
+        m.extend_from_slice(&console_sid.to_le_bytes());
+        m.extend_from_slice(&bmc_sid.to_le_bytes());
+        m.extend_from_slice(&[0x00, 0, 0, 0x08, 0x01, 0, 0, 0]);
+        m.extend_from_slice(&[0x01, 0, 0, 0x08, 0x01, 0, 0, 0]);
+        m.extend_from_slice(&[0x02, 0, 0, 0x08, 0x01, 0, 0, 0]);
+        packet::encode(payload::OPEN_SESSION_RESPONSE, 0, 0, &m, None)
+    }
+
+    #[test]
+    fn a_second_session_for_a_retransmitted_open_session_is_recognised() {
+        let mut p = Proposal {
+            tag: 7,
+            console_sid: 0x1234,
+            chosen_bmc_sid: None,
+            sends: 2,
+            last_send: Instant::now(),
+        };
+        let first = open_answer(7, 0, 0x1234, 0x100);
+        let second = open_answer(7, 0, 0x1234, 0x200);
+        // Before a session is chosen, only a retired socket's reaper takes any answer as extra.
+        assert_eq!(p.extra_session(&first, false), None);
+        assert_eq!(p.extra_session(&first, true), Some(0x100));
+        p.chosen_bmc_sid = Some(0x100);
+        assert_eq!(p.extra_session(&first, true), None, "the session in use");
+        assert_eq!(p.extra_session(&second, false), Some(0x200));
+        // Not ours, or an error status (no session was opened): nothing to abort.
+        assert_eq!(
+            p.extra_session(&open_answer(8, 0, 0x1234, 0x300), true),
+            None
+        );
+        assert_eq!(
+            p.extra_session(&open_answer(7, 0, 0x9999, 0x300), true),
+            None
+        );
+        assert_eq!(
+            p.extra_session(&open_answer(7, 0x01, 0x1234, 0), true),
+            None
+        );
+    }
+
+    #[test]
+    fn the_open_session_timer_is_learnt_apart_from_the_session_timer() {
+        let mut session = RttEstimator::session();
+        let mut open = RttEstimator::open_session();
+        assert_eq!(open.rto(), Duration::from_millis(1200));
+        // Fast in-session answers bring the session timer to its floor...
+        for _ in 0..20 {
+            session.sample(Duration::from_millis(2));
+        }
+        assert_eq!(session.rto(), Duration::from_millis(150));
+        // ...while Open Session answers after 1 s keep the Open Session timer above 1 s.
+        for _ in 0..20 {
+            open.sample(Duration::from_millis(1000));
+        }
+        assert!(open.rto() > Duration::from_millis(1400), "{:?}", open.rto());
+        assert!(open.rto() <= Duration::from_secs(3));
+    }
+}
