@@ -194,8 +194,13 @@ pub fn trust_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> 
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(r) = e.downcast_ref::<rustls::Error>() {
-            if matches!(r, rustls::Error::InvalidCertificate(_)) {
-                return Some(r.to_string());
+            match r {
+                // Ours (NotTrusted): its own words, with the certificate's SHA-256.
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+                    return Some(o.0.to_string())
+                }
+                rustls::Error::InvalidCertificate(_) => return Some(r.to_string()),
+                _ => {}
             }
         }
         // io::Error's source() skips the error it wraps: look inside.

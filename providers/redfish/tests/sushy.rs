@@ -111,6 +111,7 @@ async fn sushy_pinned_certificate_and_wrong_trust() {
     let e = RedfishDriver::new(&ep).unwrap().enrol().await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::TlsTrust, "{e}");
     let msg = e.to_string();
+    eprintln!("foreign CA: {msg}");
     assert!(msg.contains(&format!("127.0.0.1:{}", peer.port)), "{msg}");
     assert!(
         msg.contains("pin_sha256") && msg.contains(&peer.pki.cert_sha256),
