@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# Installs the IPMI peers used by pcg-ipmi's tests: ipmi_sim (Debian openipmi) and ipmitool.
-# Idempotent; run as root on Debian bookworm. The tests start ipmi_sim themselves, on 127.0.0.1
-# with a free port, from the recipe files in scripts/peers/ipmi/.
+# Installs the IPMI peers used by pcg-ipmi's tests: ipmi_sim (Debian openipmi) and ipmitool, and
+# pyghmi (PyPI; its BMC server is the base of OpenStack's VirtualBMC) in the Python venv under
+# $PCG_PEERS_DIR (default <repo>/.pcg-peers), shared with the Redfish peers. Idempotent; run as
+# root on Debian bookworm. The tests start ipmi_sim and scripts/peers/ipmi/pyghmi-bmc.py
+# themselves, on 127.0.0.1 with a free port, from the recipe files in scripts/peers/ipmi/.
 set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+peers="${PCG_PEERS_DIR:-$repo/.pcg-peers}"
+venv="$peers/venv"
+py="${PYTHON:-python3}"
 
 need=()
 command -v ipmi_sim >/dev/null 2>&1 || need+=(openipmi)
 command -v ipmitool >/dev/null 2>&1 || need+=(ipmitool)
+"$py" -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
-    echo "install-ipmi: need root to install ${need[*]} (apt-get install -y openipmi ipmitool)" >&2
+    echo "install-ipmi: need root to install ${need[*]} (apt-get install -y ${need[*]})" >&2
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
@@ -21,10 +29,20 @@ if ((${#need[@]})); then
     printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
   fi
   trap '[[ $own_policy == 1 ]] && rm -f "$policy"' EXIT
-  if ! apt-get install -y -qq --no-install-recommends openipmi ipmitool; then
+  if ! apt-get install -y -qq --no-install-recommends "${need[@]}"; then
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends openipmi ipmitool
+    apt-get install -y -qq --no-install-recommends "${need[@]}"
   fi
 fi
 command -v ipmi_sim >/dev/null && command -v ipmitool >/dev/null
-echo "install-ipmi: ipmi_sim at $(command -v ipmi_sim), ipmitool at $(command -v ipmitool)"
+
+mkdir -p "$peers"
+if [[ ! -x "$venv/bin/python" ]]; then
+  "$py" -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c 'import pyghmi.ipmi.bmc' >/dev/null 2>&1; then
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q pyghmi
+fi
+"$venv/bin/python" -c 'import pyghmi.ipmi.bmc'
+echo "install-ipmi: ipmi_sim at $(command -v ipmi_sim), ipmitool at $(command -v ipmitool), pyghmi in $venv"

@@ -515,6 +515,25 @@ impl Gw {
         )
     }
 
+    /// Runs pcgctl; returns (exit code, stdout, stderr).
+    pub fn pcgctl_code(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = Command::new(bin("pcgctl"))
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pcgctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub fn pair(&self, token: &str) -> anyhow::Result<()> {
         let (ok, out, err) = self.pcgctl(&["pair", token]);
         if !ok {
@@ -564,12 +583,10 @@ impl Gw {
         Ok(())
     }
 
-    /// `pcgctl status --json`, parsed.
+    /// `pcgctl status --json`, parsed (its exit status says connected or not; the JSON is
+    /// printed either way).
     pub fn status(&self) -> Option<Value> {
-        let (ok, out, _) = self.pcgctl(&["status", "--json"]);
-        if !ok {
-            return None;
-        }
+        let (_, out, _) = self.pcgctl(&["status", "--json"]);
         serde_json::from_str(&out).ok()
     }
 

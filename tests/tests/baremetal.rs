@@ -60,12 +60,9 @@ async fn ipmi_power_through_the_tunnel() {
     assert_eq!(v["state"], "succeeded", "{v}");
     assert!(!v.to_string().contains(IPMI_PASSWORD));
 
+    // Power answers the state after the change without being asked to wait.
     for (action, expect) in [("on", "on"), ("off", "off"), ("on", "on")] {
-        let v = run(
-            "baremetal.power",
-            json!({"bmc": "node1", "action": action, "wait": true}),
-        )
-        .await;
+        let v = run("baremetal.power", json!({"bmc": "node1", "action": action})).await;
         assert_eq!(v["state"], "succeeded", "{v}");
         assert_eq!(v["result"]["output"]["state"], expect, "{v}");
         let seen = bmc.ipmitool(&["chassis", "power", "status"]).unwrap();
@@ -118,4 +115,35 @@ async fn ipmi_power_through_the_tunnel() {
         .ipmitool(&["chassis", "power", "status"])
         .unwrap()
         .contains("is off"));
+
+    // The boot override as a command of its own: read back by ipmitool, and the BMC was asked
+    // for no power change.
+    let power_writes = |log: &str| log.lines().filter(|l| l.contains(" set power")).count();
+    let before = power_writes(&bmc.actions());
+    let v = run(
+        "baremetal.boot",
+        json!({"bmc": "node1", "device": "disk", "persistence": "continuous", "mode": "uefi"}),
+    )
+    .await;
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["result"]["output"]["boot"]["device"], "disk", "{v}");
+    assert_eq!(v["result"]["output"]["power"], "off", "{v}");
+    assert!(bmc
+        .ipmitool(&["chassis", "bootparam", "get", "5"])
+        .unwrap()
+        .contains("Force Boot from default Hard-Drive"));
+    let v = run(
+        "baremetal.power",
+        json!({"bmc": "node1", "action": "status"}),
+    )
+    .await;
+    assert_eq!(v["result"]["output"]["state"], "off", "{v}");
+    assert_eq!(power_writes(&bmc.actions()), before, "{}", bmc.actions());
+    // IPMI has no virtual media: the command says so.
+    let v = run(
+        "baremetal.insert_media",
+        json!({"bmc": "node1", "image_url": "http://127.0.0.1:9/boot.iso"}),
+    )
+    .await;
+    assert_eq!(v["result"]["error_class"], "unsupported", "{v}");
 }

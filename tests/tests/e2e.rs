@@ -724,3 +724,52 @@ async fn pairing_through_the_running_daemon_and_again_after_revocation() {
         .unwrap();
     assert_eq!(v["result"]["output"]["gateway_id"], second.as_str());
 }
+
+/// `pcgctl status` exits 0 connected, 2 unpaired, 3 paired but down (or the daemon stopped),
+/// 4 revoked, so scripts can trust it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_exit_codes_say_what_is_wrong() {
+    let dir = pcg_e2e::test_dir();
+    let saas = Saas::start(&dir.path().join("saas"), SaasOptions::default())
+        .await
+        .unwrap();
+    let (_, key) = saas.tenant("acme").await.unwrap();
+    let mut gw = Gw::new(&dir.path().join("gw")).unwrap();
+    assert_eq!(gw.pcgctl_code(&["status"]).0, Some(2), "unpaired");
+    let (_, token) = saas.token(&key, None).await.unwrap();
+    gw.pair(&token).unwrap();
+    assert_eq!(
+        gw.pcgctl_code(&["status"]).0,
+        Some(3),
+        "paired, daemon stopped"
+    );
+    gw.start().unwrap();
+    gw.wait_tunnel("connected", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let (code, out, _) = gw.pcgctl_code(&["status", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let id = gw.gateway_id().unwrap();
+    saas.ok("POST", &format!("/v1/gateways/{id}/revoke"), &key, None)
+        .await
+        .unwrap();
+    gw.wait_tunnel("revoked", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(gw.pcgctl_code(&["status"]).0, Some(4), "revoked");
+    // Completions for the usual shells, and help with examples.
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, _) = gw.pcgctl_code(&["completions", shell]);
+        assert_eq!(code, Some(0));
+        assert!(
+            out.contains("pcgctl") && out.contains("proxy"),
+            "{shell}: {out}"
+        );
+    }
+    let (code, help, _) = gw.pcgctl_code(&["status", "--help"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        help.contains("Examples:") && help.contains("Exit status"),
+        "{help}"
+    );
+}

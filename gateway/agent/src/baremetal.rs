@@ -1,20 +1,22 @@
-//! Bare-metal commands (`baremetal.enrol`, `.power`, `.provision`, `.deprovision`, `.get`) in the
-//! executor, on pcg-provider's `BareMetalService` with the IPMI and Redfish drivers.
+//! Bare-metal commands (`baremetal.enrol`, `.power`, `.boot`, `.insert_media`, `.eject_media`,
+//! `.provision`, `.deprovision`, `.get`) in the executor, on pcg-provider's `BareMetalService`
+//! with the IPMI and Redfish drivers.
 //!
 //! `baremetal.enrol` checks the credentials and records the BMC's capability profile; the gateway
 //! then stores the endpoint under its name (password sealed like the gateway's private key) and
 //! restores every enrolled BMC at start, so later commands only name the BMC.
 //!
 //! Exactly once in effect: after a restart, a journaled command that was interrupted is executed
-//! again only when doing so cannot repeat an effect (enrol, get, power on/off, soft shutdown and
-//! deprovision converge to the same state). An interrupted power cycle, reset or provision (which
-//! power-cycles) fails with `interrupted` and the machine's current power state instead, so no
-//! server is rebooted twice; the operator decides whether to send it again.
+//! again only when doing so cannot repeat an effect (`BareMetalCommand::repeats_an_effect`, the
+//! one place that rule lives: enrol, reads, power on/off, soft shutdown, boot override, media
+//! insert/eject and deprovision converge to the same state). An interrupted power cycle, reset or
+//! provision (which power-cycles) fails with `interrupted` and the machine's current power state
+//! instead, so no server is rebooted twice; the operator decides whether to send it again.
 
 use std::sync::Arc;
 
 use pcg_provider::command::{BareMetalCommand, BareMetalService, EnrolCommand, Protocol, KINDS};
-use pcg_provider::{ErrorKind, PowerAction};
+use pcg_provider::ErrorKind;
 use serde_json::Value;
 
 use crate::executor::{ExecContext, ExecError, Registry};
@@ -53,20 +55,8 @@ pub fn restore(svc: &BareMetalService, store: &Store) {
     }
 }
 
-/// Whether running `cmd` a second time could repeat an effect.
-fn repeats_an_effect(cmd: &BareMetalCommand) -> bool {
-    match cmd {
-        BareMetalCommand::Power(p) => matches!(p.action, PowerAction::Cycle | PowerAction::Reset),
-        BareMetalCommand::Provision(_) => true,
-        _ => false,
-    }
-}
-
 async fn interrupted(svc: &BareMetalService, cmd: &BareMetalCommand) -> ExecError {
-    let system = match cmd {
-        BareMetalCommand::Power(p) => p.system.clone(),
-        _ => None,
-    };
+    let system = cmd.system().cloned();
     let mut current = "unknown".to_string();
     if let Ok(driver) = svc.driver(cmd.bmc()) {
         let system = system.or_else(|| {
@@ -101,7 +91,7 @@ async fn handle(ctx: ExecContext, payload: Value) -> Result<Value, ExecError> {
                 format!("{} is not a bare-metal command", ctx.kind),
             )
         })?;
-    if ctx.recovered && repeats_an_effect(&cmd) {
+    if ctx.recovered && cmd.repeats_an_effect() {
         return Err(interrupted(&svc, &cmd).await);
     }
     let out = svc.handle(&ctx.kind, payload).await.map_err(|e| {

@@ -25,18 +25,30 @@ use serde::{Deserialize, Serialize};
 use crate::baremetal::{BareMetal, DEFAULT_POWER_WAIT};
 use crate::error::{ProviderError, Result};
 use crate::types::{
-    no_progress, BmcEndpoint, Capabilities, MachineSpec, Placement, PowerAction, PowerState,
-    ProgressSink, ProvisionRequest,
+    no_progress, BmcEndpoint, BootDevice, BootMode, BootOverride, BootPersistence, Capabilities,
+    MachineSpec, MediaState, Placement, PowerAction, PowerState, ProgressSink, ProvisionRequest,
 };
 
 pub const ENROL: &str = "baremetal.enrol";
 pub const POWER: &str = "baremetal.power";
+pub const BOOT: &str = "baremetal.boot";
+pub const INSERT_MEDIA: &str = "baremetal.insert_media";
+pub const EJECT_MEDIA: &str = "baremetal.eject_media";
 pub const PROVISION: &str = "baremetal.provision";
 pub const DEPROVISION: &str = "baremetal.deprovision";
 pub const GET: &str = "baremetal.get";
 
 /// Every command kind this module parses.
-pub const KINDS: [&str; 5] = [ENROL, POWER, PROVISION, DEPROVISION, GET];
+pub const KINDS: [&str; 8] = [
+    ENROL,
+    POWER,
+    BOOT,
+    INSERT_MEDIA,
+    EJECT_MEDIA,
+    PROVISION,
+    DEPROVISION,
+    GET,
+];
 
 /// Which driver speaks to a BMC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,18 +67,86 @@ pub struct EnrolCommand {
     pub endpoint: BmcEndpoint,
 }
 
-/// `baremetal.power`: one power action; with `wait`, also wait for the target state.
+/// What `baremetal.power` is asked to do: a power action, or only to read the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerRequest {
+    On,
+    Off,
+    SoftShutdown,
+    Cycle,
+    Reset,
+    /// Read the power state; nothing is changed.
+    Status,
+}
+
+impl PowerRequest {
+    /// The power action, or None for `Status`.
+    pub fn action(self) -> Option<PowerAction> {
+        Some(match self {
+            Self::On => PowerAction::On,
+            Self::Off => PowerAction::Off,
+            Self::SoftShutdown => PowerAction::SoftShutdown,
+            Self::Cycle => PowerAction::Cycle,
+            Self::Reset => PowerAction::Reset,
+            Self::Status => return None,
+        })
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `baremetal.power`: one power action (or `status`). By default it waits until the machine
+/// reaches the action's state (BMCs apply a change seconds after accepting it), so the result
+/// is the state after the change; `wait: false` returns as soon as the BMC accepted it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PowerCommand {
     pub bmc: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
-    pub action: PowerAction,
-    #[serde(default)]
+    pub action: PowerRequest,
+    #[serde(default = "yes")]
     pub wait: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+}
+
+/// `baremetal.boot`: set the boot override (no power change) and read it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootCommand {
+    pub bmc: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// `none` clears the override.
+    pub device: BootDevice,
+    #[serde(default)]
+    pub persistence: BootPersistence,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<BootMode>,
+}
+
+/// `baremetal.insert_media`: insert a virtual-media image (CD/DVD) fetched by the BMC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InsertMediaCommand {
+    pub bmc: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// `http://` or `https://` URL the BMC downloads the image from.
+    pub image_url: String,
+}
+
+/// `baremetal.eject_media`: eject the virtual-media image (a no-op when none is inserted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EjectMediaCommand {
+    pub bmc: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
 }
 
 /// `baremetal.provision`: a machine spec whose placement is `bare_metal`.
@@ -105,11 +185,31 @@ pub struct EnrolResult {
     pub capabilities: Capabilities,
 }
 
-/// Result of `baremetal.power`.
+/// Result of `baremetal.power`: the state after the change (with `wait`), and the state read
+/// before it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PowerResult {
     pub system: String,
     pub state: PowerState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<PowerState>,
+}
+
+/// Result of `baremetal.boot`: the override as the BMC reads it back (a BMC may keep less than
+/// it was given, e.g. only the device), and the power state, which the command does not touch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootResult {
+    pub system: String,
+    pub boot: BootOverride,
+    pub power: PowerState,
+}
+
+/// Result of `baremetal.insert_media` and `baremetal.eject_media`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaResult {
+    pub system: String,
+    pub media: MediaState,
+    pub power: PowerState,
 }
 
 /// A parsed `baremetal.*` command.
@@ -117,6 +217,9 @@ pub struct PowerResult {
 pub enum BareMetalCommand {
     Enrol(EnrolCommand),
     Power(PowerCommand),
+    Boot(BootCommand),
+    InsertMedia(InsertMediaCommand),
+    EjectMedia(EjectMediaCommand),
     Provision(ProvisionCommand),
     Deprovision(DeprovisionCommand),
     Get(GetCommand),
@@ -142,6 +245,18 @@ impl BareMetalCommand {
         Ok(Some(match kind {
             ENROL => Self::Enrol(de(kind, payload)?),
             POWER => Self::Power(de(kind, payload)?),
+            BOOT => Self::Boot(de(kind, payload)?),
+            INSERT_MEDIA => {
+                let c: InsertMediaCommand = de(kind, payload)?;
+                if !(c.image_url.starts_with("http://") || c.image_url.starts_with("https://")) {
+                    return Err(ProviderError::invalid(
+                        "image_url",
+                        format!("{:?} is not an http(s) URL the BMC can fetch", c.image_url),
+                    ));
+                }
+                Self::InsertMedia(c)
+            }
+            EJECT_MEDIA => Self::EjectMedia(de(kind, payload)?),
             PROVISION => {
                 let c: ProvisionCommand = de(kind, payload)?;
                 c.spec.validate()?;
@@ -158,6 +273,9 @@ impl BareMetalCommand {
         match self {
             Self::Enrol(_) => ENROL,
             Self::Power(_) => POWER,
+            Self::Boot(_) => BOOT,
+            Self::InsertMedia(_) => INSERT_MEDIA,
+            Self::EjectMedia(_) => EJECT_MEDIA,
             Self::Provision(_) => PROVISION,
             Self::Deprovision(_) => DEPROVISION,
             Self::Get(_) => GET,
@@ -169,11 +287,48 @@ impl BareMetalCommand {
         match self {
             Self::Enrol(c) => &c.name,
             Self::Power(c) => &c.bmc,
+            Self::Boot(c) => &c.bmc,
+            Self::InsertMedia(c) => &c.bmc,
+            Self::EjectMedia(c) => &c.bmc,
             Self::Provision(c) => match &c.spec.placement {
                 Placement::BareMetal { bmc, .. } => bmc,
             },
             Self::Deprovision(c) => &c.bmc,
             Self::Get(c) => &c.bmc,
+        }
+    }
+
+    /// The system this command names, if any (else the BMC's default system).
+    pub fn system(&self) -> Option<&String> {
+        match self {
+            Self::Enrol(_) => None,
+            Self::Power(c) => c.system.as_ref(),
+            Self::Boot(c) => c.system.as_ref(),
+            Self::InsertMedia(c) => c.system.as_ref(),
+            Self::EjectMedia(c) => c.system.as_ref(),
+            Self::Provision(c) => match &c.spec.placement {
+                Placement::BareMetal { system, .. } => system.as_ref(),
+            },
+            Self::Deprovision(c) => c.system.as_ref(),
+            Self::Get(c) => c.system.as_ref(),
+        }
+    }
+
+    /// Whether running this command a second time could repeat an effect: a power cycle or
+    /// reset reboots again, and so does a provision (it power-cycles). Everything else
+    /// converges to the same state when repeated (enrol, reads, power on/off/soft shutdown,
+    /// boot override, media insert/eject, deprovision), so an interrupted one may be resumed.
+    /// The gateway refuses to resume the former after a restart (`interrupted`).
+    pub fn repeats_an_effect(&self) -> bool {
+        match self {
+            Self::Power(p) => matches!(p.action, PowerRequest::Cycle | PowerRequest::Reset),
+            Self::Provision(_) => true,
+            Self::Enrol(_)
+            | Self::Boot(_)
+            | Self::InsertMedia(_)
+            | Self::EjectMedia(_)
+            | Self::Deprovision(_)
+            | Self::Get(_) => false,
         }
     }
 }
@@ -213,8 +368,16 @@ pub async fn execute(
         }
         BareMetalCommand::Power(c) => {
             let system = system_of(driver, c.system.as_ref()).await?;
-            driver.power(&system, c.action).await?;
-            if let (true, Some(target)) = (c.wait, c.action.target()) {
+            let previous = driver.power_state(&system).await?;
+            let Some(action) = c.action.action() else {
+                return json(&PowerResult {
+                    system,
+                    state: previous,
+                    previous: None,
+                });
+            };
+            driver.power(&system, action).await?;
+            if let (true, Some(target)) = (c.wait, action.target()) {
                 let bound = c
                     .timeout_ms
                     .map(Duration::from_millis)
@@ -222,7 +385,35 @@ pub async fn execute(
                 driver.wait_power(&system, target, bound).await?;
             }
             let state = driver.power_state(&system).await?;
-            json(&PowerResult { system, state })
+            json(&PowerResult {
+                system,
+                state,
+                previous: Some(previous),
+            })
+        }
+        BareMetalCommand::Boot(c) => {
+            let system = system_of(driver, c.system.as_ref()).await?;
+            let want = BootOverride {
+                device: c.device,
+                persistence: c.persistence,
+                mode: c.mode,
+            };
+            driver.set_boot_override(&system, &want).await?;
+            json(&BootResult {
+                boot: driver.boot_override(&system).await?,
+                power: driver.power_state(&system).await?,
+                system,
+            })
+        }
+        BareMetalCommand::InsertMedia(c) => {
+            let system = system_of(driver, c.system.as_ref()).await?;
+            driver.insert_media(&system, &c.image_url).await?;
+            media_result(driver, system).await
+        }
+        BareMetalCommand::EjectMedia(c) => {
+            let system = system_of(driver, c.system.as_ref()).await?;
+            driver.eject_media(&system).await?;
+            media_result(driver, system).await
         }
         BareMetalCommand::Provision(c) => {
             let Placement::BareMetal {
@@ -252,6 +443,21 @@ pub async fn execute(
             json(&driver.get(&system).await?)
         }
     }
+}
+
+async fn media_result(driver: &dyn BareMetal, system: String) -> Result<serde_json::Value> {
+    let media = driver
+        .media_state(&system)
+        .await?
+        .ok_or_else(|| ProviderError::Unsupported {
+            endpoint: driver.endpoint().to_owned(),
+            what: format!("virtual media for system {system}"),
+        })?;
+    json(&MediaResult {
+        power: driver.power_state(&system).await?,
+        media,
+        system,
+    })
 }
 
 /// Makes a driver for an endpoint of one protocol.
@@ -395,6 +601,72 @@ mod tests {
         let err = BareMetalCommand::parse(POWER, br#"{"bmc":"b1","action":"explode"}"#)
             .expect_err("bad action");
         assert_eq!(err.kind(), crate::ErrorKind::InvalidSpec);
+        // Power waits for the state after the change unless told not to.
+        let Some(BareMetalCommand::Power(p)) =
+            BareMetalCommand::parse(POWER, br#"{"bmc":"b1","action":"on"}"#).expect("p")
+        else {
+            panic!("power")
+        };
+        assert!(p.wait);
+        let Some(BareMetalCommand::Boot(b)) = BareMetalCommand::parse(
+            BOOT,
+            br#"{"bmc":"b1","device":"pxe","persistence":"continuous","mode":"uefi"}"#,
+        )
+        .expect("p") else {
+            panic!("boot")
+        };
+        assert_eq!(
+            (b.device, b.persistence, b.mode),
+            (
+                BootDevice::Pxe,
+                BootPersistence::Continuous,
+                Some(BootMode::Uefi)
+            )
+        );
+        let err = BareMetalCommand::parse(BOOT, br#"{"bmc":"b1","device":"floppy"}"#)
+            .expect_err("unknown device");
+        assert!(err.to_string().contains("floppy"), "{err}");
+        let err = BareMetalCommand::parse(
+            INSERT_MEDIA,
+            br#"{"bmc":"b1","image_url":"file:///boot.iso"}"#,
+        )
+        .expect_err("file URL");
+        assert!(err.to_string().contains("image_url"), "{err}");
+        assert!(BareMetalCommand::parse(EJECT_MEDIA, br#"{"bmc":"b1"}"#)
+            .expect("p")
+            .is_some());
+    }
+
+    #[test]
+    fn only_cycle_reset_and_provision_repeat_an_effect() {
+        let repeats = |kind: &str, payload: &str| {
+            BareMetalCommand::parse(kind, payload.as_bytes())
+                .expect("parses")
+                .expect("known")
+                .repeats_an_effect()
+        };
+        for action in ["cycle", "reset"] {
+            assert!(repeats(
+                POWER,
+                &format!(r#"{{"bmc":"b","action":"{action}"}}"#)
+            ));
+        }
+        let prov =
+            r#"{"spec":{"name":"m","placement":{"provider":"bare_metal","bmc":"b","boot":"pxe"}}}"#;
+        assert!(repeats(PROVISION, prov));
+        for action in ["on", "off", "soft_shutdown", "status"] {
+            assert!(!repeats(
+                POWER,
+                &format!(r#"{{"bmc":"b","action":"{action}"}}"#)
+            ));
+        }
+        assert!(!repeats(BOOT, r#"{"bmc":"b","device":"disk"}"#));
+        assert!(!repeats(
+            INSERT_MEDIA,
+            r#"{"bmc":"b","image_url":"http://x/i.iso"}"#
+        ));
+        assert!(!repeats(EJECT_MEDIA, r#"{"bmc":"b"}"#));
+        assert!(!repeats(DEPROVISION, r#"{"bmc":"b"}"#));
     }
 }
 

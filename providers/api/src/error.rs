@@ -90,6 +90,11 @@ pub enum ProviderError {
         reason: String,
     },
 
+    /// The endpoint answered, but its TLS certificate is not trusted by the configured trust
+    /// (CA bundle or pin): a configuration matter, not a network one.
+    #[error("{endpoint}: TLS certificate not trusted: {detail}; give the CA that signed it (or the server's own self-signed certificate) as tls.ca_pem, or pin it with tls.pin_sha256")]
+    TlsTrust { endpoint: String, detail: String },
+
     /// The endpoint did not answer within the configured bound.
     #[error("{component} {endpoint} did not answer {operation} within {after:?}; {}", component.timeout_hint())]
     Timeout {
@@ -151,6 +156,7 @@ pub enum ProviderError {
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     Unreachable,
+    TlsTrust,
     Timeout,
     Auth,
     NotFound,
@@ -167,6 +173,7 @@ impl ProviderError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Unreachable { .. } => ErrorKind::Unreachable,
+            Self::TlsTrust { .. } => ErrorKind::TlsTrust,
             Self::Timeout { .. } => ErrorKind::Timeout,
             Self::Auth { .. } => ErrorKind::Auth,
             Self::NotFound { .. } => ErrorKind::NotFound,

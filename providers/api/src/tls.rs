@@ -1,11 +1,17 @@
 //! TLS trust for provider endpoints (vCenter, Redfish BMCs): a CA bundle (chain and host name
 //! verified), or a pinned SHA-256 of the server certificate (such certificates are often
 //! self-signed). There is no way to switch verification off.
+//!
+//! A certificate in the CA bundle that is the server's own certificate is trusted as it is
+//! (host name still checked): BMCs make self-signed certificates marked CA:TRUE, which WebPKI
+//! refuses as an end entity (`CaUsedAsEndEntity`) though `curl --cacert` accepts them. A
+//! certificate that does not verify is reported with its SHA-256, so the operator can pin it.
 
 use std::sync::Arc;
 
 use crate::TlsTrust;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -41,14 +47,28 @@ pub fn client_config(trust: &TlsTrust) -> Result<rustls::ClientConfig, String> {
     Ok(match trust {
         TlsTrust::CaPem(pem) => {
             let mut roots = rustls::RootCertStore::empty();
+            let mut given = Vec::new();
             for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
                 let cert = cert.map_err(|e| format!("ca_pem: {e}"))?;
-                roots.add(cert).map_err(|e| format!("ca_pem: {e}"))?;
+                roots
+                    .add(cert.clone())
+                    .map_err(|e| format!("ca_pem: {e}"))?;
+                given.push(cert);
             }
             if roots.is_empty() {
                 return Err("ca_pem holds no certificate".into());
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| format!("ca_pem: {e}"))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(CaOrOwnCertificate {
+                    webpki,
+                    given,
+                    provider: provider(),
+                }))
+                .with_no_client_auth()
         }
         TlsTrust::PinSha256(pin) => builder
             .dangerous()
@@ -58,6 +78,142 @@ pub fn client_config(trust: &TlsTrust) -> Result<rustls::ClientConfig, String> {
             }))
             .with_no_client_auth(),
     })
+}
+
+/// A certificate the configured trust refused, with its SHA-256 (for `pin_sha256`).
+#[derive(Debug)]
+struct NotTrusted {
+    reason: String,
+    sha256: String,
+}
+
+impl std::fmt::Display for NotTrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (the server's certificate has SHA-256 {})",
+            self.reason, self.sha256
+        )
+    }
+}
+
+impl std::error::Error for NotTrusted {}
+
+fn not_trusted(reason: String, cert: &CertificateDer<'_>) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(NotTrusted {
+            reason,
+            sha256: cert_sha256(cert.as_ref()),
+        }),
+    )))
+}
+
+/// WebPKI verification against the given certificates; failing that, a server certificate that
+/// is itself one of the given certificates is accepted when it names the host (an explicit
+/// trust anchor for that endpoint, as `curl --cacert` treats it).
+#[derive(Debug)]
+struct CaOrOwnCertificate {
+    webpki: Arc<WebPkiServerVerifier>,
+    given: Vec<CertificateDer<'static>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for CaOrOwnCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let err =
+            match self
+                .webpki
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+        if !self.given.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
+            return Err(not_trusted(
+                format!("{err}; it is not signed by a certificate in ca_pem"),
+                end_entity,
+            ));
+        }
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| not_trusted(format!("ca_pem certificate: {e}"), end_entity))?;
+        cert.verify_is_valid_for_subject_name(server_name)
+            .map_err(|e| {
+                not_trusted(
+                    format!("the certificate in ca_pem does not name {server_name:?} ({e:?})"),
+                    end_entity,
+                )
+            })?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The trust failure in an error chain (a server certificate that the configured trust
+/// refused), as text, or None when the error is about something else (connection, timeout).
+pub fn trust_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(r) = e.downcast_ref::<rustls::Error>() {
+            match r {
+                // Ours (NotTrusted): its own words, with the certificate's SHA-256.
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+                    return Some(o.0.to_string())
+                }
+                rustls::Error::InvalidCertificate(_) => return Some(r.to_string()),
+                _ => {}
+            }
+        }
+        // io::Error's source() skips the error it wraps: look inside.
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(found) = trust_failure(inner) {
+                    return Some(found);
+                }
+            }
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// Accepts exactly the server certificate with this SHA-256; handshake signatures are still
@@ -81,11 +237,10 @@ impl ServerCertVerifier for PinVerifier {
         if got.as_slice() == self.pin {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!(
-                "server certificate SHA-256 {} is not the pinned {}",
-                hex::encode(got),
-                hex::encode(self.pin)
-            )))
+            Err(not_trusted(
+                format!("it is not the pinned SHA-256 {}", hex::encode(self.pin)),
+                end_entity,
+            ))
         }
     }
 

@@ -15,6 +15,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::LabBmc;
 use pcg_ipmi::{IpmiDriver, SYSTEM};
 use pcg_provider::BareMetal;
 

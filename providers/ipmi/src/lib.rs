@@ -1,5 +1,5 @@
-//! pcg-ipmi: the bare-metal driver for IPMI BMCs over LAN (v2.0 RMCP+ with cipher suite 3; v1.5
-//! MD5 only where a BMC offers nothing else).
+//! pcg-ipmi: the bare-metal driver for IPMI BMCs over LAN (v2.0 RMCP+ with cipher suite 17 or 3;
+//! v1.5 MD5 only where a BMC offers nothing else).
 //!
 //! [`IpmiDriver`] implements [`pcg_provider::BareMetal`] on a session layer of our own
 //! ([`session::Session`]: tokio UDP, retransmission, session reuse, Close Session on every path)
@@ -20,6 +20,7 @@ use pcg_provider::{
 use serde_json::json;
 use tokio::sync::Mutex;
 
+pub use packet::CipherSuite;
 pub use session::{LanProtocol, Stats};
 use session::{Reply, Session};
 
@@ -39,6 +40,8 @@ pub struct IpmiDriver {
     addr: SocketAddr,
     ep: BmcEndpoint,
     protocol: LanProtocol,
+    idle_limit: Duration,
+    cipher_suite: Option<CipherSuite>,
     session: Mutex<Option<Session>>,
     caps: std::sync::Mutex<Option<Capabilities>>,
 }
@@ -120,6 +123,8 @@ impl IpmiDriver {
             addr,
             ep: ep.clone(),
             protocol: LanProtocol::Auto,
+            idle_limit: session::IDLE_REOPEN,
+            cipher_suite: None,
             session: Mutex::new(None),
             caps: std::sync::Mutex::new(None),
         })
@@ -130,6 +135,29 @@ impl IpmiDriver {
     pub fn with_protocol(mut self, protocol: LanProtocol) -> Self {
         self.protocol = protocol;
         self
+    }
+
+    /// Replaces a session that was idle for `limit` before its next use, instead of the
+    /// default 30 s (for BMCs that expire idle sessions sooner).
+    pub fn with_idle_limit(mut self, limit: Duration) -> Self {
+        self.idle_limit = limit;
+        self
+    }
+
+    /// Uses only RMCP+ cipher suite `suite`, instead of suite 17 with a fallback to 3 for BMCs
+    /// that refuse it.
+    pub fn with_cipher_suite(mut self, suite: CipherSuite) -> Self {
+        self.cipher_suite = Some(suite);
+        self
+    }
+
+    /// The RMCP+ cipher suite in use, once a session was opened.
+    pub async fn cipher_suite(&self) -> Option<CipherSuite> {
+        self.session
+            .lock()
+            .await
+            .as_ref()
+            .and_then(Session::cipher_suite)
     }
 
     /// The LAN protocol in use, once a session was opened.
@@ -152,7 +180,7 @@ impl IpmiDriver {
             .lock()
             .await
             .as_ref()
-            .map(|s| s.stats)
+            .map(Session::stats)
             .unwrap_or_default()
     }
 
@@ -161,17 +189,20 @@ impl IpmiDriver {
         let mut guard = self.session.lock().await;
         if guard.is_none() {
             let bound = self.ep.timeout_or(DEFAULT_TIMEOUT);
-            *guard = Some(
-                Session::new(
-                    self.addr,
-                    &self.endpoint,
-                    &self.ep.user,
-                    self.ep.password.clone(),
-                    bound,
-                    self.protocol,
-                )
-                .await?,
-            );
+            let mut s = Session::new(
+                self.addr,
+                &self.endpoint,
+                &self.ep.user,
+                self.ep.password.clone(),
+                bound,
+                self.protocol,
+            )
+            .await?;
+            s.set_idle_limit(self.idle_limit);
+            if let Some(suite) = self.cipher_suite {
+                s.force_cipher_suite(suite);
+            }
+            *guard = Some(s);
         }
         let Some(session) = guard.as_mut() else {
             return Err(ProviderError::ProviderFault {
@@ -194,11 +225,8 @@ impl IpmiDriver {
                 user: self.ep.user.clone(),
                 detail,
             },
-            0xc0 => ProviderError::NoSessionSlots {
-                endpoint: self.endpoint.clone(),
-                user: self.ep.user.clone(),
-                detail,
-            },
+            // "Node busy" is not about sessions: only the BMC's own word on session slots
+            // (RMCP+ status 0x01, Activate Session's 0x81) becomes NoSessionSlots.
             0xc1 => ProviderError::Unsupported {
                 endpoint: self.endpoint.clone(),
                 what: detail,
@@ -286,7 +314,10 @@ impl BareMetal for IpmiDriver {
             power_settle_ms: 15_000,
             details: json!({
                 "transport": self.protocol().await.unwrap_or(LanProtocol::Auto).label(),
-                "cipher_suite": if self.protocol().await == Some(LanProtocol::Lanplus) { json!(3) } else { json!(null) },
+                "cipher_suite": match (self.protocol().await, self.cipher_suite().await) {
+                    (Some(LanProtocol::Lanplus), Some(suite)) => json!(suite.id()),
+                    _ => json!(null),
+                },
                 "device": dev,
                 "timeout_ms": self.ep.timeout_or(DEFAULT_TIMEOUT).as_millis() as u64,
             }),

@@ -1,10 +1,12 @@
 //! RMCP+ (IPMI v2.0 over LAN) packet encoding and parsing: the RMCP and session headers, the
-//! RAKP key exchange messages, HMAC-SHA1-96 integrity, AES-CBC-128 confidentiality, and IPMI
-//! request/response messages. Pure functions over bytes, so the parser can be fuzzed.
+//! RAKP key exchange messages, integrity (HMAC-SHA1-96 for cipher suite 3, HMAC-SHA256-128 for
+//! cipher suite 17), AES-CBC-128 confidentiality, and IPMI request/response messages. Pure
+//! functions over bytes, so the parser can be fuzzed.
 
 use aes::cipher::{block_padding::NoPadding, BlockDecryptMut, BlockEncryptMut, KeyIvInit};
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
+use sha2::Sha256;
 
 /// RMCP header: version 1.0, reserved, no ACK sequence, class IPMI.
 pub const RMCP_HEADER: [u8; 4] = [0x06, 0x00, 0xff, 0x07];
@@ -24,7 +26,71 @@ pub mod payload {
 
 const ENCRYPTED: u8 = 0x80;
 const AUTHENTICATED: u8 = 0x40;
-const AUTH_CODE_LEN: usize = 12;
+
+/// The RMCP+ cipher suites pcg speaks. Both use AES-CBC-128 for confidentiality.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CipherSuite {
+    /// RAKP-HMAC-SHA1, HMAC-SHA1-96.
+    Three,
+    /// RAKP-HMAC-SHA256, HMAC-SHA256-128 (IPMI v2.0 errata; required where SHA-1 is disabled).
+    Seventeen,
+}
+
+impl CipherSuite {
+    pub fn id(self) -> u8 {
+        match self {
+            Self::Three => 3,
+            Self::Seventeen => 17,
+        }
+    }
+
+    /// Authentication (RAKP) algorithm number.
+    pub fn auth_algorithm(self) -> u8 {
+        match self {
+            Self::Three => 0x01,
+            Self::Seventeen => 0x03,
+        }
+    }
+
+    /// Integrity algorithm number.
+    pub fn integrity_algorithm(self) -> u8 {
+        match self {
+            Self::Three => 0x01,
+            Self::Seventeen => 0x04,
+        }
+    }
+
+    /// The suite whose algorithms these are (confidentiality AES-CBC-128), if pcg speaks it.
+    pub fn from_algorithms(auth: u8, integrity: u8, confidentiality: u8) -> Option<Self> {
+        [Self::Seventeen, Self::Three].into_iter().find(|s| {
+            s.auth_algorithm() == auth
+                && s.integrity_algorithm() == integrity
+                && confidentiality == 0x01
+        })
+    }
+
+    /// The RAKP HMAC (key exchange codes, SIK, K1/K2) over the concatenation of `parts`:
+    /// 20 bytes (SHA-1) or 32 (SHA-256).
+    pub fn hmac(self, key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+        match self {
+            Self::Three => hmac_sha1(key, parts).to_vec(),
+            Self::Seventeen => hmac_sha256(key, parts).to_vec(),
+        }
+    }
+
+    /// Length of the RAKP 4 integrity check value: 12 (SHA-1-96) or 16 (SHA-256-128).
+    pub fn rakp4_icv_len(self) -> usize {
+        self.integrity_len()
+    }
+
+    /// Length of a session packet's integrity code: 12 or 16.
+    pub fn integrity_len(self) -> usize {
+        match self {
+            Self::Three => 12,
+            Self::Seventeen => 16,
+        }
+    }
+}
 
 /// A malformed or unauthentic packet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,11 +128,27 @@ pub fn hmac_sha1(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
     mac.finalize().into_bytes().into()
 }
 
-/// Session keys derived from the SIK: K1 (integrity) and K2 (the first 16 bytes: AES key).
+/// HMAC-SHA256 over the concatenation of `parts`.
+pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    // HMAC accepts keys of any length.
+    let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(key) {
+        Ok(m) => m,
+        Err(_) => return [0; 32],
+    };
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// Session keys derived from the SIK: K1 (integrity) and K2 (the first 16 bytes: AES key), with
+/// the suite whose HMAC made them and protects packets.
 #[derive(Clone, Copy)]
 pub struct Keys {
-    pub k1: [u8; 20],
-    pub k2: [u8; 20],
+    pub suite: CipherSuite,
+    /// K1 and K2: 20 bytes (SHA-1) or 32 (SHA-256) used of 32.
+    pub k1: [u8; 32],
+    pub k2: [u8; 32],
 }
 
 impl std::fmt::Debug for Keys {
@@ -76,11 +158,35 @@ impl std::fmt::Debug for Keys {
 }
 
 impl Keys {
+    /// Cipher suite 3 keys from a SHA-1 SIK.
     pub fn from_sik(sik: &[u8; 20]) -> Self {
-        Self {
-            k1: hmac_sha1(sik, &[&[0x01; 20]]),
-            k2: hmac_sha1(sik, &[&[0x02; 20]]),
+        Self::derive(CipherSuite::Three, sik)
+    }
+
+    /// K1 = HMAC(SIK, 0x01 × 20) and K2 = HMAC(SIK, 0x02 × 20) with the suite's HMAC (the
+    /// constants are 20 bytes for SHA-256 too, as ipmitool and pyghmi compute them).
+    pub fn derive(suite: CipherSuite, sik: &[u8]) -> Self {
+        let mut k1 = [0u8; 32];
+        let mut k2 = [0u8; 32];
+        let a = suite.hmac(sik, &[&[0x01; 20]]);
+        let b = suite.hmac(sik, &[&[0x02; 20]]);
+        k1[..a.len()].copy_from_slice(&a);
+        k2[..b.len()].copy_from_slice(&b);
+        Self { suite, k1, k2 }
+    }
+
+    fn k1(&self) -> &[u8] {
+        match self.suite {
+            CipherSuite::Three => &self.k1[..20],
+            CipherSuite::Seventeen => &self.k1,
         }
+    }
+
+    /// The integrity code of a session packet (from the auth type byte on).
+    fn integrity(&self, covered: &[u8]) -> Vec<u8> {
+        let mut code = self.suite.hmac(self.k1(), &[covered]);
+        code.truncate(self.suite.integrity_len());
+        code
     }
 
     fn aes_key(&self) -> [u8; 16] {
@@ -153,8 +259,8 @@ pub fn encode(
         p.extend(std::iter::repeat_n(0xff, pad));
         p.push(pad as u8);
         p.push(0x07);
-        let code = hmac_sha1(&k.k1, &[&p[4..]]);
-        p.extend_from_slice(&code[..AUTH_CODE_LEN]);
+        let code = k.integrity(&p[4..]);
+        p.extend_from_slice(&code);
     }
     p
 }
@@ -192,16 +298,16 @@ pub fn decode(p: &[u8], keys: Option<&Keys>) -> Result<Inbound, PacketError> {
     let body = &p[16..end];
     if flags & AUTHENTICATED != 0 {
         let k = keys.ok_or(PacketError::NoKeys)?;
-        if p.len() < end + 2 + AUTH_CODE_LEN {
+        let code_len = k.suite.integrity_len();
+        if p.len() < end + 2 + code_len {
             return Err(PacketError::Integrity);
         }
-        let code_at = p.len() - AUTH_CODE_LEN;
+        let code_at = p.len() - code_len;
         let pad = p[code_at - 2] as usize;
         if p[code_at - 1] != 0x07 || end + pad + 2 != code_at {
             return Err(PacketError::Integrity);
         }
-        let want = hmac_sha1(&k.k1, &[&p[4..code_at]]);
-        if want[..AUTH_CODE_LEN] != p[code_at..] {
+        if k.integrity(&p[4..code_at]) != p[code_at..] {
             return Err(PacketError::Integrity);
         }
     }
@@ -370,12 +476,40 @@ pub fn decode_v15(p: &[u8], password: &[u8; 16]) -> Result<Inbound15, PacketErro
     })
 }
 
-/// Open Session Request proposing cipher suite 3 (RAKP-HMAC-SHA1, HMAC-SHA1-96, AES-CBC-128).
-pub fn open_session_request(tag: u8, console_sid: u32, max_priv: u8) -> Vec<u8> {
+/// The cipher suite ids in Get Channel Cipher Suites record data (all pages, channel byte
+/// removed): a standard record is 0xC0, the id, then algorithm bytes (below 0xC0); an OEM one
+/// is 0xC1, the id, a 3-byte IANA number, then algorithm bytes.
+pub fn cipher_suite_ids(records: &[u8]) -> Vec<u8> {
+    let mut ids = Vec::new();
+    let mut i = 0;
+    while i + 1 < records.len() {
+        match records[i] {
+            0xc0 => {
+                ids.push(records[i + 1]);
+                i += 2;
+            }
+            0xc1 => {
+                ids.push(records[i + 1]);
+                i += 5;
+            }
+            _ => i += 1,
+        }
+    }
+    ids
+}
+
+/// Open Session Request proposing `suite` (its authentication and integrity algorithms, and
+/// AES-CBC-128).
+pub fn open_session_request(
+    tag: u8,
+    console_sid: u32,
+    max_priv: u8,
+    suite: CipherSuite,
+) -> Vec<u8> {
     let mut m = vec![tag, max_priv, 0, 0];
     m.extend_from_slice(&console_sid.to_le_bytes());
-    m.extend_from_slice(&[0x00, 0, 0, 0x08, 0x01, 0, 0, 0]); // authentication: RAKP-HMAC-SHA1
-    m.extend_from_slice(&[0x01, 0, 0, 0x08, 0x01, 0, 0, 0]); // integrity: HMAC-SHA1-96
+    m.extend_from_slice(&[0x00, 0, 0, 0x08, suite.auth_algorithm(), 0, 0, 0]);
+    m.extend_from_slice(&[0x01, 0, 0, 0x08, suite.integrity_algorithm(), 0, 0, 0]);
     m.extend_from_slice(&[0x02, 0, 0, 0x08, 0x01, 0, 0, 0]); // confidentiality: AES-CBC-128
     m
 }
@@ -388,6 +522,8 @@ pub struct OpenSessionResponse {
     /// Absent in short error responses (ipmi_sim sends only tag and status).
     pub console_sid: Option<u32>,
     pub bmc_sid: u32,
+    /// The algorithms the BMC chose (authentication, integrity, confidentiality), on success.
+    pub algorithms: Option<(u8, u8, u8)>,
 }
 
 fn u32_at(m: &[u8], at: usize) -> u32 {
@@ -413,6 +549,7 @@ pub fn parse_open_session_response(m: &[u8]) -> Result<OpenSessionResponse, Pack
         status,
         console_sid: (m.len() >= 8).then(|| u32_at(m, 4)),
         bmc_sid,
+        algorithms: (status == 0).then(|| (m[16], m[24], m[32])),
     })
 }
 
@@ -548,6 +685,62 @@ mod tests {
             (AUTH_MD5, 5, 0xabcd, msg)
         );
         assert_eq!(decode_v15(&p, &[8u8; 16]), Err(PacketError::Integrity));
+    }
+
+    #[test]
+    fn cipher_suite_records() {
+        // ipmi_sim's first page, then a page with suites 3 and 17 and an OEM record.
+        let mut r = vec![0xc0, 0x00, 0x00, 0x40, 0x80, 0xc0, 0x01, 0x01, 0x40, 0x80];
+        r.extend_from_slice(&[0xc0, 0x03, 0x01, 0x41, 0x81, 0xc0, 0x11, 0x03, 0x44, 0x81]);
+        r.extend_from_slice(&[0xc1, 0x80, 0x57, 0x01, 0x00, 0x01, 0x41]);
+        assert_eq!(cipher_suite_ids(&r), vec![0, 1, 3, 17, 0x80]);
+        assert_eq!(
+            CipherSuite::from_algorithms(0x03, 0x04, 0x01),
+            Some(CipherSuite::Seventeen)
+        );
+        assert_eq!(
+            CipherSuite::from_algorithms(0x01, 0x01, 0x01),
+            Some(CipherSuite::Three)
+        );
+        assert_eq!(CipherSuite::from_algorithms(0x01, 0x01, 0x00), None);
+    }
+
+    /// HMAC-SHA256 vectors of RFC 4231 (test cases 1 and 2), and the suite 17 key derivation
+    /// and packet integrity as ipmitool and pyghmi compute them: K1 = HMAC-SHA256(SIK,
+    /// 0x01 × 20), the integrity code the first 16 bytes of HMAC-SHA256(K1, packet).
+    #[test]
+    fn suite_17_primitives() {
+        let h = hmac_sha256(&[0x0b; 20], &[b"Hi There"]);
+        assert_eq!(
+            hex(&h),
+            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
+        );
+        let h = hmac_sha256(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
+        assert_eq!(
+            hex(&h),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        let sik = [0x5au8; 32];
+        let k = Keys::derive(CipherSuite::Seventeen, &sik);
+        assert_eq!(k.k1.to_vec(), hmac_sha256(&sik, &[&[0x01; 20]]).to_vec());
+        assert_eq!(k.k2.to_vec(), hmac_sha256(&sik, &[&[0x02; 20]]).to_vec());
+        let data = ipmi_request(0x00, 0x01, 3, &[]);
+        let p = encode(payload::IPMI, 0x1234, 9, &data, Some((&k, [3u8; 16])));
+        let code_at = p.len() - 16;
+        assert_eq!(
+            p[code_at..].to_vec(),
+            hmac_sha256(&k.k1, &[&p[4..code_at]])[..16].to_vec()
+        );
+        assert_eq!((p.len() - 4 - 16) % 4, 0, "integrity pad");
+        let d = decode(&p, Some(&k)).expect("decodes");
+        assert_eq!(d.payload, data);
+        // Suite 3 keys do not open it.
+        let k3 = Keys::derive(CipherSuite::Three, &sik[..20]);
+        assert_eq!(decode(&p, Some(&k3)), Err(PacketError::Integrity));
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
     #[test]

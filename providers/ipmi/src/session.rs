@@ -3,14 +3,24 @@
 //! Set Session Privilege Level, requests with adaptive retransmission, re-establishment when a
 //! session dies, sequence numbers that never wrap (a fresh session is made first), and Close
 //! Session on every path (including drop).
+//!
+//! Every handshake runs on a UDP socket of its own (a fresh source port, as ipmitool gets one per
+//! process): BMCs built on pyghmi route every datagram from a known address and port to the
+//! session that port had, closed or not. Open Session is retransmitted on a timeout of its own,
+//! learnt from Open Session answers only (BMCs take hundreds of milliseconds to open a session
+//! while they answer in-session commands in a few), and a retransmission repeats the same request
+//! (same tag, same console session id); should the BMC still open a second session for it, the
+//! extra answer is aborted (RAKP 3 with an error status) as soon as it arrives.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pcg_provider::{ProviderError, Result, Secret};
 use tokio::net::UdpSocket;
 
-use crate::packet::{self, payload, Keys};
+use crate::packet::{self, payload, CipherSuite, Keys};
 
 /// Privilege level ADMINISTRATOR.
 pub const PRIV_ADMIN: u8 = 0x04;
@@ -23,11 +33,119 @@ const RAKP1_OP: &str = "RMCP+ RAKP 1";
 const RAKP3_OP: &str = "RMCP+ RAKP 3";
 /// Start a fresh session before the outbound sequence number gets near wrapping.
 const SEQ_LIMIT: u32 = 0xffff_0000;
-/// A session idle this long is replaced before use rather than found dead by a timeout.
-const IDLE_REOPEN: Duration = Duration::from_secs(30);
+/// A session idle this long is replaced before use rather than found dead by a timeout (BMCs
+/// expire idle sessions, commonly after 60 s).
+pub const IDLE_REOPEN: Duration = Duration::from_secs(30);
 /// How long a live session gets to answer before it is presumed dead and replaced (within the
 /// operation's bound): about seven attempts at the shortest retransmission timeout.
 const LIVE_SESSION_WINDOW: Duration = Duration::from_secs(4);
+
+/// A round-trip time estimator (as TCP's): smoothed RTT + 4 × its mean deviation, at least
+/// `floor_gap` more than the RTT, within `[min, max]`; `initial` before the first sample.
+#[derive(Debug, Clone, Copy)]
+struct RttEstimator {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    initial: Duration,
+    min: Duration,
+    max: Duration,
+    floor_gap: Duration,
+}
+
+impl RttEstimator {
+    /// For in-session commands and RAKP messages: 500 ms first, then 150 ms – 2 s.
+    const fn session() -> Self {
+        Self {
+            srtt: None,
+            rttvar: Duration::ZERO,
+            initial: Duration::from_millis(500),
+            min: Duration::from_millis(150),
+            max: Duration::from_secs(2),
+            floor_gap: Duration::from_millis(100),
+        }
+    }
+
+    /// For Open Session, which a BMC may take a second or more to answer (it allocates a slot
+    /// and draws random numbers): 1.2 s first, then 1 – 3 s. Retransmitting it early opens a
+    /// second session on most BMCs (ipmi_sim does for every copy).
+    const fn open_session() -> Self {
+        Self {
+            srtt: None,
+            rttvar: Duration::ZERO,
+            initial: Duration::from_millis(1200),
+            min: Duration::from_secs(1),
+            max: Duration::from_secs(3),
+            floor_gap: Duration::from_millis(500),
+        }
+    }
+
+    fn rto(&self) -> Duration {
+        match self.srtt {
+            Some(s) => (s + (self.rttvar * 4).max(self.floor_gap)).clamp(self.min, self.max),
+            None => self.initial,
+        }
+    }
+
+    fn sample(&mut self, rtt: Duration) {
+        match self.srtt {
+            Some(s) => {
+                let dev = rtt.abs_diff(s);
+                self.rttvar = (self.rttvar * 3 + dev) / 4;
+                self.srtt = Some((s * 7 + rtt) / 8);
+            }
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+        }
+    }
+}
+
+/// Which retransmission timer an exchange uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    Session,
+    OpenSession,
+}
+
+/// The Open Session request of the current socket, and the session chosen from its answers:
+/// any other answer to it is a second session the BMC opened for a retransmission.
+#[derive(Debug, Clone, Copy)]
+struct Proposal {
+    tag: u8,
+    console_sid: u32,
+    chosen_bmc_sid: Option<u32>,
+    /// Copies sent, and when the last one went.
+    sends: u32,
+    last_send: Instant,
+}
+
+impl Proposal {
+    /// The BMC session id of a successful Open Session answer to this request that is not the
+    /// session in use; before one is in use, any such answer when `none_chosen_is_extra`.
+    fn extra_session(&self, bytes: &[u8], none_chosen_is_extra: bool) -> Option<u32> {
+        let p = packet::decode(bytes, None).ok()?;
+        if p.ptype != payload::OPEN_SESSION_RESPONSE {
+            return None;
+        }
+        let r = packet::parse_open_session_response(&p.payload).ok()?;
+        let ours = r.tag == self.tag && r.console_sid == Some(self.console_sid);
+        if !ours || r.status != 0 {
+            return None;
+        }
+        match self.chosen_bmc_sid {
+            Some(c) if c == r.bmc_sid => None,
+            Some(_) => Some(r.bmc_sid),
+            None => none_chosen_is_extra.then_some(r.bmc_sid),
+        }
+    }
+}
+
+/// RAKP 3 with an error status for a BMC session: the BMC drops a session in its handshake.
+fn abort_packet(tag: u8, bmc_sid: u32) -> Vec<u8> {
+    let abort = packet::rakp3(tag, 0x0f, bmc_sid, &[]);
+    packet::encode(payload::RAKP3, 0, 0, &abort, None)
+}
 
 impl Active {
     /// Wraps an IPMI message for this session, with the next sequence number.
@@ -77,6 +195,10 @@ pub struct Stats {
     pub discarded: u64,
     /// Handshakes started over after a lost RAKP message.
     pub handshake_restarts: u64,
+    /// Open Session requests sent (first sends and retransmissions).
+    pub open_session_requests: u64,
+    /// Extra sessions a BMC opened for a retransmitted Open Session, aborted on arrival.
+    pub duplicate_opens_aborted: u64,
     /// Sessions presumed dead (no answer) and replaced within an operation.
     pub sessions_replaced: u64,
 }
@@ -126,20 +248,31 @@ pub struct Session {
     endpoint: String,
     user: String,
     password: Secret,
-    socket: UdpSocket,
+    addr: SocketAddr,
+    /// Replaced by a fresh one (a new source port) for every handshake.
+    socket: Arc<UdpSocket>,
+    /// The Open Session request made on `socket`, if any.
+    proposal: Option<Proposal>,
     /// Bound on one operation (all attempts, including re-establishing the session).
     bound: Duration,
+    /// A session idle this long is replaced before its next use.
+    idle_limit: Duration,
     active: Option<Active>,
+    /// The RMCP+ cipher suite this BMC speaks, once known (or as configured), and whether it
+    /// was configured (no fallback).
+    suite: Option<CipherSuite>,
+    suite_forced: bool,
     /// The protocol asked for, and the one chosen with the BMC.
     protocol: LanProtocol,
     resolved: Option<LanProtocol>,
     rq_seq: u8,
     tag: u8,
-    /// Smoothed round-trip time, for the retransmission timeout.
-    srtt: Option<Duration>,
-    /// Mean deviation of the RTT.
-    rttvar: Duration,
-    pub stats: Stats,
+    /// Retransmission timers: in-session (and RAKP) exchanges, and Open Session.
+    rtt: RttEstimator,
+    open_rtt: RttEstimator,
+    stats: Stats,
+    /// Extra sessions aborted after their socket was retired (by a lingering task).
+    reaped_late: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Session {
@@ -178,10 +311,23 @@ fn rmcp_status(code: u8) -> &'static str {
         0x0e => "unauthorized GUID",
         0x0f => "invalid integrity check value",
         0x10 => "invalid confidentiality algorithm",
-        0x11 => "no cipher suite match (pcg offers cipher suite 3)",
+        0x11 => "no cipher suite match (pcg offers cipher suites 17 and 3)",
         0x12 => "illegal or unrecognized parameter",
         _ => "unknown status",
     }
+}
+
+/// What an Open Session exchange came to.
+enum Opened {
+    Session {
+        console_sid: u32,
+        bmc_sid: u32,
+        suite: CipherSuite,
+    },
+    /// An error status from the BMC (no session was opened).
+    Refused(u8),
+    /// A session with algorithms pcg does not speak (aborted).
+    Foreign((u8, u8, u8)),
 }
 
 enum Step<T> {
@@ -200,6 +346,39 @@ impl Session {
         bound: Duration,
         protocol: LanProtocol,
     ) -> Result<Self> {
+        let socket = Self::bind(addr, endpoint).await?;
+        Ok(Self {
+            endpoint: endpoint.to_owned(),
+            user: user.to_owned(),
+            password,
+            addr,
+            socket,
+            proposal: None,
+            suite: None,
+            suite_forced: false,
+            bound,
+            idle_limit: IDLE_REOPEN,
+            active: None,
+            protocol,
+            resolved: None,
+            rq_seq: 0,
+            tag: 0,
+            rtt: RttEstimator::session(),
+            open_rtt: RttEstimator::open_session(),
+            stats: Stats::default(),
+            reaped_late: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Counters since this session object was made.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        s.duplicate_opens_aborted += self.reaped_late.load(Ordering::Relaxed);
+        s
+    }
+
+    /// A UDP socket on a fresh ephemeral port, connected to `addr`.
+    async fn bind(addr: SocketAddr, endpoint: &str) -> Result<Arc<UdpSocket>> {
         let local: SocketAddr = if addr.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
         } else {
@@ -208,29 +387,79 @@ impl Session {
         let unreachable = |e: std::io::Error| ProviderError::Unreachable {
             component: pcg_provider::Component::Bmc,
             endpoint: endpoint.to_owned(),
-            reason: e.to_string(),
+            reason: format!("UDP socket: {e}"),
         };
         let socket = UdpSocket::bind(local).await.map_err(unreachable)?;
         socket.connect(addr).await.map_err(unreachable)?;
-        Ok(Self {
-            endpoint: endpoint.to_owned(),
-            user: user.to_owned(),
-            password,
-            socket,
-            bound,
-            active: None,
-            protocol,
-            resolved: None,
-            rq_seq: 0,
-            tag: 0,
-            srtt: None,
-            rttvar: Duration::ZERO,
-            stats: Stats::default(),
-        })
+        Ok(Arc::new(socket))
+    }
+
+    /// Moves to a fresh source port before a handshake, so that no BMC can take the new session
+    /// for the one the old port had.
+    async fn fresh_socket(&mut self) -> Result<()> {
+        let fresh = Self::bind(self.addr, &self.endpoint).await?;
+        self.retire_socket();
+        self.socket = fresh;
+        Ok(())
+    }
+
+    /// Before the socket is given up: when its Open Session request was sent more than once,
+    /// answers to the other copies may still be on their way, each naming a session the BMC
+    /// opened. A task keeps the socket a while and aborts every such session as it arrives.
+    fn retire_socket(&mut self) {
+        let Some(prop) = self.proposal.take() else {
+            return;
+        };
+        if prop.sends <= 1 {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let socket = self.socket.clone();
+        let until = prop.last_send + self.open_rtt.max * 2;
+        let reaped = self.reaped_late.clone();
+        let endpoint = self.endpoint.clone();
+        rt.spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            loop {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let Ok(Ok(n)) = tokio::time::timeout(left, socket.recv(&mut buf)).await else {
+                    break;
+                };
+                if let Some(extra) = prop.extra_session(&buf[..n], true) {
+                    tracing::debug!(%endpoint, bmc_sid = extra, "aborting a late second session");
+                    let pkt = abort_packet(prop.tag.wrapping_add(1), extra);
+                    for _ in 0..2 {
+                        let _ = socket.try_send(&pkt);
+                    }
+                    reaped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
     }
 
     pub fn bound(&self) -> Duration {
         self.bound
+    }
+
+    /// Uses only `suite` (no fallback to another).
+    pub fn force_cipher_suite(&mut self, suite: CipherSuite) {
+        self.suite = Some(suite);
+        self.suite_forced = true;
+    }
+
+    /// The cipher suite of the RMCP+ sessions, once one was opened (or as forced).
+    pub fn cipher_suite(&self) -> Option<CipherSuite> {
+        self.suite
+    }
+
+    /// Replaces a session idle for `limit` before its next use (default [`IDLE_REOPEN`]).
+    pub fn set_idle_limit(&mut self, limit: Duration) {
+        self.idle_limit = limit;
     }
 
     pub fn is_open(&self) -> bool {
@@ -255,41 +484,27 @@ impl Session {
         }
     }
 
-    /// Retransmission timeout, as TCP computes it: smoothed RTT + 4 × its mean deviation (at
-    /// least 100 ms more than the RTT), within [150 ms, 2 s]; 500 ms before the first sample.
-    fn rto(&self) -> Duration {
-        match self.srtt {
-            Some(s) => (s + (self.rttvar * 4).max(Duration::from_millis(100)))
-                .clamp(Duration::from_millis(150), Duration::from_secs(2)),
-            None => Duration::from_millis(500),
+    fn estimator(&mut self, timer: Timer) -> &mut RttEstimator {
+        match timer {
+            Timer::Session => &mut self.rtt,
+            Timer::OpenSession => &mut self.open_rtt,
         }
     }
 
-    fn sample_rtt(&mut self, rtt: Duration) {
-        match self.srtt {
-            Some(s) => {
-                let dev = rtt.abs_diff(s);
-                self.rttvar = (self.rttvar * 3 + dev) / 4;
-                self.srtt = Some((s * 7 + rtt) / 8);
-            }
-            None => {
-                self.srtt = Some(rtt);
-                self.rttvar = rtt / 2;
-            }
-        }
-    }
-
-    /// Sends what `build` makes, retransmitting (a fresh build each time) until `accept` takes an
-    /// answer or `deadline` passes.
+    /// Sends what `build` makes, retransmitting (a fresh build each time) on `timer` until
+    /// `accept` takes an answer or `deadline` passes. Datagrams `accept` skips are offered to
+    /// [`Session::reap_duplicate_open`].
     async fn exchange<T>(
         &mut self,
         operation: &str,
         deadline: Instant,
         attempts: u32,
+        timer: Timer,
         mut build: impl FnMut(&mut Self) -> Vec<u8>,
         mut accept: impl FnMut(&mut Self, &[u8]) -> Result<Step<T>>,
     ) -> Result<T> {
-        let mut rto = self.rto();
+        let mut rto = self.estimator(timer).rto();
+        let cap = self.estimator(timer).max;
         let mut buf = vec![0u8; 2048];
         let mut first = true;
         let mut sent = 0u32;
@@ -322,16 +537,35 @@ impl Session {
                     Ok(Ok(n)) => match accept(self, &buf[..n])? {
                         Step::Done(v) => {
                             if !retransmitted {
-                                self.sample_rtt(sent_at.elapsed());
+                                let rtt = sent_at.elapsed();
+                                self.estimator(timer).sample(rtt);
                             }
                             return Ok(v);
                         }
-                        Step::Skip => self.stats.discarded += 1,
+                        Step::Skip => {
+                            if !self.reap_duplicate_open(&buf[..n]) {
+                                self.stats.discarded += 1;
+                            }
+                        }
                     },
                 }
             }
-            rto = (rto * 3 / 2).min(Duration::from_secs(2));
+            rto = (rto * 3 / 2).min(cap);
         }
+    }
+
+    /// An Open Session answer to this socket's request that names a session other than the one
+    /// in use is a second session the BMC opened for a retransmission: abort it at once (RAKP 3
+    /// with an error status), so that it does not hold a slot until the BMC expires it.
+    fn reap_duplicate_open(&mut self, bytes: &[u8]) -> bool {
+        // Before one is chosen, the Open Session exchange itself takes the first answer.
+        let Some(extra) = self.proposal.and_then(|p| p.extra_session(bytes, false)) else {
+            return false;
+        };
+        tracing::debug!(endpoint = %self.endpoint, bmc_sid = extra, "aborting a second session opened for a retransmitted Open Session");
+        self.abort_handshake(extra);
+        self.stats.duplicate_opens_aborted += 1;
+        true
     }
 
     fn io_error(&self, e: std::io::Error) -> ProviderError {
@@ -361,6 +595,11 @@ impl Session {
         };
         if protocol == LanProtocol::Lan15 {
             return self.handshake_v15(deadline).await;
+        }
+        if self.suite.is_none() {
+            let suite = self.pick_cipher_suite(deadline).await;
+            tracing::debug!(endpoint = %self.endpoint, suite = suite.id(), "RMCP+ cipher suite");
+            self.suite = Some(suite);
         }
         loop {
             match self.handshake(deadline).await {
@@ -392,70 +631,150 @@ impl Session {
             ));
         }
         kuid.resize(20, 0);
-        // Open Session, keeping part of the bound to tell a full BMC from a dead one. Each
-        // attempt proposes a fresh console session id: a BMC that already answered a request
-        // whose answer was lost may ignore the same request again (ipmi_sim does).
+        // A fresh source port for every handshake.
+        self.fresh_socket().await?;
+        // Keep part of the bound to ask whether the BMC answers at all.
         let reserve = (self.bound / 4).min(Duration::from_secs(1));
         let open_deadline = deadline.checked_sub(reserve).unwrap_or(deadline);
-        let proposed: std::sync::Mutex<Vec<(u8, u32)>> = std::sync::Mutex::new(Vec::new());
-        let opened = self
-            .exchange(
-                "RMCP+ Open Session",
-                open_deadline,
-                u32::MAX,
-                |s| {
-                    let tag = s.next_tag();
-                    let sid = rand::random::<u32>().max(1);
-                    proposed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((tag, sid));
-                    let open = packet::open_session_request(tag, sid, PRIV_ADMIN);
-                    packet::encode(payload::OPEN_SESSION_REQUEST, 0, 0, &open, None)
-                },
-                |s, bytes| {
-                    let Ok(p) = packet::decode(bytes, None) else {
-                        return Ok(Step::Skip);
-                    };
-                    if p.ptype != payload::OPEN_SESSION_RESPONSE {
-                        return Ok(Step::Skip);
-                    }
-                    let Ok(r) = packet::parse_open_session_response(&p.payload) else {
-                        return Ok(Step::Skip);
-                    };
-                    let ours = proposed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                        .find(|(t, c)| *t == r.tag && r.console_sid.is_none_or(|rc| rc == *c))
-                        .copied();
-                    let Some((_, console_sid)) = ours else {
-                        return Ok(Step::Skip);
-                    };
-                    if r.status != 0 {
-                        return Err(s.status_error("Open Session", r.status));
-                    }
-                    Ok(Step::Done((console_sid, r.bmc_sid)))
-                },
-            )
-            .await;
-        let (console_sid, bmc_sid) = match opened {
+        // The suite the BMC listed (or 3 where it lists none); should the BMC refuse its
+        // algorithms (status 0x04 and the like: no session is made), the other one. A BMC that
+        // answers with other algorithms than proposed (pyghmi answers suite 3's to anything)
+        // has chosen those.
+        let preferred = self.suite.unwrap_or(CipherSuite::Three);
+        let mut opened = self.open_session(preferred, open_deadline).await;
+        if let Ok(Opened::Refused(status)) = opened {
+            if !self.suite_forced && matches!(status, 0x04 | 0x05 | 0x06 | 0x07 | 0x10 | 0x11) {
+                let other = match preferred {
+                    CipherSuite::Three => CipherSuite::Seventeen,
+                    CipherSuite::Seventeen => CipherSuite::Three,
+                };
+                tracing::debug!(endpoint = %self.endpoint, status, suite = other.id(), "cipher suite refused; proposing the other");
+                opened = self.open_session(other, open_deadline).await;
+            }
+        }
+        let (console_sid, bmc_sid, suite) = match opened {
+            Ok(Opened::Session {
+                console_sid,
+                bmc_sid,
+                suite,
+            }) => (console_sid, bmc_sid, suite),
+            Ok(Opened::Refused(status)) => return Err(self.status_error("Open Session", status)),
+            Ok(Opened::Foreign(algorithms)) => {
+                return Err(ProviderError::Unsupported {
+                    endpoint: self.endpoint.clone(),
+                    what: format!(
+                        "the RMCP+ algorithms it chose (authentication, integrity, confidentiality {algorithms:02x?}); pcg speaks cipher suites 17 and 3"
+                    ),
+                })
+            }
             Err(ProviderError::Timeout { .. }) => {
                 return Err(self.diagnose_silence(deadline).await)
             }
-            other => other?,
+            Err(e) => return Err(e),
         };
+        if self.suite_forced && Some(suite) != self.suite {
+            self.abort_handshake(bmc_sid);
+            return Err(ProviderError::Unsupported {
+                endpoint: self.endpoint.clone(),
+                what: format!(
+                    "cipher suite {} (it chose suite {})",
+                    self.suite.map_or(0, CipherSuite::id),
+                    suite.id()
+                ),
+            });
+        }
+        self.suite = Some(suite);
+        if let Some(p) = self.proposal.as_mut() {
+            p.chosen_bmc_sid = Some(bmc_sid);
+        }
+        self.handshake_rakp(deadline, suite, console_sid, bmc_sid, &user, &kuid)
+            .await
+    }
 
+    /// Open Session proposing `suite`: one request, repeated as it is (the same tag and console
+    /// session id) on the Open Session timer until an answer or `deadline`.
+    async fn open_session(&mut self, suite: CipherSuite, deadline: Instant) -> Result<Opened> {
+        let tag = self.next_tag();
+        let console_sid = rand::random::<u32>().max(1);
+        self.proposal = Some(Proposal {
+            tag,
+            console_sid,
+            chosen_bmc_sid: None,
+            sends: 0,
+            last_send: Instant::now(),
+        });
+        let open = packet::open_session_request(tag, console_sid, PRIV_ADMIN, suite);
+        let open_pkt = packet::encode(payload::OPEN_SESSION_REQUEST, 0, 0, &open, None);
+        self.exchange(
+            "RMCP+ Open Session",
+            deadline,
+            u32::MAX,
+            Timer::OpenSession,
+            |s| {
+                s.stats.open_session_requests += 1;
+                if let Some(p) = s.proposal.as_mut() {
+                    p.sends += 1;
+                    p.last_send = Instant::now();
+                }
+                open_pkt.clone()
+            },
+            |s, bytes| {
+                let Ok(p) = packet::decode(bytes, None) else {
+                    return Ok(Step::Skip);
+                };
+                if p.ptype != payload::OPEN_SESSION_RESPONSE {
+                    return Ok(Step::Skip);
+                }
+                let Ok(r) = packet::parse_open_session_response(&p.payload) else {
+                    return Ok(Step::Skip);
+                };
+                if r.tag != tag || r.console_sid.is_some_and(|c| c != console_sid) {
+                    return Ok(Step::Skip);
+                }
+                if r.status != 0 {
+                    return Ok(Step::Done(Opened::Refused(r.status)));
+                }
+                let (auth, integ, conf) = r.algorithms.unwrap_or_default();
+                Ok(Step::Done(
+                    match CipherSuite::from_algorithms(auth, integ, conf) {
+                        Some(chosen) => Opened::Session {
+                            console_sid,
+                            bmc_sid: r.bmc_sid,
+                            suite: chosen,
+                        },
+                        None => {
+                            // A session the BMC opened that pcg cannot use: drop it.
+                            s.abort_handshake(r.bmc_sid);
+                            Opened::Foreign((auth, integ, conf))
+                        }
+                    },
+                ))
+            },
+        )
+        .await
+    }
+
+    /// RAKP 1–4 for the session the BMC opened, then Set Session Privilege Level.
+    async fn handshake_rakp(
+        &mut self,
+        deadline: Instant,
+        suite: CipherSuite,
+        console_sid: u32,
+        bmc_sid: u32,
+        user: &[u8],
+        kuid: &[u8],
+    ) -> Result<()> {
         // RAKP 1/2.
         let rm: [u8; 16] = rand::random();
         let role = PRIV_ADMIN | NAME_ONLY_LOOKUP;
         let tag = self.next_tag();
-        let r1 = packet::rakp1(tag, bmc_sid, &rm, role, &user);
+        let r1 = packet::rakp1(tag, bmc_sid, &rm, role, user);
         let r2 = self
             .exchange(
                 RAKP1_OP,
                 deadline,
                 RAKP_ATTEMPTS,
+                Timer::Session,
                 |_| packet::encode(payload::RAKP1, 0, 0, &r1, None),
                 |s, bytes| {
                     let Ok(p) = packet::decode(bytes, None) else {
@@ -486,8 +805,8 @@ impl Session {
             }
         };
         let ulen = [user.len() as u8];
-        let expect = packet::hmac_sha1(
-            &kuid,
+        let expect = suite.hmac(
+            kuid,
             &[
                 &console_sid.to_le_bytes(),
                 &bmc_sid.to_le_bytes(),
@@ -496,32 +815,34 @@ impl Session {
                 &r2.guid,
                 &[role],
                 &ulen,
-                &user,
+                user,
             ],
         );
-        if r2.auth_code.get(..20) != Some(&expect[..]) {
+        if r2.auth_code.get(..expect.len()) != Some(&expect[..]) {
             // Tell the BMC to drop the half-open session, then report the password.
             self.abort_handshake(bmc_sid);
             return Err(
                 self.auth("password rejected (RAKP 2 key exchange code does not match)".into())
             );
         }
-        let sik = packet::hmac_sha1(&kuid, &[&rm, &r2.rc, &[role], &ulen, &user]);
-        let keys = Keys::from_sik(&sik);
+        let sik = suite.hmac(kuid, &[&rm, &r2.rc, &[role], &ulen, user]);
+        let keys = Keys::derive(suite, &sik);
 
         // RAKP 3/4.
         let tag = self.next_tag();
-        let code = packet::hmac_sha1(
-            &kuid,
-            &[&r2.rc, &console_sid.to_le_bytes(), &[role], &ulen, &user],
+        let code = suite.hmac(
+            kuid,
+            &[&r2.rc, &console_sid.to_le_bytes(), &[role], &ulen, user],
         );
         let r3 = packet::rakp3(tag, 0, bmc_sid, &code);
-        let icv = packet::hmac_sha1(&sik, &[&rm, &bmc_sid.to_le_bytes(), &r2.guid]);
+        let mut icv = suite.hmac(&sik, &[&rm, &bmc_sid.to_le_bytes(), &r2.guid]);
+        icv.truncate(suite.rakp4_icv_len());
         let rakp4 = self
             .exchange(
                 RAKP3_OP,
                 deadline,
                 RAKP_ATTEMPTS,
+                Timer::Session,
                 |_| packet::encode(payload::RAKP3, 0, 0, &r3, None),
                 |s, bytes| {
                     // ipmi_sim answers a repeated RAKP 3 (its first RAKP 4 lost) from inside the
@@ -548,7 +869,7 @@ impl Session {
                     if r.status != 0 {
                         return Err(s.status_error("RAKP 4", r.status));
                     }
-                    if r.icv.get(..12) != Some(&icv[..12]) {
+                    if r.icv.get(..icv.len()) != Some(&icv[..]) {
                         return Err(s.auth("RAKP 4 integrity check value does not match".into()));
                     }
                     Ok(Step::Done(()))
@@ -609,17 +930,16 @@ impl Session {
         }
     }
 
-    /// Open Session got no answer: a BMC that still answers Get Channel Authentication
-    /// Capabilities (no session needed) is alive but refusing sessions — some BMCs, ipmi_sim
-    /// among them, drop Open Session silently when every slot is taken.
+    /// Open Session got no answer: ask whether the BMC answers at all (Get Channel
+    /// Authentication Capabilities needs no session), and say which it was. Silence is never
+    /// reported as full session slots: only the BMC's own word (RMCP+ status "insufficient
+    /// resources", completion code 0x81 to Activate Session) is.
     async fn diagnose_silence(&mut self, deadline: Instant) -> ProviderError {
         let probe = self.channel_auth_caps(deadline, 0x8e).await.map(|_| ());
         match probe {
-            Ok(()) => ProviderError::NoSessionSlots {
-                endpoint: self.endpoint.clone(),
-                user: self.user.clone(),
-                detail: "the BMC answers without a session but opened no RMCP+ session: its session slots are likely all in use (or the network loses most datagrams)".into(),
-            },
+            Ok(()) => self.timeout(
+                "RMCP+ Open Session (the BMC does answer Get Channel Authentication Capabilities, so it is up but opened no session: it may be overloaded or drop RMCP+ from this address)",
+            ),
             Err(ProviderError::Timeout { .. }) => self.timeout("RMCP+ Open Session"),
             Err(e) => e,
         }
@@ -628,8 +948,7 @@ impl Session {
     /// Sends RAKP 3 with an error status (twice, against loss) so that the BMC drops a session
     /// whose handshake pcg gives up; no answer is awaited.
     fn abort_handshake(&mut self, bmc_sid: u32) {
-        let abort = packet::rakp3(self.next_tag(), 0x0f, bmc_sid, &[]);
-        let pkt = packet::encode(payload::RAKP3, 0, 0, &abort, None);
+        let pkt = abort_packet(self.next_tag(), bmc_sid);
         for _ in 0..2 {
             let _ = self.socket.try_send(&pkt);
         }
@@ -645,6 +964,7 @@ impl Session {
             "Get Channel Authentication Capabilities",
             deadline,
             u32::MAX,
+            Timer::Session,
             |_| packet::encode_presession_v15(&msg),
             |_, bytes| {
                 let Ok(m) = packet::decode_presession_v15(bytes) else {
@@ -688,6 +1008,56 @@ impl Session {
         }
     }
 
+    /// The cipher suite to propose: 17 when Get Channel Cipher Suites lists it, else 3 (also
+    /// when the BMC does not answer that command within a second: not every BMC does).
+    async fn pick_cipher_suite(&mut self, deadline: Instant) -> CipherSuite {
+        let bound = (Instant::now() + Duration::from_secs(1)).min(deadline);
+        let mut records = Vec::new();
+        for index in 0..8u8 {
+            self.rq_seq = (self.rq_seq + 1) & 0x3f;
+            let rq_seq = self.rq_seq;
+            // This channel, payload IPMI, list by cipher suite, page `index`.
+            let msg = packet::ipmi_request(0x06, 0x54, rq_seq, &[0x0e, 0x00, 0x80 | index]);
+            let page = self
+                .exchange(
+                    "Get Channel Cipher Suites",
+                    bound,
+                    u32::MAX,
+                    Timer::Session,
+                    |_| packet::encode_presession_v15(&msg),
+                    |_, bytes| {
+                        // Some BMCs (pyghmi) answer in the RMCP+ format, outside any session.
+                        let m = match packet::decode_presession_v15(bytes) {
+                            Ok(m) => m,
+                            Err(_) => match packet::decode(bytes, None) {
+                                Ok(p) if p.ptype == payload::IPMI && p.session_id == 0 => p.payload,
+                                _ => return Ok(Step::Skip),
+                            },
+                        };
+                        match packet::ipmi_response(&m) {
+                            Ok(r) if r.cmd == 0x54 && r.rq_seq == rq_seq => Ok(Step::Done(r)),
+                            _ => Ok(Step::Skip),
+                        }
+                    },
+                )
+                .await;
+            match page {
+                Ok(r) if r.completion == 0 && !r.data.is_empty() => {
+                    records.extend_from_slice(&r.data[1..]);
+                    if r.data.len() < 17 {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        if packet::cipher_suite_ids(&records).contains(&17) {
+            CipherSuite::Seventeen
+        } else {
+            CipherSuite::Three
+        }
+    }
+
     /// The protocol in use (after the first session was opened).
     pub fn protocol(&self) -> Option<LanProtocol> {
         self.resolved
@@ -708,6 +1078,7 @@ impl Session {
         };
         let user = pad16("user", self.user.as_bytes())?;
         let password = pad16("password", self.password.expose().as_bytes())?;
+        self.fresh_socket().await?;
 
         self.rq_seq = (self.rq_seq + 1) & 0x3f;
         let rq = self.rq_seq;
@@ -719,6 +1090,7 @@ impl Session {
                 "Get Session Challenge",
                 deadline,
                 u32::MAX,
+                Timer::Session,
                 |_| packet::encode_presession_v15(&msg),
                 |s, bytes| {
                     let Ok(m) = packet::decode_presession_v15(bytes) else {
@@ -762,6 +1134,7 @@ impl Session {
                 "Activate Session",
                 deadline,
                 u32::MAX,
+                Timer::Session,
                 |_| packet::encode_v15_md5(0, temp_sid, &msg, &password),
                 |s, bytes| {
                     let Ok(p) = packet::decode_v15(bytes, &password) else {
@@ -830,6 +1203,10 @@ impl Session {
                 detail,
             },
             0x09 | 0x0a | 0x0d | 0x0e | 0x0f => self.auth(detail),
+            0x04 | 0x05 | 0x06 | 0x07 | 0x10 | 0x11 => ProviderError::Unsupported {
+                endpoint: self.endpoint.clone(),
+                what: format!("the RMCP+ cipher suite proposed ({detail})"),
+            },
             _ => ProviderError::ProviderFault {
                 endpoint: self.endpoint.clone(),
                 message: detail,
@@ -853,6 +1230,7 @@ impl Session {
             &operation,
             deadline,
             u32::MAX,
+            Timer::Session,
             |s| match s.active.as_mut() {
                 Some(a) => a.wrap(&msg),
                 None => Vec::new(),
@@ -889,7 +1267,7 @@ impl Session {
             if self
                 .active
                 .as_ref()
-                .is_some_and(|a| a.last_answer.elapsed() >= IDLE_REOPEN)
+                .is_some_and(|a| a.last_answer.elapsed() >= self.idle_limit)
             {
                 // Probably expired by the BMC: close it if it is not, and open a fresh one.
                 self.forget_with_close();
@@ -971,5 +1349,71 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.forget_with_close();
+        self.retire_socket();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_answer(tag: u8, status: u8, console_sid: u32, bmc_sid: u32) -> Vec<u8> {
+        let mut m = vec![tag, status, PRIV_ADMIN, 0];
+        m.extend_from_slice(&console_sid.to_le_bytes());
+        m.extend_from_slice(&bmc_sid.to_le_bytes());
+        m.extend_from_slice(&[0x00, 0, 0, 0x08, 0x01, 0, 0, 0]);
+        m.extend_from_slice(&[0x01, 0, 0, 0x08, 0x01, 0, 0, 0]);
+        m.extend_from_slice(&[0x02, 0, 0, 0x08, 0x01, 0, 0, 0]);
+        packet::encode(payload::OPEN_SESSION_RESPONSE, 0, 0, &m, None)
+    }
+
+    #[test]
+    fn a_second_session_for_a_retransmitted_open_session_is_recognised() {
+        let mut p = Proposal {
+            tag: 7,
+            console_sid: 0x1234,
+            chosen_bmc_sid: None,
+            sends: 2,
+            last_send: Instant::now(),
+        };
+        let first = open_answer(7, 0, 0x1234, 0x100);
+        let second = open_answer(7, 0, 0x1234, 0x200);
+        // Before a session is chosen, only a retired socket's reaper takes any answer as extra.
+        assert_eq!(p.extra_session(&first, false), None);
+        assert_eq!(p.extra_session(&first, true), Some(0x100));
+        p.chosen_bmc_sid = Some(0x100);
+        assert_eq!(p.extra_session(&first, true), None, "the session in use");
+        assert_eq!(p.extra_session(&second, false), Some(0x200));
+        // Not ours, or an error status (no session was opened): nothing to abort.
+        assert_eq!(
+            p.extra_session(&open_answer(8, 0, 0x1234, 0x300), true),
+            None
+        );
+        assert_eq!(
+            p.extra_session(&open_answer(7, 0, 0x9999, 0x300), true),
+            None
+        );
+        assert_eq!(
+            p.extra_session(&open_answer(7, 0x01, 0x1234, 0), true),
+            None
+        );
+    }
+
+    #[test]
+    fn the_open_session_timer_is_learnt_apart_from_the_session_timer() {
+        let mut session = RttEstimator::session();
+        let mut open = RttEstimator::open_session();
+        assert_eq!(open.rto(), Duration::from_millis(1200));
+        // Fast in-session answers bring the session timer to its floor...
+        for _ in 0..20 {
+            session.sample(Duration::from_millis(2));
+        }
+        assert_eq!(session.rto(), Duration::from_millis(150));
+        // ...while Open Session answers after 1 s keep the Open Session timer above 1 s.
+        for _ in 0..20 {
+            open.sample(Duration::from_millis(1000));
+        }
+        assert!(open.rto() > Duration::from_millis(1400), "{:?}", open.rto());
+        assert!(open.rto() <= Duration::from_secs(3));
     }
 }

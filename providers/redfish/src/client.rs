@@ -139,6 +139,12 @@ impl Client {
                 after: self.timeout,
             };
         }
+        if let Some(detail) = tls::trust_failure(&e) {
+            return ProviderError::TlsTrust {
+                endpoint: self.base.clone(),
+                detail,
+            };
+        }
         let mut reason = e.to_string();
         let mut src = std::error::Error::source(&e);
         while let Some(s) = src {

@@ -1,6 +1,8 @@
-//! Starts and stops the real IPMI peer for the tests: ipmi_sim (Debian openipmi) with the
-//! project's lan.conf/bmc.emu/chassis-control recipe on 127.0.0.1 and a free UDP port, and
-//! ipmitool as the reference reader. ipmi_sim is killed by PID on drop.
+//! Starts and stops the real IPMI peers for the tests: ipmi_sim (Debian openipmi) with the
+//! project's lan.conf/bmc.emu/chassis-control recipe, and a BMC on pyghmi's BMC server (the base
+//! of OpenStack's VirtualBMC) from `scripts/peers/ipmi/pyghmi-bmc.py`, each on 127.0.0.1 and a
+//! free UDP port, with ipmitool as the reference reader; both are killed by PID on drop. Also a
+//! UDP relay for fault injection (loss, delayed Open Session answers).
 
 #![allow(dead_code)]
 
@@ -149,30 +151,6 @@ impl IpmiSim {
         std::fs::read_to_string(self.dir.path().join("chassis/actions.log")).unwrap_or_default()
     }
 
-    pub fn endpoint(&self) -> BmcEndpoint {
-        let mut ep = BmcEndpoint::new(format!("127.0.0.1:{}", self.port), USER, PASSWORD);
-        ep.timeout_ms = Some(10_000);
-        ep
-    }
-
-    /// Runs `ipmitool -I lanplus -C 3 ... ARGS` against this BMC.
-    pub fn try_ipmitool(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(&self.ipmitool)
-            .args(["-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .args(["-U", USER, "-P", PASSWORD])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() {
-            Ok(text)
-        } else {
-            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
-        }
-    }
-
     /// Runs `ipmitool -I lan -A MD5 ... ARGS` (IPMI v1.5) against this BMC.
     pub fn ipmitool_v15(&self, args: &[&str]) -> String {
         let out = Command::new(&self.ipmitool)
@@ -190,11 +168,6 @@ impl IpmiSim {
             String::from_utf8_lossy(&out.stderr)
         );
         text
-    }
-
-    pub fn ipmitool(&self, args: &[&str]) -> String {
-        self.try_ipmitool(args)
-            .unwrap_or_else(|e| panic!("ipmitool {args:?} failed: {e}"))
     }
 
     /// Active sessions as `ipmitool session info all` reports them (ipmitool's own included).
@@ -261,60 +234,383 @@ impl Drop for IpmiSim {
     }
 }
 
-/// A UDP relay on 127.0.0.1 that forwards between one client and `upstream`, dropping each
-/// datagram (either way) with probability `loss`; a fault injector, not a BMC.
+/// What the tests need of a lab BMC, whichever server runs it.
+pub trait LabBmc {
+    /// "ipmi_sim" or "pyghmi", for messages.
+    fn name(&self) -> &'static str;
+    fn port(&self) -> u16;
+    /// What the BMC was asked to change (power, boot device), one line each: lines with " set ".
+    fn actions(&self) -> String;
+    /// Kills the BMC and starts it again on the same port (every session is gone).
+    fn restart(&mut self);
+
+    fn endpoint(&self) -> BmcEndpoint {
+        let mut ep = BmcEndpoint::new(format!("127.0.0.1:{}", self.port()), USER, PASSWORD);
+        ep.timeout_ms = Some(10_000);
+        ep
+    }
+
+    /// Runs `ipmitool -I lanplus -C 3 ... ARGS` against this BMC.
+    fn try_ipmitool(&self, args: &[&str]) -> Result<String, String> {
+        ipmitool_at(self.port(), args)
+    }
+
+    fn ipmitool(&self, args: &[&str]) -> String {
+        self.try_ipmitool(args)
+            .unwrap_or_else(|e| panic!("ipmitool {args:?} against {} failed: {e}", self.name()))
+    }
+
+    /// How many power changes the BMC was asked for.
+    fn power_changes(&self) -> usize {
+        self.actions()
+            .lines()
+            .filter(|l| {
+                l.contains(" set power") || l.contains(" set reset") || l.contains(" set shutdown")
+            })
+            .count()
+    }
+}
+
+/// Runs `ipmitool -I lanplus -C 3 ... ARGS` against the BMC on 127.0.0.1:`port`.
+pub fn ipmitool_at(port: u16, args: &[&str]) -> Result<String, String> {
+    ipmitool_suite_at(port, 3, args)
+}
+
+/// Runs `ipmitool -I lanplus -C SUITE ... ARGS` against the BMC on 127.0.0.1:`port`.
+pub fn ipmitool_suite_at(port: u16, suite: u8, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("ipmitool")
+        .args([
+            "-I",
+            "lanplus",
+            "-C",
+            &suite.to_string(),
+            "-H",
+            "127.0.0.1",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .args(["-U", USER, "-P", PASSWORD])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+impl LabBmc for IpmiSim {
+    fn name(&self) -> &'static str {
+        "ipmi_sim"
+    }
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn actions(&self) -> String {
+        IpmiSim::actions(self)
+    }
+    fn restart(&mut self) {
+        IpmiSim::restart(self)
+    }
+}
+
+/// The Python venv the peer scripts install into (`$PCG_PEERS_DIR/venv`).
+pub fn venv_python() -> PathBuf {
+    std::env::var_os("PCG_PEERS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".pcg-peers"))
+        .join("venv/bin/python")
+}
+
+/// A BMC on pyghmi's BMC server (`scripts/peers/ipmi/pyghmi-bmc.py`), bound to 127.0.0.1.
+pub struct PyghmiBmc {
+    child: Child,
+    pub port: u16,
+    python: PathBuf,
+    pub dir: tempfile::TempDir,
+    /// Also offers cipher suite 17 (the peer script's extension of pyghmi's server).
+    pub suite17: bool,
+}
+
+impl PyghmiBmc {
+    /// Starts the BMC and waits until ipmitool gets an answer from it, or None (loudly) when
+    /// pyghmi is not installed and `PCG_REQUIRE_PEERS` is unset.
+    pub fn start() -> Option<PyghmiBmc> {
+        Self::start_with(false)
+    }
+
+    /// Like [`PyghmiBmc::start`], offering cipher suite 17 besides 3 (`--cipher-suite-17`).
+    pub fn start_with_suite_17() -> Option<PyghmiBmc> {
+        Self::start_with(true)
+    }
+
+    fn start_with(suite17: bool) -> Option<PyghmiBmc> {
+        peers()?;
+        let python = venv_python();
+        let has_pyghmi = python.is_file()
+            && Command::new(&python)
+                .args(["-c", "import pyghmi.ipmi.bmc"])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        if !has_pyghmi {
+            if std::env::var_os("PCG_REQUIRE_PEERS").is_some() {
+                panic!(
+                    "pyghmi not importable by {} and PCG_REQUIRE_PEERS is set: run scripts/peers/install-ipmi.sh",
+                    python.display()
+                );
+            }
+            eprintln!(
+                "\n!!!!!!!! SKIPPED: pyghmi not installed at {} — run scripts/peers/install-ipmi.sh (set PCG_REQUIRE_PEERS=1 to fail instead) !!!!!!!!\n",
+                python.display()
+            );
+            return None;
+        }
+        let mut dir = tempfile::tempdir().expect("tempdir");
+        let mut last = String::new();
+        for _ in 0..3 {
+            let port = free_udp_port();
+            let mut me = PyghmiBmc {
+                child: spawn_pyghmi(&python, dir.path(), port, suite17),
+                port,
+                python: python.clone(),
+                dir,
+                suite17,
+            };
+            match me.wait_ready() {
+                Ok(()) => return Some(me),
+                Err(e) => {
+                    last = e;
+                    let _ = me.child.kill();
+                    let _ = me.child.wait();
+                    dir = tempfile::tempdir().expect("tempdir");
+                }
+            }
+        }
+        panic!("the pyghmi BMC did not start: {last}");
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            if ipmitool_at(
+                self.port,
+                &["-N", "1", "-R", "1", "chassis", "power", "status"],
+            )
+            .is_ok()
+            {
+                return Ok(());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(format!("pyghmi BMC exited with {st}: {}", self.log()));
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(format!(
+                    "pyghmi BMC did not answer within 30 s: {}",
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pyghmi.log")).unwrap_or_default()
+    }
+}
+
+fn spawn_pyghmi(python: &Path, dir: &Path, port: u16, suite17: bool) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("pyghmi.log"))
+        .expect("log");
+    Command::new(python)
+        .arg(repo_root().join("scripts/peers/ipmi/pyghmi-bmc.py"))
+        .args(["127.0.0.1", &port.to_string(), USER, PASSWORD])
+        .arg(dir.join("state"))
+        .args(suite17.then_some("--cipher-suite-17"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().expect("clone log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn the pyghmi BMC")
+}
+
+impl LabBmc for PyghmiBmc {
+    fn name(&self) -> &'static str {
+        "pyghmi"
+    }
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn actions(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("state/actions.log")).unwrap_or_default()
+    }
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_pyghmi(&self.python, self.dir.path(), self.port, self.suite17);
+        self.wait_ready()
+            .unwrap_or_else(|e| panic!("pyghmi BMC did not come back: {e}"));
+    }
+}
+
+impl Drop for PyghmiBmc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Faults a [`LossyRelay`] injects.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Probability that a datagram (either way) is dropped.
+    pub loss: f64,
+    /// How long RMCP+ Open Session Responses (BMC to client) are held back: a BMC that is slow
+    /// to open a session, as real ones are.
+    pub open_session_delay: Duration,
+    pub seed: u64,
+}
+
+/// A UDP relay on 127.0.0.1 in front of `upstream` (a fault injector, not a BMC). Like a NAT,
+/// it gives each client address its own upstream socket, so the BMC sees a fresh source port
+/// whenever the client uses one. It drops datagrams with probability `loss`, holds back Open
+/// Session answers by `open_session_delay`, and counts what passed.
 pub struct LossyRelay {
     pub addr: std::net::SocketAddr,
     pub dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub passed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// RMCP+ Open Session Requests the client sent (handshakes it started).
+    pub open_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Distinct client source addresses seen.
+    pub clients: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The RMCP+ payload type of a datagram, if it is an RMCP+ (IPMI v2.0) packet.
+pub fn rmcp_plus_payload_type(d: &[u8]) -> Option<u8> {
+    (d.len() >= 16 && d[0] == 0x06 && d[3] & 0x1f == 0x07 && d[4] == 0x06).then(|| d[5] & 0x3f)
 }
 
 impl LossyRelay {
     pub async fn start(upstream: std::net::SocketAddr, loss: f64, seed: u64) -> LossyRelay {
+        Self::start_with(
+            upstream,
+            Faults {
+                loss,
+                seed,
+                ..Faults::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn start_with(upstream: std::net::SocketAddr, faults: Faults) -> LossyRelay {
         use rand::{Rng, SeedableRng};
-        use std::sync::atomic::Ordering;
-        let front = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind relay");
-        let back = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind relay back");
-        back.connect(upstream).await.expect("connect upstream");
+        use std::collections::HashMap;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        use tokio::net::UdpSocket;
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind relay"));
         let addr = front.local_addr().expect("relay addr");
-        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let passed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (d, p) = (dropped.clone(), passed.clone());
+        let dropped = Arc::new(AtomicU64::new(0));
+        let passed = Arc::new(AtomicU64::new(0));
+        let open_requests = Arc::new(AtomicU64::new(0));
+        let clients = Arc::new(AtomicU64::new(0));
+        let rng = Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(faults.seed)));
+        let lose = {
+            let rng = rng.clone();
+            move || faults.loss > 0.0 && rng.lock().unwrap().random_bool(faults.loss)
+        };
+        let (d, p, o, c) = (
+            dropped.clone(),
+            passed.clone(),
+            open_requests.clone(),
+            clients.clone(),
+        );
         let task = tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let mut client = None;
+            let mut backs: HashMap<std::net::SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut tasks = Vec::new();
             let mut a = vec![0u8; 2048];
-            let mut b = vec![0u8; 2048];
             loop {
-                tokio::select! {
-                    r = front.recv_from(&mut a) => {
-                        let Ok((n, from)) = r else { continue };
-                        client = Some(from);
-                        if rng.random_bool(loss) { d.fetch_add(1, Ordering::Relaxed); continue; }
-                        p.fetch_add(1, Ordering::Relaxed);
-                        let _ = back.send(&a[..n]).await;
+                let Ok((n, from)) = front.recv_from(&mut a).await else {
+                    continue;
+                };
+                let back = match backs.get(&from) {
+                    Some(b) => b.clone(),
+                    None => {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        let b = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind back"));
+                        b.connect(upstream).await.expect("connect upstream");
+                        backs.insert(from, b.clone());
+                        // BMC to client, for this client.
+                        let (front, back, d, p, lose) =
+                            (front.clone(), b.clone(), d.clone(), p.clone(), lose.clone());
+                        tasks.push(AbortOnDrop(tokio::spawn(async move {
+                            let mut buf = vec![0u8; 2048];
+                            loop {
+                                let Ok(n) = back.recv(&mut buf).await else {
+                                    continue;
+                                };
+                                if lose() {
+                                    d.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                p.fetch_add(1, Ordering::Relaxed);
+                                let pkt = buf[..n].to_vec();
+                                let delay = if rmcp_plus_payload_type(&pkt) == Some(0x11) {
+                                    faults.open_session_delay
+                                } else {
+                                    Duration::ZERO
+                                };
+                                if delay.is_zero() {
+                                    let _ = front.send_to(&pkt, from).await;
+                                } else {
+                                    let front = front.clone();
+                                    tokio::spawn(async move {
+                                        tokio::time::sleep(delay).await;
+                                        let _ = front.send_to(&pkt, from).await;
+                                    });
+                                }
+                            }
+                        })));
+                        b
                     }
-                    r = back.recv(&mut b) => {
-                        let Ok(n) = r else { continue };
-                        let Some(to) = client else { continue };
-                        if rng.random_bool(loss) { d.fetch_add(1, Ordering::Relaxed); continue; }
-                        p.fetch_add(1, Ordering::Relaxed);
-                        let _ = front.send_to(&b[..n], to).await;
-                    }
+                };
+                if rmcp_plus_payload_type(&a[..n]) == Some(0x10) {
+                    o.fetch_add(1, Ordering::Relaxed);
                 }
+                if lose() {
+                    d.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                p.fetch_add(1, Ordering::Relaxed);
+                let _ = back.send(&a[..n]).await;
             }
         });
         LossyRelay {
             addr,
             dropped,
             passed,
+            open_requests,
+            clients,
             task,
         }
+    }
+}
+
+/// Aborts a task when dropped (the relay's per-client tasks end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -146,6 +146,26 @@ pub fn pki() -> Pki {
     }
 }
 
+/// A self-signed server certificate for 127.0.0.1 / localhost marked CA:TRUE, as many BMCs
+/// make them; `ca_pem` is the certificate itself.
+pub fn self_signed_ca_pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "bmc.example self-signed");
+    let cert = params.self_signed(&key).expect("self-signed cert");
+    Pki {
+        ca_pem: cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert_sha256: pcg_redfish::tls::cert_sha256(cert.der()),
+    }
+}
+
 /// A running sushy-emulator with its files.
 pub struct Sushy {
     pub proc: Proc,
@@ -158,10 +178,14 @@ pub struct Sushy {
 impl Sushy {
     /// Starts sushy-emulator (three fake systems) behind TLS and basic auth, or None to skip.
     pub fn start() -> Option<Sushy> {
+        Self::start_with(pki())
+    }
+
+    /// Like [`Sushy::start`], serving the certificate of `pki`.
+    pub fn start_with(pki: Pki) -> Option<Sushy> {
         let bin = venv_bin()?;
         let dir = tempfile::tempdir().expect("tempdir");
         let run = dir.path();
-        let pki = pki();
         std::fs::write(run.join("cert.pem"), &pki.cert_pem).expect("write cert");
         std::fs::write(run.join("key.pem"), &pki.key_pem).expect("write key");
         // bcrypt (cost 4: sushy checks it on every request) through the venv's own bcrypt module.
