@@ -162,6 +162,131 @@ enum Closed {
     HelloTwice,
 }
 
+/// A support bundle being received on a tunnel.
+struct Upload {
+    total: u64,
+    sha256: String,
+    data: Vec<u8>,
+}
+
+/// Takes one chunk of a bundle; returns the acknowledgement to send.
+async fn bundle_chunk(
+    app: &App,
+    tenant_id: &str,
+    gateway_id: &str,
+    uploads: &mut HashMap<String, Upload>,
+    c: pcg_proto::v1::BundleChunk,
+) -> pcg_proto::v1::BundleAck {
+    use sha2::Digest as _;
+    let refuse = |uploads: &mut HashMap<String, Upload>, id: &str, error: String| {
+        uploads.remove(id);
+        pcg_proto::v1::BundleAck {
+            bundle_id: id.to_string(),
+            received: 0,
+            error,
+        }
+    };
+    if !crate::app::plausible_id(&c.bundle_id) {
+        return refuse(uploads, &c.bundle_id, "malformed bundle id".into());
+    }
+    if c.total_size > app.cfg.max_bundle_bytes {
+        return refuse(
+            uploads,
+            &c.bundle_id,
+            format!(
+                "the bundle is {} bytes; this SaaS takes at most {} (max_bundle_bytes)",
+                c.total_size, app.cfg.max_bundle_bytes
+            ),
+        );
+    }
+    let up = uploads
+        .entry(c.bundle_id.clone())
+        .or_insert_with(|| Upload {
+            total: c.total_size,
+            sha256: c.sha256.clone(),
+            data: Vec::new(),
+        });
+    if c.offset != up.data.len() as u64 || c.total_size != up.total || c.sha256 != up.sha256 {
+        let got = up.data.len();
+        return refuse(
+            uploads,
+            &c.bundle_id,
+            format!(
+                "chunk at offset {} out of order (have {got} bytes); send the bundle again",
+                c.offset
+            ),
+        );
+    }
+    if up.data.len() as u64 + c.data.len() as u64 > up.total {
+        return refuse(
+            uploads,
+            &c.bundle_id,
+            "more data than the announced size".into(),
+        );
+    }
+    up.data.extend_from_slice(&c.data);
+    let received = up.data.len() as u64;
+    if received < up.total {
+        return pcg_proto::v1::BundleAck {
+            bundle_id: c.bundle_id,
+            received,
+            error: String::new(),
+        };
+    }
+    let Some(up) = uploads.remove(&c.bundle_id) else {
+        return refuse(uploads, &c.bundle_id, "lost track of the upload".into());
+    };
+    let digest = hex::encode(sha2::Sha256::digest(&up.data));
+    if digest != up.sha256 {
+        return refuse(
+            uploads,
+            &c.bundle_id,
+            format!(
+                "the bundle's SHA-256 is {digest}, not the announced {}; send it again",
+                up.sha256
+            ),
+        );
+    }
+    let rec = crate::store::BundleRecord {
+        id: c.bundle_id.clone(),
+        tenant_id: tenant_id.to_string(),
+        gateway_id: gateway_id.to_string(),
+        size: up.total,
+        sha256: digest,
+        created_ms: now_ms(),
+    };
+    let stored = app
+        .store
+        .put_bundle(&rec, &up.data, app.cfg.bundles_per_gateway.max(1))
+        .and_then(|()| {
+            app.store.event(
+                Some(tenant_id),
+                Some(gateway_id),
+                "gateway.bundle_uploaded",
+                format!(
+                    "gateway {gateway_id} uploaded support bundle {} ({} bytes)",
+                    rec.id, rec.size
+                ),
+            )
+        });
+    let stored = match stored {
+        Ok(()) => app.store.flush().await,
+        Err(e) => Err(e),
+    };
+    match stored {
+        Ok(()) => pcg_proto::v1::BundleAck {
+            bundle_id: c.bundle_id,
+            received,
+            error: String::new(),
+        },
+        Err(e) => refuse(
+            uploads,
+            &c.bundle_id,
+            format!("the SaaS could not store the bundle: {e}"),
+        ),
+    }
+}
+
 /// Hands a freshly stored command to its gateway's tunnel if one is up. If the tunnel cannot
 /// take it within a few seconds the tunnel is closed, so that the gateway redials and gets the
 /// command through the replay of pending commands; nothing is lost either way.
@@ -451,11 +576,19 @@ async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut last_seen_written = Instant::now();
+    let mut uploads: HashMap<String, Upload> = HashMap::new();
     let reason = loop {
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(frame)) => {
                     last_frame = Instant::now();
+                    if let Some(GKind::BundleChunk(c)) = frame.kind {
+                        let ack = bundle_chunk(&app, &tenant_id, &gateway_id, &mut uploads, c).await;
+                        if tx.try_send(Ok(BrokerFrame { kind: Some(BKind::BundleAck(ack)) })).is_err() {
+                            break Closed::Congested;
+                        }
+                        continue;
+                    }
                     if let Err(e) = handle_frame(&app, &tenant_id, &gateway_id, frame, &tx).await {
                         break e;
                     }
@@ -647,7 +780,8 @@ async fn handle_frame(
             }));
         }
         Some(GKind::Hello(_)) => return Err(Closed::HelloTwice),
-        None => {}
+        // Handled by the session, which keeps the uploads under way.
+        Some(GKind::BundleChunk(_)) | None => {}
     }
     Ok(())
 }

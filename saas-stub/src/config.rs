@@ -58,6 +58,10 @@ pub struct Config {
     /// A plain-HTTP listener for `GET /metrics` (for a Prometheus on an internal network);
     /// unset, metrics are served only on the public port, to the operator key.
     pub metrics_listen: Option<SocketAddr>,
+    /// Largest support bundle a gateway may upload, bytes.
+    pub max_bundle_bytes: u64,
+    /// Support bundles kept per gateway (the oldest are deleted).
+    pub bundles_per_gateway: usize,
 }
 
 impl Default for Config {
@@ -82,6 +86,8 @@ impl Default for Config {
             idle_timeout_secs: 300,
             shutdown_grace_ms: 5_000,
             metrics_listen: None,
+            max_bundle_bytes: 64 << 20,
+            bundles_per_gateway: 5,
         }
     }
 }

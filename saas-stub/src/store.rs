@@ -178,6 +178,17 @@ pub struct Event {
     pub message: String,
 }
 
+/// A support bundle a gateway uploaded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BundleRecord {
+    pub id: String,
+    pub tenant_id: String,
+    pub gateway_id: String,
+    pub size: u64,
+    pub sha256: String,
+    pub created_ms: i64,
+}
+
 /// Why a pairing token cannot be redeemed. Messages are shown to the operator of the gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum RedeemError {
@@ -213,6 +224,8 @@ pub struct Store {
     pending: sled::Tree,
     events: sled::Tree,
     idempotency: sled::Tree,
+    bundles: sled::Tree,
+    bundle_data: sled::Tree,
 }
 
 fn get<T: DeserializeOwned>(
@@ -261,6 +274,8 @@ impl Store {
             pending: db.open_tree("pending")?,
             events: db.open_tree("events")?,
             idempotency: db.open_tree("idempotency")?,
+            bundles: db.open_tree("bundles")?,
+            bundle_data: db.open_tree("bundle_data")?,
             commit: pcg_durable::GroupCommit::new(db.clone()),
             db,
         })
@@ -715,6 +730,48 @@ impl Store {
             }
         }
         Ok(n)
+    }
+
+    // --- support bundles -----------------------------------------------------------------
+
+    /// Stores a complete bundle, keeping at most `keep` per gateway (the oldest go).
+    pub fn put_bundle(
+        &self,
+        rec: &BundleRecord,
+        data: &[u8],
+        keep: usize,
+    ) -> Result<(), StoreError> {
+        self.bundle_data.insert(rec.id.as_bytes(), data)?;
+        put(&self.bundles, rec.id.as_bytes(), rec)?;
+        let mut mine = self.bundles_of(&rec.gateway_id)?;
+        if mine.len() > keep {
+            mine.sort_by_key(|b| std::cmp::Reverse(b.created_ms));
+            for old in &mine[keep..] {
+                self.bundles.remove(old.id.as_bytes())?;
+                self.bundle_data.remove(old.id.as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bundles of a gateway, newest first.
+    pub fn bundles_of(&self, gateway_id: &str) -> Result<Vec<BundleRecord>, StoreError> {
+        let mut out: Vec<BundleRecord> = all::<BundleRecord>(&self.bundles, "bundles")?
+            .into_iter()
+            .filter(|b| b.gateway_id == gateway_id)
+            .collect();
+        out.sort_by_key(|b| std::cmp::Reverse(b.created_ms));
+        Ok(out)
+    }
+
+    pub fn bundle(&self, id: &str) -> Result<Option<(BundleRecord, Vec<u8>)>, StoreError> {
+        let Some(rec) = get::<BundleRecord>(&self.bundles, "bundles", id.as_bytes())? else {
+            return Ok(None);
+        };
+        Ok(self
+            .bundle_data
+            .get(id.as_bytes())?
+            .map(|d| (rec, d.to_vec())))
     }
 
     // --- events ----------------------------------------------------------------------------

@@ -4,9 +4,10 @@
 //! - [`serve_metrics`]: a plain HTTP endpoint answering `GET /metrics` with a
 //!   `prometheus-client` registry in the OpenMetrics text format.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -33,6 +34,47 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// The most recent log lines of the process (for support bundles), at most this many.
+pub const RECENT_LINES: usize = 5_000;
+
+fn recent() -> &'static Mutex<VecDeque<String>> {
+    static R: OnceLock<Mutex<VecDeque<String>>> = OnceLock::new();
+    R.get_or_init(|| Mutex::new(VecDeque::with_capacity(RECENT_LINES)))
+}
+
+/// The most recent log lines (without colour codes), oldest first.
+pub fn recent_logs() -> Vec<String> {
+    recent()
+        .lock()
+        .expect("recent-logs lock is never poisoned")
+        .iter()
+        .cloned()
+        .collect()
+}
+
+/// Writes each log event to stderr and keeps it among the recent lines.
+struct Tee;
+
+impl std::io::Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        {
+            let mut r = recent().lock().expect("recent-logs lock is never poisoned");
+            for line in text.lines().filter(|l| !l.is_empty()) {
+                if r.len() == RECENT_LINES {
+                    r.pop_front();
+                }
+                r.push_back(line.to_string());
+            }
+        }
+        std::io::stderr().write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Sets up logging on stderr. `PCG_LOG` (a filter such as `info,pcg_saas=debug`) wins over
 /// `level` (`error`, `warn`, `info`, `debug`, `trace`; default `info`).
 pub fn init_logging(level: Option<&str>, format: LogFormat) -> Result<(), String> {
@@ -53,7 +95,8 @@ pub fn init_logging(level: Option<&str>, format: LogFormat) -> Result<(), String
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(false)
+        .with_writer(|| Tee);
     let r = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -61,14 +104,37 @@ pub fn init_logging(level: Option<&str>, format: LogFormat) -> Result<(), String
     r.map_err(|e| format!("cannot set up logging: {e}"))
 }
 
-/// The content type of the metrics answer.
-pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the metrics answer: the Prometheus text exposition format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Encodes `registry` in the OpenMetrics text format.
+/// Encodes `registry` in the Prometheus text exposition format (0.0.4), which every scraper
+/// and `promtool check metrics` read: prometheus-client writes OpenMetrics, whose counters carry
+/// their HELP and TYPE on the name without `_total` and which ends with `# EOF`; both are
+/// rewritten here.
 pub fn encode(registry: &Registry) -> String {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, registry)
+    let mut om = String::new();
+    prometheus_client::encoding::text::encode(&mut om, registry)
         .expect("writing to a String cannot fail");
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len() + 64);
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
     out
 }
 

@@ -27,6 +27,11 @@ pub enum AdminRequest {
     },
     /// The proxy in effect and where it comes from.
     ProxyInfo,
+    /// A support bundle (tar.gz, base64 in `bundle`); with `upload`, also sent to the SaaS.
+    Bundle {
+        #[serde(default)]
+        upload: bool,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -40,6 +45,12 @@ pub struct AdminResponse {
     pub paired: Option<Paired>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy: Option<crate::transport::ProxyInfo>,
+    /// A support bundle, base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
+    /// The id the SaaS keeps an uploaded bundle under.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +153,43 @@ use tokio::io::AsyncReadExt as _;
 
 async fn handle(gw: &Arc<Gateway>, req: AdminRequest) -> AdminResponse {
     match req {
+        AdminRequest::Bundle { upload } => {
+            use base64::Engine as _;
+            let fail = |e: String| AdminResponse {
+                ok: false,
+                error: Some(e),
+                ..Default::default()
+            };
+            let contents = crate::bundle::gather(
+                &gw.cfg,
+                gw.cfg.source.as_deref(),
+                &gw.store,
+                &gw.status(),
+                &pcg_obs::recent_logs(),
+            );
+            let prefix = format!(
+                "pcg-bundle-{}",
+                gw.status().gateway_id.unwrap_or_else(|| "unpaired".into())
+            );
+            let bytes = match crate::bundle::archive(&contents, &prefix) {
+                Ok(b) => b,
+                Err(e) => return fail(e.to_string()),
+            };
+            let bundle_id = if upload {
+                match crate::bundle::upload(gw, &bytes).await {
+                    Ok(id) => Some(id),
+                    Err(e) => return fail(e.to_string()),
+                }
+            } else {
+                None
+            };
+            AdminResponse {
+                ok: true,
+                bundle: Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
+                bundle_id,
+                ..Default::default()
+            }
+        }
         AdminRequest::ProxyInfo => match crate::transport::proxy_info(&gw.cfg, &gw.store) {
             Ok(p) => AdminResponse {
                 ok: true,

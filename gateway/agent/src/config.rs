@@ -43,6 +43,9 @@ pub struct Config {
     /// Plain-HTTP `GET /metrics` (Prometheus) on this address; unset (the default): no metrics
     /// endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The file this configuration was read from (not a key).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// Which transports the tunnel may use.
@@ -70,6 +73,7 @@ impl Default for Config {
             transport: TransportMode::Auto,
             direct_retry_secs: 600,
             metrics_listen: None,
+            source: None,
         }
     }
 }
@@ -100,10 +104,12 @@ impl Config {
                     path: p.to_path_buf(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                let mut c: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
                     path: p.to_path_buf(),
                     message: e.to_string(),
-                })?
+                })?;
+                c.source = Some(p.to_path_buf());
+                c
             }
             None => Config::default(),
         };

@@ -10,12 +10,14 @@
 //! - [`admin`]: the owner-only Unix socket pcgctl talks to.
 //! - [`endpoints`]: vCenters and OpenStack clouds enrolled by name.
 //! - [`metrics`]: Prometheus metrics on `metrics_listen` (off by default).
+//! - [`bundle`]: support bundles, written locally or uploaded up the tunnel.
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves.
 
 pub mod admin;
 pub mod baremetal;
+pub mod bundle;
 pub mod config;
 pub mod endpoints;
 pub mod executor;
@@ -64,6 +66,8 @@ pub struct Gateway {
     tunnel: Mutex<TunnelStatus>,
     outbound: Mutex<Option<mpsc::Sender<GatewayFrame>>>,
     running: Mutex<HashSet<String>>,
+    /// Support-bundle uploads under way: their chunk acknowledgements go here.
+    bundle_acks: Mutex<std::collections::HashMap<String, mpsc::Sender<pcg_proto::v1::BundleAck>>>,
 }
 
 impl Gateway {
@@ -82,6 +86,7 @@ impl Gateway {
             tunnel: Mutex::new(TunnelStatus::default()),
             outbound: Mutex::new(None),
             running: Mutex::new(HashSet::new()),
+            bundle_acks: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -161,6 +166,36 @@ impl Gateway {
             .outbound
             .lock()
             .expect("outbound lock is never poisoned") = None;
+    }
+
+    /// Registers an upload; its acknowledgements arrive on the returned receiver.
+    pub(crate) fn bundle_acks(&self, id: &str) -> mpsc::Receiver<pcg_proto::v1::BundleAck> {
+        let (tx, rx) = mpsc::channel(4);
+        self.bundle_acks
+            .lock()
+            .expect("bundle lock is never poisoned")
+            .insert(id.to_string(), tx);
+        rx
+    }
+
+    pub(crate) fn forget_bundle(&self, id: &str) {
+        self.bundle_acks
+            .lock()
+            .expect("bundle lock is never poisoned")
+            .remove(id);
+    }
+
+    /// Hands a bundle acknowledgement from the broker to its upload.
+    pub(crate) fn bundle_ack(&self, ack: pcg_proto::v1::BundleAck) {
+        let tx = self
+            .bundle_acks
+            .lock()
+            .expect("bundle lock is never poisoned")
+            .get(&ack.bundle_id)
+            .cloned();
+        if let Some(tx) = tx {
+            let _ = tx.try_send(ack);
+        }
     }
 
     pub(crate) fn is_running(&self, id: &str) -> bool {

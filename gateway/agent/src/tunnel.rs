@@ -496,6 +496,7 @@ async fn session(
                                 finish_renewal(gw, key, r).await;
                             }
                         }
+                        Some(BKind::BundleAck(a)) => gw.bundle_ack(a),
                         Some(BKind::Welcome(_)) | None => {}
                     }
                 }

@@ -65,6 +65,20 @@ enum Cmd {
   pcgctl proxy clear"
     )]
     Proxy(ProxyCmd),
+    /// Write a support bundle (tar.gz: status, configuration and logs with secrets redacted,
+    /// enrolled endpoints, versions, system facts); with --upload, also send it to the SaaS.
+    #[command(after_help = "Examples:
+  pcgctl bundle                       writes pcg-bundle-<gateway>-<time>.tar.gz here
+  pcgctl bundle -o /tmp/b.tar.gz
+  pcgctl bundle --upload              your tenant admin fetches it: GET /v1/gateways/<id>/bundles")]
+    Bundle {
+        /// Where to write it (default: pcg-bundle-<gateway>-<time>.tar.gz in this directory).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Also upload it up the tunnel (the daemon must be running and connected).
+        #[arg(long)]
+        upload: bool,
+    },
     /// Print a shell completion script for pcgctl (bash, zsh, fish, elvish, powershell).
     #[command(after_help = "Examples:
   pcgctl completions bash > /etc/bash_completion.d/pcgctl
@@ -180,6 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Proxy(cmd) => proxy(&cfg, &socket, cmd).await.map(|()| ExitCode::SUCCESS),
+        Cmd::Bundle { output, upload } => bundle(&cfg, &socket, output, upload).await,
         Cmd::Completions { .. } => unreachable!("handled above"),
         Cmd::Status { json } => {
             let status = match admin::request(&socket, &AdminRequest::Status).await {
@@ -278,4 +293,81 @@ async fn proxy(
     };
     out(&info.render())?;
     Ok(())
+}
+
+async fn bundle(
+    cfg: &pcg_gateway::Config,
+    socket: &std::path::Path,
+    output: Option<PathBuf>,
+    upload: bool,
+) -> anyhow::Result<ExitCode> {
+    use base64::Engine as _;
+    let (bytes, uploaded) = match admin::request(socket, &AdminRequest::Bundle { upload }).await {
+        Ok(resp) if resp.ok => {
+            let b = resp
+                .bundle
+                .ok_or_else(|| anyhow::anyhow!("the daemon sent no bundle"))?;
+            (
+                base64::engine::general_purpose::STANDARD.decode(b)?,
+                resp.bundle_id,
+            )
+        }
+        Ok(resp) => anyhow::bail!(resp.error.unwrap_or_else(|| "the bundle failed".into())),
+        Err(AdminError::NotRunning { path }) => {
+            if upload {
+                anyhow::bail!(
+                    "cannot upload: the gateway daemon is not running (no admin socket at {}); start it, or write the bundle without --upload",
+                    path.display()
+                );
+            }
+            let status = offline_status(cfg, &path)?;
+            let store = pcg_gateway::store::Store::open_now(&cfg.data_dir)?;
+            let contents =
+                pcg_gateway::bundle::gather(cfg, cfg.source.as_deref(), &store, &status, &[]);
+            let prefix = format!(
+                "pcg-bundle-{}",
+                status.gateway_id.as_deref().unwrap_or("unpaired")
+            );
+            (pcg_gateway::bundle::archive(&contents, &prefix)?, None)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let path = output.unwrap_or_else(|| {
+        let t = time::OffsetDateTime::now_utc();
+        PathBuf::from(format!(
+            "pcg-bundle-{:04}{:02}{:02}T{:02}{:02}{:02}Z.tar.gz",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ))
+    });
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        f.write_all(&bytes)?;
+    }
+    use sha2::Digest as _;
+    let mut msg = format!(
+        "bundle: {} ({} bytes, SHA-256 {})\n",
+        path.display(),
+        bytes.len(),
+        hex::encode(sha2::Sha256::digest(&bytes))
+    );
+    if let Some(id) = uploaded {
+        msg.push_str(&format!(
+            "uploaded as {id}: your tenant admin fetches it with GET /v1/bundles/{id}\n"
+        ));
+    }
+    out(&msg)?;
+    Ok(ExitCode::SUCCESS)
 }

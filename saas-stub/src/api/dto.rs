@@ -299,3 +299,25 @@ impl From<Event> for EventView {
         }
     }
 }
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct BundleView {
+    pub id: String,
+    pub gateway_id: String,
+    pub size: u64,
+    /// SHA-256 (hex) of the tar.gz.
+    pub sha256: String,
+    pub created_at: String,
+}
+
+impl From<&crate::store::BundleRecord> for BundleView {
+    fn from(b: &crate::store::BundleRecord) -> Self {
+        BundleView {
+            id: b.id.clone(),
+            gateway_id: b.gateway_id.clone(),
+            size: b.size,
+            sha256: b.sha256.clone(),
+            created_at: ts(b.created_ms),
+        }
+    }
+}

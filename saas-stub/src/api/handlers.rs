@@ -346,3 +346,42 @@ pub async fn list_events(
     )?;
     Ok(Json(evs.into_iter().map(EventView::from).collect()))
 }
+
+#[utoipa::path(get, path = "/v1/gateways/{id}/bundles", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<BundleView>), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn list_bundles(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+) -> ApiResult<Json<Vec<BundleView>>> {
+    Ok(Json(
+        app.list_bundles(&caller, &id)?
+            .iter()
+            .map(BundleView::from)
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/bundles/{id}", params(("id" = String, Path)),
+    responses((status = 200, description = "The support bundle (tar.gz) as the gateway uploaded it", content_type = "application/gzip", body = Vec<u8>),
+              (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get_bundle(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+) -> ApiResult<impl IntoResponse> {
+    let (b, data) = app.get_bundle(&caller, &id)?;
+    Ok((
+        [
+            (http::header::CONTENT_TYPE, "application/gzip".to_string()),
+            (
+                http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{}.tar.gz\"", b.id),
+            ),
+            (http::HeaderName::from_static("x-content-sha256"), b.sha256),
+        ],
+        data,
+    ))
+}

@@ -197,6 +197,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/gateways/{id}", get(get_gateway))
         .route("/v1/gateways/{id}/revoke", post(revoke_gateway))
         .route("/v1/gateways/{id}/commands", post(submit_command))
+        .route("/v1/gateways/{id}/bundles", get(list_bundles))
+        .route("/v1/bundles/{id}", get(get_bundle))
         .route("/v1/commands", get(list_commands))
         .route("/v1/commands/{id}", get(get_command))
         .route("/v1/events", get(list_events))

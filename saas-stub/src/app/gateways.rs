@@ -13,6 +13,38 @@ pub struct GatewayState {
 }
 
 impl App {
+    /// The support bundles a gateway of the caller's tenant uploaded, newest first.
+    pub fn list_bundles(
+        &self,
+        caller: &Caller,
+        gateway_id: &str,
+    ) -> AppResult<Vec<crate::store::BundleRecord>> {
+        let g = self.tenant_gateway(caller.tenant()?, gateway_id)?;
+        Ok(self.store.bundles_of(&g.id)?)
+    }
+
+    /// One support bundle of the caller's tenant, with its bytes.
+    pub fn get_bundle(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> AppResult<(crate::store::BundleRecord, Vec<u8>)> {
+        let tenant = caller.tenant()?;
+        let found = if super::plausible_id(id) {
+            self.store.bundle(id)?
+        } else {
+            None
+        };
+        found
+            .filter(|(b, _)| b.tenant_id == tenant)
+            .ok_or_else(|| {
+                super::AppError::not_found(format!(
+                    "support bundle {} not found in tenant {tenant}; list a gateway's bundles with GET /v1/gateways/{{id}}/bundles",
+                    super::printable(id)
+                ))
+            })
+    }
+
     fn state(&self, g: Gateway) -> GatewayState {
         GatewayState {
             tunnel: self.tunnels.get(&g.id),
