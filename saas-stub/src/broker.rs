@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::{printable, App};
 use crate::net::ConnInfo;
-use crate::store::{now_ms, Command, CommandResult, CommandState};
+use crate::store::{now_ms, Command, CommandResult};
 
 type Tx = mpsc::Sender<Result<BrokerFrame, Status>>;
 
@@ -50,6 +50,9 @@ pub struct Tunnel {
     pub transport: &'static str,
     pub remote: std::net::SocketAddr,
     pub certificate_sha256: String,
+    /// When a frame last arrived (Unix ms): kept in memory, written to the gateway's record
+    /// when the tunnel closes, not on every heartbeat.
+    pub last_seen_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// Live tunnels by gateway id.
@@ -294,19 +297,11 @@ pub async fn deliver(app: &App, cmd: &Command) {
     let Some(t) = app.tunnels.get(&cmd.gateway_id) else {
         return;
     };
-    let updated = app
-        .store
-        .update_command(&cmd.id, |c| {
-            if !c.state.is_terminal() {
-                c.deliveries += 1;
-                if c.state == CommandState::Queued {
-                    c.state = CommandState::Delivered;
-                }
-            }
-        })
-        .ok()
-        .flatten();
-    let frame = command_frame(updated.as_ref().unwrap_or(cmd));
+    // Counted in memory only (see `crate::commands`); a finished command is not sent again.
+    let Some(updated) = app.commands.delivered(&cmd.id) else {
+        return;
+    };
+    let frame = command_frame(&updated);
     match tokio::time::timeout(Duration::from_secs(5), t.tx.send(Ok(frame))).await {
         Ok(Ok(())) => {
             app.metrics.commands_delivered.inc();
@@ -495,6 +490,7 @@ async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>
     let conn_id: u64 = rand::random();
     let close = Arc::new(Notify::new());
     let now = now_ms();
+    let last_seen = Arc::new(std::sync::atomic::AtomicI64::new(now));
     let old = app.tunnels.insert(
         &gateway_id,
         Tunnel {
@@ -505,6 +501,7 @@ async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>
             transport: peer.transport,
             remote: peer.remote,
             certificate_sha256: peer.certificate_sha256.clone(),
+            last_seen_ms: last_seen.clone(),
         },
     );
     app.metrics
@@ -562,26 +559,25 @@ async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>
         return;
     }
     // Replay everything still pending, oldest first.
-    match app.store.pending_commands(&gateway_id) {
-        Ok(pending) => {
-            for c in pending {
-                deliver(&app, &c).await;
-            }
-        }
-        Err(e) => tracing::error!(gateway = %gateway_id, "cannot read pending commands: {e}"),
+    for c in app.commands.pending(&gateway_id) {
+        deliver(&app, &c).await;
     }
 
     let mut last_frame = Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
-    let mut last_seen_written = Instant::now();
     let mut uploads: HashMap<String, Upload> = HashMap::new();
+    let ctx = SessionCtx {
+        app: app.clone(),
+        close: close.clone(),
+    };
     let reason = loop {
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(frame)) => {
                     last_frame = Instant::now();
+                    last_seen.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
                     if let Some(GKind::BundleChunk(c)) = frame.kind {
                         let ack = bundle_chunk(&app, &tenant_id, &gateway_id, &mut uploads, c).await;
                         if tx.try_send(Ok(BrokerFrame { kind: Some(BKind::BundleAck(ack)) })).is_err() {
@@ -589,7 +585,7 @@ async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>
                         }
                         continue;
                     }
-                    if let Err(e) = handle_frame(&app, &tenant_id, &gateway_id, frame, &tx).await {
+                    if let Err(e) = handle_frame(&ctx, &tenant_id, &gateway_id, frame, &tx).await {
                         break e;
                     }
                 }
@@ -604,10 +600,6 @@ async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>
                 let _ = tx.try_send(Ok(BrokerFrame { kind: Some(BKind::Heartbeat(Heartbeat {
                     seq, sent_unix_ms: now_ms(), echo_seq: 0, echo_sent_unix_ms: 0,
                 }))}));
-                if last_seen_written.elapsed() >= interval {
-                    last_seen_written = Instant::now();
-                    let _ = app.store.update_gateway(&gateway_id, |g| g.last_seen_ms = Some(now_ms()));
-                }
             }
             _ = close.notified() => break Closed::ByBroker,
             _ = app.shutdown.cancelled() => {
@@ -634,14 +626,22 @@ async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>
     );
 }
 
+/// What a frame's handling needs of its session beyond the frame.
+struct SessionCtx {
+    app: Arc<App>,
+    /// Closes the session (a result that cannot be stored or acknowledged).
+    close: Arc<Notify>,
+}
+
 /// Handles one frame; an `Err` closes the tunnel with that reason.
 async fn handle_frame(
-    app: &App,
+    session: &SessionCtx,
     tenant_id: &str,
     gateway_id: &str,
     frame: GatewayFrame,
     tx: &Tx,
 ) -> Result<(), Closed> {
+    let app = &*session.app;
     match frame.kind {
         Some(GKind::Heartbeat(h)) => {
             let _ = tx.try_send(Ok(BrokerFrame {
@@ -653,14 +653,7 @@ async fn handle_frame(
                 })),
             }));
         }
-        Some(GKind::Received(r)) => {
-            let _ = app.store.update_command(&r.command_id, |c| {
-                if c.gateway_id == gateway_id && !c.state.is_terminal() {
-                    c.state = CommandState::Received;
-                    c.received_ms.get_or_insert(now_ms());
-                }
-            });
-        }
+        Some(GKind::Received(r)) => app.commands.received(&r.command_id, gateway_id),
         Some(GKind::Result(r)) => {
             let output = if r.output.is_empty() {
                 serde_json::Value::Null
@@ -679,30 +672,20 @@ async fn handle_frame(
                 finished_ms: r.finished_unix_ms,
             };
             match app
-                .store
-                .complete_command(&r.command_id, gateway_id, result)
+                .commands
+                .complete(&app.store, &r.command_id, gateway_id, result)
             {
                 Ok(Some(newly)) => {
-                    if newly {
+                    if let Some(c) = newly {
                         app.metrics
                             .commands_finished
                             .get_or_create(&crate::metrics::OutcomeLabels {
                                 outcome: if ok { "succeeded" } else { "failed" }.into(),
                             })
                             .inc();
-                        if let Ok(Some(c)) = app.store.command(&r.command_id) {
-                            let ms = (now_ms() - c.submitted_ms).max(0);
-                            app.metrics.delivery_seconds.observe(ms as f64 / 1000.0);
-                        }
+                        let ms = (now_ms() - c.submitted_ms).max(0);
+                        app.metrics.delivery_seconds.observe(ms as f64 / 1000.0);
                     }
-                    if let Err(source) = app.store.flush().await {
-                        // Not acknowledged: the gateway keeps it and sends it again.
-                        return Err(Closed::Store {
-                            command: r.command_id,
-                            source,
-                        });
-                    }
-                    app.waiters.notify(&r.command_id);
                 }
                 Ok(None) => {
                     tracing::warn!(gateway = %gateway_id, command = %printable(&r.command_id), "result for an unknown command; acknowledging so the gateway drops it");
@@ -714,18 +697,28 @@ async fn handle_frame(
                     })
                 }
             }
-            // Never wait on a congested tunnel: close it instead; the gateway redials and
-            // sends the result again, which is acknowledged then.
-            if tx
-                .try_send(Ok(BrokerFrame {
+            // Acknowledged once durable, without holding up this tunnel's reading: the flush
+            // joins the group commit of every other write under way. A result the store cannot
+            // keep is not acknowledged, and the tunnel is closed: the gateway sends it again.
+            // A congested tunnel is closed too (never waited on); the gateway redials and sends
+            // the result again, which is acknowledged then.
+            let (app2, tx2, close2) = (session.app.clone(), tx.clone(), session.close.clone());
+            session.app.tasks.spawn(async move {
+                if let Err(e) = app2.store.flush().await {
+                    tracing::error!(command = %r.command_id, "cannot make a result durable: {e}");
+                    close2.notify_one();
+                    return;
+                }
+                app2.waiters.notify(&r.command_id);
+                let ack = BrokerFrame {
                     kind: Some(BKind::ResultAck(ResultAck {
                         command_id: r.command_id,
                     })),
-                }))
-                .is_err()
-            {
-                return Err(Closed::Congested);
-            }
+                };
+                if tx2.try_send(Ok(ack)).is_err() {
+                    close2.notify_one();
+                }
+            });
         }
         Some(GKind::Renew(r)) => {
             let answer = match app.ca.sign_gateway(

@@ -6,6 +6,7 @@
 //! - [`net`]: the TLS listener both run on (connection limits, handshake, header and idle
 //!   timeouts); by default one public port serves both;
 //! - [`tunnel_ws`]: the WebSocket way in, for gateways behind TLS-inspecting proxies;
+//! - [`commands`]: command state in memory, with the store as its log;
 //! - [`store`]: durable state (sled): tenants, API keys, pairing tokens, gateways, commands,
 //!   idempotency keys, events;
 //! - [`ca`], [`tls`]: the CA generated on first start and the servers' TLS configurations;
@@ -20,6 +21,7 @@ pub mod api;
 pub mod app;
 pub mod broker;
 pub mod ca;
+pub mod commands;
 pub mod config;
 pub mod metrics;
 pub mod net;

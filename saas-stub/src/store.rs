@@ -226,6 +226,10 @@ pub struct Store {
     idempotency: sled::Tree,
     bundles: sled::Tree,
     bundle_data: sled::Tree,
+    cmd_by_tenant: sled::Tree,
+    events_by_tenant: sled::Tree,
+    /// API keys read so far (revocations update it), so a request is not a store read.
+    key_cache: std::sync::RwLock<std::collections::HashMap<String, ApiKey>>,
 }
 
 fn get<T: DeserializeOwned>(
@@ -276,9 +280,39 @@ impl Store {
             idempotency: db.open_tree("idempotency")?,
             bundles: db.open_tree("bundles")?,
             bundle_data: db.open_tree("bundle_data")?,
+            cmd_by_tenant: db.open_tree("cmd_by_tenant")?,
+            events_by_tenant: db.open_tree("events_by_tenant")?,
+            key_cache: Default::default(),
             commit: pcg_durable::GroupCommit::new(db.clone()),
             db,
         })
+    }
+
+    /// Builds the indexes an older store lacks (commands and events by tenant).
+    pub fn migrate(&self) -> Result<(), StoreError> {
+        if self.cmd_by_tenant.is_empty() && !self.commands.is_empty() {
+            for v in self.commands.iter().values() {
+                let c: Command = serde_json::from_slice(&v?).map_err(|e| StoreError::Corrupt {
+                    tree: "commands",
+                    message: e.to_string(),
+                })?;
+                self.cmd_by_tenant.insert(
+                    Self::tenant_index_key(&c.tenant_id, c.submitted_ms, &c.id),
+                    c.gateway_id.as_bytes(),
+                )?;
+            }
+        }
+        if self.events_by_tenant.is_empty() && !self.events.is_empty() {
+            for v in self.events.iter().values() {
+                if let Ok(e) = serde_json::from_slice::<Event>(&v?) {
+                    if let Some(t) = &e.tenant_id {
+                        self.events_by_tenant
+                            .insert(Self::event_index_key(t, e.seq), &[])?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes, flushes and removes a probe record: whether the store takes durable writes.
@@ -352,8 +386,24 @@ impl Store {
         let Some((id, secret)) = rest.split_once('.') else {
             return Ok(None);
         };
-        let Some(k) = get::<ApiKey>(&self.api_keys, "api_keys", id.as_bytes())? else {
-            return Ok(None);
+        let cached = self
+            .key_cache
+            .read()
+            .expect("key cache lock is never poisoned")
+            .get(id)
+            .cloned();
+        let k = match cached {
+            Some(k) => k,
+            None => {
+                let Some(k) = get::<ApiKey>(&self.api_keys, "api_keys", id.as_bytes())? else {
+                    return Ok(None);
+                };
+                self.key_cache
+                    .write()
+                    .expect("key cache lock is never poisoned")
+                    .insert(id.to_string(), k.clone());
+                k
+            }
         };
         Ok((!k.revoked && ct_eq(&k.secret_hash, &hash(secret))).then_some(k))
     }
@@ -373,6 +423,11 @@ impl Store {
         if let Some(mut k) = get::<ApiKey>(&self.api_keys, "api_keys", id.as_bytes())? {
             k.revoked = true;
             put(&self.api_keys, id.as_bytes(), &k)?;
+            // Revocation takes effect on the very next request.
+            self.key_cache
+                .write()
+                .expect("key cache lock is never poisoned")
+                .insert(id.to_string(), k);
         }
         Ok(())
     }
@@ -529,7 +584,8 @@ impl Store {
 
     /// Stores a new command and queues it for its gateway (not yet flushed). The pending key
     /// is written first: a pending key whose command record is missing is skipped, so a crash
-    /// between the two writes (before anything was acknowledged) leaves nothing half-visible.
+    /// between the writes (before anything was acknowledged) leaves nothing half-visible. The
+    /// tenant index (newest first) lets lists stop after `limit` instead of reading everything.
     pub fn insert_command(&self, cmd: &mut Command) -> Result<(), StoreError> {
         let seq = self.db.generate_id()?;
         let mut key = cmd.gateway_id.as_bytes().to_vec();
@@ -537,126 +593,95 @@ impl Store {
         key.extend_from_slice(&seq.to_be_bytes());
         cmd.pending_key = key.clone();
         self.pending.insert(key, cmd.id.as_bytes())?;
-        put(&self.commands, cmd.id.as_bytes(), &*cmd)
+        put(&self.commands, cmd.id.as_bytes(), &*cmd)?;
+        self.cmd_by_tenant.insert(
+            Self::tenant_index_key(&cmd.tenant_id, cmd.submitted_ms, &cmd.id),
+            cmd.gateway_id.as_bytes(),
+        )?;
+        Ok(())
+    }
+
+    /// `tenant \0 (u64::MAX - submitted_ms) \0 id`: a tenant's commands, newest first.
+    fn tenant_index_key(tenant_id: &str, submitted_ms: i64, id: &str) -> Vec<u8> {
+        let mut k = tenant_id.as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(&(u64::MAX - u64::try_from(submitted_ms).unwrap_or(0)).to_be_bytes());
+        k.push(0);
+        k.extend_from_slice(id.as_bytes());
+        k
     }
 
     pub fn command(&self, id: &str) -> Result<Option<Command>, StoreError> {
         get(&self.commands, "commands", id.as_bytes())
     }
 
-    /// Commands still waiting for a result from `gateway_id`, oldest first.
-    pub fn pending_commands(&self, gateway_id: &str) -> Result<Vec<Command>, StoreError> {
-        let mut prefix = gateway_id.as_bytes().to_vec();
-        prefix.push(0);
+    /// Every command still waiting for a result (at start, to rebuild the in-memory table).
+    pub fn all_pending(&self) -> Result<Vec<Command>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.pending.scan_prefix(prefix) {
+        for kv in self.pending.iter() {
             let (_, id) = kv?;
             if let Some(c) = get::<Command>(&self.commands, "commands", &id)? {
-                out.push(c);
+                if !c.state.is_terminal() {
+                    out.push(c);
+                }
             }
         }
         Ok(out)
     }
 
-    /// Commands without a result, counted by tenant.
-    pub fn pending_by_tenant(
+    /// Ids of a tenant's commands, newest first, starting after `after` (an index key).
+    pub fn tenant_command_ids(
         &self,
-    ) -> Result<std::collections::BTreeMap<String, usize>, StoreError> {
-        let mut tenant_of = std::collections::HashMap::new();
-        for g in self.gateways(None)? {
-            tenant_of.insert(g.id, g.tenant_id);
-        }
-        let mut out = std::collections::BTreeMap::new();
-        for k in self.pending.iter().keys() {
-            let k = k?;
-            let gw = k.split(|b| *b == 0).next().unwrap_or_default();
-            if let Some(t) = tenant_of.get(&*String::from_utf8_lossy(gw)) {
-                *out.entry(t.clone()).or_insert(0) += 1;
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn pending_count(&self, gateway_id: &str) -> usize {
-        let mut prefix = gateway_id.as_bytes().to_vec();
+        tenant_id: &str,
+    ) -> impl Iterator<Item = Result<String, StoreError>> + '_ {
+        let mut prefix = tenant_id.as_bytes().to_vec();
         prefix.push(0);
-        self.pending.scan_prefix(prefix).count()
+        let skip = prefix.len() + 8 + 1;
+        self.cmd_by_tenant.scan_prefix(prefix).keys().map(move |k| {
+            let k = k?;
+            Ok(String::from_utf8_lossy(&k[skip.min(k.len())..]).into_owned())
+        })
     }
 
-    /// Applies `f` to a command atomically; returns the updated record.
-    pub fn update_command(
-        &self,
-        id: &str,
-        f: impl Fn(&mut Command),
-    ) -> Result<Option<Command>, StoreError> {
-        let mut out = None;
-        self.commands.fetch_and_update(id.as_bytes(), |old| {
-            let old = old?;
-            let mut c: Command = serde_json::from_slice(old).ok()?;
-            f(&mut c);
-            let bytes = serde_json::to_vec(&c).expect("records serialise");
-            out = Some(c);
-            Some(bytes)
-        })?;
-        Ok(out)
+    /// Writes a command's final record (with its result) and drops it from the pending queue
+    /// (not yet flushed).
+    pub fn complete_command(&self, c: &Command) -> Result<(), StoreError> {
+        put(&self.commands, c.id.as_bytes(), c)?;
+        self.pending.remove(c.pending_key.as_slice())?;
+        Ok(())
     }
 
-    /// Records a result. Returns `Ok(false)` when the command already had one (a redelivered
-    /// result), which is not an error: the caller acknowledges it again.
-    pub fn complete_command(
-        &self,
-        id: &str,
-        gateway_id: &str,
-        result: CommandResult,
-    ) -> Result<Option<bool>, StoreError> {
-        let Some(cmd) = self.command(id)? else {
-            return Ok(None);
-        };
-        if cmd.gateway_id != gateway_id {
-            return Ok(None);
-        }
-        if cmd.state.is_terminal() {
-            return Ok(Some(false));
-        }
-        let ok = result.ok;
-        let updated = self.update_command(id, |c| {
-            if !c.state.is_terminal() {
-                c.state = if ok {
-                    CommandState::Succeeded
-                } else {
-                    CommandState::Failed
-                };
-                c.completed_ms = Some(now_ms());
-                c.result = Some(result.clone());
+    /// Deletes finished commands submitted before `cutoff_ms`; returns their ids.
+    pub fn prune_commands(&self, cutoff_ms: i64) -> Result<Vec<String>, StoreError> {
+        let mut gone = Vec::new();
+        let mut tenants: Vec<String> = self.tenants()?.into_iter().map(|t| t.id).collect();
+        tenants.sort();
+        for t in tenants {
+            let mut prefix = t.as_bytes().to_vec();
+            prefix.push(0);
+            // Oldest first: the index runs newest first.
+            for kv in self.cmd_by_tenant.scan_prefix(&prefix).rev() {
+                let (k, _) = kv?;
+                let at = k
+                    .get(prefix.len()..prefix.len() + 8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(|b| u64::MAX - u64::from_be_bytes(b))
+                    .unwrap_or(u64::MAX);
+                if i64::try_from(at).unwrap_or(i64::MAX) >= cutoff_ms {
+                    break;
+                }
+                let id = String::from_utf8_lossy(&k[prefix.len() + 9..]).into_owned();
+                match self.command(&id)? {
+                    Some(c) if !c.state.is_terminal() => continue, // still pending: kept
+                    _ => {
+                        self.commands.remove(id.as_bytes())?;
+                        self.cmd_by_tenant.remove(&k)?;
+                        gone.push(id);
+                    }
+                }
             }
-        })?;
-        if let Some(c) = updated {
-            self.pending.remove(c.pending_key.as_slice())?;
         }
-        Ok(Some(true))
-    }
-
-    pub fn commands(&self, tenant_id: &str, f: &CommandFilter) -> Result<Vec<Command>, StoreError> {
-        let mut out = Vec::new();
-        // Newest first: ids are random, so sort by submission time after filtering.
-        for v in self.commands.iter().values() {
-            let v = v?;
-            let c: Command = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                tree: "commands",
-                message: e.to_string(),
-            })?;
-            if c.tenant_id != tenant_id
-                || f.gateway_id.as_ref().is_some_and(|g| *g != c.gateway_id)
-                || f.state.is_some_and(|s| s != c.state)
-                || f.kind.as_ref().is_some_and(|k| *k != c.kind)
-            {
-                continue;
-            }
-            out.push(c);
-        }
-        out.sort_by(|a, b| b.submitted_ms.cmp(&a.submitted_ms).then(a.id.cmp(&b.id)));
-        out.truncate(f.limit);
-        Ok(out)
+        Ok(gone)
     }
 
     // --- idempotency keys ------------------------------------------------------------------
@@ -793,7 +818,40 @@ impl Store {
             message,
         };
         tracing::info!(kind, tenant = ?tenant_id, gateway = ?gateway_id, "{}", e.message);
-        put(&self.events, &seq.to_be_bytes(), &e)
+        put(&self.events, &seq.to_be_bytes(), &e)?;
+        if let Some(t) = tenant_id {
+            self.events_by_tenant
+                .insert(Self::event_index_key(t, seq), &[])?;
+        }
+        Ok(())
+    }
+
+    fn event_index_key(tenant_id: &str, seq: u64) -> Vec<u8> {
+        let mut k = tenant_id.as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    /// Deletes events older than `cutoff_ms`; returns how many.
+    pub fn prune_events(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.events.iter() {
+            let (k, v) = kv?;
+            let Ok(e) = serde_json::from_slice::<Event>(&v) else {
+                continue;
+            };
+            if e.at_ms >= cutoff_ms {
+                break; // sequence order is time order
+            }
+            self.events.remove(&k)?;
+            if let Some(t) = &e.tenant_id {
+                self.events_by_tenant
+                    .remove(Self::event_index_key(t, e.seq))?;
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     pub fn events(
@@ -805,6 +863,29 @@ impl Store {
     ) -> Result<Vec<Event>, StoreError> {
         let mut out = Vec::new();
         let start = since.map_or(0, |s| s.saturating_add(1));
+        let keep = |e: &Event| gateway_id.is_none() || e.gateway_id.as_deref() == gateway_id;
+        if let Some(t) = tenant_id {
+            // The tenant's own events through its index, not a scan of everybody's.
+            let mut prefix = t.as_bytes().to_vec();
+            prefix.push(0);
+            let from = Self::event_index_key(t, start);
+            for k in self.events_by_tenant.range(from..).keys() {
+                let k = k?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let Some(e) = get::<Event>(&self.events, "events", &k[prefix.len()..])? else {
+                    continue;
+                };
+                if keep(&e) {
+                    out.push(e);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            return Ok(out);
+        }
         for v in self.events.range(start.to_be_bytes()..).values() {
             let v = v?;
             let e: Event = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {

@@ -220,8 +220,17 @@ pub fn send_result(gw: &Gateway, id: &str, r: &StoredResult) {
     }
 }
 
-/// Handles a command delivered by the broker.
-pub async fn on_command(gw: &Arc<Gateway>, cmd: Command) -> Result<(), crate::store::StoreError> {
+/// Handles a command delivered by the broker, without waiting for the disk: the journal entry is
+/// written here, and a task waits for it to be durable (group commit with every other write
+/// under way) before it tells the broker and executes. The tunnel's read loop goes on reading
+/// meanwhile. When the entry cannot be made durable the command is neither acknowledged nor
+/// executed, and `journal_failed` is told so that the tunnel is closed: the broker delivers the
+/// command again later.
+pub fn on_command(
+    gw: &Arc<Gateway>,
+    cmd: Command,
+    journal_failed: &tokio::sync::mpsc::Sender<String>,
+) -> Result<(), crate::store::StoreError> {
     let mut payload: Value = if cmd.payload.is_empty() {
         json!({})
     } else {
@@ -240,16 +249,26 @@ pub async fn on_command(gw: &Arc<Gateway>, cmd: Command) -> Result<(), crate::st
     };
     match gw.store.begin(&entry)? {
         None => {
-            gw.store.flush().await?;
-            if let Some(tx) = gw.outbound() {
-                // Informational only: never wait for it.
-                let _ = tx.try_send(GatewayFrame {
-                    kind: Some(GKind::Received(CommandReceived {
-                        command_id: cmd.id.clone(),
-                    })),
-                });
-            }
-            spawn_execution(gw.clone(), entry, false);
+            // Counted as running from now on, so a redelivery that arrives before the entry is
+            // durable joins this execution instead of starting one.
+            gw.mark_running(&entry.id);
+            let (gw, failed) = (gw.clone(), journal_failed.clone());
+            tokio::spawn(async move {
+                if let Err(e) = gw.store.flush().await {
+                    gw.unmark_running(&entry.id);
+                    let _ = failed.try_send(format!("cannot journal command {}: {e}", entry.id));
+                    return;
+                }
+                if let Some(tx) = gw.outbound() {
+                    // Informational only: never wait for it.
+                    let _ = tx.try_send(GatewayFrame {
+                        kind: Some(GKind::Received(CommandReceived {
+                            command_id: entry.id.clone(),
+                        })),
+                    });
+                }
+                execute(gw, entry, false);
+            });
         }
         Some(existing) => match existing.state {
             EntryState::Done => {
@@ -305,11 +324,16 @@ fn open_payload(gw: &Gateway, mut payload: Value) -> Result<Value, ExecError> {
     Ok(payload)
 }
 
-/// Executes a journaled entry and records its result.
+/// Executes a journaled entry and records its result, unless it is already executing.
 pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
     if !gw.mark_running(&entry.id) {
         return;
     }
+    execute(gw, entry, recovered);
+}
+
+/// Executes an entry already marked running.
+fn execute(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
     tokio::spawn(async move {
         let _permit = gw.permits.clone().acquire_owned().await;
         let started = now_ms();

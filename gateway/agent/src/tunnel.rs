@@ -431,8 +431,13 @@ async fn session(
     let mut next_probe = probe_every.map(|p| tokio::time::Instant::now() + p);
     let mut probe: Option<tokio::task::JoinHandle<Result<(), DialError>>> = None;
     let mut seq = 0u64;
+    let (journal_failed, mut journal_errors) = mpsc::channel::<String>(1);
     loop {
         tokio::select! {
+            Some(e) = journal_errors.recv() => {
+                // Not journaled durably: drop the tunnel so the broker redelivers.
+                return retry(e);
+            }
             r = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
                 probe = None;
                 match r {
@@ -459,8 +464,8 @@ async fn session(
                     last_frame = Instant::now();
                     match frame.kind {
                         Some(BKind::Command(c)) => {
-                            if let Err(e) = executor::on_command(gw, c).await {
-                                // Not journaled durably: drop the tunnel so the broker redelivers.
+                            if let Err(e) = executor::on_command(gw, c, &journal_failed) {
+                                // Not journaled: drop the tunnel so the broker redelivers.
                                 return retry(format!("cannot journal a command: {e}"));
                             }
                         }

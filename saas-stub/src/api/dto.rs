@@ -158,7 +158,12 @@ impl From<&GatewayState> for GatewayView {
                 remote_addr: t.remote.to_string(),
                 certificate_sha256: t.certificate_sha256.clone(),
             }),
-            last_seen_at: g.last_seen_ms.map(ts),
+            last_seen_at: s
+                .tunnel
+                .as_ref()
+                .map(|t| t.last_seen_ms.load(std::sync::atomic::Ordering::Relaxed))
+                .or(g.last_seen_ms)
+                .map(ts),
             pending_commands: s.pending,
         }
     }

@@ -200,7 +200,7 @@ impl App {
                 };
             }
         }
-        self.store.insert_command(&mut cmd)?;
+        self.commands.insert(&self.store, &mut cmd)?;
         self.store.flush().await?;
         self.metrics.commands_submitted.inc();
         let (app, queued) = (self.clone(), cmd.clone());
@@ -236,7 +236,7 @@ impl App {
                 ),
             ));
         }
-        match self.store.command(&rec.command_id)? {
+        match self.commands.get(&self.store, &rec.command_id)? {
             Some(c) => {
                 // Whatever the first request wrote is durable before it is repeated.
                 self.store.flush().await?;
@@ -275,8 +275,8 @@ impl App {
             return Err(not_found());
         }
         let read = || -> AppResult<Command> {
-            self.store
-                .command(id)?
+            self.commands
+                .get(&self.store, id)?
                 .filter(|c| c.tenant_id == tenant)
                 .ok_or_else(not_found)
         };
@@ -306,6 +306,8 @@ impl App {
         }
     }
 
+    /// The tenant's commands, newest first, through the tenant index: reading stops once
+    /// `limit` match (live ones as memory has them).
     pub fn list_commands(&self, caller: &Caller, f: CommandFilter) -> AppResult<Vec<Command>> {
         let tenant = caller.tenant()?;
         if f.gateway_id.as_deref().is_some_and(|g| !plausible_id(g))
@@ -313,6 +315,23 @@ impl App {
         {
             return Ok(Vec::new());
         }
-        Ok(self.store.commands(tenant, &f)?)
+        let mut out = Vec::new();
+        for id in self.store.tenant_command_ids(tenant) {
+            let id = id?;
+            let Some(c) = self.commands.get(&self.store, &id)? else {
+                continue;
+            };
+            if f.gateway_id.as_ref().is_some_and(|g| *g != c.gateway_id)
+                || f.state.is_some_and(|s| s != c.state)
+                || f.kind.as_ref().is_some_and(|k| *k != c.kind)
+            {
+                continue;
+            }
+            out.push(c);
+            if out.len() >= f.limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 }

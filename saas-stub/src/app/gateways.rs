@@ -48,7 +48,7 @@ impl App {
     fn state(&self, g: Gateway) -> GatewayState {
         GatewayState {
             tunnel: self.tunnels.get(&g.id),
-            pending: self.store.pending_count(&g.id),
+            pending: self.commands.pending_count(&g.id),
             gateway: g,
         }
     }
@@ -77,9 +77,10 @@ impl App {
             self.store
                 .update_gateway(&g.id, |g| g.revoked_ms = Some(now_ms()))?;
             // Pending commands can no longer be delivered: fail them so nobody waits forever.
-            for c in self.store.pending_commands(&g.id)? {
+            for c in self.commands.pending(&g.id) {
                 let now = now_ms();
-                self.store.complete_command(
+                self.commands.complete(
+                    &self.store,
                     &c.id,
                     &g.id,
                     store::CommandResult {

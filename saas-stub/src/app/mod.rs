@@ -24,6 +24,8 @@ use crate::{broker, ca, Config};
 pub struct App {
     pub cfg: Config,
     pub store: store::Store,
+    /// Commands without a result (and recently finished ones), in memory.
+    pub commands: crate::commands::Commands,
     pub ca: ca::Ca,
     /// Live tunnels by gateway id.
     pub tunnels: broker::Tunnels,
@@ -97,6 +99,8 @@ pub fn open(
             cfg.data_dir.display()
         )
     })?;
+    store.migrate()?;
+    let commands = crate::commands::Commands::load(&store)?;
     let op_path = cfg.data_dir.join("operator.key");
     if !op_path.exists() {
         let (_, key) = store.create_api_key(None, "operator")?;
@@ -126,6 +130,7 @@ pub fn open(
     Ok(Arc::new(App {
         cfg,
         store,
+        commands,
         ca,
         tunnels: broker::Tunnels::default(),
         waiters: waiters::Waiters::default(),
@@ -174,14 +179,22 @@ impl App {
     /// The metrics in the OpenMetrics text format, pending commands per tenant read now.
     pub fn render_metrics(&self) -> String {
         self.metrics.tunnels.set(self.tunnels.count() as i64);
-        match self.store.pending_by_tenant() {
-            Ok(by_tenant) => {
+        match self.store.gateways(None) {
+            Ok(gws) => {
+                let tenant_of: std::collections::HashMap<String, String> =
+                    gws.into_iter().map(|g| (g.id, g.tenant_id)).collect();
+                let mut by_tenant: std::collections::BTreeMap<String, i64> = Default::default();
+                for (g, n) in self.commands.pending_by_gateway() {
+                    if let Some(t) = tenant_of.get(&g) {
+                        *by_tenant.entry(t.clone()).or_default() += n as i64;
+                    }
+                }
                 self.metrics.pending.clear();
                 for (tenant, n) in by_tenant {
                     self.metrics
                         .pending
                         .get_or_create(&crate::metrics::TenantLabels { tenant })
-                        .set(n as i64);
+                        .set(n);
                 }
             }
             Err(e) => tracing::warn!("pending commands for metrics: {e}"),
