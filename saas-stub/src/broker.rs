@@ -448,6 +448,17 @@ impl Broker for BrokerService {
             self.refused(Some(&tenant_id), &gateway_id, &why);
             return Err(Status::permission_denied(why));
         }
+        // Admission: a tunnel being set up (Hello, Welcome, replay) costs work; past the bound,
+        // the gateway is told to come back a little later instead of queueing behind others.
+        let Ok(setup) = self.app.tunnel_setups.clone().try_acquire_owned() else {
+            let mut st =
+                Status::unavailable("the broker is setting up many tunnels; come back in a moment");
+            let wait = 500 + rand::random_range(0..2_000u64);
+            if let Ok(v) = wait.to_string().parse() {
+                st.metadata_mut().insert(pcg_proto::RETRY_AFTER_MS, v);
+            }
+            return Err(st);
+        };
         let key_hex = hex::encode(&peer.key);
         if gw.public_key.as_deref() != Some(key_hex.as_str()) {
             let _ = self
@@ -459,14 +470,20 @@ impl Broker for BrokerService {
         let inbound = req.into_inner();
         self.app
             .tasks
-            .spawn(session(self.app.clone(), peer, inbound, tx));
+            .spawn(session(self.app.clone(), peer, inbound, tx, setup));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
 }
 
-async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>, tx: Tx) {
+async fn session(
+    app: Arc<App>,
+    peer: Peer,
+    mut inbound: Streaming<GatewayFrame>,
+    tx: Tx,
+    setup: tokio::sync::OwnedSemaphorePermit,
+) {
     let (tenant_id, gateway_id) = (peer.tenant_id.clone(), peer.gateway_id.clone());
     let interval = Duration::from_millis(app.cfg.heartbeat_ms.max(100));
     // The first frame must be Hello.
@@ -562,6 +579,7 @@ async fn session(app: Arc<App>, peer: Peer, mut inbound: Streaming<GatewayFrame>
     for c in app.commands.pending(&gateway_id) {
         deliver(&app, &c).await;
     }
+    drop(setup);
 
     let mut last_frame = Instant::now();
     let mut ticker = tokio::time::interval(interval);

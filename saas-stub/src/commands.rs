@@ -179,13 +179,129 @@ impl Commands {
     pub fn forget(&self, ids: &[String]) {
         let mut inner = self.lock();
         for id in ids {
-            if inner
-                .by_id
-                .get(id)
-                .is_some_and(|c| c.state.is_terminal())
-            {
+            if inner.by_id.get(id).is_some_and(|c| c.state.is_terminal()) {
                 inner.by_id.remove(id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::CommandFilter;
+
+    fn cmd(id: &str, tenant: &str, gw: &str, at: i64) -> Command {
+        Command {
+            id: id.into(),
+            tenant_id: tenant.into(),
+            gateway_id: gw.into(),
+            kind: "gateway.echo".into(),
+            payload: serde_json::json!({}),
+            state: CommandState::Queued,
+            submitted_ms: at,
+            deliveries: 0,
+            received_ms: None,
+            completed_ms: None,
+            result: None,
+            pending_key: Vec::new(),
+        }
+    }
+
+    fn ok() -> CommandResult {
+        CommandResult {
+            ok: true,
+            output: serde_json::json!(1),
+            error_class: String::new(),
+            error_message: String::new(),
+            started_ms: 0,
+            finished_ms: 0,
+        }
+    }
+
+    #[test]
+    fn pending_survives_a_restart_and_retention_keeps_what_it_must() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let t = store.create_tenant("t").expect("tenant").id;
+        let table = Commands::load(&store).expect("load");
+        let day = 86_400_000;
+        let now = now_ms();
+        for (id, at) in [
+            ("c_old_done", now - 10 * day),
+            ("c_old_pending", now - 10 * day),
+            ("c_new_done", now),
+        ] {
+            table
+                .insert(&store, &mut cmd(id, &t, "gw_1", at))
+                .expect("insert");
+        }
+        for id in ["c_old_done", "c_new_done"] {
+            table
+                .complete(&store, id, "gw_1", ok())
+                .expect("complete")
+                .expect("known")
+                .expect("newly");
+        }
+        // A redelivered result is recognised; another gateway's is not its to give.
+        assert!(matches!(
+            table.complete(&store, "c_new_done", "gw_1", ok()),
+            Ok(Some(None))
+        ));
+        assert!(matches!(
+            table.complete(&store, "c_old_pending", "gw_2", ok()),
+            Ok(None)
+        ));
+        assert_eq!(table.pending_count("gw_1"), 1);
+        // A restart rebuilds the pending table from the store.
+        let table = Commands::load(&store).expect("reload");
+        assert_eq!(
+            table
+                .pending("gw_1")
+                .iter()
+                .map(|c| c.id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["c_old_pending"]
+        );
+        // Retention deletes old finished commands only.
+        let gone = store.prune_commands(now - 7 * day).expect("prune");
+        assert_eq!(gone, vec!["c_old_done".to_string()]);
+        assert!(store.command("c_old_done").expect("read").is_none());
+        assert!(store.command("c_old_pending").expect("read").is_some());
+        let ids: Vec<String> = store
+            .tenant_command_ids(&t)
+            .collect::<Result<_, _>>()
+            .expect("ids");
+        assert_eq!(
+            ids,
+            vec!["c_new_done".to_string(), "c_old_pending".to_string()]
+        );
+        let _ = CommandFilter::default();
+    }
+
+    #[test]
+    fn events_are_listed_per_tenant_and_pruned_by_age() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .event(Some("t1"), None, "k", "one".into())
+            .expect("event");
+        store
+            .event(Some("t2"), None, "k", "two".into())
+            .expect("event");
+        store
+            .event(None, None, "k", "operator".into())
+            .expect("event");
+        let t1 = store.events(Some("t1"), None, None, 100).expect("list");
+        assert_eq!(
+            t1.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+            vec!["one"]
+        );
+        assert_eq!(store.events(None, None, None, 100).expect("all").len(), 3);
+        assert_eq!(store.prune_events(now_ms() + 1).expect("prune"), 3);
+        assert!(store
+            .events(Some("t1"), None, None, 100)
+            .expect("list")
+            .is_empty());
     }
 }

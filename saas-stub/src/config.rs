@@ -45,8 +45,21 @@ pub struct Config {
     pub max_connections: usize,
     /// Connections from one IP address, per listener.
     pub max_connections_per_ip: usize,
-    /// TLS handshakes under way at once, per listener; past it the oldest is dropped.
+    /// TLS handshakes waiting or under way, per listener; past it a new connection either
+    /// replaces the oldest (when it looks stalled) or is told to come back later.
     pub max_pending_handshakes: usize,
+    /// TLS handshakes computed at once, per listener (the rest wait their turn).
+    pub max_concurrent_handshakes: usize,
+    /// Tunnels being set up at once (Hello, Welcome, replay); more are asked to come back.
+    pub max_tunnel_setups: usize,
+    /// Commands in one `POST /v1/commands/batch`.
+    pub max_batch: usize,
+    /// Largest body of `POST /v1/commands/batch`, bytes.
+    pub max_batch_bytes: usize,
+    /// Finished commands are deleted this many days after they were submitted.
+    pub command_retention_days: u64,
+    /// Events are deleted this many days after they happened.
+    pub event_retention_days: u64,
     /// Time a client has to complete the TLS handshake, milliseconds.
     pub tls_handshake_timeout_ms: u64,
     /// Time an HTTP/1.1 client has to send a request's headers, milliseconds.
@@ -81,6 +94,12 @@ impl Default for Config {
             max_connections: 10_000,
             max_connections_per_ip: 256,
             max_pending_handshakes: 256,
+            max_concurrent_handshakes: 32,
+            max_tunnel_setups: 256,
+            max_batch: 1000,
+            max_batch_bytes: 16 << 20,
+            command_retention_days: 7,
+            event_retention_days: 30,
             tls_handshake_timeout_ms: 10_000,
             header_timeout_ms: 10_000,
             idle_timeout_secs: 300,

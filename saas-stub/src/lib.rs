@@ -95,6 +95,7 @@ pub(crate) fn limits(cfg: &Config) -> net::Limits {
         handshake_timeout: Duration::from_millis(cfg.tls_handshake_timeout_ms),
         header_timeout: Duration::from_millis(cfg.header_timeout_ms),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
+        max_concurrent_handshakes: cfg.max_concurrent_handshakes,
     }
 }
 
@@ -181,7 +182,7 @@ pub async fn serve(
         });
     }
     listeners.close();
-    // Housekeeping: forget idempotency keys past their window.
+    // Housekeeping: retention of commands, events and idempotency keys.
     {
         let app2 = app.clone();
         app.tasks.spawn(async move {
@@ -191,11 +192,7 @@ pub async fn serve(
                     _ = t.tick() => {}
                     _ = app2.shutdown.cancelled() => return,
                 }
-                match app2.store.prune_idempotency(app2.idempotency_window_ms()) {
-                    Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot expired idempotency keys"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!("pruning idempotency keys failed: {e}"),
-                }
+                app2.prune();
             }
         });
     }

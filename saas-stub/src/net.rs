@@ -43,7 +43,19 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// A connection that moves no byte either way for this long is closed.
     pub idle_timeout: Duration,
+    /// TLS handshakes computed at once; the others wait their turn (counted as pending).
+    pub max_concurrent_handshakes: usize,
 }
+
+/// What a refused connection is told before it is closed, in place of a TLS record: the
+/// gateway reads it as "busy, retry after N ms" (not as a broken path), and waits that long.
+pub fn busy_message(retry_after_ms: u64) -> Vec<u8> {
+    format!("{}{retry_after_ms}\r\n", pcg_proto::BUSY_PREFIX).into_bytes()
+}
+
+/// A pending handshake older than this is taken to be stalled and gives way to a new one;
+/// a younger one makes the new connection wait its turn elsewhere (told "busy").
+const STALLED_HANDSHAKE: Duration = Duration::from_secs(2);
 
 /// Established connections across every listener of the process, kept below the descriptor
 /// limit so that accepting never fails for lack of descriptors while the store needs some.
@@ -178,11 +190,12 @@ impl Drop for IpSlot {
     }
 }
 
-/// Handshakes under way, oldest first; the oldest is cancelled when a new one needs room.
+/// Handshakes under way, oldest first; the oldest is cancelled when a new one needs room and it
+/// looks stalled.
 #[derive(Default)]
 struct Pending {
     next: u64,
-    by_age: BTreeMap<u64, CancellationToken>,
+    by_age: BTreeMap<u64, (CancellationToken, Instant)>,
 }
 
 fn pending_remove(p: &Mutex<Pending>, seq: u64) {
@@ -199,6 +212,12 @@ pub struct ListenerStats {
     pub refused_budget: AtomicU64,
     pub evicted_handshakes: AtomicU64,
     pub handshake_timeouts: AtomicU64,
+    pub refused_busy: AtomicU64,
+}
+
+/// Tells a refused connection to come back later, without waiting for it.
+fn refuse(tcp: &TcpStream, retry_after_ms: u64) {
+    let _ = tcp.try_write(&busy_message(retry_after_ms));
 }
 
 /// Serves TLS connections on `listener` with the service `make(conn_info)` builds per
@@ -222,9 +241,9 @@ pub async fn serve<M, S>(
     S: ConnService,
     S::Future: Send + 'static,
 {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let per_ip = Arc::new(PerIp::default());
     let pending = Arc::new(Mutex::new(Pending::default()));
+    let handshakes = Arc::new(Semaphore::new(limits.max_concurrent_handshakes.max(1)));
     let make = Arc::new(make);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -245,34 +264,55 @@ pub async fn serve<M, S>(
         let Some(ip_slot) = per_ip.take(peer.ip(), limits.max_connections_per_ip) else {
             stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(listener = name, %peer, "refused: too many connections from this address");
+            refuse(&tcp, 5_000);
             continue;
         };
         if budget.sem.available_permits() == 0 {
             stats.refused_budget.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(listener = name, %peer, "refused: connection budget exhausted");
+            refuse(&tcp, 10_000);
             continue;
         }
         let _ = tcp.set_nodelay(true);
-        // Room for this handshake: drop the oldest one under way when full.
+        // Room for this handshake: when full, drop the oldest one under way if it looks
+        // stalled; otherwise this connection is told to come back later.
         let cancel = CancellationToken::new();
         let seq = {
             let mut p = pending.lock().expect("pending lock is never poisoned");
+            let mut busy = None;
             while p.by_age.len() >= limits.max_pending_handshakes.max(1) {
-                if let Some((_, oldest)) = p.by_age.pop_first() {
+                let stalled = p
+                    .by_age
+                    .first_key_value()
+                    .is_some_and(|(_, (_, at))| at.elapsed() >= STALLED_HANDSHAKE);
+                if !stalled {
+                    // Roughly how long the queue ahead takes, spread so they do not return
+                    // together.
+                    let queue = p.by_age.len() as u64;
+                    busy = Some(1_000 + queue * 4 + rand::random_range(0..1_000));
+                    break;
+                }
+                if let Some((_, (oldest, _))) = p.by_age.pop_first() {
                     oldest.cancel();
                     stats.evicted_handshakes.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            if let Some(ms) = busy {
+                drop(p);
+                stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+                refuse(&tcp, ms.min(30_000));
+                continue;
+            }
             let seq = p.next;
             p.next += 1;
-            p.by_age.insert(seq, cancel.clone());
+            p.by_age.insert(seq, (cancel.clone(), Instant::now()));
             seq
         };
         let conn = Conn {
             name,
             tcp,
             peer,
-            acceptor: acceptor.clone(),
+            tls: tls.clone(),
             limits: limits.clone(),
             stats: stats.clone(),
             pending: pending.clone(),
@@ -280,6 +320,7 @@ pub async fn serve<M, S>(
             cancel,
             shutdown: shutdown.clone(),
             budget: budget.clone(),
+            handshakes: handshakes.clone(),
             _ip: ip_slot,
         };
         let make = make.clone();
@@ -291,7 +332,7 @@ struct Conn {
     name: &'static str,
     tcp: TcpStream,
     peer: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     limits: Limits,
     stats: Arc<ListenerStats>,
     pending: Arc<Mutex<Pending>>,
@@ -302,6 +343,8 @@ struct Conn {
     /// Established connections hold a permit of it; pending handshakes do not (they are
     /// bounded by `max_pending_handshakes` instead).
     budget: ConnBudget,
+    /// Handshakes computed at once.
+    handshakes: Arc<Semaphore>,
     _ip: IpSlot,
 }
 
@@ -315,7 +358,7 @@ impl Conn {
             name,
             tcp,
             peer,
-            acceptor,
+            tls,
             limits,
             stats,
             pending,
@@ -323,10 +366,20 @@ impl Conn {
             cancel,
             shutdown,
             budget,
+            handshakes,
             _ip,
         } = self;
+        // Waiting for a ClientHello costs nothing; the turn (the CPU-heavy part) is taken once
+        // one has arrived, so stalled clients cannot hold the turns.
+        let accept = async {
+            let start =
+                tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+                    .await?;
+            let _turn = handshakes.acquire().await;
+            start.into_stream(tls).await
+        };
         let handshake = tokio::select! {
-            r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => r,
+            r = tokio::time::timeout(limits.handshake_timeout, accept) => r,
             _ = cancel.cancelled() => {
                 tracing::debug!(listener = name, %peer, "handshake dropped to make room for a newer one");
                 return;

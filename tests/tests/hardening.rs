@@ -621,3 +621,78 @@ async fn refused_tunnels_are_events() {
         .any(|e| e["kind"] == "tunnel.refused" && e["gateway_id"] == gw_id.as_str());
     assert!(hit, "no tunnel.refused event for {gw_id}: {evs}");
 }
+
+/// Batch submit: many commands in one request and one durable write; each item answers on its
+/// own; idempotency keys make the whole batch safe to resend; every command runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_submits_many_commands_each_exactly_once() {
+    let dir = pcg_e2e::test_dir();
+    let (saas, gw, key, gw_id) = pcg_e2e::paired(dir.path(), SaasOptions::default())
+        .await
+        .unwrap();
+    let mut items: Vec<Value> = (0..500)
+        .map(|i| {
+            json!({"gateway_id": gw_id, "kind": "gateway.ledger",
+                   "payload": {"n": i}, "idempotency_key": format!("batch-{i}")})
+        })
+        .collect();
+    items.push(json!({"gateway_id": gw_id, "kind": "Not A Kind"}));
+    items.push(json!({"gateway_id": "gw_nope", "kind": "gateway.echo"}));
+    let body = json!({ "commands": items });
+    let first = saas
+        .ok("POST", "/v1/commands/batch", &key, Some(body.clone()))
+        .await
+        .unwrap();
+    let results = first["results"].as_array().unwrap();
+    assert_eq!(results.len(), 502);
+    assert_eq!(results[500]["status"], 400, "{}", results[500]);
+    assert_eq!(results[500]["error"]["code"], "invalid_kind");
+    assert_eq!(results[501]["status"], 404, "{}", results[501]);
+    let ids: Vec<String> = results[..500]
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], 201, "{r}");
+            r["command"]["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // Sent again (a client that lost the answer): the same commands, nothing new.
+    let again = saas
+        .ok("POST", "/v1/commands/batch", &key, Some(body))
+        .await
+        .unwrap();
+    for (i, r) in again["results"].as_array().unwrap()[..500]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(r["replayed"], true, "{r}");
+        assert_eq!(r["command"]["id"], ids[i].as_str());
+    }
+    for id in &ids {
+        let v = saas
+            .wait_command(&key, id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(v["state"], "succeeded", "{v}");
+    }
+    let ledger = gw.ledger_ids();
+    assert_eq!(ledger.len(), 500);
+    assert_eq!(ledger.iter().collect::<HashSet<_>>().len(), 500);
+    // Over the limit of one batch: refused as a whole, nothing stored.
+    let too_many: Vec<Value> = (0..1001)
+        .map(|_| json!({"gateway_id": gw_id, "kind": "gateway.echo"}))
+        .collect();
+    let (s, v) = saas
+        .call(
+            "POST",
+            "/v1/commands/batch",
+            &key,
+            Some(json!({ "commands": too_many })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (413, Some("batch_too_large")),
+        "{v}"
+    );
+}

@@ -228,6 +228,10 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
                 });
                 continue;
             }
+            End::Dial(DialError::Busy { retry_after_ms, .. }) => (
+                format!("the broker is busy; it asked to come back in {retry_after_ms} ms"),
+                Some(Duration::from_millis(retry_after_ms.min(120_000))),
+            ),
             End::Dial(e) => {
                 if path.failed(&e) {
                     tracing::warn!("falling back to the WebSocket transport: {e}");
@@ -385,10 +389,16 @@ async fn session(
             return End::Refused(s.message().to_string())
         }
         Ok(Err(s)) => {
-            return retry(format!(
-                "the broker at {url} refused the tunnel: {}",
-                s.message()
-            ))
+            let pause = s
+                .metadata()
+                .get(pcg_proto::RETRY_AFTER_MS)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(|ms| Duration::from_millis(ms.min(120_000)));
+            return End::Retry(
+                format!("the broker at {url} refused the tunnel: {}", s.message()),
+                pause,
+            );
         }
         Ok(Ok(r)) => r.into_inner(),
     };

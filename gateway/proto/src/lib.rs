@@ -21,3 +21,11 @@ pub mod sealed;
 pub mod ws;
 
 pub use tunnel::v1;
+
+/// What a SaaS listener writes, in place of a TLS record, to a connection it cannot take now,
+/// followed by the number of milliseconds to wait and `\r\n`; then it closes the connection. A
+/// gateway seeing it backs off that long (it is not a sign of a broken path).
+pub const BUSY_PREFIX: &str = "PCG-BUSY retry-after-ms=";
+
+/// gRPC metadata key with which the broker asks a refused gateway to wait (milliseconds).
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";

@@ -326,3 +326,40 @@ impl From<&crate::store::BundleRecord> for BundleView {
         }
     }
 }
+
+/// One command of a batch.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct BatchItem {
+    pub gateway_id: String,
+    pub kind: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub payload: Option<serde_json::Value>,
+    /// As the `Idempotency-Key` header of a single submit.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct BatchRequest {
+    pub commands: Vec<BatchItem>,
+}
+
+/// The outcome of one item, in the order given.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct BatchOutcome {
+    /// 201 when stored (or replayed), else the status a single submit would have answered.
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandView>,
+    /// The idempotency key named a command made earlier.
+    #[serde(default)]
+    pub replayed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::api::error::ErrorDetail>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct BatchResponse {
+    pub results: Vec<BatchOutcome>,
+}

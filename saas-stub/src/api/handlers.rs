@@ -385,3 +385,53 @@ pub async fn get_bundle(
         data,
     ))
 }
+
+/// The path of the batch submit.
+pub const BATCH_PATH: &str = "/v1/commands/batch";
+
+#[utoipa::path(post, path = "/v1/commands/batch", request_body = BatchRequest,
+    responses((status = 200, description = "One outcome per command, in order; the batch is durable as a whole before this answer", body = BatchResponse),
+              (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn submit_batch(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Body(req): Body<BatchRequest>,
+) -> ApiResult<Json<BatchResponse>> {
+    let items = req
+        .commands
+        .iter()
+        .map(|c| Submit {
+            gateway_id: &c.gateway_id,
+            kind: c.kind.clone(),
+            payload: c.payload.clone(),
+            idempotency_key: c.idempotency_key.clone(),
+        })
+        .collect();
+    let outcomes = app.submit_batch(&caller, items).await?;
+    Ok(Json(BatchResponse {
+        results: outcomes
+            .into_iter()
+            .map(|r| match r {
+                Ok(s) => BatchOutcome {
+                    status: 201,
+                    command: Some(CommandView::from(&s.command)),
+                    replayed: s.replayed,
+                    error: None,
+                },
+                Err(e) => {
+                    let e = crate::api::ApiError::from(e);
+                    BatchOutcome {
+                        status: e.status.as_u16(),
+                        command: None,
+                        replayed: false,
+                        error: Some(crate::api::error::ErrorDetail {
+                            code: e.code.to_string(),
+                            message: e.message,
+                        }),
+                    }
+                }
+            })
+            .collect(),
+    }))
+}

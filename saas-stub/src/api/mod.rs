@@ -90,7 +90,12 @@ async fn guard(
         .map_or("unmatched", |m| m.as_str())
         .to_string();
     let method = req.method().to_string();
-    let resp = guarded(body_limit(&app), req, next).await;
+    let limit = if req.uri().path() == handlers::BATCH_PATH {
+        app.cfg.max_batch_bytes
+    } else {
+        body_limit(&app)
+    };
+    let resp = guarded(limit, req, next).await;
     app.metrics
         .observe_request(&route, &method, resp.status().as_u16(), started.elapsed());
     resp
@@ -200,6 +205,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/gateways/{id}/bundles", get(list_bundles))
         .route("/v1/bundles/{id}", get(get_bundle))
         .route("/v1/commands", get(list_commands))
+        .route(
+            BATCH_PATH,
+            post(submit_batch).layer(axum::extract::DefaultBodyLimit::max(
+                app.cfg.max_batch_bytes,
+            )),
+        )
         .route("/v1/commands/{id}", get(get_command))
         .route("/v1/events", get(list_events))
         .route(pcg_proto::ws::PATH, get(crate::tunnel_ws::upgrade))

@@ -68,6 +68,60 @@ impl App {
         caller: &Caller,
         req: Submit<'_>,
     ) -> AppResult<Submitted> {
+        let staged = self.stage(caller, req).await?;
+        if !staged.replayed {
+            self.store.flush().await?;
+            self.queued(&staged.command);
+        }
+        Ok(staged)
+    }
+
+    /// Many commands at once: each is checked and stored as `submit_command` does, and one
+    /// durable write covers them all. Each item answers on its own (a refused item does not
+    /// refuse the others).
+    pub async fn submit_batch(
+        self: &std::sync::Arc<Self>,
+        caller: &Caller,
+        items: Vec<Submit<'_>>,
+    ) -> AppResult<Vec<AppResult<Submitted>>> {
+        caller.tenant()?;
+        if items.len() > self.cfg.max_batch {
+            return Err(AppError::new(
+                Kind::TooLarge,
+                "batch_too_large",
+                format!(
+                    "{} commands in one batch; the limit is {} (max_batch)",
+                    items.len(),
+                    self.cfg.max_batch
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for req in items {
+            out.push(self.stage(caller, req).await);
+        }
+        if out.iter().any(|r| r.as_ref().is_ok_and(|s| !s.replayed)) {
+            self.store.flush().await?;
+        }
+        for s in out.iter().flatten() {
+            if !s.replayed {
+                self.queued(&s.command);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A stored, durable command: counted and handed to its gateway's tunnel.
+    fn queued(self: &std::sync::Arc<Self>, cmd: &Command) {
+        self.metrics.commands_submitted.inc();
+        let (app, queued) = (self.clone(), cmd.clone());
+        self.tasks
+            .spawn(async move { crate::broker::deliver(&app, &queued).await });
+    }
+
+    /// Checks, seals and writes a command (not yet flushed); or finds the command its
+    /// idempotency key already made (`replayed`, durable).
+    async fn stage(&self, caller: &Caller, req: Submit<'_>) -> AppResult<Submitted> {
         let tenant = caller.tenant()?;
         let g = self.tenant_gateway(tenant, req.gateway_id)?;
         if let Some(k) = &req.idempotency_key {
@@ -201,11 +255,6 @@ impl App {
             }
         }
         self.commands.insert(&self.store, &mut cmd)?;
-        self.store.flush().await?;
-        self.metrics.commands_submitted.inc();
-        let (app, queued) = (self.clone(), cmd.clone());
-        self.tasks
-            .spawn(async move { crate::broker::deliver(&app, &queued).await });
         Ok(Submitted {
             command: cmd,
             replayed: false,

@@ -41,6 +41,9 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Every task the service spawns, so that stopping waits for them (within a bound).
     pub tasks: TaskTracker,
+    /// Tunnels being set up at once (Hello to the end of the replay); past it, `Open` answers
+    /// "come back later".
+    pub tunnel_setups: Arc<tokio::sync::Semaphore>,
     /// TLS of inner connections (inside the WebSocket way in): client certificate optional.
     /// Set when the service starts serving.
     pub inner_tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
@@ -127,6 +130,7 @@ pub fn open(
         (true, Some(b)) => vec![format!("https://{b}")],
         (true, None) => vec![api_url.clone()],
     };
+    let setups = cfg.max_tunnel_setups.max(1);
     Ok(Arc::new(App {
         cfg,
         store,
@@ -139,6 +143,7 @@ pub fn open(
         metrics: crate::metrics::Metrics::default(),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        tunnel_setups: Arc::new(tokio::sync::Semaphore::new(setups)),
         inner_tls: std::sync::OnceLock::new(),
         idempotency_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &idem),
         refused_events: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -230,6 +235,46 @@ impl App {
                 format!("the store does not take durable writes: {e}"),
             )
         })
+    }
+
+    /// Deletes what retention no longer keeps: finished commands older than
+    /// `command_retention_days`, events older than `event_retention_days`, idempotency keys past
+    /// their window. Run every ten minutes.
+    pub fn prune(&self) {
+        let day = 86_400_000i64;
+        let now = store::now_ms();
+        let days = |d: u64| {
+            i64::try_from(d)
+                .unwrap_or(i64::MAX / day)
+                .saturating_mul(day)
+        };
+        match self
+            .store
+            .prune_commands(now - days(self.cfg.command_retention_days))
+        {
+            Ok(ids) if !ids.is_empty() => {
+                self.commands.forget(&ids);
+                tracing::info!(
+                    pruned = ids.len(),
+                    "deleted finished commands past retention"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pruning commands failed: {e}"),
+        }
+        match self
+            .store
+            .prune_events(now - days(self.cfg.event_retention_days))
+        {
+            Ok(n) if n > 0 => tracing::info!(pruned = n, "deleted events past retention"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pruning events failed: {e}"),
+        }
+        match self.store.prune_idempotency(self.idempotency_window_ms()) {
+            Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot expired idempotency keys"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pruning idempotency keys failed: {e}"),
+        }
     }
 
     /// Liveness facts for `/healthz`.

@@ -73,6 +73,81 @@ impl Target {
     }
 }
 
+/// Remembers the first bytes read from a stream, so that a handshake that failed because the
+/// server wrote something else than TLS (its "busy, come back later" line) can say so.
+pub struct FirstBytes<IO> {
+    inner: IO,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl<IO> FirstBytes<IO> {
+    fn new(inner: IO) -> (Self, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        (
+            FirstBytes {
+                inner,
+                seen: seen.clone(),
+            },
+            seen,
+        )
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for FirstBytes<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let mut seen = self
+            .seen
+            .lock()
+            .expect("first-bytes lock is never poisoned");
+        if seen.len() < 64 {
+            let new = &buf.filled()[before..];
+            let take = new.len().min(64 - seen.len());
+            seen.extend_from_slice(&new[..take]);
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstBytes<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The wait a server's "busy" line asks for, if `seen` starts with one.
+fn busy(seen: &std::sync::Mutex<Vec<u8>>) -> Option<u64> {
+    let seen = seen.lock().expect("first-bytes lock is never poisoned");
+    let rest = seen.strip_prefix(pcg_proto::BUSY_PREFIX.as_bytes())?;
+    let digits: String = rest
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .map(|b| char::from(*b))
+        .collect();
+    digits.parse().ok()
+}
+
 /// A byte stream to the SaaS, whichever way it came.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
@@ -202,6 +277,7 @@ impl Dialer {
             reason: e.to_string(),
         })?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let (io, seen) = FirstBytes::new(io);
         let tls = tokio::time::timeout(self.timeout, connector.connect(target.server_name()?, io))
             .await
             .map_err(|_| DialError::HandshakeTimeout {
@@ -209,7 +285,13 @@ impl Dialer {
                 after: self.timeout,
                 via: via.clone(),
             })?
-            .map_err(|e| classify_tls(e, &target.authority(), &verifier, &self.pin, via, false))?;
+            .map_err(|e| match busy(&seen) {
+                Some(retry_after_ms) => DialError::Busy {
+                    server: target.authority(),
+                    retry_after_ms,
+                },
+                None => classify_tls(e, &target.authority(), &verifier, &self.pin, via, false),
+            })?;
         let agreed = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         Ok((Box::new(tls), agreed))
     }
@@ -255,7 +337,10 @@ impl Dialer {
         tcp: TcpStream,
         target: &Target,
         via: &Option<String>,
-    ) -> Result<pcg_proto::ws::WsBytes<tokio_rustls::client::TlsStream<TcpStream>>, DialError> {
+    ) -> Result<
+        pcg_proto::ws::WsBytes<tokio_rustls::client::TlsStream<FirstBytes<TcpStream>>>,
+        DialError,
+    > {
         use pcg_proto::ws::tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
         use pcg_proto::ws::tokio_tungstenite::tungstenite::Error as WsError;
         let verifier = Verifier::new(self.pin, self.ca.clone(), self.proxy_ca.clone());
@@ -264,6 +349,7 @@ impl Dialer {
                 server: target.authority(),
                 reason: e.to_string(),
             })?;
+        let (tcp, seen) = FirstBytes::new(tcp);
         let outer = tokio::time::timeout(
             self.timeout,
             tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(target.server_name()?, tcp),
@@ -274,7 +360,13 @@ impl Dialer {
             after: self.timeout,
             via: via.clone(),
         })?
-        .map_err(|e| classify_tls(e, &target.authority(), &verifier, &self.pin, via, true))?;
+        .map_err(|e| match busy(&seen) {
+            Some(retry_after_ms) => DialError::Busy {
+                server: target.authority(),
+                retry_after_ms,
+            },
+            None => classify_tls(e, &target.authority(), &verifier, &self.pin, via, true),
+        })?;
         let url = format!("wss://{}{}", target.authority(), pcg_proto::ws::PATH);
         let ws_err = |reason: String| DialError::WebSocket {
             url: url.clone(),

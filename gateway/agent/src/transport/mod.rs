@@ -184,6 +184,8 @@ pub enum DialError {
     },
     #[error("TLS with {server} failed: {reason}")]
     Tls { server: String, reason: String },
+    #[error("{server} is busy (too many gateways connecting at once) and asked to come back in {retry_after_ms} ms")]
+    Busy { server: String, retry_after_ms: u64 },
     #[error("the outer TLS of the WebSocket transport to {server} is not trusted ({reason}): it presented a certificate issued by \"{issuer}\" (SHA-256 {sha256}); if that is your proxy's TLS-inspection CA, give it to the gateway as `proxy_ca`")]
     OuterUntrusted {
         server: String,
@@ -217,6 +219,7 @@ impl DialError {
             | DialError::HandshakeTimeout { .. }
             | DialError::Tls { .. } => "dial_tls",
             DialError::WebSocketRefused { .. } | DialError::WebSocket { .. } => "dial_websocket",
+            DialError::Busy { .. } => "busy",
         }
     }
 
