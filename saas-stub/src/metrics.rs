@@ -54,6 +54,8 @@ pub struct Metrics {
     pub commands_finished: Family<OutcomeLabels, Counter>,
     pub delivery_seconds: Histogram,
     pub pending: Family<TenantLabels, Gauge>,
+    /// Synchronous store flushes (group commits), read at scrape time.
+    pub store_flushes: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -118,8 +120,15 @@ impl Default for Metrics {
             "Commands without a result yet, by tenant",
             pending.clone(),
         );
+        let store_flushes = Counter::default();
+        registry.register(
+            "store_flushes",
+            "Synchronous store flushes (each a group commit of every write waiting)",
+            store_flushes.clone(),
+        );
         Metrics {
             registry,
+            store_flushes,
             requests,
             request_seconds,
             tunnels,

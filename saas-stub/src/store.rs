@@ -324,6 +324,11 @@ impl Store {
     }
 
     /// Makes everything written so far durable.
+    /// Synchronous disk flushes done so far (group commit: each serves every waiter queued).
+    pub fn flushes(&self) -> u64 {
+        self.commit.flushes()
+    }
+
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.commit.flush().await?;
         Ok(())

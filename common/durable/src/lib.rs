@@ -22,12 +22,15 @@ type Reply = oneshot::Sender<Result<(), sled::Error>>;
 #[derive(Clone)]
 pub struct GroupCommit {
     tx: mpsc::Sender<Reply>,
+    flushes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl GroupCommit {
     /// Starts the flusher thread for `db`. It ends when every handle is dropped.
     pub fn new(db: sled::Db) -> GroupCommit {
         let (tx, rx) = mpsc::channel::<Reply>();
+        let flushes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = flushes.clone();
         thread::Builder::new()
             .name("pcg-flush".into())
             .spawn(move || {
@@ -35,13 +38,19 @@ impl GroupCommit {
                     let mut waiters = vec![first];
                     waiters.extend(rx.try_iter());
                     let r = db.flush().map(|_| ());
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     for w in waiters {
                         let _ = w.send(r.clone());
                     }
                 }
             })
             .expect("the flusher thread starts");
-        GroupCommit { tx }
+        GroupCommit { tx, flushes }
+    }
+
+    /// Synchronous flushes done so far (each may have served many waiters).
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until everything written before this call is durable.

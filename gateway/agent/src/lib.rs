@@ -138,6 +138,11 @@ impl Gateway {
 
     /// The metrics in the OpenMetrics text format (journal and outbox read now).
     pub fn render_metrics(&self) -> String {
+        let flushes = self.store.flushes();
+        let seen = self.metrics.store_flushes.get();
+        self.metrics
+            .store_flushes
+            .inc_by(flushes.saturating_sub(seen));
         self.metrics
             .journal_entries
             .set(self.store.journal_len() as i64);

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub journal_entries: Gauge,
     pub outbox_depth: Gauge,
     pub provider_errors: Family<ErrorLabels, Counter>,
+    /// Synchronous store flushes (group commits), read at scrape time.
+    pub store_flushes: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -119,8 +121,15 @@ impl Default for Metrics {
             "Commands that failed with a provider error, by error kind",
             provider_errors.clone(),
         );
+        let store_flushes = Counter::default();
+        registry.register(
+            "store_flushes",
+            "Synchronous store flushes (each a group commit of every write waiting)",
+            store_flushes.clone(),
+        );
         Metrics {
             registry,
+            store_flushes,
             tunnel_state,
             tunnel_websocket,
             reconnects,

@@ -219,6 +219,11 @@ impl Store {
         }
     }
 
+    /// Synchronous disk flushes done so far (group commit: each serves every waiter queued).
+    pub fn flushes(&self) -> u64 {
+        self.commit.flushes()
+    }
+
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.commit.flush().await.map_err(self.err())?;
         Ok(())

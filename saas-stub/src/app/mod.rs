@@ -184,6 +184,11 @@ impl App {
     /// The metrics in the OpenMetrics text format, pending commands per tenant read now.
     pub fn render_metrics(&self) -> String {
         self.metrics.tunnels.set(self.tunnels.count() as i64);
+        let flushes = self.store.flushes();
+        let seen = self.metrics.store_flushes.get();
+        self.metrics
+            .store_flushes
+            .inc_by(flushes.saturating_sub(seen));
         match self.store.gateways(None) {
             Ok(gws) => {
                 let tenant_of: std::collections::HashMap<String, String> =

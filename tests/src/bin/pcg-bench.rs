@@ -51,6 +51,18 @@ struct Args {
     /// Where to write the figures as JSON.
     #[arg(long, default_value = "target/pcg-bench.json")]
     out: std::path::PathBuf,
+    /// Commands of the batch scenario (0: skip it).
+    #[arg(long, default_value_t = 20_000)]
+    batch_commands: usize,
+    /// Commands per batch request.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// In-process gateways connecting at once, then kept as idle tunnels (0: skip).
+    #[arg(long, default_value_t = 0)]
+    storm: usize,
+    /// A few seconds in all (for CI): small counts, no storm; still checks exactly once.
+    #[arg(long)]
+    quick: bool,
 }
 
 struct Figures {
@@ -59,6 +71,90 @@ struct Figures {
     secs: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Synchronous flushes per command (SaaS, gateways), CPU ms per command (SaaS, gateways).
+    saas_syncs: f64,
+    gw_syncs: f64,
+    saas_cpu_ms: f64,
+    gw_cpu_ms: f64,
+}
+
+/// CPU time (user + system) of a process so far, ms.
+fn cpu_ms(pid: u32) -> f64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    ticks as f64 * 1000.0 / clock_ticks() as f64
+}
+
+fn clock_ticks() -> u64 {
+    static T: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100)
+    })
+}
+
+/// A counter's value in a metrics text (0 when absent, e.g. an older build).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What the processes had done before a scenario: flushes and CPU.
+struct Mark {
+    saas_flushes: f64,
+    gw_flushes: f64,
+    saas_cpu: f64,
+    gw_cpu: f64,
+}
+
+async fn mark(saas: &Saas, gws: &[Gw], metric_ports: &[u16]) -> Mark {
+    let (_, m) = saas
+        .call("GET", "/metrics", &saas.operator_key, None)
+        .await
+        .unwrap_or((0, serde_json::Value::Null));
+    let mut gw_flushes = 0.0;
+    for p in metric_ports {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{p}/metrics")).await {
+            gw_flushes += metric(
+                &r.text().await.unwrap_or_default(),
+                "pcg_gateway_store_flushes_total",
+            );
+        }
+    }
+    Mark {
+        saas_flushes: metric(
+            m.as_str().unwrap_or_default(),
+            "pcg_saas_store_flushes_total",
+        ),
+        gw_flushes,
+        saas_cpu: cpu_ms(saas.proc.pid()),
+        gw_cpu: gws
+            .iter()
+            .filter_map(|g| g.proc.as_ref())
+            .map(|p| cpu_ms(p.pid()))
+            .sum(),
+    }
+}
+
+fn with_costs(mut f: Figures, before: &Mark, after: &Mark) -> Figures {
+    let n = f.commands.max(1) as f64;
+    f.saas_syncs = (after.saas_flushes - before.saas_flushes) / n;
+    f.gw_syncs = (after.gw_flushes - before.gw_flushes) / n;
+    f.saas_cpu_ms = (after.saas_cpu - before.saas_cpu) / n;
+    f.gw_cpu_ms = (after.gw_cpu - before.gw_cpu) / n;
+    f
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -83,12 +179,15 @@ async fn run_commands(
             async move {
                 let t = Instant::now();
                 let id = saas
-                    .submit(&key, &gw, "gateway.echo", json!({ "i": i }))
+                    .submit(&key, &gw, "gateway.ledger", json!({ "i": i }))
                     .await?;
                 let v = saas
                     .wait_command(&key, &id, Duration::from_secs(120))
                     .await?;
-                anyhow::ensure!(v["result"]["output"]["echo"]["i"] == i, "wrong result {v}");
+                anyhow::ensure!(
+                    v["result"]["output"]["appended"] == true,
+                    "wrong result {v}"
+                );
                 Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64() * 1000.0)
             }
         })
@@ -105,6 +204,10 @@ async fn run_commands(
         secs,
         p50_ms: pct(&lat, 0.5),
         p99_ms: pct(&lat, 0.99),
+        saas_syncs: 0.0,
+        gw_syncs: 0.0,
+        saas_cpu_ms: 0.0,
+        gw_cpu_ms: 0.0,
     })
 }
 
@@ -118,7 +221,13 @@ async fn gateways(
     let mut ids = Vec::new();
     for i in 0..count {
         let (_, tok) = saas.token(key, None).await?;
-        let mut gw = Gw::new(&root.join(format!("gw{i}")))?;
+        // The first gateway serves metrics (for its flush count).
+        let extra = if i == 0 {
+            format!("metrics_listen = \"127.0.0.1:{}\"", metrics_port(root))
+        } else {
+            String::new()
+        };
+        let mut gw = Gw::with_config(&root.join(format!("gw{i}")), &extra)?;
         gw.pair(&tok)?;
         gw.start()?;
         gws.push(gw);
@@ -128,6 +237,123 @@ async fn gateways(
         ids.push(gw.gateway_id().context("gateway id")?);
     }
     Ok((gws, ids))
+}
+
+/// The metrics port of the first gateway under `root` (chosen once, stable per root).
+fn metrics_port(root: &std::path::Path) -> u16 {
+    let f = root.join("metrics-port");
+    if let Some(p) = std::fs::read_to_string(&f)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
+        return p;
+    }
+    let p = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0);
+    let _ = std::fs::create_dir_all(root);
+    let _ = std::fs::write(&f, p.to_string());
+    p
+}
+
+/// Every submitted id is in the gateways' ledgers exactly once (nothing lost, nothing repeated).
+fn exactly_once(gws: &[Gw], expected: usize) -> anyhow::Result<()> {
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for g in gws {
+        for id in g.ledger_ids() {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    let repeated = seen.values().filter(|n| **n > 1).count();
+    anyhow::ensure!(
+        repeated == 0,
+        "{repeated} commands were executed more than once"
+    );
+    anyhow::ensure!(
+        seen.len() == expected,
+        "{} commands executed, {expected} submitted: {} lost",
+        seen.len(),
+        expected.saturating_sub(seen.len())
+    );
+    Ok(())
+}
+
+/// Submits `n` commands in batches (`size` each, `conc` batches in flight) and waits until
+/// every result is stored (the gateway's pending count back to zero).
+async fn run_batches(
+    saas: &Arc<Saas>,
+    key: &str,
+    gw: &str,
+    n: usize,
+    size: usize,
+    conc: usize,
+) -> anyhow::Result<Option<Figures>> {
+    let started = Instant::now();
+    let chunks: Vec<Vec<usize>> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect();
+    let answers: Vec<anyhow::Result<(u16, f64)>> = stream::iter(chunks)
+        .map(|chunk| {
+            let (saas, key, gw) = (saas.clone(), key.to_string(), gw.to_string());
+            async move {
+                let t = Instant::now();
+                let items: Vec<serde_json::Value> = chunk
+                    .iter()
+                    .map(|i| json!({"gateway_id": gw, "kind": "gateway.ledger", "payload": {"b": i}}))
+                    .collect();
+                let (s, v) = saas
+                    .call("POST", "/v1/commands/batch", &key, Some(json!({ "commands": items })))
+                    .await?;
+                if s == 200 {
+                    let ok = v["results"]
+                        .as_array()
+                        .map(|a| a.iter().all(|r| r["status"] == 201))
+                        .unwrap_or(false);
+                    anyhow::ensure!(ok, "a batch item was refused: {v}");
+                }
+                Ok((s, t.elapsed().as_secs_f64() * 1000.0))
+            }
+        })
+        .buffer_unordered(conc)
+        .collect()
+        .await;
+    let mut lat = Vec::new();
+    for a in answers {
+        let (s, ms) = a?;
+        if s == 404 || s == 405 {
+            return Ok(None); // this build has no batch submit
+        }
+        anyhow::ensure!(s == 200, "batch submit answered {s}");
+        lat.push(ms);
+    }
+    pcg_e2e::wait_for(
+        "every batch result stored",
+        Duration::from_secs(600),
+        || async {
+            let v = saas
+                .ok("GET", &format!("/v1/gateways/{gw}"), key, None)
+                .await
+                .ok()?;
+            (v["pending_commands"] == 0).then_some(())
+        },
+    )
+    .await?;
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok(Some(Figures {
+        label: format!("batch submit, {size} per request, {conc} in flight (to result stored)"),
+        commands: n,
+        secs,
+        p50_ms: pct(&lat, 0.5),
+        p99_ms: pct(&lat, 0.99),
+        saas_syncs: 0.0,
+        gw_syncs: 0.0,
+        saas_cpu_ms: 0.0,
+        gw_cpu_ms: 0.0,
+    }))
 }
 
 /// Pairs one identity directly over the REST API; returns a tonic TLS config for it.
@@ -164,6 +390,27 @@ async fn identity(
             kp.serialize_pem(),
         ))
         .domain_name("127.0.0.1"))
+}
+
+/// An in-process gateway: connects (retrying after 0.5–3 s on any failure, as a gateway backs
+/// off), says Hello, heartbeats every 5 s, and reconnects whenever its tunnel ends.
+async fn storm_tunnel(
+    url: String,
+    tls: tonic::transport::ClientTlsConfig,
+    attempts: Arc<std::sync::atomic::AtomicU64>,
+) {
+    loop {
+        attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(Ok(h)) = tokio::time::timeout(
+            Duration::from_secs(10),
+            idle_tunnel(url.clone(), tls.clone()),
+        )
+        .await
+        {
+            let _ = h.await;
+        }
+        tokio::time::sleep(Duration::from_millis(500 + rand::random_range(0..2_500u64))).await;
+    }
 }
 
 async fn idle_tunnel(
@@ -350,52 +597,126 @@ async fn main() -> anyhow::Result<()> {
     if args.scenario == "transports" {
         return transports(&args, root.path()).await;
     }
+    perf(args, root.path()).await
+}
+
+fn print_rows(rows: &[Figures]) {
+    println!();
+    println!("| scenario | commands | wall s | commands/s | p50 ms | p99 ms | SaaS syncs/cmd | gateway syncs/cmd | SaaS CPU ms/cmd | gateway CPU ms/cmd |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for f in rows {
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} |",
+            f.label,
+            f.commands,
+            f.secs,
+            f.commands as f64 / f.secs,
+            f.p50_ms,
+            f.p99_ms,
+            f.saas_syncs,
+            f.gw_syncs,
+            f.saas_cpu_ms,
+            f.gw_cpu_ms
+        );
+    }
+}
+
+/// Light load, 64 in flight, batches, N gateways, then (with `--storm`) N in-process gateways
+/// connecting at once, kept idle (memory per tunnel), and all back after the SaaS restarts.
+async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
+    let (commands, gateways_n, batch_n, storm, idle) = if args.quick {
+        (300, 3, 1000, 0, 20)
+    } else {
+        (
+            args.commands,
+            args.gateways,
+            args.batch_commands,
+            args.storm,
+            args.idle,
+        )
+    };
     println!("pcg-bench: binaries from {}", pcg_e2e::bin_dir().display());
     let saas = Arc::new(
         Saas::start(
-            &root.path().join("saas"),
+            &root.join("saas"),
             SaasOptions {
                 heartbeat_ms: Some(5000),
-                extra_toml: String::new(),
+                // Room for the storm's tunnels and its setups.
+                extra_toml: if storm > 0 {
+                    "max_connections_per_ip = 100000\n".into()
+                } else {
+                    String::new()
+                },
                 ..Default::default()
             },
         )
         .await?,
     );
     let (_, key) = saas.tenant("bench").await?;
+    let mut rows = Vec::new();
+    let mut submitted = 0usize;
 
-    // 1 gateway.
-    let (mut one, one_ids) = gateways(&saas, &key, &root.path().join("one"), 1).await?;
-    // Warm-up, not measured.
+    // One gateway: light load, 64 in flight, batches.
+    let one_root = root.join("one");
+    let (mut one, one_ids) = gateways(&saas, &key, &one_root, 1).await?;
+    let port = [metrics_port(&one_root)];
     run_commands(&saas, &key, &one_ids, 200, args.concurrency, "warm-up").await?;
-    let f1 = run_commands(
+    submitted += 200;
+    let light = commands.min(1000);
+    let m0 = mark(&saas, &one, &port).await;
+    let f = run_commands(&saas, &key, &one_ids, light, 1, "1 gateway, 1 in flight").await?;
+    let m1 = mark(&saas, &one, &port).await;
+    rows.push(with_costs(f, &m0, &m1));
+    submitted += light;
+    let f = run_commands(
         &saas,
         &key,
         &one_ids,
-        args.commands,
+        commands,
         args.concurrency,
-        "1 gateway",
+        &format!("1 gateway, {} in flight", args.concurrency),
     )
     .await?;
+    let m2 = mark(&saas, &one, &port).await;
+    rows.push(with_costs(f, &m1, &m2));
+    submitted += commands;
+    if batch_n > 0 {
+        match run_batches(&saas, &key, &one_ids[0], batch_n, args.batch_size, 8).await? {
+            Some(f) => {
+                let m3 = mark(&saas, &one, &port).await;
+                rows.push(with_costs(f, &m2, &m3));
+                submitted += batch_n;
+            }
+            None => println!("(this build has no batch submit)"),
+        }
+    }
+    exactly_once(&one, submitted)?;
     for g in &mut one {
         if let Some(p) = g.proc.as_mut() {
             p.stop();
         }
     }
 
-    // N gateways.
-    let (mut many, many_ids) =
-        gateways(&saas, &key, &root.path().join("many"), args.gateways).await?;
-    let label = format!("{} gateways", args.gateways);
-    let fn_ = run_commands(
+    // N gateways, 64 in flight, round robin.
+    let many_root = root.join("many");
+    let (mut many, many_ids) = gateways(&saas, &key, &many_root, gateways_n).await?;
+    let port = [metrics_port(&many_root)];
+    let m0 = mark(&saas, &many, &port).await;
+    let f = run_commands(
         &saas,
         &key,
         &many_ids,
-        args.commands,
+        commands,
         args.concurrency,
-        &label,
+        &format!("{gateways_n} gateways, {} in flight", args.concurrency),
     )
     .await?;
+    let m1 = mark(&saas, &many, &port).await;
+    let mut f = with_costs(f, &m0, &m1);
+    // Only the first gateway's flushes are counted: per command of its share.
+    f.gw_syncs *= gateways_n as f64;
+    rows.push(f);
+    exactly_once(&many, commands)?;
     for g in &mut many {
         if let Some(p) = g.proc.as_mut() {
             p.stop();
@@ -403,71 +724,102 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(many);
 
-    // Idle tunnels.
+    // Idle tunnels (memory per tunnel), or the storm: N connecting at once.
+    let n = if storm > 0 { storm } else { idle };
     let ca_pem = std::fs::read_to_string(saas.dir.join("data/ca.pem"))?;
-    let mut tls = Vec::new();
-    for _ in 0..args.idle {
-        tls.push(identity(&saas, &key, &ca_pem).await?);
-    }
+    let paired_at = Instant::now();
+    let tls: Vec<_> = stream::iter(0..n)
+        .map(|_| identity(&saas, &key, &ca_pem))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    println!(
+        "paired {n} identities in {:.1} s",
+        paired_at.elapsed().as_secs_f64()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_before = saas.proc.rss_kib();
     let broker_url = saas.broker.clone();
-    let mut handles = Vec::new();
-    for t in tls {
-        handles.push(idle_tunnel(broker_url.clone(), t).await?);
-    }
-    let health = pcg_e2e::wait_for("tunnels registered", Duration::from_secs(60), || async {
-        let (_, v) = saas.call("GET", "/healthz", "", None).await.ok()?;
-        (v["tunnels"].as_u64()? as usize >= args.idle).then_some(v)
-    })
+    let storm_at = Instant::now();
+    let attempts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let handles: Vec<_> = tls
+        .into_iter()
+        .map(|t| tokio::spawn(storm_tunnel(broker_url.clone(), t, attempts.clone())))
+        .collect();
+    let health = pcg_e2e::wait_for(
+        "every tunnel registered",
+        Duration::from_secs(600),
+        || async {
+            let (_, v) = saas.call("GET", "/healthz", "", None).await.ok()?;
+            (v["tunnels"].as_u64()? as usize >= n).then_some(v)
+        },
+    )
     .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all_in = storm_at.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_after = saas.proc.rss_kib();
-    let per_tunnel_kib = (rss_after as f64 - rss_before as f64) / args.idle as f64;
+    let per_tunnel_kib = (rss_after as f64 - rss_before as f64) / n as f64;
+    let tries = attempts.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "{n} tunnels connecting at once: all registered after {all_in:.1} s, {tries} attempts ({} retried)",
+        tries.saturating_sub(n as u64)
+    );
+    // Reconnect storm: the SaaS restarts (Goodbye to every tunnel), they all come back.
+    let saas = Arc::try_unwrap(saas).map_err(|_| anyhow::anyhow!("SaaS still shared"))?;
+    let (saas, stopped) = saas.restart(Duration::from_secs(30)).await?;
+    let restarted_at = Instant::now();
+    let back = pcg_e2e::wait_for("every tunnel back", Duration::from_secs(600), || async {
+        let (_, v) = saas.call("GET", "/healthz", "", None).await.ok()?;
+        (v["tunnels"].as_u64()? as usize >= n).then_some(())
+    })
+    .await;
+    let back_s = restarted_at.elapsed().as_secs_f64();
+    let (_, after_restart) = saas
+        .call("GET", "/metrics", &saas.operator_key, None)
+        .await?;
+    let opens = metric(
+        after_restart.as_str().unwrap_or_default(),
+        "pcg_saas_tunnel_opens_total",
+    );
     for h in handles {
         h.abort();
     }
 
-    println!();
-    println!("| scenario | commands | wall s | commands/s | p50 ms | p99 ms |");
-    println!("|---|---|---|---|---|---|");
-    for f in [&f1, &fn_] {
-        println!(
-            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} |",
-            f.label,
-            f.commands,
-            f.secs,
-            f.commands as f64 / f.secs,
-            f.p50_ms,
-            f.p99_ms
-        );
-    }
+    print_rows(&rows);
     println!();
     println!(
-        "broker RSS: {} KiB before, {} KiB with {} idle tunnels ({} reported by /healthz): {:.1} KiB per tunnel",
-        rss_before, rss_after, args.idle, health["tunnels"], per_tunnel_kib
+        "broker RSS: {rss_before} KiB before, {rss_after} KiB with {n} idle tunnels ({} reported by /healthz): {per_tunnel_kib:.1} KiB per tunnel",
+        health["tunnels"]
     );
-    let scenarios: Vec<serde_json::Value> = [&f1, &fn_]
-        .iter()
-        .map(|f| {
-            json!({
-                "label": f.label, "commands": f.commands, "wall_s": f.secs,
-                "commands_per_s": f.commands as f64 / f.secs, "p50_ms": f.p50_ms, "p99_ms": f.p99_ms,
-            })
-        })
-        .collect();
+    println!(
+        "connect storm: {n} at once, all registered in {all_in:.1} s; SaaS stopped in {:?}; all back after the restart in {back_s:.1} s ({})",
+        stopped.map(|(d, _)| d),
+        if back.is_ok() { "ok" } else { "NOT all back" }
+    );
+    println!("tunnel opens after the restart: {opens}");
     let out = json!({
         "concurrency": args.concurrency,
-        "scenarios": scenarios,
-        "idle_tunnels": args.idle,
+        "scenarios": rows.iter().map(|f| json!({
+            "label": f.label, "commands": f.commands, "wall_s": f.secs,
+            "commands_per_s": f.commands as f64 / f.secs, "p50_ms": f.p50_ms, "p99_ms": f.p99_ms,
+            "saas_syncs_per_command": f.saas_syncs, "gateway_syncs_per_command": f.gw_syncs,
+            "saas_cpu_ms_per_command": f.saas_cpu_ms, "gateway_cpu_ms_per_command": f.gw_cpu_ms,
+        })).collect::<Vec<_>>(),
+        "tunnels": n,
+        "tunnels_registered_s": all_in,
+        "tunnel_attempts": tries,
         "broker_rss_kib_before": rss_before,
         "broker_rss_kib_after": rss_after,
         "broker_kib_per_idle_tunnel": per_tunnel_kib,
+        "reconnect_after_restart_s": back_s,
     });
     if let Some(d) = args.out.parent() {
         std::fs::create_dir_all(d)?;
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&out)?)?;
     println!("figures written to {}", args.out.display());
+    back?;
     Ok(())
 }
