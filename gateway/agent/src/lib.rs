@@ -6,6 +6,7 @@
 //!   registry provider drivers fill.
 //! - [`store`]: sled: identity (private key sealed), journal, outbox.
 //! - [`admin`]: the owner-only Unix socket pcgctl talks to.
+//! - [`notify`]: systemd readiness and watchdog (sd_notify; a no-op outside systemd).
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves.
@@ -14,6 +15,7 @@ pub mod admin;
 pub mod baremetal;
 pub mod config;
 pub mod executor;
+pub mod notify;
 pub mod openstack;
 pub mod pairing;
 pub mod status;
@@ -53,6 +55,9 @@ pub struct Gateway {
     pub(crate) outbox_dirty: std::sync::atomic::AtomicBool,
     started: Instant,
     tunnel: Mutex<TunnelStatus>,
+    /// When the tunnel status last changed (Unix ms): the tunnel loop's progress, which the
+    /// systemd watchdog checks.
+    tunnel_progress_ms: std::sync::atomic::AtomicI64,
     outbound: Mutex<Option<mpsc::Sender<GatewayFrame>>>,
     running: Mutex<HashSet<String>>,
 }
@@ -70,6 +75,7 @@ impl Gateway {
             outbox_dirty: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             tunnel: Mutex::new(TunnelStatus::default()),
+            tunnel_progress_ms: std::sync::atomic::AtomicI64::new(store::now_ms()),
             outbound: Mutex::new(None),
             running: Mutex::new(HashSet::new()),
         }
@@ -99,6 +105,7 @@ impl Gateway {
             uptime_s: self.started.elapsed().as_secs(),
             clock_unix_ms: store::now_ms(),
             command_kinds: self.registry.kinds(),
+            firstboot: status::read_firstboot(&self.cfg.data_dir),
         }
     }
 
@@ -113,6 +120,14 @@ impl Gateway {
 
     pub(crate) fn set_tunnel(&self, f: impl FnOnce(&mut TunnelStatus)) {
         f(&mut self.tunnel.lock().expect("status lock is never poisoned"));
+        self.tunnel_progress_ms
+            .store(store::now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the tunnel loop last updated its status (Unix ms).
+    pub fn tunnel_progress_ms(&self) -> i64 {
+        self.tunnel_progress_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn outbound(&self) -> Option<mpsc::Sender<GatewayFrame>> {
@@ -197,6 +212,26 @@ pub async fn run(
             }
         }
     });
+    notify::ready();
+    let watchdog = notify::watchdog_interval().map(|interval| {
+        let (admin_done, tunnel_done, pruner_done) = (
+            admin.abort_handle(),
+            tunnel.abort_handle(),
+            pruner.abort_handle(),
+        );
+        tokio::spawn(notify::run(gw.clone(), interval, move || {
+            for (name, h) in [
+                ("admin socket", &admin_done),
+                ("tunnel", &tunnel_done),
+                ("journal pruner", &pruner_done),
+            ] {
+                if h.is_finished() {
+                    return Err(format!("the {name} task has ended"));
+                }
+            }
+            Ok(())
+        }))
+    });
     tokio::pin!(shutdown);
     tokio::select! {
         _ = &mut shutdown => {}
@@ -208,6 +243,10 @@ pub async fn run(
             };
             anyhow::bail!(msg);
         }
+    }
+    notify::stopping();
+    if let Some(w) = watchdog {
+        w.abort();
     }
     let _ = stop_tx.send(true);
     let _ = tunnel.await;
