@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::status::TunnelState;
+use crate::status::{TunnelState, TunnelStatus};
 use crate::store::now_ms;
 use crate::Gateway;
 
@@ -52,20 +52,26 @@ pub fn watchdog_interval() -> Option<Duration> {
 }
 
 /// Why the tunnel loop counts as stuck, if it does. `progress_ms` is the last tunnel status
-/// update; `heartbeat_ms` the interval the broker announced.
+/// update.
 pub fn tunnel_stall(
     gw: &Gateway,
-    state: TunnelState,
+    tunnel: &TunnelStatus,
     progress_ms: i64,
-    heartbeat_ms: Option<u64>,
     now: i64,
 ) -> Option<String> {
     let ms = |d: u64| i64::try_from(d).unwrap_or(i64::MAX / 4);
+    let state = tunnel.state;
     let bound = match state {
         TunnelState::Unpaired | TunnelState::Revoked | TunnelState::Stopped => return None,
-        TunnelState::Connected => ms(heartbeat_ms.unwrap_or(10_000)).saturating_mul(3),
+        TunnelState::Connected => {
+            ms(tunnel.heartbeat_interval_ms.unwrap_or(10_000)).saturating_mul(3)
+        }
         TunnelState::Connecting => ms(gw.cfg.connect_timeout_ms).saturating_mul(3),
-        TunnelState::Backoff => ms(gw.cfg.backoff_cap_ms.max(gw.cfg.backoff_base_ms)),
+        // Until the redial it announced (the broker may ask for a longer pause than the cap).
+        TunnelState::Backoff => tunnel
+            .next_attempt_ms
+            .map(|n| (n - progress_ms).max(0))
+            .unwrap_or_else(|| ms(gw.cfg.backoff_cap_ms.max(gw.cfg.backoff_base_ms))),
     }
     .saturating_add(SLACK_MS);
     let idle = now - progress_ms;
@@ -85,18 +91,12 @@ pub async fn run(gw: Arc<Gateway>, interval: Duration, alive: impl Fn() -> Resul
         t.tick().await;
         let tunnel = gw.status().tunnel;
         let check = alive()
-            .and_then(|()| {
-                match tunnel_stall(
-                    &gw,
-                    tunnel.state,
-                    gw.tunnel_progress_ms(),
-                    tunnel.heartbeat_interval_ms,
-                    now_ms(),
-                ) {
+            .and_then(
+                |()| match tunnel_stall(&gw, &tunnel, gw.tunnel_progress_ms(), now_ms()) {
                     Some(why) => Err(why),
                     None => Ok(()),
-                }
-            })
+                },
+            )
             .map_err(|e| e.to_string());
         let check = match check {
             Ok(()) => match tokio::time::timeout(period, gw.store.flush()).await {
@@ -144,23 +144,40 @@ mod tests {
         g
     }
 
+    fn st(state: TunnelState, hb: Option<u64>, next: Option<i64>) -> TunnelStatus {
+        TunnelStatus {
+            state,
+            heartbeat_interval_ms: hb,
+            next_attempt_ms: next,
+            ..TunnelStatus::default()
+        }
+    }
+
     #[test]
     fn stall_bounds_follow_the_state() {
+        use TunnelState::*;
         let g = gw();
         let now = 1_000_000_000;
         // Waiting for a pairing: never late.
-        assert!(tunnel_stall(&g, TunnelState::Unpaired, 0, None, now).is_none());
-        assert!(tunnel_stall(&g, TunnelState::Revoked, 0, None, now).is_none());
+        assert!(tunnel_stall(&g, &st(Unpaired, None, None), 0, now).is_none());
+        assert!(tunnel_stall(&g, &st(Revoked, None, None), 0, now).is_none());
         // Connected with 10 s heartbeats: 30 s + slack is fine, more is a stuck loop.
-        let hb = Some(10_000);
-        assert!(tunnel_stall(&g, TunnelState::Connected, now - 59_000, hb, now).is_none());
-        let why = tunnel_stall(&g, TunnelState::Connected, now - 61_000, hb, now).expect("stalled");
+        let c = st(Connected, Some(10_000), None);
+        assert!(tunnel_stall(&g, &c, now - 59_000, now).is_none());
+        let why = tunnel_stall(&g, &c, now - 61_000, now).expect("stalled");
         assert!(why.contains("Connected") && why.contains("61000"), "{why}");
-        // Backoff may wait up to the cap (60 s by default).
-        assert!(tunnel_stall(&g, TunnelState::Backoff, now - 80_000, None, now).is_none());
-        assert!(tunnel_stall(&g, TunnelState::Backoff, now - 95_000, None, now).is_some());
+        // Backoff may wait up to the cap (60 s by default) ...
+        let b = st(Backoff, None, None);
+        assert!(tunnel_stall(&g, &b, now - 80_000, now).is_none());
+        assert!(tunnel_stall(&g, &b, now - 95_000, now).is_some());
+        // ... or until the redial it announced (a broker's longer retry-after).
+        let p = now - 300_000;
+        let b = st(Backoff, None, Some(p + 600_000));
+        assert!(tunnel_stall(&g, &b, p, now).is_none());
+        assert!(tunnel_stall(&g, &b, p, p + 640_000).is_some());
         // Connecting: three connect timeouts (10 s each) + slack.
-        assert!(tunnel_stall(&g, TunnelState::Connecting, now - 59_000, None, now).is_none());
-        assert!(tunnel_stall(&g, TunnelState::Connecting, now - 61_000, None, now).is_some());
+        let k = st(Connecting, None, None);
+        assert!(tunnel_stall(&g, &k, now - 59_000, now).is_none());
+        assert!(tunnel_stall(&g, &k, now - 61_000, now).is_some());
     }
 }
