@@ -43,7 +43,7 @@ die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
 
 step tools "checking the tools"
 missing=()
-for pair in cargo:rustup strip:binutils mmdebstrap:mmdebstrap qemu-img:qemu-utils sfdisk:fdisk mkfs.fat:dosfstools \
+for pair in cargo:cargo strip:binutils mmdebstrap:mmdebstrap qemu-img:qemu-utils sfdisk:fdisk mkfs.fat:dosfstools \
   mcopy:mtools syslinux:syslinux mke2fs:e2fsprogs sha256sum:coreutils tar:tar; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair%%:*} (Debian package ${pair#*:})")
 done
@@ -160,7 +160,7 @@ TIMEOUT 0
 LABEL pcg
   KERNEL /vmlinuz
   INITRD /initrd.img
-  APPEND root=LABEL=pcgroot rw quiet console=tty0 console=ttyS0,115200n8
+  APPEND root=LABEL=pcgroot rw console=tty0 console=ttyS0,115200n8
 CFG
   export MTOOLS_SKIP_CHECK=1
   mcopy -i "$raw@@$off" "$kernel" ::/vmlinuz

@@ -72,6 +72,10 @@ fn main() -> ExitCode {
                 pcgctl: cli.pcgctl.clone(),
             };
             let fb = setup::firstboot(&host, now_ms());
+            println!(
+                "pcg first boot: settings from {}",
+                fb.source.as_deref().unwrap_or("nowhere (defaults)")
+            );
             for s in &fb.steps {
                 println!("pcg first boot: {s}");
             }

@@ -504,11 +504,23 @@ fn pair(host: &Host, token: &str, proxy: Option<&str>) -> Result<String, String>
 }
 
 /// The action to suggest for a failure.
-fn action_for(errors: &[String], token_problem: bool) -> Option<String> {
+/// What kind of failure first boot met, for the suggested action.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trouble {
+    None,
+    /// The token is missing, malformed, expired or refused.
+    Token,
+    /// The SaaS could not be reached.
+    Network,
+}
+
+fn action_for(errors: &[String], trouble: Trouble) -> Option<String> {
     if errors.is_empty() {
         return None;
     }
-    Some(if token_problem {
+    Some(if trouble == Trouble::Network {
+        "check the network properties (address, gateway, DNS, proxy) and that the SaaS is reachable over HTTPS from this network; then log in and run `pcgctl pair TOKEN`, or power-cycle".into()
+    } else if trouble == Trouble::Token {
         "power off, set pcg.pairing_token to a new token from your tenant, power on; or log in and run `pcgctl pair TOKEN`".into()
     } else {
         "fix the named properties (vCenter: Edit Settings > vApp Options; KVM: the seed) and power-cycle, or log in and run `pcgctl status`".into()
@@ -536,9 +548,11 @@ pub fn firstboot(host: &Host, now_ms: i64) -> FirstBoot {
         }
     }
     let checked = props::check(&props, now_ms / 1000);
-    let mut token_problem = false;
+    let mut trouble = Trouble::None;
     for p in &checked.problems {
-        token_problem |= p.key == props::TOKEN;
+        if p.key == props::TOKEN {
+            trouble = Trouble::Token;
+        }
         steps.fail(p.to_string());
     }
     apply(host, &checked.settings, &mut steps);
@@ -558,13 +572,17 @@ pub fn firstboot(host: &Host, now_ms: i64) -> FirstBoot {
                         steps.ok(format!("pairing: {message}"));
                     }
                     Err(e) => {
-                        token_problem = true;
+                        trouble = if e.contains("cannot reach the SaaS") {
+                            Trouble::Network
+                        } else {
+                            Trouble::Token
+                        };
                         steps.fail(format!("pairing failed: {e}"));
                     }
                 },
-                None if token_problem => {}
+                None if trouble == Trouble::Token => {}
                 None => {
-                    token_problem = true;
+                    trouble = Trouble::Token;
                     steps.fail("pairing: not paired and no pcg.pairing_token property was given");
                 }
             },
@@ -582,7 +600,7 @@ pub fn firstboot(host: &Host, now_ms: i64) -> FirstBoot {
     }
     FirstBoot {
         ok,
-        action: action_for(&steps.errors, token_problem),
+        action: action_for(&steps.errors, trouble),
         message,
         source,
         at_ms: now_ms,
