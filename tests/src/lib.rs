@@ -141,12 +141,22 @@ pub struct SaasOptions {
 
 impl Saas {
     pub async fn start(dir: &Path, opts: SaasOptions) -> anyhow::Result<Saas> {
+        Self::start_on(dir, opts, "127.0.0.1:0", "127.0.0.1:0").await
+    }
+
+    /// Like [`start`](Self::start), with the REST and broker listen addresses given.
+    pub async fn start_on(
+        dir: &Path,
+        opts: SaasOptions,
+        api_listen: &str,
+        broker_listen: &str,
+    ) -> anyhow::Result<Saas> {
         std::fs::create_dir_all(dir)?;
         let cfg = dir.join("saas.toml");
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {:?}\napi_listen = \"127.0.0.1:0\"\nbroker_listen = \"127.0.0.1:0\"\nheartbeat_ms = {}\n{}\n",
+                "data_dir = {:?}\napi_listen = {api_listen:?}\nbroker_listen = {broker_listen:?}\nheartbeat_ms = {}\n{}\n",
                 dir.join("data"),
                 opts.heartbeat_ms.unwrap_or(500),
                 opts.extra_toml
