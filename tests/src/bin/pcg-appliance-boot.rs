@@ -361,8 +361,7 @@ impl Vm {
             }
             // A press the guest was not yet listening for is lost: press again every 30 s.
             if pressed.is_none_or(|p| p.elapsed() > Duration::from_secs(30)) {
-                if let Ok(mut m) = std::os::unix::net::UnixStream::connect(&self.monitor) {
-                    let _ = m.write_all(b"system_powerdown\n");
+                if monitor_command(&self.monitor, "system_powerdown") {
                     pressed = Some(Instant::now());
                 }
             }
@@ -375,6 +374,38 @@ impl Vm {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// Sends one command to qemu's human monitor and waits (up to 5 s) for the prompt that follows
+/// it: closing the connection before qemu has read the command can lose it.
+fn monitor_command(path: &Path, cmd: &str) -> bool {
+    let Ok(mut m) = std::os::unix::net::UnixStream::connect(path) else {
+        return false;
+    };
+    let _ = m.set_read_timeout(Some(Duration::from_millis(500)));
+    if m.write_all(format!("{cmd}\n").as_bytes()).is_err() {
+        return false;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = String::new();
+    let mut buf = [0u8; 1024];
+    while Instant::now() < deadline {
+        match m.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                // The greeting's prompt, then the one after our command.
+                if seen.matches("(qemu)").count() >= 2 {
+                    return true;
+                }
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+    }
+    seen.contains(cmd)
 }
 
 impl Drop for Vm {
