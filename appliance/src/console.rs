@@ -21,6 +21,28 @@ pub fn gateway_status(pcgctl: &std::path::Path, config: &std::path::Path) -> Res
     serde_json::from_slice(&out.stdout).map_err(|e| format!("pcgctl status --json: {e}"))
 }
 
+/// The gateway service as systemd sees it: `active (running), 0 restarts`. `activating` means
+/// it has not reported ready; a growing restart count, that it keeps failing.
+pub fn service_state(unit: &str) -> Option<String> {
+    let out = Command::new("systemctl")
+        .args(["show", "--property=ActiveState,SubState,NRestarts", unit])
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .map(str::to_string)
+    };
+    Some(format!(
+        "{} ({}), {} restarts",
+        get("ActiveState")?,
+        get("SubState")?,
+        get("NRestarts").unwrap_or_else(|| "?".into())
+    ))
+}
+
 /// Global addresses per interface (`ip -brief address`), loopback left out.
 pub fn addresses() -> Vec<String> {
     let out = Command::new("ip")
@@ -46,6 +68,7 @@ pub fn addresses() -> Vec<String> {
 pub fn render(
     hostname: &str,
     addrs: &[String],
+    service: Option<&str>,
     status: &Result<Value, String>,
     diag: bool,
 ) -> String {
@@ -59,6 +82,9 @@ pub fn render(
             addrs.join(", ")
         },
     );
+    if let Some(s) = service {
+        line("service:", &format!("pcg-gateway {s}"));
+    }
     match status {
         Err(e) => line("gateway:", &format!("status unavailable: {e}")),
         Ok(s) => {
@@ -128,11 +154,18 @@ mod tests {
             "tunnel": {"state": "connected", "broker_endpoint": "https://saas:8444"},
             "firstboot": {"ok": true, "message": "paired: gateway gw_1 of tenant tn_1", "at_ms": 1}
         }));
-        let out = render("gw-7", &["ens192 192.0.2.10/24".into()], &s, false);
+        let out = render(
+            "gw-7",
+            &["ens192 192.0.2.10/24".into()],
+            Some("active (running), 0 restarts"),
+            &s,
+            false,
+        );
         assert_eq!(
             out,
             "pcg gateway appliance gw-7
   addresses:   ens192 192.0.2.10/24
+  service:     pcg-gateway active (running), 0 restarts
   gateway:     gw_1 (tenant tn_1)
   tunnel:      connected to https://saas:8444
   first boot:  ok: paired: gateway gw_1 of tenant tn_1
@@ -148,7 +181,7 @@ mod tests {
             "tunnel": {"state": "unpaired"},
             "firstboot": {"ok": false, "message": "property pcg.pairing_token: malformed pairing token", "action": "set a new token", "at_ms": 1}
         }));
-        let out = render("pcg-gateway", &[], &s, true);
+        let out = render("pcg-gateway", &[], None, &s, true);
         assert!(out.contains("  gateway:     not paired\n"), "{out}");
         assert!(
             out.contains(
@@ -161,6 +194,7 @@ mod tests {
         let down = render(
             "h",
             &[],
+            None,
             &Err("the gateway daemon is not running".into()),
             false,
         );

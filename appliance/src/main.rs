@@ -108,7 +108,14 @@ fn main() -> ExitCode {
                 .stderr(std::process::Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
-            let text = console::render(&hostname, &console::addresses(), &status, diag);
+            let service = console::service_state("pcg-gateway.service");
+            let text = console::render(
+                &hostname,
+                &console::addresses(),
+                service.as_deref(),
+                &status,
+                diag,
+            );
             print!("{text}");
             if print {
                 return ExitCode::SUCCESS;

@@ -360,10 +360,10 @@ impl Vm {
                 return Ok(t.elapsed());
             }
             // A press the guest was not yet listening for is lost: press again every 30 s.
-            if pressed.is_none_or(|p| p.elapsed() > Duration::from_secs(30)) {
-                if monitor_command(&self.monitor, "system_powerdown") {
-                    pressed = Some(Instant::now());
-                }
+            if pressed.is_none_or(|p| p.elapsed() > Duration::from_secs(30))
+                && monitor_command(&self.monitor, "system_powerdown")
+            {
+                pressed = Some(Instant::now());
             }
             if Instant::now() > deadline {
                 bail!(
@@ -614,13 +614,15 @@ async fn run(
         boot_timeout,
         |log| {
             let after = &log[log.find(console_error)?..];
-            (log.contains("gateway:     not paired") && after.contains("to fix:"))
-                .then_some(())
-                .filter(|()| log.contains("tunnel:      down (not paired)"))
+            (log.contains("gateway:     not paired")
+                && after.contains("to fix:")
+                && after.contains("service:     pcg-gateway active (running), 0 restarts"))
+            .then_some(())
+            .filter(|()| log.contains("tunnel:      down (not paired)"))
         },
     )
     .await?;
-    checks.ok("the gateway runs unpaired and the console says how to fix it");
+    checks.ok("the gateway service is active (it reported ready), unpaired, not restarting; the console says how to fix the token");
     let off = vm.power_off(Duration::from_secs(300)).await?;
     let log = vm.log();
     ensure!(
@@ -663,6 +665,7 @@ async fn run(
     checks.ok("gateway.diagnose round-trips and reports the host name from the properties");
     vm.wait("the console to show the tunnel up", boot_timeout, |log| {
         (log.contains(&format!("gateway:     {gw_id}"))
+            && log.contains("service:     pcg-gateway active (running), 0 restarts")
             && log.contains(&format!(
                 "tunnel:      connected to https://{SAAS_ADDR}:{broker_port}"
             ))
@@ -670,7 +673,9 @@ async fn run(
         .then_some(())
     })
     .await?;
-    checks.ok("the console shows the gateway id, the tunnel up and first boot ok");
+    checks.ok(
+        "the console shows the service active, the gateway id, the tunnel up and first boot ok",
+    );
     vm.power_off(Duration::from_secs(300)).await?;
     results["boot2_qemu_peak_rss_kib"] = json!(vm.peak_rss_kib);
     drop(vm);
