@@ -40,6 +40,7 @@ step() {
   printf '\n==> [%s] %s\n' "$1" "$2"
 }
 die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
+trap 'printf "build.sh: error: step [%s] failed (line %s: %s)\n" "$step_name" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 step tools "checking the tools"
 missing=()
@@ -52,7 +53,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   die "missing: ${missing[*]}; install them with: sudo bash scripts/peers/install-appliance.sh"
 fi
 [[ $(id -u) -eq 0 ]] || die "run as root: mmdebstrap --mode=root and mke2fs -d need to set file owners"
-mke2fs -V 2>&1 | head -1
+mke2fs -V 2>&1 | sed -n 1p # sed reads it all: head could SIGPIPE mke2fs under pipefail
 
 step rootfs "Debian bookworm root file system (mmdebstrap)"
 sources=/etc/apt/sources.list.d/debian.sources
@@ -120,10 +121,13 @@ else
   chroot "$tree" chown root:pcg /etc/pcg /etc/pcg/gateway.toml
   chmod 0750 "$tree/etc/pcg"
   chmod 0640 "$tree/etc/pcg/gateway.toml"
-  systemctl --root="$tree" enable systemd-networkd.service systemd-resolved.service \
-    systemd-timesyncd.service pcg-ssh-hostkeys.service pcg-firstboot.service \
-    pcg-gateway.service pcg-console.service pcg-console.timer
-  systemctl --root="$tree" mask apt-daily.timer apt-daily-upgrade.timer
+  {
+    systemctl --root="$tree" enable systemd-networkd.service systemd-resolved.service \
+      systemd-timesyncd.service pcg-ssh-hostkeys.service pcg-firstboot.service \
+      pcg-gateway.service pcg-console.service pcg-console.timer
+    systemctl --root="$tree" mask apt-daily.timer apt-daily-upgrade.timer
+  } 2>&1 | sed '/^Created symlink/d'
+  echo "enabled: networkd, resolved, timesyncd, pcg-ssh-hostkeys, pcg-firstboot, pcg-gateway, pcg-console(.timer)"
   # Every appliance gets its own SSH host keys and machine id at first boot.
   rm -f "$tree"/etc/ssh/ssh_host_*
   : >"$tree/etc/machine-id"

@@ -483,6 +483,13 @@ async fn diagnose(saas: &Saas, key: &str, gw: &str) -> anyhow::Result<Value> {
     Ok(v["result"]["output"].clone())
 }
 
+/// The last login screen agetty printed (from its first line to the login prompt).
+fn last_console(log: &str) -> Option<&str> {
+    let start = log.rfind("pcg gateway appliance ")?;
+    let rest = &log[start..];
+    Some(&rest[..rest.find("login:").unwrap_or(rest.len())])
+}
+
 /// What the boot loader prints on the serial console at each boot.
 const BOOT_BANNER: &str = "SYSLINUX 6.04";
 
@@ -613,12 +620,17 @@ async fn run(
         "the console to show the gateway running unpaired",
         boot_timeout,
         |log| {
-            let after = &log[log.find(console_error)?..];
-            (log.contains("gateway:     not paired")
-                && after.contains("to fix:")
-                && after.contains("service:     pcg-gateway active (running), 0 restarts"))
+            let c = last_console(log)?;
+            [
+                "service:     pcg-gateway active (running), 0 restarts",
+                "gateway:     not paired",
+                "tunnel:      down (not paired)",
+                console_error,
+                "to fix:      power off, set pcg.pairing_token",
+            ]
+            .iter()
+            .all(|l| c.contains(l))
             .then_some(())
-            .filter(|()| log.contains("tunnel:      down (not paired)"))
         },
     )
     .await?;
@@ -664,11 +676,13 @@ async fn run(
     );
     checks.ok("gateway.diagnose round-trips and reports the host name from the properties");
     vm.wait("the console to show the tunnel up", boot_timeout, |log| {
-        (log.contains(&format!("gateway:     {gw_id}"))
-            && log.contains("service:     pcg-gateway active (running), 0 restarts")
-            && log.contains(&format!(
+        let c = last_console(log)?;
+        (c.contains(&format!("gateway:     {gw_id}"))
+            && c.contains("service:     pcg-gateway active (running), 0 restarts")
+            && c.contains(&format!(
                 "tunnel:      connected to https://{SAAS_ADDR}:{broker_port}"
             ))
+            && c.contains("first boot:  ok: paired")
             && log.contains("pcg first boot: ok:"))
         .then_some(())
     })
