@@ -32,9 +32,19 @@ trap 'bash scripts/peers/openstack/stop.sh || true' EXIT
 step "OpenStack test stack"
 bash scripts/peers/openstack/start.sh
 step "tests"
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast "$@"
+  cargo nextest run --workspace --locked --no-fail-fast "$@" || status=$?
 else
   echo "cargo-nextest not found; using cargo test"
-  cargo test --workspace --locked --no-fail-fast "$@"
+  cargo test --workspace --locked --no-fail-fast "$@" || status=$?
 fi
+
+# The appliance: image build (cached by its inputs) and boots under qemu (TCG), 10-25 minutes
+# on a cold cache. Not a nextest test: it outlasts nextest's per-test bound. Runs only for the
+# whole suite (no extra arguments) and can be skipped with PCG_SKIP_APPLIANCE=1.
+if [[ $# -eq 0 && -z ${PCG_SKIP_APPLIANCE:-} ]]; then
+  step "appliance boot test (appliance/boot-test.sh)"
+  bash appliance/boot-test.sh || status=$?
+fi
+exit "$status"

@@ -11,6 +11,7 @@
 //! - [`endpoints`]: vCenters and OpenStack clouds enrolled by name.
 //! - [`metrics`]: Prometheus metrics on `metrics_listen` (off by default).
 //! - [`bundle`]: support bundles, written locally or uploaded up the tunnel.
+//! - [`notify`]: systemd readiness and watchdog (sd_notify; a no-op outside systemd).
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod endpoints;
 pub mod executor;
 pub mod metrics;
+pub mod notify;
 pub mod openstack;
 pub mod pairing;
 pub mod status;
@@ -64,6 +66,9 @@ pub struct Gateway {
     pub(crate) outbox_dirty: std::sync::atomic::AtomicBool,
     started: Instant,
     tunnel: Mutex<TunnelStatus>,
+    /// When the tunnel status last changed (Unix ms): the tunnel loop's progress, which the
+    /// systemd watchdog checks.
+    tunnel_progress_ms: std::sync::atomic::AtomicI64,
     outbound: Mutex<Option<mpsc::Sender<GatewayFrame>>>,
     running: Mutex<HashSet<String>>,
     /// Support-bundle uploads under way: their chunk acknowledgements go here.
@@ -84,6 +89,7 @@ impl Gateway {
             metrics: metrics::Metrics::default(),
             started: Instant::now(),
             tunnel: Mutex::new(TunnelStatus::default()),
+            tunnel_progress_ms: std::sync::atomic::AtomicI64::new(store::now_ms()),
             outbound: Mutex::new(None),
             running: Mutex::new(HashSet::new()),
             bundle_acks: Mutex::new(std::collections::HashMap::new()),
@@ -115,6 +121,7 @@ impl Gateway {
             uptime_s: self.started.elapsed().as_secs(),
             clock_unix_ms: store::now_ms(),
             command_kinds: self.registry.kinds(),
+            firstboot: status::read_firstboot(&self.cfg.data_dir),
         }
     }
 
@@ -134,6 +141,14 @@ impl Gateway {
         self.metrics.tunnel_websocket.set(i64::from(
             t.transport == Some(transport::Transport::Websocket),
         ));
+        self.tunnel_progress_ms
+            .store(store::now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the tunnel loop last updated its status (Unix ms).
+    pub fn tunnel_progress_ms(&self) -> i64 {
+        self.tunnel_progress_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The metrics in the OpenMetrics text format (journal and outbox read now).
@@ -277,6 +292,26 @@ pub async fn run(
             }
         }
     });
+    notify::ready();
+    let watchdog = notify::watchdog_interval().map(|interval| {
+        let (admin_done, tunnel_done, pruner_done) = (
+            admin.abort_handle(),
+            tunnel.abort_handle(),
+            pruner.abort_handle(),
+        );
+        tokio::spawn(notify::run(gw.clone(), interval, move || {
+            for (name, h) in [
+                ("admin socket", &admin_done),
+                ("tunnel", &tunnel_done),
+                ("journal pruner", &pruner_done),
+            ] {
+                if h.is_finished() {
+                    return Err(format!("the {name} task has ended"));
+                }
+            }
+            Ok(())
+        }))
+    });
     tokio::pin!(shutdown);
     tokio::select! {
         _ = &mut shutdown => {}
@@ -288,6 +323,10 @@ pub async fn run(
             };
             anyhow::bail!(msg);
         }
+    }
+    notify::stopping();
+    if let Some(w) = watchdog {
+        w.abort();
     }
     let _ = stop_tx.send(true);
     let _ = tunnel.await;

@@ -26,6 +26,9 @@ pub struct TunnelStatus {
     pub connected_since_ms: Option<i64>,
     pub last_heartbeat_ms: Option<i64>,
     pub rtt_ms: Option<u64>,
+    /// Heartbeat interval the broker announced for the current tunnel.
+    #[serde(default)]
+    pub heartbeat_interval_ms: Option<u64>,
     pub last_error: Option<String>,
     /// Tunnels established since start.
     pub connects: u64,
@@ -53,6 +56,7 @@ impl Default for TunnelStatus {
             connected_since_ms: None,
             last_heartbeat_ms: None,
             rtt_ms: None,
+            heartbeat_interval_ms: None,
             last_error: None,
             connects: 0,
             next_attempt_ms: None,
@@ -82,6 +86,63 @@ pub struct Status {
     pub uptime_s: u64,
     pub clock_unix_ms: i64,
     pub command_kinds: Vec<String>,
+    /// What the appliance's first boot recorded (`<data_dir>/firstboot.json`), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firstboot: Option<FirstBoot>,
+}
+
+/// The outcome of the appliance's first-boot configuration (`pcg-appliance firstboot`), which
+/// writes it to `<data_dir>/firstboot.json` at every boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirstBoot {
+    /// False when a setting could not be applied or pairing failed.
+    pub ok: bool,
+    /// What happened, or what failed and why.
+    pub message: String,
+    /// What the operator should do about a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Where the settings came from (`ovf-env iso`, `vmware guestinfo`, `nocloud`, a file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// When it was recorded (Unix milliseconds).
+    pub at_ms: i64,
+    /// One line per configuration step (network, DNS, NTP, proxy, SSH key, pairing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<String>,
+}
+
+/// The name of the first-boot record in the gateway's data directory.
+pub const FIRSTBOOT_FILE: &str = "firstboot.json";
+
+/// Reads `<data_dir>/firstboot.json`; `None` when absent. A record that cannot be read is
+/// reported as a failed first boot, so that the problem is visible rather than hidden.
+pub fn read_firstboot(data_dir: &std::path::Path) -> Option<FirstBoot> {
+    let path = data_dir.join(FIRSTBOOT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            return Some(FirstBoot {
+                ok: false,
+                message: format!("cannot read {}: {e}", path.display()),
+                action: None,
+                source: None,
+                at_ms: 0,
+                steps: Vec::new(),
+            })
+        }
+    };
+    Some(
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| FirstBoot {
+            ok: false,
+            message: format!("{} is not a first-boot record: {e}", path.display()),
+            action: None,
+            source: None,
+            at_ms: 0,
+            steps: Vec::new(),
+        }),
+    )
 }
 
 /// SHA-256 (hex) of the first certificate of a PEM string.
@@ -223,6 +284,21 @@ impl Status {
             "uptime:",
             human_secs(i64::try_from(self.uptime_s).unwrap_or(i64::MAX)),
         );
+        if let Some(fb) = &self.firstboot {
+            let when = if fb.at_ms > 0 {
+                format!(" ({})", rfc3339(fb.at_ms))
+            } else {
+                String::new()
+            };
+            if fb.ok {
+                line("first boot:", format!("ok{when}: {}", fb.message));
+            } else {
+                line("first boot:", format!("FAILED{when}: {}", fb.message));
+                if let Some(a) = &fb.action {
+                    line("what to do:", a.clone());
+                }
+            }
+        }
         out
     }
 }
@@ -245,6 +321,7 @@ mod tests {
                 connected_since_ms: Some(1_800_000_000_000 - 90_000),
                 last_heartbeat_ms: Some(1_800_000_000_000 - 2_000),
                 rtt_ms: Some(3),
+                heartbeat_interval_ms: Some(10_000),
                 last_error: None,
                 connects: 1,
                 next_attempt_ms: None,
@@ -261,6 +338,7 @@ mod tests {
             uptime_s: 95,
             clock_unix_ms: 1_800_000_000_000,
             command_kinds: vec!["gateway.diagnose".into()],
+            firstboot: None,
         }
     }
 
@@ -278,6 +356,59 @@ mod tests {
   uptime:       95 s
 ";
         assert_eq!(sample().render(), golden);
+    }
+
+    #[test]
+    fn failed_first_boot_says_what_to_do() {
+        let mut s = sample();
+        s.paired = false;
+        s.tunnel.state = TunnelState::Unpaired;
+        s.firstboot = Some(FirstBoot {
+            ok: false,
+            message: "the pcg.pairing_token property is not a pairing token".into(),
+            action: Some("set the property to a token from your tenant and power-cycle".into()),
+            source: Some("ovf-env iso".into()),
+            at_ms: 1_800_000_000_000,
+            steps: vec![],
+        });
+        let out = s.render();
+        assert!(
+            out.contains("  first boot:   FAILED (2027-01-15T08:00:00Z): the pcg.pairing_token property is not a pairing token\n")
+                && out.contains("  what to do:   set the property to a token from your tenant and power-cycle\n"),
+            "{out}"
+        );
+        s.firstboot = Some(FirstBoot {
+            ok: true,
+            message: "paired as gw_2".into(),
+            action: None,
+            source: None,
+            at_ms: 0,
+            steps: vec![],
+        });
+        assert!(s.render().contains("  first boot:   ok: paired as gw_2\n"));
+    }
+
+    #[test]
+    fn firstboot_record_is_read_or_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(read_firstboot(dir.path()), None);
+        std::fs::write(dir.path().join(FIRSTBOOT_FILE), "{not json").expect("write");
+        let fb = read_firstboot(dir.path()).expect("a record");
+        assert!(!fb.ok && fb.message.contains("firstboot.json"), "{fb:?}");
+        let rec = FirstBoot {
+            ok: true,
+            message: "paired".into(),
+            action: None,
+            source: Some("nocloud".into()),
+            at_ms: 5,
+            steps: vec!["network: dhcp".into()],
+        };
+        std::fs::write(
+            dir.path().join(FIRSTBOOT_FILE),
+            serde_json::to_vec(&rec).expect("json"),
+        )
+        .expect("write");
+        assert_eq!(read_firstboot(dir.path()), Some(rec));
     }
 
     #[test]

@@ -420,6 +420,7 @@ async fn session(
         t.state = TunnelState::Connected;
         t.connected_since_ms = Some(since);
         t.last_heartbeat_ms = Some(since);
+        t.heartbeat_interval_ms = u64::try_from(interval.as_millis()).ok();
         t.last_error = None;
         t.connects += 1;
         t.transport = Some(transport);

@@ -1,6 +1,10 @@
 //! `pcgctl`: the operator CLI of a pcg gateway. It talks to the running daemon over its
 //! owner-only admin socket; when the daemon is not running, `pair` and `status` work directly on
 //! the gateway's store.
+//!
+//! Run by root for a gateway whose data directory belongs to a service user (the appliance's
+//! `pcg`), pcgctl re-executes itself as that user first, so that it reaches the owner-only
+//! socket and never leaves root-owned files in the gateway's store.
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -110,6 +114,21 @@ fn out(text: &str) -> std::io::Result<()> {
 fn main() -> ExitCode {
     pcg_gateway::owner_only_umask();
     let cli = Cli::parse();
+    let owner = match cli.cmd {
+        // Needs neither the configuration nor the data directory.
+        Cmd::Completions { .. } => Ok(None),
+        _ => pcg_gateway::Config::load(cli.config.as_deref())
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| as_data_dir_owner(&cfg)),
+    };
+    match owner {
+        Ok(Some(code)) => return code,
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -127,6 +146,45 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Set in the environment of the re-executed pcgctl, so that it never re-executes again.
+const REEXEC_ENV: &str = "PCGCTL_AS_OWNER";
+
+/// When run by root for a data directory owned by another user, runs this same command as that
+/// user (its uid and primary group, no supplementary groups) and returns its exit status.
+fn as_data_dir_owner(cfg: &pcg_gateway::Config) -> anyhow::Result<Option<ExitCode>> {
+    use std::os::unix::fs::MetadataExt as _;
+    use std::os::unix::process::CommandExt as _;
+    if !rustix::process::geteuid().is_root() || std::env::var_os(REEXEC_ENV).is_some() {
+        return Ok(None);
+    }
+    let Ok(meta) = std::fs::metadata(&cfg.data_dir) else {
+        return Ok(None);
+    };
+    if meta.uid() == 0 {
+        return Ok(None);
+    }
+    let exe = std::env::current_exe()?;
+    let status = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(REEXEC_ENV, "1")
+        .uid(meta.uid())
+        .gid(meta.gid())
+        .status()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot run {} as the owner (uid {}) of {}: {e}",
+                exe.display(),
+                meta.uid(),
+                cfg.data_dir.display()
+            )
+        })?;
+    Ok(Some(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    }))
 }
 
 /// Exit status of `pcgctl status` by state.
@@ -243,6 +301,7 @@ fn offline_status(cfg: &pcg_gateway::Config, socket: &std::path::Path) -> anyhow
         uptime_s: 0,
         clock_unix_ms: pcg_gateway::store::now_ms(),
         command_kinds: Vec::new(),
+        firstboot: pcg_gateway::status::read_firstboot(&cfg.data_dir),
     })
 }
 

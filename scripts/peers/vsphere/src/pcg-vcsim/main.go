@@ -15,6 +15,9 @@
 //	    the reference client: "list" prints every VM as JSON lines (moref, name, power state,
 //	    template flag, pcg command id), "inventory" prints every managed entity (type, moref,
 //	    name), "bench N" lists every VM N times and prints the median in milliseconds.
+//	pcg-vcsim ova [-import] [-set key=value ...] FILE.ova
+//	    reads an OVA with govmomi's ovf package and prints it as JSON; -import deploys it into an
+//	    in-process simulator (ImportVApp + lease upload). See ova.go.
 package main
 
 import (
@@ -58,6 +61,13 @@ import (
 const commandKey = "guestinfo.pcg.command-id"
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "ova" {
+		if err := ova(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, "pcg-vcsim ova:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if len(os.Args) > 1 && os.Args[1] == "ref" {
 		if err := ref(os.Args[2:]); err != nil {
 			fmt.Fprintln(os.Stderr, "pcg-vcsim ref:", err)
