@@ -9,6 +9,7 @@
 //! - [`store`]: sled: identity (private key sealed), journal, outbox.
 //! - [`admin`]: the owner-only Unix socket pcgctl talks to.
 //! - [`endpoints`]: vCenters and OpenStack clouds enrolled by name.
+//! - [`diag`]: `pcgctl diag`, the hop-by-hop doctor (in the daemon or in pcgctl).
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves.
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod baremetal;
 pub mod config;
+pub mod diag;
 pub mod endpoints;
 pub mod executor;
 pub mod openstack;

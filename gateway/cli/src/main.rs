@@ -6,6 +6,8 @@ use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod diag;
+
 use clap::{Parser, Subcommand};
 use pcg_gateway::admin::{self, AdminError, AdminRequest};
 use pcg_gateway::status::{Status, TunnelState, TunnelStatus};
@@ -14,7 +16,7 @@ use pcg_gateway::status::{Status, TunnelState, TunnelStatus};
 #[command(
     name = "pcgctl",
     version,
-    about = "Operate a pcg gateway: pair it, see its status"
+    about = "Operate a pcg gateway: pair it, see its status, diagnose its connections"
 )]
 struct Cli {
     /// The gateway's TOML config file (for its data directory and admin socket).
@@ -42,6 +44,9 @@ enum Cmd {
     /// The HTTP proxy the gateway reaches the SaaS through.
     #[command(subcommand)]
     Proxy(ProxyCmd),
+    /// Check every hop to the SaaS and every enrolled provider endpoint; exit 0 all ok, 1 a
+    /// warning, 2 a failure.
+    Diag(diag::Args),
 }
 
 #[derive(Subcommand)]
@@ -56,7 +61,7 @@ enum ProxyCmd {
 }
 
 /// Writes to stdout; a reader that went away (`pcgctl status | head`) is not an error.
-fn out(text: &str) -> std::io::Result<()> {
+pub(crate) fn out(text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut o = std::io::stdout().lock();
     match o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
@@ -77,6 +82,18 @@ fn main() -> ExitCode {
             eprintln!("error: cannot start: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    let cli = match cli {
+        Cli {
+            config,
+            cmd: Cmd::Diag(args),
+        } => {
+            let code = rt.block_on(diag::run(config, args));
+            // A name lookup the run gave up on may still hold a thread: do not wait for it.
+            rt.shutdown_background();
+            return code;
+        }
+        cli => cli,
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,6 +148,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Proxy(cmd) => proxy(&cfg, &socket, cmd).await,
+        // Run by `main` itself, for its own exit status.
+        Cmd::Diag(_) => anyhow::bail!("pcgctl diag runs apart from the other commands"),
         Cmd::Status { json } => {
             let status = match admin::request(&socket, &AdminRequest::Status).await {
                 Ok(resp) if resp.ok => resp
