@@ -369,6 +369,23 @@ async fn fault_tls_intercepting_proxy() {
         .as_str()
         .unwrap()
         .contains("CONNECT"));
+    // Configured for the WebSocket transport, the gateway does not use direct TLS: nothing
+    // fails (pcgctl on the store, the daemon stopped).
+    gw.proc.as_mut().unwrap().stop();
+    gw.env
+        .push(("PCG_GATEWAY_TRANSPORT".into(), "websocket".into()));
+    let (code, r) = gw.diag(&none(), &[]);
+    assert_all_ok(code, &r);
+    assert_eq!(r["ran_in"], "pcgctl");
+    assert!(
+        !checks(&r).iter().any(|c| c["hop"] == "tls"),
+        "{}",
+        pretty(&r)
+    );
+    assert!(find(&r, "broker", "")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("over the WebSocket transport"));
 }
 
 /// Fault 4: the proxy's credentials are wrong (squid with Basic auth answers 407).
