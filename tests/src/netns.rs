@@ -89,6 +89,11 @@ impl NetNs {
         r
     }
 
+    /// Removes the rules [`block_tcp`](Self::block_tcp) added.
+    pub fn unblock(&self) -> Result<(), String> {
+        self.exec(&["nft", "delete", "table", "inet", "pcgblock"])
+    }
+
     /// Writes `/etc/netns/<name>/<file>`, which `ip netns exec` puts in place of `/etc/<file>`
     /// for the commands it runs (`hosts`, `resolv.conf`): name resolution of this namespace
     /// only.
