@@ -1,6 +1,6 @@
 //! `pcgctl`: the operator CLI of a pcg gateway. It talks to the running daemon over its
-//! owner-only admin socket; when the daemon is not running, `pair` and `status` work directly on
-//! the gateway's store.
+//! owner-only admin socket; when the daemon is not running, `pair`, `status` and `diag` work
+//! directly on the gateway's store.
 
 use std::io::Read as _;
 use std::path::PathBuf;
