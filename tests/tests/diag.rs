@@ -7,7 +7,8 @@
 //! wrong BMC password (changed on ipmi_sim with ipmitool) and a full disk under the data
 //! directory (a tmpfs). Each asserts that diag names that hop as failed, with an action, and no
 //! other hop as failed; most first run diag on the healthy setup as a control. Plus: every check
-//! passing in the daemon and in pcgctl, without disturbing the live tunnel.
+//! passing in the daemon and in pcgctl without disturbing the live tunnel, and the broker
+//! refusing a gateway revoked at the SaaS.
 
 #![allow(clippy::unwrap_used)]
 
@@ -225,6 +226,26 @@ async fn every_check_passes_in_the_daemon_and_in_pcgctl_and_the_tunnel_stays() {
         .as_str()
         .unwrap()
         .contains("tunnel not open"));
+
+    // Revoked at the SaaS: the broker refuses the certificate, and only that check fails (the
+    // gateway itself has not heard of it). A refused check is not a refused tunnel event.
+    saas.ok("POST", &format!("/v1/gateways/{gw_id}/revoke"), &key, None)
+        .await
+        .unwrap();
+    let (code, r) = gw.diag(&none(), &[]);
+    let c = assert_only_failure(
+        code,
+        &r,
+        "broker",
+        "https://",
+        &["refused this gateway", "revoked"],
+    );
+    assert!(c["action"].as_str().unwrap().contains("pair again"), "{c}");
+    let events = saas
+        .ok("GET", &format!("/v1/events?gateway_id={gw_id}"), &key, None)
+        .await
+        .unwrap();
+    assert!(!events.to_string().contains("tunnel.refused"), "{events}");
 }
 
 /// Fault 1: the SaaS host no longer resolves (the namespace's hosts file loses it and its
