@@ -8,6 +8,9 @@
 //! A newer tunnel of the same gateway replaces the older one. When the service stops, every
 //! tunnel gets a Goodbye that asks the gateway to redial a little later.
 //!
+//! `Check` authenticates a gateway the same way and answers who its certificate names and the
+//! broker's clock, registering nothing: `pcgctl diag` asks it while the tunnel stays up.
+//!
 //! The service runs on [`crate::net`]'s listener: the TLS handshake there asks for a client
 //! certificate, and the connection's [`ConnInfo`] travels with each request.
 
@@ -21,8 +24,8 @@ use pcg_proto::v1::broker_frame::Kind as BKind;
 use pcg_proto::v1::broker_server::{Broker, BrokerServer};
 use pcg_proto::v1::gateway_frame::Kind as GKind;
 use pcg_proto::v1::{
-    BrokerFrame, Command as PCommand, GatewayFrame, Goodbye, Heartbeat, RenewResponse, ResultAck,
-    Welcome,
+    BrokerFrame, CheckRequest, CheckResponse, Command as PCommand, GatewayFrame, Goodbye,
+    Heartbeat, RenewResponse, ResultAck, Welcome,
 };
 use tokio::sync::{mpsc, Notify};
 use tonic::{Request, Response, Status, Streaming};
@@ -405,6 +408,40 @@ impl BrokerService {
             why.to_string(),
         );
     }
+
+    /// The gateway record of an authenticated peer: refused (`PermissionDenied`, recorded as a
+    /// `tunnel.refused` event when `record` is set) when the SaaS does not know the gateway or
+    /// revoked it.
+    fn admit(&self, peer: &Peer, record: bool) -> Result<crate::store::Gateway, Status> {
+        let (tenant_id, gateway_id) = (&peer.tenant_id, &peer.gateway_id);
+        let gw = self
+            .app
+            .store
+            .gateway(gateway_id)
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .filter(|g| &g.tenant_id == tenant_id);
+        let Some(gw) = gw else {
+            let known_tenant = self.app.store.tenant(tenant_id).ok().flatten().is_some();
+            let why = format!(
+                "gateway {} is not known to this SaaS; pair it again with a new token",
+                printable(gateway_id)
+            );
+            if record {
+                self.refused(known_tenant.then_some(tenant_id.as_str()), gateway_id, &why);
+            }
+            return Err(Status::permission_denied(why));
+        };
+        if gw.revoked_ms.is_some() {
+            let why = format!(
+                "gateway {gateway_id} was revoked by a tenant admin; pair it again with a new token"
+            );
+            if record {
+                self.refused(Some(tenant_id), gateway_id, &why);
+            }
+            return Err(Status::permission_denied(why));
+        }
+        Ok(gw)
+    }
 }
 
 #[tonic::async_trait]
@@ -421,33 +458,8 @@ impl Broker for BrokerService {
             ));
         }
         let peer = peer_identity(&req)?;
-        let (tenant_id, gateway_id) = (peer.tenant_id.clone(), peer.gateway_id.clone());
-        let gw = self
-            .app
-            .store
-            .gateway(&gateway_id)
-            .map_err(|e| Status::unavailable(e.to_string()))?
-            .filter(|g| g.tenant_id == tenant_id);
-        let Some(gw) = gw else {
-            let known_tenant = self.app.store.tenant(&tenant_id).ok().flatten().is_some();
-            let why = format!(
-                "gateway {} is not known to this SaaS; pair it again with a new token",
-                printable(&gateway_id)
-            );
-            self.refused(
-                known_tenant.then_some(tenant_id.as_str()),
-                &gateway_id,
-                &why,
-            );
-            return Err(Status::permission_denied(why));
-        };
-        if gw.revoked_ms.is_some() {
-            let why = format!(
-                "gateway {gateway_id} was revoked by a tenant admin; pair it again with a new token"
-            );
-            self.refused(Some(&tenant_id), &gateway_id, &why);
-            return Err(Status::permission_denied(why));
-        }
+        let gateway_id = peer.gateway_id.clone();
+        let gw = self.admit(&peer, true)?;
         // Admission: a tunnel being set up (Hello, Welcome, replay) costs work; past the bound,
         // the gateway is told to come back a little later instead of queueing behind others.
         let Ok(setup) = self.app.tunnel_setups.clone().try_acquire_owned() else {
@@ -474,6 +486,25 @@ impl Broker for BrokerService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    /// Authenticates the caller like `open` and says who it is, without touching its tunnel.
+    /// A refusal is not recorded as an event: it is the gateway's own diagnosis asking.
+    async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let peer = peer_identity(&req)?;
+        if let Err(s) = self.admit(&peer, false) {
+            tracing::info!(gateway = %printable(&peer.gateway_id), "credential check refused: {}", s.message());
+            return Err(s);
+        }
+        let skew = req.get_ref().clock_unix_ms - now_ms();
+        tracing::debug!(gateway = %peer.gateway_id, transport = peer.transport, "credential check answered (clock skew {skew} ms)");
+        Ok(Response::new(CheckResponse {
+            tunnel_connected: self.app.tunnels.get(&peer.gateway_id).is_some(),
+            tenant_id: peer.tenant_id,
+            gateway_id: peer.gateway_id,
+            clock_unix_ms: now_ms(),
+            broker_version: crate::VERSION.to_string(),
+        }))
     }
 }
 

@@ -496,7 +496,22 @@ impl Gw {
 
     /// Runs pcgctl with this gateway's config; returns (success, stdout, stderr).
     pub fn pcgctl(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(bin("pcgctl"))
+        let (code, out, err) = self.pcgctl_via(&[], args);
+        (code == Some(0), out, err)
+    }
+
+    /// Runs pcgctl with this gateway's config behind `prefix` (e.g. `ip netns exec NS`, or
+    /// `faketime -f +120s`); returns (exit code, stdout, stderr).
+    pub fn pcgctl_via(&self, prefix: &[String], args: &[&str]) -> (Option<i32>, String, String) {
+        let mut command = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("pcgctl"));
+                c
+            }
+            None => Command::new(bin("pcgctl")),
+        };
+        let out = command
             .arg("--config")
             .arg(self.config())
             .args(args)
@@ -509,7 +524,7 @@ impl Gw {
             .output()
             .expect("run pcgctl");
         (
-            out.status.success(),
+            out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
@@ -517,21 +532,18 @@ impl Gw {
 
     /// Runs pcgctl; returns (exit code, stdout, stderr).
     pub fn pcgctl_code(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let out = Command::new(bin("pcgctl"))
-            .arg("--config")
-            .arg(self.config())
-            .args(args)
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .output()
-            .expect("run pcgctl");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        self.pcgctl_via(&[], args)
+    }
+
+    /// `pcgctl diag --json` with `args`, behind `prefix`: its exit code and report.
+    pub fn diag(&self, prefix: &[String], args: &[&str]) -> (Option<i32>, Value) {
+        let mut all = vec!["diag", "--json"];
+        all.extend_from_slice(args);
+        let (code, out, err) = self.pcgctl_via(prefix, &all);
+        let report = serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!("pcgctl diag printed no JSON report ({e}), exit {code:?}:\n{out}\n{err}")
+        });
+        (code, report)
     }
 
     pub fn pair(&self, token: &str) -> anyhow::Result<()> {
@@ -548,10 +560,18 @@ impl Gw {
 
     /// Starts pcg-gateway inside the network namespace `netns` (`ip netns exec`), or here.
     pub fn start_in(&mut self, netns: Option<&str>) -> anyhow::Result<()> {
-        let mut command = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("pcg-gateway"));
+        let prefix: Vec<String> = netns
+            .map(|ns| vec!["ip".into(), "netns".into(), "exec".into(), ns.into()])
+            .unwrap_or_default();
+        self.start_via(&prefix)
+    }
+
+    /// Starts pcg-gateway behind `prefix` (e.g. `ip netns exec NS`, or `faketime -f +120s`).
+    pub fn start_via(&mut self, prefix: &[String]) -> anyhow::Result<()> {
+        let mut command = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("pcg-gateway"));
                 c
             }
             None => Command::new(bin("pcg-gateway")),

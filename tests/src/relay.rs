@@ -22,7 +22,12 @@ pub struct Relay {
 impl Relay {
     /// Binds on 127.0.0.1 with no upstream yet (connections are dropped until one is set).
     pub async fn bind() -> std::io::Result<Relay> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::bind_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Binds on `addr` (port 0: one chosen by the kernel) with no upstream yet.
+    pub async fn bind_on(addr: SocketAddr) -> std::io::Result<Relay> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let upstream: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
         let (cut_tx, cut_rx) = watch::channel(0u64);

@@ -112,7 +112,8 @@ fn owners(dir: &Path) -> Vec<(String, u32)> {
     out
 }
 
-fn pcgctl(config: &Path, args: &[&str], no_switch: bool) -> (bool, String, String) {
+/// Runs pcgctl as this (root) process; returns (exit code, stdout, stderr).
+fn pcgctl(config: &Path, args: &[&str], no_switch: bool) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(bin("pcgctl"));
     cmd.arg("--config")
         .arg(config)
@@ -123,7 +124,7 @@ fn pcgctl(config: &Path, args: &[&str], no_switch: bool) -> (bool, String, Strin
     }
     let out = cmd.output().unwrap();
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
@@ -160,8 +161,9 @@ fn pcgctl_run_by_root_acts_as_the_data_directory_owner() {
     std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // pcgctl must be executable by the owner it switches to.
     let cfg = nobody_gateway(root.path(), "switched");
-    let (ok, out, err) = pcgctl(&cfg, &["status", "--json"], false);
-    assert!(ok, "pcgctl status as root: {err}{out}");
+    let (code, out, err) = pcgctl(&cfg, &["status", "--json"], false);
+    // Exit status 2: not paired (these gateways never are); it ran and read the store.
+    assert_eq!(code, Some(2), "pcgctl status as root: {err}{out}");
     let files = owners(&cfg.parent().unwrap().join("data"));
     assert!(!files.is_empty(), "the store was not opened");
     assert!(
@@ -172,8 +174,8 @@ fn pcgctl_run_by_root_acts_as_the_data_directory_owner() {
     // Control: the same command without the switch leaves root-owned files (what the switch
     // prevents), so the assertion above can fail.
     let cfg2 = nobody_gateway(root.path(), "unswitched");
-    let (ok, out, err) = pcgctl(&cfg2, &["status", "--json"], true);
-    assert!(ok, "{err}{out}");
+    let (code, out, err) = pcgctl(&cfg2, &["status", "--json"], true);
+    assert_eq!(code, Some(2), "{err}{out}");
     assert!(
         owners(&cfg2.parent().unwrap().join("data"))
             .iter()
@@ -190,16 +192,16 @@ fn pcgctl_run_by_root_acts_as_the_data_directory_owner() {
     )
     .unwrap();
     std::os::unix::fs::chown(&rec, Some(65534), Some(65534)).unwrap();
-    let (ok, out, err) = pcgctl(&cfg, &["status"], false);
-    assert!(ok, "{err}");
+    let (code, out, err) = pcgctl(&cfg, &["status"], false);
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         out.contains("first boot:   FAILED (2027-01-15T08:00:00Z): property pcg.pairing_token: malformed pairing token")
             && out.contains("what to do:   set a new token and power-cycle"),
         "{out}"
     );
-    let (ok, out, _) = pcgctl(&cfg, &["status", "--json"], false);
+    let (code, out, _) = pcgctl(&cfg, &["status", "--json"], false);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(ok && v["firstboot"]["ok"] == false, "{out}");
+    assert!(code == Some(2) && v["firstboot"]["ok"] == false, "{out}");
 }
 
 fn euid_is_root() -> bool {

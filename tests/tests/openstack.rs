@@ -253,3 +253,88 @@ async fn openstack_cloud_enrolled_by_name_survives_a_restart_and_its_password_st
         "the store's files were not searched"
     );
 }
+
+/// `pcgctl diag` checks an enrolled cloud with a fresh Keystone login: it passes, and once the
+/// user's password is changed in Keystone it names that cloud as failed (and nothing else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diag_checks_an_enrolled_cloud_with_a_fresh_keystone_token() {
+    let Some(stack) = OpenstackStack::start() else {
+        return;
+    };
+    let dir = pcg_e2e::test_dir();
+    let (saas, gw, key, gw_id) = pcg_e2e::paired(dir.path(), SaasOptions::default())
+        .await
+        .unwrap();
+    // A user of this test's own, so changing its password disturbs no other test.
+    let user = format!("pcg-diag-{}", std::process::id());
+    let password = "Diag-1-password";
+    let (ok, out) = stack.cli(&["user", "create", "--password", password, &user]);
+    assert!(ok, "{out}");
+    let (ok, out) = stack.cli(&[
+        "role",
+        "add",
+        "--user",
+        &user,
+        "--project",
+        "admin",
+        "admin",
+    ]);
+    assert!(ok, "{out}");
+    let mut cloud = stack.cloud();
+    cloud["auth"]["username"] = json!(user);
+    cloud["auth"]["password"] = json!(password);
+    let id = saas
+        .submit(
+            &key,
+            &gw_id,
+            "openstack.enrol",
+            json!({"name": "lab", "cloud": cloud}),
+        )
+        .await
+        .unwrap();
+    let v = saas
+        .wait_command(&key, &id, Duration::from_secs(200))
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+
+    let (code, r) = gw.diag(&[], &["--check-timeout", "60", "--total-timeout", "120"]);
+    let os = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["hop"] == "openstack")
+        .cloned()
+        .unwrap();
+    eprintln!("{r}");
+    assert_eq!(os["status"], "ok", "{r}");
+    assert!(
+        os["detail"].as_str().unwrap().contains("issued a token"),
+        "{os}"
+    );
+    assert_eq!(code, Some(0), "{r}");
+
+    let (ok, out) = stack.cli(&["user", "set", "--password", "Diag-2-password", &user]);
+    assert!(ok, "{out}");
+    let (code, r) = gw.diag(&[], &["--check-timeout", "60", "--total-timeout", "120"]);
+    let failed: Vec<&serde_json::Value> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "fail")
+        .collect();
+    assert_eq!(failed.len(), 1, "{r}");
+    assert_eq!(failed[0]["hop"], "openstack", "{r}");
+    assert_eq!(failed[0]["target"], "lab", "{r}");
+    assert!(
+        failed[0]["detail"].as_str().unwrap().contains(&user)
+            && failed[0]["action"]
+                .as_str()
+                .unwrap()
+                .contains("openstack.enrol"),
+        "{r}"
+    );
+    assert_eq!(code, Some(2), "{r}");
+    assert!(!r.to_string().contains("Diag-1-password") && !r.to_string().contains("Diag-2"));
+    let _ = stack.cli(&["user", "delete", &user]);
+}

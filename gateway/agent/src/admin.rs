@@ -1,5 +1,5 @@
 //! The admin socket: a Unix socket, readable and writable by its owner only, on which pcgctl
-//! asks the running daemon for its status or hands it a pairing token. One JSON request per
+//! asks the running daemon for its status or diagnostics, or hands it a pairing token. One JSON request per
 //! line, one JSON answer per line.
 
 use std::path::{Path, PathBuf};
@@ -32,6 +32,11 @@ pub enum AdminRequest {
         #[serde(default)]
         upload: bool,
     },
+    /// Runs `pcgctl diag`'s checks in the daemon (which holds the store).
+    Diag {
+        #[serde(default)]
+        options: crate::diag::Options,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -51,6 +56,8 @@ pub struct AdminResponse {
     /// The id the SaaS keeps an uploaded bundle under.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bundle_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diag: Option<crate::diag::Report>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -212,6 +219,11 @@ async fn handle(gw: &Arc<Gateway>, req: AdminRequest) -> AdminResponse {
                 error: Some(e),
                 ..Default::default()
             },
+        },
+        AdminRequest::Diag { options } => AdminResponse {
+            ok: true,
+            diag: Some(crate::diag::run_in_daemon(gw, options).await),
+            ..Default::default()
         },
         AdminRequest::Status => AdminResponse {
             ok: true,

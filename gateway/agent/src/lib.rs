@@ -12,6 +12,7 @@
 //! - [`metrics`]: Prometheus metrics on `metrics_listen` (off by default).
 //! - [`bundle`]: support bundles, written locally or uploaded up the tunnel.
 //! - [`notify`]: systemd readiness and watchdog (sd_notify; a no-op outside systemd).
+//! - [`diag`]: `pcgctl diag`, the hop-by-hop doctor (in the daemon or in pcgctl).
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves.
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod baremetal;
 pub mod bundle;
 pub mod config;
+pub mod diag;
 pub mod endpoints;
 pub mod executor;
 pub mod metrics;

@@ -364,6 +364,17 @@ impl Store {
         Ok(())
     }
 
+    /// Writes, flushes and removes a small record: whether the store takes a write now (for
+    /// `pcgctl diag`).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.settings
+            .insert(b"diag_probe", &now_ms().to_be_bytes()[..])
+            .map_err(self.err())?;
+        self.flush().await?;
+        self.settings.remove(b"diag_probe").map_err(self.err())?;
+        self.flush().await
+    }
+
     /// The proxy URL set with `pcgctl proxy`, if any.
     pub fn proxy(&self) -> Result<Option<String>, StoreError> {
         let Some(v) = self.settings.get(b"proxy").map_err(self.err())? else {

@@ -291,8 +291,9 @@ fn dialer_for(gw: &Gateway, identity: &crate::store::Identity) -> Result<Dialer,
     )
 }
 
-/// A tonic channel over one connection already dialled (tonic only runs HTTP/2 on it).
-async fn channel(
+/// A tonic channel over one connection already dialled (tonic only runs HTTP/2 on it); also
+/// used by [`crate::diag`]'s broker check.
+pub(crate) async fn channel(
     target: &Target,
     dialed: Dialed,
     timeout: Duration,

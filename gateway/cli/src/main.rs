@@ -1,6 +1,6 @@
 //! `pcgctl`: the operator CLI of a pcg gateway. It talks to the running daemon over its
-//! owner-only admin socket; when the daemon is not running, `pair` and `status` work directly on
-//! the gateway's store.
+//! owner-only admin socket; when the daemon is not running, `pair`, `status`, `bundle` and `diag`
+//! work directly on the gateway's store.
 //!
 //! Run by root for a gateway whose data directory belongs to a service user (the appliance's
 //! `pcg`), pcgctl re-executes itself as that user first, so that it reaches the owner-only
@@ -10,6 +10,8 @@ use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod diag;
+
 use clap::{Parser, Subcommand};
 use pcg_gateway::admin::{self, AdminError, AdminRequest};
 use pcg_gateway::status::{Status, TunnelState, TunnelStatus};
@@ -18,10 +20,11 @@ use pcg_gateway::status::{Status, TunnelState, TunnelStatus};
 #[command(
     name = "pcgctl",
     version,
-    about = "Operate a pcg gateway: pair it, see its status, set its proxy",
+    about = "Operate a pcg gateway: pair it, see its status, diagnose its connections, set its proxy",
     after_help = "Examples:
   pcgctl pair pcg1_eyJ1Ijoi...        pair with a token from your SaaS tenant
   pcgctl status                        is it connected? (exit status says so too)
+  pcgctl diag                          which hop to the SaaS or to a provider fails, and what to do
   pcgctl --config /etc/pcg/gateway.toml status --json
   pcgctl completions bash > /etc/bash_completion.d/pcgctl"
 )]
@@ -88,6 +91,9 @@ enum Cmd {
   pcgctl completions bash > /etc/bash_completion.d/pcgctl
   pcgctl completions zsh > \"${fpath[1]}/_pcgctl\"")]
     Completions { shell: clap_complete::Shell },
+    /// Check every hop to the SaaS and every enrolled provider endpoint; exit 0 all ok, 1 a
+    /// warning, 2 a failure.
+    Diag(diag::Args),
 }
 
 #[derive(Subcommand)]
@@ -102,7 +108,7 @@ enum ProxyCmd {
 }
 
 /// Writes to stdout; a reader that went away (`pcgctl status | head`) is not an error.
-fn out(text: &str) -> std::io::Result<()> {
+pub(crate) fn out(text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut o = std::io::stdout().lock();
     match o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
@@ -138,6 +144,18 @@ fn main() -> ExitCode {
             eprintln!("error: cannot start: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    let cli = match cli {
+        Cli {
+            config,
+            cmd: Cmd::Diag(args),
+        } => {
+            let code = rt.block_on(diag::run(config, args));
+            // A name lookup the run gave up on may still hold a thread: do not wait for it.
+            rt.shutdown_background();
+            return code;
+        }
+        cli => cli,
     };
     match rt.block_on(run(cli)) {
         Ok(code) => code,
@@ -253,7 +271,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Proxy(cmd) => proxy(&cfg, &socket, cmd).await.map(|()| ExitCode::SUCCESS),
         Cmd::Bundle { output, upload } => bundle(&cfg, &socket, output, upload).await,
-        Cmd::Completions { .. } => unreachable!("handled above"),
+        // Run by `main` itself: completions need no configuration, diag sets its own exit status.
+        Cmd::Completions { .. } | Cmd::Diag(_) => {
+            anyhow::bail!("pcgctl completions and diag run apart from the other commands")
+        }
         Cmd::Status { json } => {
             let status = match admin::request(&socket, &AdminRequest::Status).await {
                 Ok(resp) if resp.ok => resp

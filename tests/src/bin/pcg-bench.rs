@@ -12,6 +12,11 @@
 //! (the WebSocket transport), then the time to get a tunnel back after a silent drop (a relay
 //! that stops forwarding without closing; heartbeat 1 s).
 //!
+//! `pcg-bench diag` times `pcgctl diag`: with every check passing (daemon running and stopped;
+//! a vCenter and a BMC enrolled) beside `pcgctl status`, and with a silent endpoint — a vCenter,
+//! then the SaaS, whose packets a network namespace's firewall drops (root) — with the default
+//! bounds and with a total bound shorter than the check timeout.
+//!
 //! Build the binaries first (`cargo build --release --bins`), then run
 //! `target/release/pcg-bench` so it starts the release daemons beside it.
 
@@ -33,7 +38,7 @@ use serde_json::json;
 struct Args {
     /// `tunnel` (default): 1 and N gateways and idle-tunnel memory; `transports`: direct vs
     /// CONNECT proxy vs WebSocket through a TLS-inspecting proxy, and reconnect after a silent
-    /// drop.
+    /// drop; `diag`: `pcgctl diag` passing and with a silent endpoint.
     #[arg(default_value = "tunnel")]
     scenario: String,
     /// Commands per scenario.
@@ -63,6 +68,9 @@ struct Args {
     /// A few seconds in all (for CI): small counts, no storm; still checks exactly once.
     #[arg(long)]
     quick: bool,
+    /// `diag`: runs of each passing case (the silent cases run 3 times).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
 }
 
 struct Figures {
@@ -590,12 +598,251 @@ async fn transports(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One timed `pcgctl diag --json` (or any pcgctl command): wall milliseconds, the report.
+fn timed(gw: &Gw, prefix: &[String], args: &[&str]) -> (f64, Option<i32>, serde_json::Value) {
+    let t = Instant::now();
+    let (code, out, _) = gw.pcgctl_via(prefix, args);
+    let wall = t.elapsed().as_secs_f64() * 1000.0;
+    (
+        wall,
+        code,
+        serde_json::from_str(&out).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+struct DiagRow {
+    label: String,
+    walls: Vec<f64>,
+    reports: Vec<f64>,
+    outcome: String,
+}
+
+impl DiagRow {
+    fn new(label: &str) -> Self {
+        DiagRow {
+            label: label.into(),
+            walls: Vec::new(),
+            reports: Vec::new(),
+            outcome: String::new(),
+        }
+    }
+
+    fn add(&mut self, wall: f64, code: Option<i32>, r: &serde_json::Value) {
+        self.walls.push(wall);
+        if let Some(ms) = r["elapsed_ms"].as_f64() {
+            self.reports.push(ms);
+        }
+        let failed: Vec<String> = r["checks"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .filter(|c| c["status"] == "fail")
+                    .map(|c| format!("{} {}", c["hop"].as_str().unwrap_or(""), c["elapsed_ms"]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.outcome = format!(
+            "exit {}{}",
+            code.map_or("-".into(), |c| c.to_string()),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!("; failed (check ms): {}", failed.join(", "))
+            }
+        );
+    }
+
+    fn median(v: &[f64]) -> f64 {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        if s.is_empty() {
+            0.0
+        } else {
+            pct(&s, 0.5)
+        }
+    }
+}
+
+/// Runs one command through the tunnel and checks it succeeded.
+async fn run(
+    saas: &Saas,
+    key: &str,
+    gw_id: &str,
+    kind: &str,
+    payload: serde_json::Value,
+) -> anyhow::Result<()> {
+    let id = saas.submit(key, gw_id, kind, payload).await?;
+    let v = saas.wait_command(key, &id, Duration::from_secs(90)).await?;
+    anyhow::ensure!(v["state"] == "succeeded", "{kind}: {v}");
+    Ok(())
+}
+
+/// `pcgctl diag` with every check passing and with a silent endpoint.
+async fn diag(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
+    use pcg_e2e::peers::{IpmiSim, IPMI_PASSWORD, IPMI_USER};
+    use pcg_e2e::vcsim::Vcsim;
+    let vcsim = Vcsim::start(&[]).context("pcg-vcsim: scripts/peers/install-vsphere.sh")?;
+    let bmc = IpmiSim::start().context("ipmi_sim: scripts/peers/install-ipmi.sh")?;
+    let none: Vec<String> = Vec::new();
+    let mut rows = Vec::new();
+
+    // Every check passing: SaaS, a vCenter and a BMC on 127.0.0.1.
+    let saas = Saas::start(&root.join("saas"), SaasOptions::default()).await?;
+    let (_, key) = saas.tenant("bench").await?;
+    let (_, token) = saas.token(&key, None).await?;
+    let mut gw = Gw::new(&root.join("gw"))?;
+    gw.pair(&token)?;
+    gw.start()?;
+    gw.wait_tunnel("connected", Duration::from_secs(60)).await?;
+    let gw_id = gw.gateway_id().context("gateway id")?;
+    run(
+        &saas,
+        &key,
+        &gw_id,
+        "vsphere.enrol",
+        json!({"name": "lab", "endpoint": vcsim.endpoint()}),
+    )
+    .await?;
+    run(&saas, &key, &gw_id, "baremetal.enrol", json!({"name": "rack1", "protocol": "ipmi",
+        "endpoint": {"address": format!("127.0.0.1:{}", bmc.port), "user": IPMI_USER, "password": IPMI_PASSWORD}})).await?;
+    for _ in 0..2 {
+        timed(&gw, &none, &["diag", "--json"]);
+    }
+    let mut status = DiagRow::new("baseline: pcgctl status --json (daemon running)");
+    let mut daemon = DiagRow::new("pcgctl diag, all 9 checks ok, daemon running");
+    for _ in 0..args.runs {
+        let (w, c, r) = timed(&gw, &none, &["status", "--json"]);
+        status.walls.push(w);
+        status.outcome = format!("exit {}", c.unwrap_or(-1));
+        drop(r);
+        let (w, c, r) = timed(&gw, &none, &["diag", "--json"]);
+        daemon.add(w, c, &r);
+    }
+    gw.proc.as_mut().context("daemon")?.stop();
+    let mut offline = DiagRow::new("pcgctl diag, all 9 checks ok, daemon stopped");
+    for _ in 0..args.runs {
+        let (w, c, r) = timed(&gw, &none, &["diag", "--json"]);
+        offline.add(w, c, &r);
+    }
+    rows.extend([status, daemon, offline]);
+
+    // A silent endpoint: the daemon in a namespace whose firewall drops the packets.
+    match pcg_e2e::netns::NetNs::create() {
+        Err(why) => {
+            println!("silent endpoints not measured: no network namespace ({why}); run as root")
+        }
+        Ok(ns) => {
+            let saas = Saas::start(
+                &root.join("saas-ns"),
+                SaasOptions {
+                    api_listen: Some((ns.outer, 0).into()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let relay = pcg_e2e::relay::Relay::bind_on((ns.outer, 0).into()).await?;
+            let vc_addr: std::net::SocketAddr = vcsim
+                .url
+                .trim_start_matches("https://")
+                .split('/')
+                .next()
+                .context("vcsim URL")?
+                .parse()?;
+            relay.set_upstream(vc_addr);
+            let (_, key) = saas.tenant("bench").await?;
+            let (_, token) = saas.token(&key, None).await?;
+            let mut gw = Gw::new(&root.join("gw-ns"))?;
+            gw.pair(&token)?;
+            gw.start_in(Some(&ns.name))?;
+            gw.wait_tunnel("connected", Duration::from_secs(60)).await?;
+            let gw_id = gw.gateway_id().context("gateway id")?;
+            let mut ep = vcsim.endpoint();
+            ep["url"] = json!(format!("https://{}/sdk", relay.addr));
+            run(
+                &saas,
+                &key,
+                &gw_id,
+                "vsphere.enrol",
+                json!({"name": "lab", "endpoint": ep}),
+            )
+            .await?;
+            let (_, code, r) = timed(&gw, &none, &["diag", "--json"]);
+            anyhow::ensure!(code == Some(0), "the namespace setup does not pass: {r}");
+            let cases: [(&str, u16, &[&str]); 3] = [
+                (
+                    "silent vCenter (SYN dropped), default bounds 10 s / 60 s",
+                    relay.addr.port(),
+                    &[],
+                ),
+                (
+                    "silent vCenter, --check-timeout 30 --total-timeout 5",
+                    relay.addr.port(),
+                    &["--check-timeout", "30", "--total-timeout", "5"],
+                ),
+                (
+                    "silent SaaS (its port dropped), default bounds 10 s / 60 s",
+                    saas.api_listen.port(),
+                    &[],
+                ),
+            ];
+            for (label, port, extra) in cases {
+                ns.block_tcp(ns.outer, port).map_err(anyhow::Error::msg)?;
+                let mut row = DiagRow::new(label);
+                for _ in 0..3 {
+                    let mut a = vec!["diag", "--json"];
+                    a.extend_from_slice(extra);
+                    let (w, c, r) = timed(&gw, &none, &a);
+                    row.add(w, c, &r);
+                }
+                ns.unblock().map_err(anyhow::Error::msg)?;
+                rows.push(row);
+            }
+            gw.proc.as_mut().context("daemon")?.stop();
+        }
+    }
+
+    println!();
+    println!("| case | runs | median wall ms | max wall ms | median run ms (report) | outcome (last run) |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        let max = r.walls.iter().copied().fold(0.0, f64::max);
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {} | {} |",
+            r.label,
+            r.walls.len(),
+            DiagRow::median(&r.walls),
+            max,
+            if r.reports.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.0}", DiagRow::median(&r.reports))
+            },
+            r.outcome
+        );
+    }
+    let out = json!({
+        "cases": rows.iter().map(|r| json!({
+            "label": r.label, "wall_ms": r.walls, "report_ms": r.reports, "outcome": r.outcome,
+            "median_wall_ms": DiagRow::median(&r.walls),
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(d) = args.out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&out)?)?;
+    println!("figures written to {}", args.out.display());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let root = tempfile::Builder::new().prefix("pcg-bench-").tempdir()?;
     if args.scenario == "transports" {
         return transports(&args, root.path()).await;
+    }
+    if args.scenario == "diag" {
+        return diag(&args, root.path()).await;
     }
     perf(args, root.path()).await
 }

@@ -227,26 +227,34 @@ impl Dialer {
             let s = p.connect(&target.host, target.port, self.timeout).await?;
             return Ok((s, Some(p.display())));
         }
-        let addrs: Vec<std::net::SocketAddr> =
-            match tokio::time::timeout(self.timeout, tokio::net::lookup_host(target.authority()))
-                .await
-            {
-                Err(_) => {
-                    return Err(DialError::Dns {
-                        host: target.host.clone(),
-                        reason: format!("no answer within {:?}", self.timeout),
-                    })
-                }
-                Ok(Err(e)) => {
-                    return Err(DialError::Dns {
-                        host: target.host.clone(),
-                        reason: e.to_string(),
-                    })
-                }
-                Ok(Ok(a)) => a.collect(),
-            };
+        let addrs = self.resolve(target).await?;
+        self.connect(target, &addrs).await
+    }
+
+    /// The addresses of `target`'s host (the first step of a direct connection).
+    pub async fn resolve(&self, target: &Target) -> Result<Vec<std::net::SocketAddr>, DialError> {
+        match tokio::time::timeout(self.timeout, tokio::net::lookup_host(target.authority())).await
+        {
+            Err(_) => Err(DialError::Dns {
+                host: target.host.clone(),
+                reason: format!("no answer within {:?}", self.timeout),
+            }),
+            Ok(Err(e)) => Err(DialError::Dns {
+                host: target.host.clone(),
+                reason: e.to_string(),
+            }),
+            Ok(Ok(a)) => Ok(a.collect()),
+        }
+    }
+
+    /// A direct TCP connection to the first of `addrs` (of `target`) that answers.
+    pub async fn connect(
+        &self,
+        target: &Target,
+        addrs: &[std::net::SocketAddr],
+    ) -> Result<(TcpStream, Option<String>), DialError> {
         let mut last = String::from("no address");
-        for a in addrs {
+        for &a in addrs {
             match tokio::time::timeout(self.timeout, TcpStream::connect(a)).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
@@ -262,8 +270,9 @@ impl Dialer {
         })
     }
 
-    /// The TLS the SaaS itself terminates: pinned CA, client certificate when paired.
-    async fn inner_tls<IO: Io + 'static>(
+    /// The TLS the SaaS itself terminates, on `io`: pinned CA, client certificate when this
+    /// dialer has one, `alpn` offered; returns the stream and the protocol agreed.
+    pub async fn tls<IO: Io + 'static>(
         &self,
         io: IO,
         target: &Target,
@@ -307,10 +316,10 @@ impl Dialer {
     ) -> Result<Dialed, DialError> {
         let (tcp, via) = self.tcp(target).await?;
         let (io, agreed) = match transport {
-            Transport::Direct => self.inner_tls(tcp, target, alpn, &via).await?,
+            Transport::Direct => self.tls(tcp, target, alpn, &via).await?,
             Transport::Websocket => {
                 let ws = self.websocket(tcp, target, &via).await?;
-                self.inner_tls(ws, target, alpn, &via).await?
+                self.tls(ws, target, alpn, &via).await?
             }
         };
         if alpn == [b"h2".as_slice()] && agreed.as_deref() != Some(b"h2".as_slice()) {
@@ -332,7 +341,7 @@ impl Dialer {
     }
 
     /// The outer TLS (SaaS CA or `proxy_ca`) and the WebSocket upgrade, as a byte stream.
-    async fn websocket(
+    pub async fn websocket(
         &self,
         tcp: TcpStream,
         target: &Target,

@@ -88,6 +88,19 @@ impl Proxy {
         port: u16,
         timeout: Duration,
     ) -> Result<TcpStream, DialError> {
+        self.connect_answer(host, port, timeout)
+            .await
+            .map(|(tcp, _)| tcp)
+    }
+
+    /// Like [`connect`](Self::connect), also returning the status line the proxy answered the
+    /// `CONNECT` with (for diagnostics).
+    pub async fn connect_answer(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(TcpStream, String), DialError> {
         let addr = format!("{}:{}", bracket(&self.host), self.port);
         let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(&addr))
             .await
@@ -152,7 +165,7 @@ impl Proxy {
             })
         };
         match code {
-            200..=299 => Ok(tcp),
+            200..=299 => Ok((tcp, status_line)),
             407 => Err(DialError::ProxyAuth {
                 proxy: self.display(),
                 sent_credentials: self.user.is_some(),
