@@ -1271,6 +1271,10 @@ fn dial_finding(e: &DialError) -> Finding {
             format!("TLS with {server} failed: {reason}"),
             "check the SaaS URL and that nothing on the path terminates TLS",
         ),
+        DialError::Busy { server, retry_after_ms } => warn(
+            format!("{server} is up but busy setting up many tunnels; it asked to come back in {retry_after_ms} ms"),
+            "nothing to fix here if it passes on the next run; if it stays busy, tell the SaaS operator",
+        ),
         DialError::OuterUntrusted { server, sha256, issuer, reason } => fail(
             format!(
                 "the outer TLS of the WebSocket transport to {server} is not trusted ({reason}): presented a chain from \"{issuer}\" (SHA-256 {sha256})"
