@@ -10,6 +10,7 @@
 //! - [`admin`]: the owner-only Unix socket pcgctl talks to.
 //! - [`endpoints`]: vCenters and OpenStack clouds enrolled by name.
 //! - [`metrics`]: Prometheus metrics on `metrics_listen` (off by default).
+//! - [`schemas`]: the JSON Schemas of command payloads (`pcg-gateway schemas`).
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves.
@@ -22,6 +23,7 @@ pub mod executor;
 pub mod metrics;
 pub mod openstack;
 pub mod pairing;
+pub mod schemas;
 pub mod status;
 pub mod store;
 pub mod transport;
