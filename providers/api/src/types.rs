@@ -308,7 +308,7 @@ pub enum BootSource {
 
 /// Provider-specific placement of a machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "provider")]
+#[serde(rename_all = "snake_case", tag = "provider", deny_unknown_fields)]
 #[non_exhaustive]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Placement {
@@ -417,6 +417,11 @@ mod tests {
             "boot":{"virtual_media":{"image_url":"http://10.0.0.2/install.iso"}}}}"#;
         let spec: MachineSpec = serde_json::from_str(json).expect("valid spec");
         spec.validate().expect("valid");
+        // A misspelt placement key is refused, not silently ignored.
+        let typo = r#"{"name":"n1","placement":{"provider":"bare_metal","bmc":"b","boot":"pxe",
+            "boot_mod":"uefi"}}"#;
+        let err = serde_json::from_str::<MachineSpec>(typo).expect_err("unknown key");
+        assert!(err.to_string().contains("boot_mod"), "{err}");
         let bad = MachineSpec {
             placement: Placement::BareMetal {
                 bmc: "b".into(),

@@ -43,7 +43,7 @@ pub const DEFAULT_IP_WAIT: Duration = Duration::from_secs(120);
 /// Where to place a VM, per provider. Names or provider ids (a vSphere moref such as
 /// `domain-c7`) are both accepted where the driver can tell them apart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "provider")]
+#[serde(rename_all = "snake_case", tag = "provider", deny_unknown_fields)]
 #[non_exhaustive]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum VmPlacement {
@@ -348,6 +348,9 @@ mod tests {
         let back: VmSpec = serde_json::from_str(&serde_json::to_string(&spec).expect("serialises"))
             .expect("round trip");
         assert_eq!(back, spec);
+        let typo = r#"{"name":"w","source":"t","placement":{"provider":"vsphere","clutser":"c"}}"#;
+        let err = serde_json::from_str::<VmSpec>(typo).expect_err("unknown key");
+        assert!(err.to_string().contains("clutser"), "{err}");
         let bad = VmSpec {
             cpus: Some(0),
             ..spec
