@@ -13,6 +13,7 @@
 //! - [`bundle`]: support bundles, written locally or uploaded up the tunnel.
 //! - [`notify`]: systemd readiness and watchdog (sd_notify; a no-op outside systemd).
 //! - [`diag`]: `pcgctl diag`, the hop-by-hop doctor (in the daemon or in pcgctl).
+//! - [`schemas`]: the JSON Schemas of command payloads (`pcg-gateway schemas`).
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves.
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod notify;
 pub mod openstack;
 pub mod pairing;
+pub mod schemas;
 pub mod status;
 pub mod store;
 pub mod transport;

@@ -1,4 +1,5 @@
-//! `pcg-gateway`: the gateway daemon. `pcg-gateway run` runs until SIGINT/SIGTERM.
+//! `pcg-gateway`: the gateway daemon. `pcg-gateway run` runs until SIGINT/SIGTERM;
+//! `pcg-gateway schemas` prints the JSON Schemas of the command payloads.
 
 use std::path::PathBuf;
 
@@ -25,16 +26,28 @@ enum Cmd {
         #[arg(long, value_name = "FORMAT", default_value = "text")]
         log_format: pcg_obs::LogFormat,
     },
+    /// Print the JSON Schemas of the command payloads, one per kind, with an example each
+    /// (committed as gateway/agent/command-schemas.json).
+    Schemas,
 }
 
 fn main() -> anyhow::Result<()> {
     // Everything the daemon writes (store, keys, admin socket) is for its own user only.
     pcg_gateway::owner_only_umask();
-    let Cmd::Run {
-        config,
-        log_level,
-        log_format,
-    } = Cli::parse().cmd;
+    let (config, log_level, log_format) = match Cli::parse().cmd {
+        Cmd::Run {
+            config,
+            log_level,
+            log_format,
+        } => (config, log_level, log_format),
+        Cmd::Schemas => {
+            print!(
+                "{}",
+                pcg_gateway::schemas::document().map_err(anyhow::Error::msg)?
+            );
+            return Ok(());
+        }
+    };
     pcg_obs::init_logging(log_level.as_deref(), log_format).map_err(anyhow::Error::msg)?;
     let cfg = pcg_gateway::Config::load(config.as_deref())?;
     let registry = pcg_gateway::executor::Registry::standard(cfg.ledger_path.clone());

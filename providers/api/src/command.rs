@@ -53,6 +53,7 @@ pub const KINDS: [&str; 8] = [
 /// Which driver speaks to a BMC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Protocol {
     Ipmi,
     Redfish,
@@ -61,7 +62,9 @@ pub enum Protocol {
 /// `baremetal.enrol`: check credentials, discover, record capabilities under `name`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EnrolCommand {
+    /// The name later commands give as `bmc`.
     pub name: String,
     pub protocol: Protocol,
     pub endpoint: BmcEndpoint,
@@ -70,6 +73,7 @@ pub struct EnrolCommand {
 /// What `baremetal.power` is asked to do: a power action, or only to read the state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum PowerRequest {
     On,
     Off,
@@ -103,13 +107,18 @@ fn yes() -> bool {
 /// is the state after the change; `wait: false` returns as soon as the BMC accepted it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PowerCommand {
+    /// The name the BMC was enrolled under (`baremetal.enrol`).
     pub bmc: String,
+    /// The system behind the BMC; absent: the first one found at enrolment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
     pub action: PowerRequest,
+    /// Wait until the machine reaches the action's state (`status` never waits).
     #[serde(default = "yes")]
     pub wait: bool,
+    /// Bound on that wait, in milliseconds (default 60000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
 }
@@ -117,8 +126,11 @@ pub struct PowerCommand {
 /// `baremetal.boot`: set the boot override (no power change) and read it back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct BootCommand {
+    /// The name the BMC was enrolled under (`baremetal.enrol`).
     pub bmc: String,
+    /// The system behind the BMC; absent: the first one found at enrolment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
     /// `none` clears the override.
@@ -132,19 +144,26 @@ pub struct BootCommand {
 /// `baremetal.insert_media`: insert a virtual-media image (CD/DVD) fetched by the BMC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct InsertMediaCommand {
+    /// The name the BMC was enrolled under (`baremetal.enrol`).
     pub bmc: String,
+    /// The system behind the BMC; absent: the first one found at enrolment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
     /// `http://` or `https://` URL the BMC downloads the image from.
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = "^https?://")))]
     pub image_url: String,
 }
 
 /// `baremetal.eject_media`: eject the virtual-media image (a no-op when none is inserted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EjectMediaCommand {
+    /// The name the BMC was enrolled under (`baremetal.enrol`).
     pub bmc: String,
+    /// The system behind the BMC; absent: the first one found at enrolment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
 }
@@ -152,8 +171,10 @@ pub struct EjectMediaCommand {
 /// `baremetal.provision`: a machine spec whose placement is `bare_metal`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ProvisionCommand {
     pub spec: MachineSpec,
+    /// Bound on waiting for the power change, in milliseconds (default 60000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_timeout_ms: Option<u64>,
 }
@@ -161,10 +182,14 @@ pub struct ProvisionCommand {
 /// `baremetal.deprovision`: power off and clear overrides/media.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DeprovisionCommand {
+    /// The name the BMC was enrolled under (`baremetal.enrol`).
     pub bmc: String,
+    /// The system behind the BMC; absent: the first one found at enrolment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
+    /// Bound on waiting for the power change, in milliseconds (default 60000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_timeout_ms: Option<u64>,
 }
@@ -172,8 +197,11 @@ pub struct DeprovisionCommand {
 /// `baremetal.get`: observed state of a machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct GetCommand {
+    /// The name the BMC was enrolled under (`baremetal.enrol`).
     pub bmc: String,
+    /// The system behind the BMC; absent: the first one found at enrolment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
 }
@@ -210,6 +238,25 @@ pub struct MediaResult {
     pub system: String,
     pub media: MediaState,
     pub power: PowerState,
+}
+
+/// The JSON Schema of the payload of `kind`, from the types [`BareMetalCommand::parse_value`]
+/// decodes it into (named types go to `gen`'s definitions); None for a kind that is not a
+/// bare-metal command.
+#[cfg(feature = "schema")]
+pub fn payload_schema(kind: &str, gen: &mut schemars::SchemaGenerator) -> Option<schemars::Schema> {
+    use schemars::JsonSchema;
+    Some(match kind {
+        ENROL => EnrolCommand::json_schema(gen),
+        POWER => PowerCommand::json_schema(gen),
+        BOOT => BootCommand::json_schema(gen),
+        INSERT_MEDIA => InsertMediaCommand::json_schema(gen),
+        EJECT_MEDIA => EjectMediaCommand::json_schema(gen),
+        PROVISION => ProvisionCommand::json_schema(gen),
+        DEPROVISION => DeprovisionCommand::json_schema(gen),
+        GET => GetCommand::json_schema(gen),
+        _ => return None,
+    })
 }
 
 /// A parsed `baremetal.*` command.

@@ -11,6 +11,11 @@ use crate::error::{ProviderError, Result};
 /// A secret (a password): never printed by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(transparent)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(extend("writeOnly" = true), description = "A secret. The SaaS seals it to the gateway's key before anything is stored and shows it as `<redacted>`.")
+)]
 pub struct Secret(String);
 
 impl Secret {
@@ -38,17 +43,25 @@ impl From<&str> for Secret {
 /// How to trust an HTTPS endpoint. Verification is never switched off.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum TlsTrust {
     /// Verify the chain and host name against this CA (PEM, one or more certificates).
     CaPem(String),
     /// Accept exactly the server certificate whose DER encoding has this SHA-256 (hex, colons
     /// allowed), whatever its issuer or name: for BMCs with self-signed certificates.
-    PinSha256(String),
+    PinSha256(
+        #[cfg_attr(
+            feature = "schema",
+            schemars(regex(pattern = r"^[\s:]*(?:[0-9A-Fa-f][\s:]*){64}$"))
+        )]
+        String,
+    ),
 }
 
 /// Where a BMC is and how to log in to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct BmcEndpoint {
     /// `host[:port]` for IPMI; `https://host[:port]` for Redfish.
     pub address: String,
@@ -99,6 +112,7 @@ pub enum PowerState {
 /// A power action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum PowerAction {
     /// Power on; a no-op when already on.
     On,
@@ -134,6 +148,7 @@ impl PowerAction {
 /// A boot device for the override.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum BootDevice {
     /// No override: the machine boots by its own order.
     None,
@@ -148,6 +163,7 @@ pub enum BootDevice {
 /// How long a boot override lasts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum BootPersistence {
     /// Next boot only.
     #[default]
@@ -159,6 +175,7 @@ pub enum BootPersistence {
 /// Firmware boot mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum BootMode {
     Legacy,
     Uefi,
@@ -277,21 +294,28 @@ pub fn no_progress(_: &TaskProgress) {}
 /// What to boot a bare-metal machine from when provisioning it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum BootSource {
     /// Network boot (PXE/iPXE, served by the site's DHCP/TFTP).
     Pxe,
     /// Boot a virtual-media ISO that the BMC fetches from this URL.
-    VirtualMedia { image_url: String },
+    VirtualMedia {
+        /// `http://` or `https://` URL the BMC downloads the ISO from.
+        #[cfg_attr(feature = "schema", schemars(regex(pattern = "^https?://")))]
+        image_url: String,
+    },
 }
 
 /// Provider-specific placement of a machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "provider")]
+#[serde(rename_all = "snake_case", tag = "provider", deny_unknown_fields)]
 #[non_exhaustive]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Placement {
     /// A physical server behind a BMC enrolled under `bmc`.
     BareMetal {
         /// The name the BMC was enrolled under.
+        #[cfg_attr(feature = "schema", schemars(regex(pattern = r"\S")))]
         bmc: String,
         /// System id behind the BMC; the BMC's default system when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -305,7 +329,10 @@ pub enum Placement {
 /// A machine to provision: common fields plus provider-specific placement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineSpec {
+    /// The machine's name (not blank).
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"\S")))]
     pub name: String,
     /// vCPUs wanted (informational for bare metal: the hardware is what it is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -390,6 +417,11 @@ mod tests {
             "boot":{"virtual_media":{"image_url":"http://10.0.0.2/install.iso"}}}}"#;
         let spec: MachineSpec = serde_json::from_str(json).expect("valid spec");
         spec.validate().expect("valid");
+        // A misspelt placement key is refused, not silently ignored.
+        let typo = r#"{"name":"n1","placement":{"provider":"bare_metal","bmc":"b","boot":"pxe",
+            "boot_mod":"uefi"}}"#;
+        let err = serde_json::from_str::<MachineSpec>(typo).expect_err("unknown key");
+        assert!(err.to_string().contains("boot_mod"), "{err}");
         let bad = MachineSpec {
             placement: Placement::BareMetal {
                 bmc: "b".into(),

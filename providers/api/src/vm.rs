@@ -43,8 +43,9 @@ pub const DEFAULT_IP_WAIT: Duration = Duration::from_secs(120);
 /// Where to place a VM, per provider. Names or provider ids (a vSphere moref such as
 /// `domain-c7`) are both accepted where the driver can tell them apart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "provider")]
+#[serde(rename_all = "snake_case", tag = "provider", deny_unknown_fields)]
 #[non_exhaustive]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum VmPlacement {
     /// vCenter placement. Absent fields default to the template's (datacenter, folder,
     /// datastore) or to the first compute resource of the datacenter (pool).
@@ -77,13 +78,21 @@ pub enum VmPlacement {
 /// A VM to create.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct VmSpec {
+    /// The VM's name (not blank).
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"\S")))]
     pub name: String,
     /// What to create the VM from: a vSphere template (name or moref), an OpenStack image.
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"\S")))]
     pub source: String,
+    /// vCPUs (at least 1); absent: the template's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub cpus: Option<u32>,
+    /// Memory in MiB (at least 1); absent: the template's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub memory_mib: Option<u64>,
     /// Networks to attach (vSphere portgroup names, OpenStack network names or ids).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -339,6 +348,9 @@ mod tests {
         let back: VmSpec = serde_json::from_str(&serde_json::to_string(&spec).expect("serialises"))
             .expect("round trip");
         assert_eq!(back, spec);
+        let typo = r#"{"name":"w","source":"t","placement":{"provider":"vsphere","clutser":"c"}}"#;
+        let err = serde_json::from_str::<VmSpec>(typo).expect_err("unknown key");
+        assert!(err.to_string().contains("clutser"), "{err}");
         let bad = VmSpec {
             cpus: Some(0),
             ..spec

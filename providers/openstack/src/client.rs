@@ -31,9 +31,12 @@ pub const DELETE_REQUESTS: u32 = 3;
 /// A server to create. Flavor, image and networks are names or ids.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ServerSpec {
     pub name: String,
+    /// Flavor name or id.
     pub flavor: String,
+    /// Image name or id.
     pub image: String,
     /// Network names or ids; empty means `"none"` (no network), unless `auto_network`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -41,6 +44,7 @@ pub struct ServerSpec {
     /// Ask Nova to allocate a network (`"networks": "auto"`) when `networks` is empty.
     #[serde(default)]
     pub auto_network: bool,
+    /// Key pair name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_name: Option<String>,
     /// cloud-init user data (plain text; base64-encoded here).

@@ -43,42 +43,79 @@ fn yes() -> bool {
 /// `openstack.enrol`: check that Keystone issues a token for `cloud`, then keep it under `name`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Enrol {
-    /// The name later commands give as `"cloud": {"enrolled": NAME}`.
+    /// The name later commands give as `"cloud": {"enrolled": NAME}`: 1 to 128 letters, digits,
+    /// `-`, `_` or `.`.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(regex(pattern = "^[A-Za-z0-9._-]{1,128}$"))
+    )]
     pub name: String,
     /// An inline clouds.yaml entry (a cloud name or an enrolled reference is refused: the first
     /// is already on the gateway host, the second is already enrolled).
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::config::inline_cloud_schema")
+    )]
     pub cloud: CloudRef,
 }
 
+/// `openstack.create`: a server marked with the command id (a redelivered create returns it).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Create {
     pub cloud: CloudRef,
     pub server: ServerSpec,
+    /// Wait until the server is ACTIVE.
     #[serde(default = "yes")]
     pub wait: bool,
 }
 
+/// `openstack.get`, `openstack.delete`: one server.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Target {
     pub cloud: CloudRef,
+    /// The server's id.
     pub server: String,
 }
 
+/// `openstack.power`: one power action on a server.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Power {
     pub cloud: CloudRef,
+    /// The server's id.
     pub server: String,
     pub action: PowerAction,
 }
 
+/// `openstack.inventory`: flavors, images, networks and servers of a cloud.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CloudOnly {
     pub cloud: CloudRef,
+}
+
+/// The JSON Schema of the payload of `kind`, from the types [`Command::parse`] decodes it into
+/// (named types go to `gen`'s definitions); None for a kind that is not an `openstack.*`
+/// command.
+#[cfg(feature = "schema")]
+pub fn payload_schema(kind: &str, gen: &mut schemars::SchemaGenerator) -> Option<schemars::Schema> {
+    use schemars::JsonSchema;
+    Some(match kind {
+        "openstack.enrol" => Enrol::json_schema(gen),
+        "openstack.create" => Create::json_schema(gen),
+        "openstack.get" | "openstack.delete" => Target::json_schema(gen),
+        "openstack.power" => Power::json_schema(gen),
+        "openstack.inventory" => CloudOnly::json_schema(gen),
+        _ => return None,
+    })
 }
 
 /// A parsed `openstack.*` command.

@@ -60,6 +60,104 @@ impl<'de> Deserialize<'de> for CloudRef {
     }
 }
 
+/// JSON Schemas of a payload's `cloud` (what [`CloudRef`]'s `Deserialize` accepts).
+#[cfg(feature = "schema")]
+mod schema {
+    use std::borrow::Cow;
+
+    use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+
+    use super::CloudRef;
+
+    /// An inline clouds.yaml entry, as a named schema: the keys pcg reads. osauth reads every
+    /// value as a string and takes keys it does not know as options, so unknown keys are
+    /// allowed; an `enrolled` key would make it an enrolled reference.
+    pub struct InlineCloud;
+
+    impl JsonSchema for InlineCloud {
+        fn schema_name() -> Cow<'static, str> {
+            "OpenstackCloudEntry".into()
+        }
+
+        fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            let text =
+                |description: &str| json_schema!({"type": "string", "description": description});
+            let secret = |description: &str| json_schema!({"type": "string", "writeOnly": true, "description": description});
+            json_schema!({
+                "type": "object",
+                "description": "A clouds.yaml cloud entry given inline: password auth (`auth.username`, `auth.password`, a project) or an application credential (`auth.application_credential_id`, or `_name` with `auth.user_id`, and `auth.application_credential_secret`). Secrets are sealed to the gateway by the SaaS.",
+                "required": ["auth"],
+                "not": {"required": ["enrolled"]},
+                "properties": {
+                    "auth": {
+                        "type": "object",
+                        "required": ["auth_url"],
+                        "properties": {
+                            "auth_url": text("Keystone v3 URL, e.g. `https://keystone.example:5000/v3`."),
+                            "username": text("User name (password auth)."),
+                            "password": secret("Password (password auth)."),
+                            "user_domain_name": text("The user's domain (default `Default`)."),
+                            "user_id": text("User id (with `application_credential_name`)."),
+                            "project_name": text("Project to scope the token to, by name."),
+                            "project_id": text("Project to scope the token to, by id."),
+                            "project_domain_name": text("The project's domain by name (default `Default`)."),
+                            "project_domain_id": text("The project's domain by id."),
+                            "application_credential_id": text("Application credential id."),
+                            "application_credential_name": text("Application credential name (with `user_id`)."),
+                            "application_credential_secret": secret("Application credential secret.")
+                        }
+                    },
+                    "auth_type": text("`password` or `v3applicationcredential` (default: `v3applicationcredential` when `auth.application_credential_secret` is given, else `password`)."),
+                    "region_name": text("Region."),
+                    "interface": text("Endpoint interface: `public` (default), `internal` or `admin`."),
+                    "cacert": text("PEM file of the CA that signs Keystone's and Nova's certificates, on the gateway host."),
+                    "timeout_ms": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "Bound on each request to the cloud, in milliseconds (default 30000)."
+                    }
+                }
+            })
+        }
+    }
+
+    /// The schema of `openstack.enrol`'s `cloud`: an inline entry only.
+    pub fn inline_cloud_schema(gen: &mut SchemaGenerator) -> Schema {
+        gen.subschema_for::<InlineCloud>()
+    }
+
+    impl JsonSchema for CloudRef {
+        fn schema_name() -> Cow<'static, str> {
+            "OpenstackCloudRef".into()
+        }
+
+        fn json_schema(gen: &mut SchemaGenerator) -> Schema {
+            let inline = gen.subschema_for::<InlineCloud>();
+            json_schema!({
+                "description": "The cloud: a clouds.yaml cloud name on the gateway host, a cloud enrolled with `openstack.enrol`, or a clouds.yaml entry inline.",
+                "oneOf": [
+                    {
+                        "type": "string",
+                        "pattern": "\\S",
+                        "description": "A cloud named in clouds.yaml on the gateway host (found as openstackclient finds it, `OS_CLIENT_CONFIG_FILE` included)."
+                    },
+                    {
+                        "type": "object",
+                        "required": ["enrolled"],
+                        "properties": {"enrolled": {"type": "string", "pattern": "\\S"}},
+                        "additionalProperties": false,
+                        "description": "A cloud enrolled with `openstack.enrol`, by name."
+                    },
+                    inline
+                ]
+            })
+        }
+    }
+}
+
+#[cfg(feature = "schema")]
+pub use schema::inline_cloud_schema;
+
 /// A resolved cloud entry in clouds.yaml shape, plus what messages need.
 #[derive(Clone)]
 pub struct CloudEntry {

@@ -65,6 +65,30 @@ impl<'de> Deserialize<'de> for EndpointRef {
     }
 }
 
+/// The schema of what [`EndpointRef`]'s `Deserialize` accepts: a name that is not blank, or an
+/// inline endpoint.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for EndpointRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "VsphereEndpointRef".into()
+    }
+
+    fn json_schema(gen: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let inline = gen.subschema_for::<VsphereEndpoint>();
+        schemars::json_schema!({
+            "description": "The vCenter: the name it was enrolled under with `vsphere.enrol`, or the endpoint inline.",
+            "oneOf": [
+                {
+                    "type": "string",
+                    "pattern": "\\S",
+                    "description": "The name of a vCenter enrolled with `vsphere.enrol`."
+                },
+                inline
+            ]
+        })
+    }
+}
+
 impl From<VsphereEndpoint> for EndpointRef {
     fn from(ep: VsphereEndpoint) -> Self {
         Self::Inline(Box::new(ep))
@@ -74,17 +98,26 @@ impl From<VsphereEndpoint> for EndpointRef {
 /// `vsphere.enrol`: log in to check the endpoint, then keep it under `name`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EnrolCommand {
-    /// The name later commands give as their `endpoint`.
+    /// The name later commands give as their `endpoint`: 1 to 128 letters, digits, `-`, `_`
+    /// or `.`.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(regex(pattern = "^[A-Za-z0-9._-]{1,128}$"))
+    )]
     pub name: String,
+    /// The vCenter, inline (a name is refused: enrolment is what gives names).
     pub endpoint: VsphereEndpoint,
 }
 
 /// `vsphere.create`: clone `spec.source` into a new VM marked with the command id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreateCommand {
     pub endpoint: EndpointRef,
+    /// The VM; `placement.provider` must be `vsphere`.
     pub spec: VmSpec,
     /// Also wait (this many milliseconds at most) for the guest to report an IP address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,16 +127,20 @@ pub struct CreateCommand {
 /// `vsphere.delete`, `vsphere.get`: one VM by id (moref such as `vm-42`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct VmCommand {
     pub endpoint: EndpointRef,
+    /// The VM's managed object id, e.g. `vm-42`.
     pub id: String,
 }
 
 /// `vsphere.power`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PowerCommand {
     pub endpoint: EndpointRef,
+    /// The VM's managed object id, e.g. `vm-42`.
     pub id: String,
     pub action: PowerAction,
 }
@@ -111,8 +148,25 @@ pub struct PowerCommand {
 /// `vsphere.inventory`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct InventoryCommand {
     pub endpoint: EndpointRef,
+}
+
+/// The JSON Schema of the payload of `kind`, from the types [`VsphereCommand::parse_value`]
+/// decodes it into (named types go to `gen`'s definitions); None for a kind that is not a
+/// `vsphere.*` command.
+#[cfg(feature = "schema")]
+pub fn payload_schema(kind: &str, gen: &mut schemars::SchemaGenerator) -> Option<schemars::Schema> {
+    use schemars::JsonSchema;
+    Some(match kind {
+        ENROL => EnrolCommand::json_schema(gen),
+        CREATE => CreateCommand::json_schema(gen),
+        DELETE | GET => VmCommand::json_schema(gen),
+        POWER => PowerCommand::json_schema(gen),
+        INVENTORY => InventoryCommand::json_schema(gen),
+        _ => return None,
+    })
 }
 
 /// A parsed `vsphere.*` command.
@@ -154,7 +208,11 @@ impl VsphereCommand {
                 valid_name(&c.name)?;
                 Self::Enrol(Box::new(c))
             }
-            CREATE => Self::Create(p(kind, payload)?),
+            CREATE => {
+                let c: Box<CreateCommand> = p(kind, payload)?;
+                c.spec.validate()?;
+                Self::Create(c)
+            }
             DELETE => Self::Delete(p(kind, payload)?),
             POWER => Self::Power(p(kind, payload)?),
             GET => Self::Get(p(kind, payload)?),

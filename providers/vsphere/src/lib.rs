@@ -27,8 +27,10 @@ use serde::{Deserialize, Serialize};
 /// Where a vCenter is and how to log in to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct VsphereEndpoint {
     /// `https://vcenter.example.com` (the `/sdk` path is added when absent).
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = "^https?://")))]
     pub url: String,
     pub user: String,
     pub password: Secret,
