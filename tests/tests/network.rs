@@ -404,3 +404,81 @@ async fn a_silent_drop_is_redialled_within_three_heartbeats() {
         .unwrap();
     assert_eq!(v["state"], "succeeded", "{v}");
 }
+
+/// On the WebSocket fallback, the direct path is probed every `direct_retry_secs`; once the
+/// inspection stops (here: the way out now leads to a plain CONNECT proxy), the tunnel moves
+/// back to the direct transport by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_moves_back_to_direct_when_inspection_stops() {
+    let dir = pcg_e2e::test_dir();
+    let (saas, key) = saas(dir.path()).await;
+    let Some(bump) = Squid::start(Kind::Bump {
+        origin_ca: saas.dir.join("data/ca.pem"),
+        upgrades: true,
+    }) else {
+        return;
+    };
+    let Some(plain) = Squid::start(Kind::Connect) else {
+        return;
+    };
+    // The gateway's proxy is a relay; where it leads is switched under the gateway.
+    let relay = pcg_e2e::relay::Relay::bind().await.unwrap();
+    relay.set_upstream(format!("127.0.0.1:{}", bump.port).parse().unwrap());
+    let proxy_ca = bump.ca_pem.clone().unwrap();
+    let (_, token) = saas.token(&key, None).await.unwrap();
+    let mut gw = Gw::with_config(
+        &dir.path().join("gw"),
+        &format!(
+            "proxy = \"http://{}\"\nproxy_ca = {:?}\ndirect_retry_secs = 2",
+            relay.addr, proxy_ca
+        ),
+    )
+    .unwrap();
+    gw.pair(&token).unwrap();
+    gw.start().unwrap();
+    let st = gw
+        .wait_tunnel("connected", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(st["tunnel"]["transport"], "websocket", "{st}");
+    let gw_id = gw.gateway_id().unwrap();
+
+    relay.set_upstream(format!("127.0.0.1:{}", plain.port).parse().unwrap());
+    let st = pcg_e2e::wait_for(
+        "the tunnel back on the direct transport",
+        Duration::from_secs(90),
+        || async {
+            gw.status().filter(|s| {
+                s["tunnel"]["state"] == "connected" && s["tunnel"]["transport"] == "direct"
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; last status {:?}; gateway log:\n{}",
+            gw.status(),
+            gw.log()
+        )
+    });
+    let view = saas
+        .ok("GET", &format!("/v1/gateways/{gw_id}"), &key, None)
+        .await
+        .unwrap();
+    assert_eq!(view["tunnel"]["transport"], "direct", "{view} / {st}");
+    // And it still carries commands.
+    let id = saas
+        .submit(&key, &gw_id, "gateway.echo", json!({"back": "direct"}))
+        .await
+        .unwrap();
+    let v = saas
+        .wait_command(&key, &id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let log = plain.access_log();
+    assert!(
+        log.lines().any(|l| l.contains("TCP_TUNNEL")),
+        "the plain proxy carried no CONNECT:\n{log}"
+    );
+}

@@ -119,6 +119,8 @@ async fn the_support_bundle_holds_no_secret_and_uploads_byte_for_byte() {
         .path();
     for f in [
         "status.json",
+        "diag.json",
+        "diag.txt",
         "config.toml",
         "logs.txt",
         "endpoints.txt",
@@ -132,6 +134,21 @@ async fn the_support_bundle_holds_no_secret_and_uploads_byte_for_byte() {
         endpoints.contains("node1") && endpoints.contains("vc1") && endpoints.contains("lab"),
         "{endpoints}"
     );
+    // The diagnosis ran when the bundle was made, over every enrolled endpoint too.
+    let diag: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("diag.json")).unwrap()).unwrap();
+    let hops: Vec<&str> = diag["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["hop"].as_str())
+        .collect();
+    for hop in ["store", "identity", "broker", "bmc", "vcenter", "openstack"] {
+        assert!(
+            hops.contains(&hop),
+            "no {hop} check in the bundle's diag: {diag}"
+        );
+    }
     let logs = std::fs::read_to_string(root.join("logs.txt")).unwrap();
     assert!(
         logs.contains("tunnel up"),

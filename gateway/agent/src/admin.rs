@@ -167,11 +167,13 @@ async fn handle(gw: &Arc<Gateway>, req: AdminRequest) -> AdminResponse {
                 error: Some(e),
                 ..Default::default()
             };
+            let diag = crate::diag::run_in_daemon(gw, crate::diag::Options::for_bundle()).await;
             let contents = crate::bundle::gather(
                 &gw.cfg,
                 gw.cfg.source.as_deref(),
                 &gw.store,
                 &gw.status(),
+                &diag,
                 &pcg_obs::recent_logs(),
             );
             let prefix = format!(

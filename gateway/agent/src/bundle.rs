@@ -148,6 +148,7 @@ pub fn gather(
     config_path: Option<&Path>,
     store: &Store,
     status: &Status,
+    diag: &crate::diag::Report,
     logs: &[String],
 ) -> Contents {
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
@@ -157,6 +158,7 @@ pub fn gather(
         format!(
             "pcg gateway support bundle, made {} by pcg {}.\n\
              status.json / status.txt  what `pcgctl status` shows\n\
+             diag.json / diag.txt      what `pcgctl diag` finds (run while the bundle was made)\n\
              config.toml              the configuration file, secrets redacted\n\
              proxy.txt                the proxy in effect (no password)\n\
              endpoints.txt            enrolled BMCs, vCenters and clouds (names only)\n\
@@ -171,6 +173,11 @@ pub fn gather(
         serde_json::to_string_pretty(status).unwrap_or_default(),
     );
     add("status.txt", status.render());
+    add(
+        "diag.json",
+        serde_json::to_string_pretty(diag).unwrap_or_default(),
+    );
+    add("diag.txt", diag.render());
     add("config.toml", redacted_config(config_path));
     add(
         "proxy.txt",

@@ -126,6 +126,17 @@ pub struct Options {
     pub total_timeout_ms: u64,
 }
 
+impl Options {
+    /// The bounds of the diagnosis a support bundle carries: shorter than an operator's run, so
+    /// that a silent endpoint costs a bundle seconds, not a minute.
+    pub fn for_bundle() -> Options {
+        Options {
+            check_timeout_ms: 5_000,
+            total_timeout_ms: 20_000,
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {

@@ -402,8 +402,21 @@ async fn bundle(
             }
             let status = offline_status(cfg, &path)?;
             let store = pcg_gateway::store::Store::open_now(&cfg.data_dir)?;
-            let contents =
-                pcg_gateway::bundle::gather(cfg, cfg.source.as_deref(), &store, &status, &[]);
+            let diag = pcg_gateway::diag::run(
+                cfg,
+                Ok(&store),
+                pcg_gateway::diag::Options::for_bundle(),
+                "pcgctl",
+            )
+            .await;
+            let contents = pcg_gateway::bundle::gather(
+                cfg,
+                cfg.source.as_deref(),
+                &store,
+                &status,
+                &diag,
+                &[],
+            );
             let prefix = format!(
                 "pcg-bundle-{}",
                 status.gateway_id.as_deref().unwrap_or("unpaired")
