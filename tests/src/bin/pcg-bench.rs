@@ -71,6 +71,10 @@ struct Args {
     /// `diag`: runs of each passing case (the silent cases run 3 times).
     #[arg(long, default_value_t = 20)]
     runs: usize,
+    /// The binaries (PCG_BIN_DIR) are an older build: give them no configuration key they do
+    /// not know.
+    #[arg(long)]
+    baseline: bool,
 }
 
 struct Figures {
@@ -224,13 +228,14 @@ async fn gateways(
     key: &str,
     root: &std::path::Path,
     count: usize,
+    baseline: bool,
 ) -> anyhow::Result<(Vec<Gw>, Vec<String>)> {
     let mut gws = Vec::new();
     let mut ids = Vec::new();
     for i in 0..count {
         let (_, tok) = saas.token(key, None).await?;
         // The first gateway serves metrics (for its flush count).
-        let extra = if i == 0 {
+        let extra = if i == 0 && !baseline {
             format!("metrics_listen = \"127.0.0.1:{}\"", metrics_port(root))
         } else {
             String::new()
@@ -889,7 +894,7 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
             SaasOptions {
                 heartbeat_ms: Some(5000),
                 // Room for the storm's tunnels and its setups.
-                extra_toml: if storm > 0 {
+                extra_toml: if storm > 0 && !args.baseline {
                     "max_connections_per_ip = 100000\n".into()
                 } else {
                     String::new()
@@ -905,7 +910,7 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
 
     // One gateway: light load, 64 in flight, batches.
     let one_root = root.join("one");
-    let (mut one, one_ids) = gateways(&saas, &key, &one_root, 1).await?;
+    let (mut one, one_ids) = gateways(&saas, &key, &one_root, 1, args.baseline).await?;
     let port = [metrics_port(&one_root)];
     run_commands(&saas, &key, &one_ids, 200, args.concurrency, "warm-up").await?;
     submitted += 200;
@@ -946,7 +951,7 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
 
     // N gateways, 64 in flight, round robin.
     let many_root = root.join("many");
-    let (mut many, many_ids) = gateways(&saas, &key, &many_root, gateways_n).await?;
+    let (mut many, many_ids) = gateways(&saas, &key, &many_root, gateways_n, args.baseline).await?;
     let port = [metrics_port(&many_root)];
     let m0 = mark(&saas, &many, &port).await;
     let f = run_commands(
