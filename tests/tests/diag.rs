@@ -19,7 +19,7 @@ use pcg_e2e::netns;
 use pcg_e2e::peers::{IpmiSim, IPMI_PASSWORD, IPMI_USER};
 use pcg_e2e::squid::{Kind, Squid};
 use pcg_e2e::vcsim::Vcsim;
-use pcg_e2e::{Gw, Saas, SaasOptions};
+use pcg_e2e::{Gw, Saas, SaasOptions, Tmpfs};
 use serde_json::{json, Value};
 
 fn checks(r: &Value) -> &Vec<Value> {
@@ -676,39 +676,6 @@ async fn fault_wrong_bmc_password() {
     let c = assert_only_failure(code, &r, "bmc", "rack1", &["rejected user"]);
     assert!(c["action"].as_str().unwrap().contains("password"), "{c}");
     assert!(!pretty(&r).contains(IPMI_PASSWORD));
-}
-
-/// A tmpfs mounted for a test, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Result<Tmpfs, String> {
-        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
-        let out = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(at)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        Ok(Tmpfs(at.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 /// Fault 10: the filesystem under the data directory is full (a 96 MiB tmpfs, filled).

@@ -364,3 +364,74 @@ async fn both_services_export_metrics_that_promtool_accepts_and_that_move() {
         "{s2}"
     );
 }
+
+/// Readiness is not liveness: with the SaaS's data directory on a full filesystem, `/readyz`
+/// answers 503 with the reason while `/healthz` still answers 200; with room again, 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_503_while_the_store_cannot_write() {
+    let dir = pcg_e2e::test_dir();
+    let data = dir.path().join("saas/data");
+    let tmpfs = match pcg_e2e::Tmpfs::mount(&data, "256m") {
+        Ok(t) => t,
+        Err(why) => {
+            assert!(
+                std::env::var_os("PCG_REQUIRE_PEERS").is_none(),
+                "cannot mount a tmpfs ({why}) and PCG_REQUIRE_PEERS is set: run the tests as root"
+            );
+            eprintln!("!!!!!!!! SKIPPED: the full-disk case needs a tmpfs (root): {why} !!!!!!!!");
+            return;
+        }
+    };
+    let saas = Saas::start(&dir.path().join("saas"), SaasOptions::default())
+        .await
+        .unwrap();
+    let (_, key) = saas.tenant("acme").await.unwrap();
+    async fn get(saas: &Saas, path: &str) -> (u16, String) {
+        let r = saas
+            .http
+            .get(format!("{}{path}", saas.api))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap())
+    }
+    let (s, body) = get(&saas, "/readyz").await;
+    assert_eq!(s, 200, "{body}");
+
+    let filler = data.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(&[1u8]).is_ok() {}
+    }
+    let body = pcg_e2e::wait_for("/readyz to answer 503", Duration::from_secs(60), || async {
+        let (s, body) = get(&saas, "/readyz").await;
+        (s == 503).then_some(body)
+    })
+    .await
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "store_unavailable", "{body}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("free space"),
+        "{body}"
+    );
+    let (s, body) = get(&saas, "/healthz").await;
+    assert_eq!(s, 200, "liveness must not follow readiness: {body}");
+
+    // Room again. A store that met a failed write refuses writes until it is reopened (sled
+    // keeps the error), so readiness is checked after a restart; nothing written before is lost.
+    std::fs::remove_file(&filler).unwrap();
+    let (saas, _) = saas.restart(Duration::from_secs(20)).await.unwrap();
+    let (s, body) = get(&saas, "/readyz").await;
+    assert_eq!(s, 200, "{body}");
+    saas.ok("GET", "/v1/gateways", &key, None).await.unwrap();
+    drop(saas);
+    drop(tmpfs);
+}

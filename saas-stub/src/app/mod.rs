@@ -20,6 +20,9 @@ pub use error::{AppError, AppResult, Kind};
 use crate::store::{self, ApiKey};
 use crate::{broker, ca, Config};
 
+/// Free space under which `/readyz` says not ready (64 MiB): the store is about to fail writes.
+pub const MIN_FREE_BYTES: u64 = 64 << 20;
+
 /// State shared by the REST API and the broker.
 pub struct App {
     pub cfg: Config,
@@ -225,6 +228,8 @@ impl App {
     }
 
     /// Whether the service can take work: not stopping, and the store takes a durable write.
+    /// Ready: not stopping, room left on the data directory's filesystem (at least
+    /// [`MIN_FREE_BYTES`]), and the store takes a durable write.
     pub async fn ready(&self) -> AppResult<()> {
         if self.shutdown.is_cancelled() {
             return Err(AppError::new(
@@ -233,11 +238,27 @@ impl App {
                 "the service is stopping",
             ));
         }
+        // The store writes into space it has already allocated, so it takes a probe for a
+        // while after its filesystem fills; readiness must say so before writes start failing.
+        let dir = &self.cfg.data_dir;
+        if let Ok(st) = rustix::fs::statvfs(dir) {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            if free < MIN_FREE_BYTES {
+                return Err(AppError::new(
+                    Kind::Unavailable,
+                    "store_unavailable",
+                    format!(
+                        "only {free} bytes free on the filesystem of {} (at least {MIN_FREE_BYTES} needed): free space there",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
         self.store.probe_write().await.map_err(|e| {
             AppError::new(
                 Kind::Unavailable,
                 "store_unavailable",
-                format!("the store does not take durable writes: {e}"),
+                format!("the store does not take durable writes: {e}; once that is fixed, restart pcg-saas (after a failed write the store refuses writes until it is reopened)"),
             )
         })
     }
