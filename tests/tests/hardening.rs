@@ -1,6 +1,7 @@
 //! Hardening, through the real binaries: a SaaS stopped under load, a gateway re-paired while
 //! running, lookups that must leave nothing behind, errors in the documented format, oversized
-//! bodies, idempotent submits, bounded names, and refused tunnels recorded as events.
+//! bodies, idempotent submits, bounded names, refused tunnels recorded as events, and pcgctl on
+//! a closed pipe.
 
 #![allow(clippy::unwrap_used)]
 
@@ -695,4 +696,30 @@ async fn a_batch_submits_many_commands_each_exactly_once() {
         (413, Some("batch_too_large")),
         "{v}"
     );
+}
+
+/// `pcgctl status | head -0`: a reader that has gone away is not an error for pcgctl (no
+/// panic on the closed pipe), for the human and the JSON output alike.
+#[test]
+fn pcgctl_writing_to_a_closed_pipe_does_not_panic() {
+    let dir = pcg_e2e::test_dir();
+    let gw = Gw::new(&dir.path().join("gw")).unwrap();
+    for args in [&["status"][..], &["status", "--json"][..]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        // Closed before pcgctl starts: its first write meets a broken pipe, deterministically.
+        drop(reader);
+        let out = std::process::Command::new(pcg_e2e::bin("pcgctl"))
+            .arg("--config")
+            .arg(gw.config())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "pcgctl {args:?}: {err}");
+        // Not paired: status's own exit code, not a crash (101).
+        assert_eq!(out.status.code(), Some(2), "pcgctl {args:?}: {err}");
+    }
 }
