@@ -8,6 +8,10 @@
 //! A newer tunnel of the same gateway replaces the older one. When the service stops, every
 //! tunnel gets a Goodbye that asks the gateway to redial a little later.
 //!
+//! A command's progress (`CommandProgress`) is kept on the command in memory. A cancel asked for
+//! a command that may be on its gateway goes down as `CancelCommand`, at once and, in place of
+//! the command itself, in the replay of every later tunnel, until the gateway's result ends it.
+//!
 //! The service runs on [`crate::net`]'s listener: the TLS handshake there asks for a client
 //! certificate, and the connection's [`ConnInfo`] travels with each request.
 
@@ -136,6 +140,21 @@ fn command_frame(c: &Command) -> BrokerFrame {
             payload: serde_json::to_vec(&c.payload).expect("JSON values serialise"),
             submitted_unix_ms: c.submitted_ms,
             delivery: c.deliveries,
+            deadline_unix_ms: c.deadline_ms.unwrap_or(0),
+        })),
+    }
+}
+
+/// The frame asking a gateway to cancel `c`.
+pub fn cancel_frame(c: &Command) -> BrokerFrame {
+    BrokerFrame {
+        kind: Some(BKind::Cancel(pcg_proto::v1::CancelCommand {
+            command_id: c.id.clone(),
+            reason: c
+                .cancel
+                .as_ref()
+                .map(|r| r.reason.clone())
+                .unwrap_or_default(),
         })),
     }
 }
@@ -575,9 +594,22 @@ async fn session(
         app.tunnels.remove_if(&gateway_id, conn_id);
         return;
     }
-    // Replay everything still pending, oldest first.
+    // Replay everything still pending, oldest first. A command with a cancel asked for gets
+    // the cancel instead: the gateway stops it if it runs, keeps its result if it ended, and
+    // records it as cancelled (never running it) if it never had it.
     for c in app.commands.pending(&gateway_id) {
-        deliver(&app, &c).await;
+        if c.cancel.is_some() {
+            let sent = tokio::time::timeout(Duration::from_secs(5), tx.send(Ok(cancel_frame(&c))));
+            if !matches!(sent.await, Ok(Ok(()))) {
+                // Not draining (or gone): the gateway redials and gets the replay again.
+                if app.tunnels.remove_if(&gateway_id, conn_id) {
+                    close.notify_one();
+                }
+                break;
+            }
+        } else {
+            deliver(&app, &c).await;
+        }
     }
     drop(setup);
 
@@ -672,6 +704,15 @@ async fn handle_frame(
             }));
         }
         Some(GKind::Received(r)) => app.commands.received(&r.command_id, gateway_id),
+        Some(GKind::Progress(p)) => app.commands.progress(
+            &p.command_id,
+            gateway_id,
+            crate::store::Progress {
+                percent: p.percent.map(|v| u8::try_from(v.min(100)).unwrap_or(100)),
+                message: p.message.chars().take(512).collect(),
+                at_ms: p.at_unix_ms,
+            },
+        ),
         Some(GKind::Result(r)) => {
             let output = if r.output.is_empty() {
                 serde_json::Value::Null
@@ -680,7 +721,6 @@ async fn handle_frame(
                     serde_json::Value::String(String::from_utf8_lossy(&r.output).into_owned())
                 })
             };
-            let ok = r.ok;
             let result = CommandResult {
                 ok: r.ok,
                 output,
@@ -698,7 +738,7 @@ async fn handle_frame(
                         app.metrics
                             .commands_finished
                             .get_or_create(&crate::metrics::OutcomeLabels {
-                                outcome: if ok { "succeeded" } else { "failed" }.into(),
+                                outcome: c.state.as_str().into(),
                             })
                             .inc();
                         let ms = (now_ms() - c.submitted_ms).max(0);

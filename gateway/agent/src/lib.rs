@@ -6,6 +6,7 @@
 //! - [`transport`]: how the SaaS is reached: proxies, pinned TLS, the WebSocket transport.
 //! - [`executor`]: exactly-once execution through the journal and outbox, and the handler
 //!   registry provider drivers fill.
+//! - [`executions`]: executions under way: cancel, deadline and drain, progress reports.
 //! - [`store`]: sled: identity (private key sealed), journal, outbox.
 //! - [`admin`]: the owner-only Unix socket pcgctl talks to.
 //! - [`endpoints`]: vCenters and OpenStack clouds enrolled by name.
@@ -13,13 +14,17 @@
 //! - [`bundle`]: support bundles, written locally or uploaded up the tunnel.
 //! - [`status`], [`config`].
 //!
-//! [`run`] starts everything and returns when `shutdown` resolves.
+//! [`run`] starts everything and returns when `shutdown` resolves, after draining: no new
+//! commands are taken, running ones get `drain_grace_ms` to finish and are then stopped and
+//! recorded as `interrupted`, so a clean stop leaves no command running. Background work
+//! (tunnel, journal pruning) is supervised: a task that panics is logged and restarted.
 
 pub mod admin;
 pub mod baremetal;
 pub mod bundle;
 pub mod config;
 pub mod endpoints;
+pub mod executions;
 pub mod executor;
 pub mod metrics;
 pub mod openstack;
@@ -30,7 +35,6 @@ pub mod transport;
 pub mod tunnel;
 pub mod vsphere;
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -65,7 +69,14 @@ pub struct Gateway {
     started: Instant,
     tunnel: Mutex<TunnelStatus>,
     outbound: Mutex<Option<mpsc::Sender<GatewayFrame>>>,
-    running: Mutex<HashSet<String>>,
+    /// Executions under way (their cancellation and progress).
+    pub(crate) executions: executions::Executions,
+    /// Every execution task (and its progress forwarder): a stop waits for them.
+    pub(crate) exec_tasks: tokio_util::task::TaskTracker,
+    /// Supervised background tasks (tunnel, pruner, metrics listener, and what others add).
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Fired when the gateway starts stopping: no new command is taken, background loops end.
+    pub stopping: tokio_util::sync::CancellationToken,
     /// Support-bundle uploads under way: their chunk acknowledgements go here.
     bundle_acks: Mutex<std::collections::HashMap<String, mpsc::Sender<pcg_proto::v1::BundleAck>>>,
 }
@@ -85,7 +96,10 @@ impl Gateway {
             started: Instant::now(),
             tunnel: Mutex::new(TunnelStatus::default()),
             outbound: Mutex::new(None),
-            running: Mutex::new(HashSet::new()),
+            executions: executions::Executions::default(),
+            exec_tasks: tokio_util::task::TaskTracker::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            stopping: tokio_util::sync::CancellationToken::new(),
             bundle_acks: Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -106,11 +120,7 @@ impl Gateway {
             certificate_not_after_ms: id.as_ref().map(|i| i.cert_not_after_ms),
             certificate_sha256: id.as_ref().and_then(|i| status::pem_sha256(&i.cert_pem)),
             journal_entries: self.store.journal_len(),
-            running: self
-                .running
-                .lock()
-                .expect("running lock is never poisoned")
-                .len(),
+            running: self.executions.len(),
             outbox_depth: self.store.outbox_depth(),
             uptime_s: self.started.elapsed().as_secs(),
             clock_unix_ms: store::now_ms(),
@@ -204,30 +214,56 @@ impl Gateway {
     }
 
     pub(crate) fn is_running(&self, id: &str) -> bool {
-        self.running
-            .lock()
-            .expect("running lock is never poisoned")
-            .contains(id)
+        self.executions.get(id).is_some()
     }
 
     /// Returns false when `id` is already executing.
     pub(crate) fn mark_running(&self, id: &str) -> bool {
-        self.running
-            .lock()
-            .expect("running lock is never poisoned")
-            .insert(id.to_string())
+        self.executions.begin(id).is_some()
     }
 
     pub(crate) fn unmark_running(&self, id: &str) {
-        self.running
-            .lock()
-            .expect("running lock is never poisoned")
-            .remove(id);
+        self.executions.end(id);
+    }
+
+    /// Whether the gateway is stopping (it takes no new command).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_cancelled()
+    }
+
+    /// Runs a background loop made by `make` on [`tasks`](Self::tasks), supervised: when it
+    /// panics it is logged and started again (after a second), unless the gateway is stopping;
+    /// when it returns it is done.
+    pub fn supervise<F, Fut>(self: &Arc<Self>, name: &'static str, make: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let gw = self.clone();
+        self.tasks.spawn(async move {
+            loop {
+                match tokio::spawn(make()).await {
+                    Ok(()) => return,
+                    Err(e) if e.is_panic() => {
+                        tracing::error!(
+                            task = name,
+                            "background task failed: {e}; restarting it in 1 s"
+                        );
+                        gw.metrics.task_restarts.inc();
+                    }
+                    Err(_) => return,
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = gw.stopping.cancelled() => return,
+                }
+            }
+        });
     }
 }
 
 /// Runs the gateway: resumes interrupted executions, serves the admin socket, keeps the tunnel
-/// up, and prunes the journal, until `shutdown` resolves.
+/// up, and prunes the journal, until `shutdown` resolves; then drains (see [`drain`]).
 pub async fn run(
     cfg: Config,
     registry: executor::Registry,
@@ -248,13 +284,14 @@ pub async fn run(
     }
     let socket = gw.cfg.admin_socket_path();
     let admin = tokio::spawn(admin::serve(gw.clone(), socket.clone()));
-    let metrics_stop = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = gw.cfg.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (metrics_listen): {e}"))?;
-        let (gw2, stop) = (gw.clone(), metrics_stop.clone());
-        tokio::spawn(async move {
+        let gw2 = gw.clone();
+        let stop = gw.stopping.clone();
+        // Each request is served on a task of its own: the listener loop itself does not panic.
+        gw.tasks.spawn(async move {
             pcg_obs::serve_metrics(l, Arc::new(move || gw2.render_metrics()), async move {
                 stop.cancelled().await
             })
@@ -262,21 +299,32 @@ pub async fn run(
         });
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let tunnel = tokio::spawn(tunnel::run(gw.clone(), stop_rx));
+    {
+        let gw2 = gw.clone();
+        gw.supervise("tunnel", move || tunnel::run(gw2.clone(), stop_rx.clone()));
+    }
     let retention_ms =
         i64::try_from(gw.cfg.journal_retention_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
-    let gw2 = gw.clone();
-    let pruner = tokio::spawn(async move {
-        let mut t = tokio::time::interval(std::time::Duration::from_secs(600));
-        loop {
-            t.tick().await;
-            match gw2.store.prune(retention_ms) {
-                Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot old journal entries"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!("journal pruning failed: {e}"),
+    {
+        let gw2 = gw.clone();
+        gw.supervise("journal pruning", move || {
+            let gw = gw2.clone();
+            async move {
+                let mut t = tokio::time::interval(std::time::Duration::from_secs(600));
+                loop {
+                    tokio::select! {
+                        _ = t.tick() => {}
+                        _ = gw.stopping.cancelled() => return,
+                    }
+                    match gw.store.prune(retention_ms) {
+                        Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot old journal entries"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("journal pruning failed: {e}"),
+                    }
+                }
             }
-        }
-    });
+        });
+    }
     tokio::pin!(shutdown);
     tokio::select! {
         _ = &mut shutdown => {}
@@ -286,14 +334,78 @@ pub async fn run(
                 Ok(Err(e)) => format!("admin socket {}: {e}", socket.display()),
                 Err(e) => e.to_string(),
             };
+            gw.stopping.cancel();
+            let _ = stop_tx.send(true);
             anyhow::bail!(msg);
         }
     }
+    drain(&gw).await;
+    // Background work ends: the tunnel (after the drain's results went out on it), pruning,
+    // metrics.
     let _ = stop_tx.send(true);
-    let _ = tunnel.await;
-    metrics_stop.cancel();
-    pruner.abort();
+    gw.tasks.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(10), gw.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = gw.tasks.len(),
+            "background tasks still running after 10 s; stopping anyway"
+        );
+    }
     gw.store.flush().await?;
     let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// Drains the gateway: it takes no new command (the tunnel leaves new deliveries to the broker,
+/// which delivers them again later; the admin socket refuses work), running executions get
+/// `drain_grace_ms` to finish, and those still running then are stopped as `interrupted` and
+/// their results journaled, so none stays running. Results go up the tunnel while it is up
+/// (the drain waits a little for their acknowledgements); the rest when it next connects.
+pub async fn drain(gw: &Arc<Gateway>) {
+    gw.stopping.cancel();
+    let grace = std::time::Duration::from_millis(gw.cfg.drain_grace_ms);
+    let running = gw.executions.len();
+    if running > 0 {
+        tracing::info!(
+            running,
+            "stopping: taking no new commands; waiting up to {} ms (drain_grace_ms) for the running ones",
+            grace.as_millis()
+        );
+    }
+    gw.exec_tasks.close();
+    if tokio::time::timeout(grace, gw.exec_tasks.wait())
+        .await
+        .is_err()
+    {
+        let why = executions::Stop::Interrupted(format!(
+            "the gateway was stopped (SIGTERM) and this command did not finish within drain_grace_ms ({} ms); it is not run again; send it again if needed",
+            grace.as_millis()
+        ));
+        let n = gw.executions.stop_all(&why);
+        tracing::warn!(
+            stopped = n,
+            "drain grace over: stopping the commands still running"
+        );
+        let bound = executor::CANCEL_GRACE + std::time::Duration::from_secs(5);
+        if tokio::time::timeout(bound, gw.exec_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                left = gw.executions.len(),
+                "commands still not recorded after {} s; they resume when the gateway starts again",
+                bound.as_secs()
+            );
+        }
+    }
+    // Results still unacknowledged get a moment to be acknowledged on a live tunnel.
+    if gw.outbound().is_some() && gw.store.outbox_depth() > 0 {
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        while gw.store.outbox_depth() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }
