@@ -335,3 +335,80 @@ async fn sigterm_drains_running_commands() {
         );
     }
 }
+
+/// A vSphere clone that takes a while (vcsim answers `CloneVM_Task` 4 s late, as a busy vCenter
+/// would): its progress shows on the command resource before it ends; a cancel during the clone
+/// asks vCenter to cancel the task (vcsim has no `CancelTask`, so it refuses) and leaves the
+/// cloned VM neither reconfigured nor powered on, named in the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_clone_progress_and_cancel() {
+    let Some(sim) = pcg_e2e::vcsim::Vcsim::start(&["-method-delay", "CloneVM_Task=4s"]) else {
+        return;
+    };
+    let dir = pcg_e2e::test_dir();
+    let (saas, _gw, key, gw_id) = pcg_e2e::paired(dir.path(), SaasOptions::default())
+        .await
+        .unwrap();
+    let endpoint = sim.endpoint();
+    let spec = |name: &str| {
+        json!({
+            "name": name, "source": "pcg-template", "cpus": 2, "memory_mib": 2048,
+            "placement": {"provider": "vsphere", "datacenter": "DC0", "cluster": "DC0_C0"},
+        })
+    };
+
+    // Progress while the clone runs, then success.
+    let done = saas
+        .submit(
+            &key,
+            &gw_id,
+            "vsphere.create",
+            json!({ "endpoint": endpoint, "spec": spec("progress-vm") }),
+        )
+        .await
+        .unwrap();
+    let v = wait_state(&saas, &key, &done, "received", |v| {
+        v["progress"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cloning"))
+    })
+    .await;
+    assert!(v["result"].is_null(), "{v}");
+    let percent = v["progress"]["percent"].as_u64().unwrap();
+    assert!((1..100).contains(&percent), "{v}");
+    let v = saas.wait_command(&key, &done, LONG).await.unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["result"]["output"]["power"], "on", "{v}");
+
+    // Cancelled during the clone.
+    let cancelled = saas
+        .submit(
+            &key,
+            &gw_id,
+            "vsphere.create",
+            json!({ "endpoint": endpoint, "spec": spec("cancelled-vm") }),
+        )
+        .await
+        .unwrap();
+    wait_state(&saas, &key, &cancelled, "received", |v| {
+        v["progress"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cloning"))
+    })
+    .await;
+    let (status, v) = cancel(&saas, &key, &cancelled, Some("wrong template")).await;
+    assert_eq!(status, 202, "{v}");
+    let v = saas.wait_command(&key, &cancelled, LONG).await.unwrap();
+    assert_eq!(v["state"], "cancelled", "{v}");
+    let msg = v["result"]["error_message"].as_str().unwrap();
+    assert!(msg.contains("wrong template"), "{msg}");
+    assert!(msg.contains("did not cancel clone task"), "{msg}");
+    assert!(msg.contains("not reconfigured or powered on"), "{msg}");
+    let listing = sim.reference(&["list"]);
+    let row = listing
+        .iter()
+        .find(|r| r["command_id"] == cancelled.as_str())
+        .unwrap_or_else(|| panic!("no VM marked {cancelled}: {listing:?}"));
+    assert_eq!(row["power"], "poweredOff", "{row}");
+    assert!(msg.contains(row["id"].as_str().unwrap()), "{msg} / {row}");
+}
