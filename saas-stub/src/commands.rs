@@ -448,6 +448,87 @@ mod tests {
     }
 
     #[test]
+    fn cancel_and_deadline_end_only_what_never_reached_a_gateway() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let t = store.create_tenant("t").expect("tenant").id;
+        let table = Commands::load(&store).expect("load");
+        let now = now_ms();
+        for id in ["c_queued", "c_handed", "c_late", "c_sent_late", "c_done"] {
+            let mut c = cmd(id, &t, "gw_1", now);
+            if id.contains("late") {
+                c.deadline_ms = Some(now - 1);
+            }
+            table.insert(&store, &mut c).expect("insert");
+        }
+        for id in ["c_handed", "c_sent_late"] {
+            table.delivered(id).expect("pending");
+        }
+        table
+            .complete(&store, "c_done", "gw_1", ok())
+            .expect("complete");
+
+        // Never handed out: ended here. Handed out: left to the gateway, the cancel recorded.
+        match table.cancel(&store, "c_queued", &t, "r1").expect("cancel") {
+            CancelOutcome::CancelledNow(c) => {
+                assert_eq!(c.state, CommandState::Cancelled);
+                assert!(c.result.expect("result").error_message.contains("r1"));
+            }
+            o => panic!("{o:?}"),
+        }
+        match table.cancel(&store, "c_handed", &t, "r2").expect("cancel") {
+            CancelOutcome::Forwarded(c) => {
+                assert_eq!(c.state, CommandState::Delivered);
+                assert_eq!(c.cancel.expect("asked").reason, "r2");
+            }
+            o => panic!("{o:?}"),
+        }
+        // Asked again: the first reason stays.
+        match table.cancel(&store, "c_handed", &t, "r3").expect("cancel") {
+            CancelOutcome::Forwarded(c) => assert_eq!(c.cancel.expect("asked").reason, "r2"),
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(
+            table.cancel(&store, "c_done", &t, "r").expect("cancel"),
+            CancelOutcome::Finished(_)
+        ));
+        assert!(matches!(
+            table
+                .cancel(&store, "c_handed", "other-tenant", "r")
+                .expect("cancel"),
+            CancelOutcome::Unknown
+        ));
+
+        // Deadlines: only the one never handed out ends here.
+        let ended = table.expire(&store, now_ms()).expect("expire");
+        assert_eq!(
+            ended.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            vec!["c_late"]
+        );
+        assert_eq!(ended[0].state, CommandState::TimedOut);
+        assert!(!table
+            .cached("c_sent_late")
+            .expect("kept")
+            .state
+            .is_terminal());
+
+        // The recorded cancel survives a restart; everything pending counts as handed out.
+        let table = Commands::load(&store).expect("reload");
+        let pending = table.pending("gw_1");
+        let handed = pending
+            .iter()
+            .find(|c| c.id == "c_handed")
+            .expect("pending");
+        assert_eq!(handed.cancel.as_ref().expect("kept").reason, "r2");
+        assert!(matches!(
+            table
+                .cancel(&store, "c_sent_late", &t, "r")
+                .expect("cancel"),
+            CancelOutcome::Forwarded(_)
+        ));
+    }
+
+    #[test]
     fn events_are_listed_per_tenant_and_pruned_by_age() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
