@@ -198,6 +198,18 @@ async fn progress_cancel_and_deadlines() {
         .submit(&key, &gw_id, "gateway.ledger", json!({ "n": "unsure" }))
         .await
         .unwrap();
+    // Likewise one whose deadline passes before the gateway is back: the gateway, getting it
+    // late, records it as timed out without running it.
+    let (status, v) = submit_with(
+        &saas,
+        &key,
+        &gw_id,
+        json!({"kind": "gateway.ledger", "payload": {"n": "late"}, "deadline_seconds": 8}),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let late = v["id"].as_str().unwrap().to_owned();
+    let late_deadline = pcg_e2e::now_ms() + 8_000;
     let (saas, _) = saas.restart(Duration::from_secs(20)).await.unwrap();
     let (status, v) = cancel(&saas, &key, &unsure, Some("not needed")).await;
     assert_eq!(status, 202, "{v}");
@@ -208,7 +220,18 @@ async fn progress_cancel_and_deadlines() {
         get(&saas, &key, &unsure).await["cancel"]["reason"],
         "not needed"
     );
+    let v = get(&saas, &key, &late).await;
+    assert_eq!(v["state"], "queued", "restarted before its deadline: {v}");
+    wait_for("the deadline to pass", LONG, || async {
+        (pcg_e2e::now_ms() > late_deadline).then_some(())
+    })
+    .await
+    .unwrap();
     gw.start().unwrap();
+    let v = saas.wait_command(&key, &late, LONG).await.unwrap();
+    assert_eq!(v["state"], "timed_out", "{v}");
+    let msg = v["result"]["error_message"].as_str().unwrap();
+    assert!(msg.contains("it had not started"), "{msg}");
     let v = saas.wait_command(&key, &unsure, LONG).await.unwrap();
     assert_eq!(v["state"], "cancelled", "{v}");
     let msg = v["result"]["error_message"].as_str().unwrap();
@@ -216,7 +239,7 @@ async fn progress_cancel_and_deadlines() {
         msg.contains("before it started") && msg.contains("not needed"),
         "{msg}"
     );
-    // None of the three ever ran; a later ledger command does, once.
+    // None of them ever ran; a later ledger command does, once.
     let after = saas
         .submit(&key, &gw_id, "gateway.ledger", json!({ "n": "after" }))
         .await

@@ -439,10 +439,17 @@ fn execute(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
             p = gw.permits.clone().acquire_owned() => p.ok(),
         };
         let started = now_ms();
+        // Past its deadline (on arrival, or while it waited for a permit): checked here, as a
+        // timer already due may not have fired yet.
+        if let Some(d) = deadline.filter(|d| started >= *d) {
+            exec.stop(Stop::TimedOut { deadline_ms: d });
+        }
         let outcome = match permit {
-            Some(_permit) => run(&gw, &exec, &entry, recovered, &mut stopped).await,
-            // Stopped before it started (or past its deadline on arrival): never run.
-            None => Err(stop_error(&exec, None, "it had not started")),
+            Some(_permit) if exec.stopped().is_none() => {
+                run(&gw, &exec, &entry, recovered, &mut stopped).await
+            }
+            // Stopped before it started: never run.
+            _ => Err(stop_error(&exec, None, "it had not started")),
         };
         let result = match outcome {
             Ok(mut output) => StoredResult {
