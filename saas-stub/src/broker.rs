@@ -335,6 +335,21 @@ pub async fn deliver(app: &App, cmd: &Command) {
     }
 }
 
+/// Sends the cancel asked for `cmd` on its gateway's tunnel, if one is up. A tunnel that does not
+/// take it within 5 s is closed (the gateway redials and gets the cancel in the replay).
+pub async fn send_cancel(app: &App, cmd: &Command) {
+    let Some(t) = app.tunnels.get(&cmd.gateway_id) else {
+        return;
+    };
+    let sent = tokio::time::timeout(Duration::from_secs(5), t.tx.send(Ok(cancel_frame(cmd))));
+    if sent.await.is_err() {
+        tracing::warn!(gateway = %cmd.gateway_id, "tunnel not draining; closing it so the gateway redials");
+        if app.tunnels.remove_if(&cmd.gateway_id, t.conn_id) {
+            t.close.notify_one();
+        }
+    }
+}
+
 /// Who opened a tunnel, from its client certificate, and how it arrived.
 struct Peer {
     tenant_id: String,

@@ -433,11 +433,7 @@ impl App {
             }
             crate::commands::CancelOutcome::Forwarded(c) => {
                 self.store.flush().await?;
-                if let Some(t) = self.tunnels.get(&c.gateway_id) {
-                    // Never waited on: a tunnel that cannot take it now gets it on the replay
-                    // of its next connection.
-                    let _ = t.tx.try_send(Ok(crate::broker::cancel_frame(&c)));
-                }
+                crate::broker::send_cancel(self, &c).await;
                 Ok(c)
             }
         }
