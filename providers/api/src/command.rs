@@ -543,7 +543,7 @@ impl BareMetalService {
         self.handle_with(kind, payload, &no_progress).await
     }
 
-    /// [`handle`](Self::handle), reporting the progress of a provision or deprovision to
+    /// [`handle`](Self::handle), reporting the progress of a provision to
     /// `progress`.
     pub async fn handle_with(
         &self,
