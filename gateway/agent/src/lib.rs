@@ -409,3 +409,141 @@ pub async fn drain(gw: &Arc<Gateway>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use crate::store::{EntryState, JournalEntry};
+
+    fn gateway(dir: &std::path::Path, grace_ms: u64) -> Arc<Gateway> {
+        let cfg = Config {
+            data_dir: dir.to_path_buf(),
+            drain_grace_ms: grace_ms,
+            ..Config::default()
+        };
+        let store = store::Store::open(dir).expect("store");
+        let mut registry = executor::Registry::builtin(None);
+        // Never looks at its token: abandoned when stopped.
+        registry.register(
+            "test.hang",
+            |_ctx: executor::ExecContext, _p: serde_json::Value| async move {
+                std::future::pending::<()>().await;
+                Ok(json!({}))
+            },
+        );
+        Arc::new(Gateway::new(cfg, store, registry))
+    }
+
+    fn start(gw: &Arc<Gateway>, id: &str, kind: &str, payload: serde_json::Value) {
+        let entry = JournalEntry {
+            id: id.into(),
+            kind: kind.into(),
+            payload,
+            state: EntryState::Running,
+            received_ms: store::now_ms(),
+            result: None,
+            acked_ms: None,
+            deadline_ms: None,
+        };
+        assert!(gw.store.begin(&entry).expect("journal").is_none());
+        executor::spawn_execution(gw.clone(), entry, false);
+    }
+
+    #[tokio::test]
+    async fn a_drain_leaves_nothing_running_and_records_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = gateway(dir.path(), 300);
+        start(&gw, "c_short", "gateway.sleep", json!({ "ms": 50 }));
+        start(&gw, "c_long", "gateway.sleep", json!({ "ms": 60000 }));
+        start(&gw, "c_hang", "test.hang", json!({}));
+        assert_eq!(gw.executions.len(), 3);
+        tokio::time::timeout(Duration::from_secs(30), drain(&gw))
+            .await
+            .expect("the drain ends");
+        assert!(gw.executions.is_empty());
+        assert!(gw.is_stopping());
+        let result = |id: &str| {
+            let e = gw.store.entry(id).expect("read").expect("journaled");
+            assert_eq!(e.state, EntryState::Done, "{id}");
+            e.result.expect("result")
+        };
+        assert!(result("c_short").ok);
+        for id in ["c_long", "c_hang"] {
+            let r = result(id);
+            assert!(!r.ok, "{id}");
+            assert_eq!(r.error_class, "interrupted", "{id}: {}", r.error_message);
+            assert!(
+                r.error_message.contains("drain_grace_ms (300 ms)"),
+                "{id}: {}",
+                r.error_message
+            );
+        }
+        assert!(result("c_hang")
+            .error_message
+            .contains("cannot stop part-way"));
+        // All three wait in the outbox for the next tunnel.
+        assert_eq!(gw.store.outbox_depth(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_before_delivery_is_journaled_and_wins_over_the_command() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = gateway(dir.path(), 300);
+        executor::on_cancel(&gw, "c_1", "not needed");
+        let e = gw.store.entry("c_1").expect("read").expect("journaled");
+        assert_eq!(e.state, EntryState::Done);
+        let r = e.result.expect("result");
+        assert_eq!(r.error_class, "cancelled");
+        assert!(
+            r.error_message.contains("not needed"),
+            "{}",
+            r.error_message
+        );
+        // Cancelling a running one stops it.
+        start(&gw, "c_2", "gateway.sleep", json!({ "ms": 60000 }));
+        executor::on_cancel(&gw, "c_2", "stop");
+        let r = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Some(r) = gw.store.entry("c_2").expect("read").and_then(|e| e.result) {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("cancelled in time");
+        assert_eq!(r.error_class, "cancelled");
+        assert!(
+            r.error_message.starts_with("cancelled: stop"),
+            "{}",
+            r.error_message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_supervised_task_that_panics_is_restarted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = gateway(dir.path(), 300);
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        gw.supervise("test", move || {
+            let r = r.clone();
+            async move {
+                if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("first run fails");
+                }
+            }
+        });
+        gw.tasks.close();
+        tokio::time::timeout(Duration::from_secs(30), gw.tasks.wait())
+            .await
+            .expect("the second run returns");
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(gw.metrics.task_restarts.get(), 1);
+    }
+}
