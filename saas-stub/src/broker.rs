@@ -11,6 +11,10 @@
 //! `Check` authenticates a gateway the same way and answers who its certificate names and the
 //! broker's clock, registering nothing: `pcgctl diag` asks it while the tunnel stays up.
 //!
+//! A command's progress (`CommandProgress`) is kept on the command in memory. A cancel asked for
+//! a command that may be on its gateway goes down as `CancelCommand`, at once and, in place of
+//! the command itself, in the replay of every later tunnel, until the gateway's result ends it.
+//!
 //! The service runs on [`crate::net`]'s listener: the TLS handshake there asks for a client
 //! certificate, and the connection's [`ConnInfo`] travels with each request.
 
@@ -139,6 +143,21 @@ fn command_frame(c: &Command) -> BrokerFrame {
             payload: serde_json::to_vec(&c.payload).expect("JSON values serialise"),
             submitted_unix_ms: c.submitted_ms,
             delivery: c.deliveries,
+            deadline_unix_ms: c.deadline_ms.unwrap_or(0),
+        })),
+    }
+}
+
+/// The frame asking a gateway to cancel `c`.
+pub fn cancel_frame(c: &Command) -> BrokerFrame {
+    BrokerFrame {
+        kind: Some(BKind::Cancel(pcg_proto::v1::CancelCommand {
+            command_id: c.id.clone(),
+            reason: c
+                .cancel
+                .as_ref()
+                .map(|r| r.reason.clone())
+                .unwrap_or_default(),
         })),
     }
 }
@@ -315,6 +334,21 @@ pub async fn deliver(app: &App, cmd: &Command) {
             if app.tunnels.remove_if(&cmd.gateway_id, t.conn_id) {
                 t.close.notify_one();
             }
+        }
+    }
+}
+
+/// Sends the cancel asked for `cmd` on its gateway's tunnel, if one is up. A tunnel that does not
+/// take it within 5 s is closed (the gateway redials and gets the cancel in the replay).
+pub async fn send_cancel(app: &App, cmd: &Command) {
+    let Some(t) = app.tunnels.get(&cmd.gateway_id) else {
+        return;
+    };
+    let sent = tokio::time::timeout(Duration::from_secs(5), t.tx.send(Ok(cancel_frame(cmd))));
+    if sent.await.is_err() {
+        tracing::warn!(gateway = %cmd.gateway_id, "tunnel not draining; closing it so the gateway redials");
+        if app.tunnels.remove_if(&cmd.gateway_id, t.conn_id) {
+            t.close.notify_one();
         }
     }
 }
@@ -606,9 +640,22 @@ async fn session(
         app.tunnels.remove_if(&gateway_id, conn_id);
         return;
     }
-    // Replay everything still pending, oldest first.
+    // Replay everything still pending, oldest first. A command with a cancel asked for gets
+    // the cancel instead: the gateway stops it if it runs, keeps its result if it ended, and
+    // records it as cancelled (never running it) if it never had it.
     for c in app.commands.pending(&gateway_id) {
-        deliver(&app, &c).await;
+        if c.cancel.is_some() {
+            let sent = tokio::time::timeout(Duration::from_secs(5), tx.send(Ok(cancel_frame(&c))));
+            if !matches!(sent.await, Ok(Ok(()))) {
+                // Not draining (or gone): the gateway redials and gets the replay again.
+                if app.tunnels.remove_if(&gateway_id, conn_id) {
+                    close.notify_one();
+                }
+                break;
+            }
+        } else {
+            deliver(&app, &c).await;
+        }
     }
     drop(setup);
 
@@ -703,6 +750,15 @@ async fn handle_frame(
             }));
         }
         Some(GKind::Received(r)) => app.commands.received(&r.command_id, gateway_id),
+        Some(GKind::Progress(p)) => app.commands.progress(
+            &p.command_id,
+            gateway_id,
+            crate::store::Progress {
+                percent: p.percent.map(|v| u8::try_from(v.min(100)).unwrap_or(100)),
+                message: p.message.chars().take(512).collect(),
+                at_ms: p.at_unix_ms,
+            },
+        ),
         Some(GKind::Result(r)) => {
             let output = if r.output.is_empty() {
                 serde_json::Value::Null
@@ -711,7 +767,6 @@ async fn handle_frame(
                     serde_json::Value::String(String::from_utf8_lossy(&r.output).into_owned())
                 })
             };
-            let ok = r.ok;
             let result = CommandResult {
                 ok: r.ok,
                 output,
@@ -729,7 +784,7 @@ async fn handle_frame(
                         app.metrics
                             .commands_finished
                             .get_or_create(&crate::metrics::OutcomeLabels {
-                                outcome: if ok { "succeeded" } else { "failed" }.into(),
+                                outcome: c.state.as_str().into(),
                             })
                             .inc();
                         let ms = (now_ms() - c.submitted_ms).max(0);

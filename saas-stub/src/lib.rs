@@ -196,6 +196,23 @@ pub async fn serve(
             }
         });
     }
+    // Deadlines of commands never handed to a gateway.
+    {
+        let app2 = app.clone();
+        app.tasks.spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_millis(500));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = t.tick() => {}
+                    _ = app2.shutdown.cancelled() => return,
+                }
+                if let Err(e) = app2.expire_deadlines().await {
+                    tracing::warn!("ending commands past their deadline failed: {e}");
+                }
+            }
+        });
+    }
     shutdown.await;
     tracing::info!("stopping: closing tunnels and listeners");
     app.shutdown.cancel();

@@ -32,7 +32,7 @@ pub struct TransportLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `succeeded`, `failed`.
+    /// The final state: `succeeded`, `failed`, `cancelled`, `timed_out`.
     pub outcome: String,
 }
 

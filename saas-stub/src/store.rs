@@ -129,12 +129,48 @@ pub enum CommandState {
     /// The gateway has journaled it and is executing it.
     Received,
     Succeeded,
+    /// Ended with an error (`result.error_class` says which; `interrupted`: the gateway was
+    /// stopped while it ran, and it is not run again).
     Failed,
+    /// Ended by a cancel (`POST /v1/commands/{id}/cancel`): at once when it had never been
+    /// handed to a tunnel, else when the gateway confirmed.
+    Cancelled,
+    /// Its deadline passed before it ended.
+    TimedOut,
 }
 
 impl CommandState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, CommandState::Succeeded | CommandState::Failed)
+        matches!(
+            self,
+            CommandState::Succeeded
+                | CommandState::Failed
+                | CommandState::Cancelled
+                | CommandState::TimedOut
+        )
+    }
+
+    /// The final state a result puts a command in.
+    pub fn of_result(r: &CommandResult) -> Self {
+        match (r.ok, r.error_class.as_str()) {
+            (true, _) => CommandState::Succeeded,
+            (false, "cancelled") => CommandState::Cancelled,
+            (false, "timed_out") => CommandState::TimedOut,
+            (false, _) => CommandState::Failed,
+        }
+    }
+
+    /// The state's name in the API (`queued`, ..., `timed_out`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Queued => "queued",
+            CommandState::Delivered => "delivered",
+            CommandState::Received => "received",
+            CommandState::Succeeded => "succeeded",
+            CommandState::Failed => "failed",
+            CommandState::Cancelled => "cancelled",
+            CommandState::TimedOut => "timed_out",
+        }
     }
     pub fn parse(s: &str) -> Option<Self> {
         serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
@@ -166,6 +202,36 @@ pub struct Command {
     pub result: Option<CommandResult>,
     /// Key of this command in the pending tree while it has no result.
     pub pending_key: Vec<u8>,
+    /// When it must have ended (Unix ms), if the client gave a deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
+    /// A cancel asked for and not yet confirmed by the gateway (stored, so it survives a
+    /// restart and is sent again on the gateway's next tunnel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<CancelRequest>,
+    /// The latest progress the gateway reported (memory only).
+    #[serde(skip)]
+    pub progress: Option<Progress>,
+    /// Whether it may have reached its gateway: handed to a tunnel in this process, or loaded
+    /// at start (deliveries before a restart are not recorded). Memory only.
+    #[serde(skip)]
+    pub handed_out: bool,
+}
+
+/// A cancel a client asked for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub reason: String,
+    pub requested_ms: i64,
+}
+
+/// Progress of a running command, as its gateway last reported it.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub percent: Option<u8>,
+    pub message: String,
+    /// The gateway's time of the report (Unix ms).
+    pub at_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -646,6 +712,11 @@ impl Store {
             let k = k?;
             Ok(String::from_utf8_lossy(&k[skip.min(k.len())..]).into_owned())
         })
+    }
+
+    /// Rewrites a pending command's record (a cancel asked for; not yet flushed).
+    pub fn put_command(&self, c: &Command) -> Result<(), StoreError> {
+        put(&self.commands, c.id.as_bytes(), c)
     }
 
     /// Writes a command's final record (with its result) and drops it from the pending queue

@@ -418,7 +418,7 @@ impl Saas {
                 )
                 .await?;
             let st = v["state"].as_str().unwrap_or_default();
-            if st == "succeeded" || st == "failed" {
+            if matches!(st, "succeeded" | "failed" | "cancelled" | "timed_out") {
                 return Ok(v);
             }
             if Instant::now() > deadline {

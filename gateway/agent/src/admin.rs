@@ -159,6 +159,16 @@ pub async fn serve(gw: Arc<Gateway>, path: PathBuf) -> std::io::Result<()> {
 use tokio::io::AsyncReadExt as _;
 
 async fn handle(gw: &Arc<Gateway>, req: AdminRequest) -> AdminResponse {
+    if gw.is_stopping() && !matches!(req, AdminRequest::Status | AdminRequest::ProxyInfo) {
+        return AdminResponse {
+            ok: false,
+            error: Some(
+                "the gateway is stopping and takes no new work; try again once it has restarted"
+                    .into(),
+            ),
+            ..Default::default()
+        };
+    }
     match req {
         AdminRequest::Bundle { upload } => {
             use base64::Engine as _;

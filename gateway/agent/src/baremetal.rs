@@ -94,7 +94,8 @@ async fn handle(ctx: ExecContext, payload: Value) -> Result<Value, ExecError> {
     if ctx.recovered && cmd.repeats_an_effect() {
         return Err(interrupted(&svc, &cmd).await);
     }
-    let out = svc.handle(&ctx.kind, payload).await.map_err(|e| {
+    let progress = ctx.progress_sink();
+    let out = svc.handle_with(&ctx.kind, payload, &progress).await.map_err(|e| {
         if e.kind() == ErrorKind::NotFound && svc.driver(cmd.bmc()).is_err() {
             let names = svc.names();
             ExecError::new(

@@ -43,6 +43,9 @@ pub struct Config {
     /// Plain-HTTP `GET /metrics` (Prometheus) on this address; unset (the default): no metrics
     /// endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// On SIGTERM/SIGINT, how long running commands get to finish before they are stopped and
+    /// recorded as `interrupted` (milliseconds).
+    pub drain_grace_ms: u64,
     /// The file this configuration was read from (not a key).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -73,6 +76,7 @@ impl Default for Config {
             transport: TransportMode::Auto,
             direct_retry_secs: 600,
             metrics_listen: None,
+            drain_grace_ms: 10_000,
             source: None,
         }
     }
@@ -119,7 +123,7 @@ impl Config {
 
     /// `PCG_GATEWAY_DATA_DIR`, `PCG_GATEWAY_ADMIN_SOCKET`, `PCG_GATEWAY_BACKOFF_BASE_MS`,
     /// `PCG_GATEWAY_BACKOFF_CAP_MS`, `PCG_GATEWAY_LEDGER`, `PCG_GATEWAY_PROXY_CA`,
-    /// `PCG_GATEWAY_TRANSPORT`.
+    /// `PCG_GATEWAY_TRANSPORT`, `PCG_GATEWAY_DRAIN_GRACE_MS`.
     pub fn apply_env(
         &mut self,
         get: impl Fn(&'static str) -> Option<String>,
@@ -149,6 +153,9 @@ impl Config {
         }
         if let Some(v) = get("PCG_GATEWAY_PROXY_CA") {
             self.proxy_ca = Some(v.into());
+        }
+        if let Some(v) = get("PCG_GATEWAY_DRAIN_GRACE_MS") {
+            self.drain_grace_ms = num("PCG_GATEWAY_DRAIN_GRACE_MS", v)?;
         }
         if let Some(v) = get("PCG_GATEWAY_TRANSPORT") {
             self.transport =

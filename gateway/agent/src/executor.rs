@@ -11,6 +11,15 @@
 //! After a crash, entries still running are executed again with `recovered = true`: a handler
 //! whose side effect is not naturally idempotent must look for the mark it left (a vSphere
 //! extraConfig key, Nova metadata, the ledger line) before acting again.
+//!
+//! **Stopping an execution** ([`crate::executions`]): a cancel from the SaaS, the command's
+//! deadline, or a stopping gateway fires the execution's token. A handler registered with
+//! [`Registry::register_cancellable`] watches it and gets [`CANCEL_GRACE`] to wind down (a
+//! vSphere clone asks vCenter to cancel its task); any other handler is abandoned at once (its
+//! task is dropped). Either way the command ends `cancelled`, `timed_out` or `interrupted`
+//! (unless the handler finished its work first), and that result is journaled like any other:
+//! the id is never executed again. A cancel for an id not executed yet journals it as cancelled,
+//! so a later delivery gets that result instead of running it.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -23,8 +32,13 @@ use pcg_proto::v1::gateway_frame::Kind as GKind;
 use pcg_proto::v1::{Command, CommandReceived, CommandResult, GatewayFrame};
 use serde_json::{json, Value};
 
+use crate::executions::{Execution, Stop};
 use crate::store::{now_ms, EntryState, JournalEntry, StoredResult};
 use crate::Gateway;
+
+/// How long a handler that watches its cancellation token has, once it fired, to end by itself
+/// before it is abandoned.
+pub const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A failed execution: a stable class and a message for a person.
 #[derive(Debug, Clone)]
@@ -65,6 +79,23 @@ pub struct ExecContext {
     /// True when this id was journaled before a restart and is being executed again.
     pub recovered: bool,
     pub gateway: Arc<Gateway>,
+    /// Fires when the command is cancelled, its deadline passes or the gateway is stopping.
+    /// Only handlers registered with [`Registry::register_cancellable`] get time to act on it.
+    pub cancel: tokio_util::sync::CancellationToken,
+    pub(crate) execution: Arc<Execution>,
+}
+
+impl ExecContext {
+    /// Reports progress of this command to the SaaS (rate-limited; the latest report wins).
+    pub fn progress(&self, p: &pcg_provider::TaskProgress) {
+        crate::executions::report(&self.gateway, &self.command_id, &self.execution, p);
+    }
+
+    /// A progress sink for a driver (`pcg_provider::ProgressSink`) that reports to the SaaS.
+    pub fn progress_sink(&self) -> impl Fn(&pcg_provider::TaskProgress) + Send + Sync + 'static {
+        let ctx = self.clone();
+        move |p: &pcg_provider::TaskProgress| ctx.progress(p)
+    }
 }
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, ExecError>> + Send>>;
@@ -88,11 +119,28 @@ where
 #[derive(Default, Clone)]
 pub struct Registry {
     handlers: BTreeMap<String, Arc<dyn Handler>>,
+    /// Kinds whose handler watches `ExecContext::cancel` and winds down by itself.
+    cancellable: std::collections::BTreeSet<String>,
 }
 
 impl Registry {
+    /// Registers a handler that does not watch its cancellation token: a cancelled execution
+    /// of it is abandoned at once (its task is dropped wherever it was).
     pub fn register(&mut self, kind: &str, h: impl Handler + 'static) {
         self.handlers.insert(kind.to_string(), Arc::new(h));
+        self.cancellable.remove(kind);
+    }
+
+    /// Registers a handler that watches `ExecContext::cancel` and ends by itself once it fires
+    /// (within [`CANCEL_GRACE`], after which it is abandoned too).
+    pub fn register_cancellable(&mut self, kind: &str, h: impl Handler + 'static) {
+        self.handlers.insert(kind.to_string(), Arc::new(h));
+        self.cancellable.insert(kind.to_string());
+    }
+
+    /// Whether the handler of `kind` watches its cancellation token.
+    pub fn is_cancellable(&self, kind: &str) -> bool {
+        self.cancellable.contains(kind)
     }
     pub fn kinds(&self) -> Vec<String> {
         self.handlers.keys().cloned().collect()
@@ -120,7 +168,7 @@ impl Registry {
         r.register("gateway.echo", |_ctx: ExecContext, p: Value| async move {
             Ok(json!({ "echo": p }))
         });
-        r.register("gateway.sleep", |_ctx: ExecContext, p: Value| async move {
+        r.register_cancellable("gateway.sleep", |ctx: ExecContext, p: Value| async move {
             let ms = p.get("ms").and_then(Value::as_u64).ok_or_else(|| {
                 ExecError::invalid_payload("gateway.sleep needs {\"ms\": N} with N at most 60000")
             })?;
@@ -129,7 +177,27 @@ impl Registry {
                     "gateway.sleep: ms is at most 60000",
                 ));
             }
-            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            // Reports how far it got about once a second; stops when cancelled.
+            let start = tokio::time::Instant::now();
+            let end = start + std::time::Duration::from_millis(ms);
+            loop {
+                let slept = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let percent = u8::try_from(slept.saturating_mul(100) / ms.max(1)).unwrap_or(100);
+                ctx.progress(&pcg_provider::TaskProgress::running(
+                    percent.min(100),
+                    format!("slept {slept} of {ms} ms"),
+                ));
+                let tick = (start + std::time::Duration::from_secs(slept / 1000 + 1)).min(end);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(tick) => if tick >= end { break },
+                    _ = ctx.cancel.cancelled() => {
+                        return Err(ExecError::new(
+                            "cancelled",
+                            format!("stopped after {} of {ms} ms", start.elapsed().as_millis()),
+                        ));
+                    }
+                }
+            }
             Ok(json!({ "slept_ms": ms }))
         });
         if let Some(path) = ledger {
@@ -246,6 +314,7 @@ pub fn on_command(
         received_ms: now_ms(),
         result: None,
         acked_ms: None,
+        deadline_ms: (cmd.deadline_unix_ms > 0).then_some(cmd.deadline_unix_ms),
     };
     match gw.store.begin(&entry)? {
         None => {
@@ -332,43 +401,55 @@ pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
     execute(gw, entry, recovered);
 }
 
-/// Executes an entry already marked running.
+/// Executes an entry already marked running, and records its result.
 fn execute(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
-    tokio::spawn(async move {
-        let _permit = gw.permits.clone().acquire_owned().await;
-        let started = now_ms();
-        let outcome = if entry.payload.is_object() {
-            match (
-                gw.registry.get(&entry.kind),
-                open_payload(&gw, entry.payload.clone()),
-            ) {
-                (_, Err(e)) => Err(e),
-                (None, _) => Err(ExecError::new(
-                    "unknown_kind",
-                    format!(
-                        "this gateway cannot execute {:?}; it supports: {}",
-                        entry.kind,
-                        gw.registry.kinds().join(", ")
-                    ),
-                )),
-                (Some(h), Ok(payload)) => {
-                    let ctx = ExecContext {
-                        command_id: entry.id.clone(),
-                        kind: entry.kind.clone(),
-                        recovered,
-                        gateway: gw.clone(),
-                    };
-                    // A panicking handler fails its command instead of the gateway.
-                    match tokio::spawn(h.execute(ctx, payload)).await {
-                        Ok(r) => r,
-                        Err(e) => Err(ExecError::new("internal", format!("handler failed: {e}"))),
-                    }
+    let tasks = gw.exec_tasks.clone();
+    tasks.spawn(async move {
+        // Registered by `mark_running`; a missing one (cannot happen) is made here.
+        let exec = match gw.executions.get(&entry.id) {
+            Some(e) => e,
+            None => {
+                gw.mark_running(&entry.id);
+                match gw.executions.get(&entry.id) {
+                    Some(e) => e,
+                    None => return,
                 }
             }
-        } else {
-            Err(ExecError::invalid_payload(
-                "the payload is not a JSON object",
-            ))
+        };
+        // The deadline stops the execution like a cancel, even while it waits for a permit.
+        let deadline = entry.deadline_ms;
+        let stopped = {
+            let exec = exec.clone();
+            async move {
+                match deadline {
+                    Some(d) => tokio::select! {
+                        _ = exec.cancel.cancelled() => {}
+                        _ = tokio::time::sleep(until_unix_ms(d)) => {
+                            exec.stop(Stop::TimedOut { deadline_ms: d });
+                        }
+                    },
+                    None => exec.cancel.cancelled().await,
+                }
+            }
+        };
+        tokio::pin!(stopped);
+        let permit = tokio::select! {
+            biased;
+            _ = &mut stopped => None,
+            p = gw.permits.clone().acquire_owned() => p.ok(),
+        };
+        let started = now_ms();
+        // Past its deadline (on arrival, or while it waited for a permit): checked here, as a
+        // timer already due may not have fired yet.
+        if let Some(d) = deadline.filter(|d| started >= *d) {
+            exec.stop(Stop::TimedOut { deadline_ms: d });
+        }
+        let outcome = match permit {
+            Some(_permit) if exec.stopped().is_none() => {
+                run(&gw, &exec, &entry, recovered, &mut stopped).await
+            }
+            // Stopped before it started: never run.
+            _ => Err(stop_error(&exec, None, "it had not started")),
         };
         let result = match outcome {
             Ok(mut output) => StoredResult {
@@ -393,32 +474,205 @@ fn execute(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
                 finished_ms: now_ms(),
             },
         };
-        // The result must not be lost: retry the write until it is durable.
-        let mut delay = std::time::Duration::from_millis(100);
-        loop {
-            let r = match gw.store.finish(&entry.id, &result) {
-                Ok(()) => gw.store.flush().await,
-                Err(e) => Err(e),
+        record(&gw, &entry.id, &entry.kind, &result).await;
+    });
+}
+
+/// How long until the Unix time `ms` (zero when it has passed).
+fn until_unix_ms(ms: i64) -> std::time::Duration {
+    std::time::Duration::from_millis(u64::try_from(ms - now_ms()).unwrap_or(0))
+}
+
+/// Runs the handler of an entry until it ends or `stopped` resolves (then as [`CANCEL_GRACE`]
+/// and the handler's registration say).
+async fn run(
+    gw: &Arc<Gateway>,
+    exec: &Arc<Execution>,
+    entry: &JournalEntry,
+    recovered: bool,
+    stopped: &mut (impl Future<Output = ()> + Unpin),
+) -> Result<Value, ExecError> {
+    if !entry.payload.is_object() {
+        return Err(ExecError::invalid_payload(
+            "the payload is not a JSON object",
+        ));
+    }
+    let payload = open_payload(gw, entry.payload.clone())?;
+    let h = gw.registry.get(&entry.kind).ok_or_else(|| {
+        ExecError::new(
+            "unknown_kind",
+            format!(
+                "this gateway cannot execute {:?}; it supports: {}",
+                entry.kind,
+                gw.registry.kinds().join(", ")
+            ),
+        )
+    })?;
+    let ctx = ExecContext {
+        command_id: entry.id.clone(),
+        kind: entry.kind.clone(),
+        recovered,
+        gateway: gw.clone(),
+        cancel: exec.cancel.clone(),
+        execution: exec.clone(),
+    };
+    // Its own task: a panicking handler fails its command instead of the gateway, and an
+    // abandoned one is dropped wherever it was.
+    let mut handler = tokio::spawn(h.execute(ctx, payload));
+    let joined = |r: Result<Result<Value, ExecError>, tokio::task::JoinError>| match r {
+        Ok(r) => r,
+        Err(e) => Err(ExecError::new("internal", format!("handler failed: {e}"))),
+    };
+    tokio::select! {
+        r = &mut handler => {
+            return match joined(r) {
+                // It saw its token before `stopped` was polled: still a stopped execution.
+                Err(e) if exec.stopped().is_some() => Err(stop_error(exec, Some(e), "")),
+                r => r,
             };
-            match r {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::error!(command = %entry.id, "cannot record result, retrying: {e}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(std::time::Duration::from_secs(10));
-                }
+        }
+        _ = stopped => {}
+    }
+    if gw.registry.is_cancellable(&entry.kind) {
+        if let Ok(r) = tokio::time::timeout(CANCEL_GRACE, &mut handler).await {
+            return match joined(r) {
+                // It finished its work before it noticed: that result stands.
+                Ok(v) => Ok(v),
+                Err(e) => Err(stop_error(exec, Some(e), "")),
+            };
+        }
+        handler.abort();
+        return Err(stop_error(
+            exec,
+            None,
+            &format!(
+                "{} did not wind down within {} s and was abandoned; what it had started may have taken effect",
+                entry.kind,
+                CANCEL_GRACE.as_secs()
+            ),
+        ));
+    }
+    handler.abort();
+    Err(stop_error(
+        exec,
+        None,
+        &format!(
+            "{} cannot stop part-way, so it was abandoned where it was; what it had started may have taken effect",
+            entry.kind
+        ),
+    ))
+}
+
+/// The error of a stopped execution: the class of its stop, what happened, and what the
+/// handler said or what became of it.
+fn stop_error(exec: &Execution, handler: Option<ExecError>, what: &str) -> ExecError {
+    let stop = exec
+        .stopped()
+        .unwrap_or_else(|| Stop::Interrupted("stopped".into()));
+    let mut message = stop.message();
+    match handler {
+        Some(e) if !e.message.is_empty() => {
+            message.push_str("; ");
+            message.push_str(&e.message);
+        }
+        _ => {}
+    }
+    if !what.is_empty() {
+        message.push_str("; ");
+        message.push_str(what);
+    }
+    ExecError::new(stop.class(), message)
+}
+
+/// Journals a result (done + outbox), retrying until it is durable, then sends it.
+async fn record(gw: &Arc<Gateway>, id: &str, kind: &str, result: &StoredResult) {
+    // The result must not be lost: retry the write until it is durable.
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        let r = match gw.store.finish(id, result) {
+            Ok(()) => gw.store.flush().await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::error!(command = %id, "cannot record result, retrying: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(10));
             }
         }
-        gw.unmark_running(&entry.id);
-        gw.metrics.command(
-            &entry.kind,
-            if result.ok {
-                "succeeded"
-            } else {
-                result.error_class.as_str()
-            },
-            (result.finished_ms - result.started_ms).max(0) as f64 / 1000.0,
-        );
-        send_result(&gw, &entry.id, &result);
-    });
+    }
+    gw.unmark_running(id);
+    gw.metrics.command(
+        kind,
+        if result.ok {
+            "succeeded"
+        } else {
+            result.error_class.as_str()
+        },
+        (result.finished_ms - result.started_ms).max(0) as f64 / 1000.0,
+    );
+    send_result(gw, id, result);
+}
+
+/// A cancel from the SaaS. A running execution is stopped; a finished command keeps its result
+/// (sent again); an id not executed yet is journaled as cancelled (done, in the outbox), so a
+/// later delivery of it gets that result and it never runs.
+pub fn on_cancel(gw: &Arc<Gateway>, id: &str, reason: &str) {
+    let reason: String = reason
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(512)
+        .collect();
+    let reason = if reason.trim().is_empty() {
+        "cancelled through the SaaS".to_string()
+    } else {
+        reason
+    };
+    if let Some(exec) = gw.executions.get(id) {
+        exec.stop(Stop::Cancelled(reason));
+        return;
+    }
+    let now = now_ms();
+    let result = StoredResult {
+        ok: false,
+        output: Value::Null,
+        error_class: "cancelled".into(),
+        error_message: format!("cancelled before it started: {reason}"),
+        started_ms: now,
+        finished_ms: now,
+    };
+    let tombstone = JournalEntry {
+        id: id.to_string(),
+        kind: String::new(),
+        payload: json!({}),
+        state: EntryState::Done,
+        received_ms: now,
+        result: Some(result.clone()),
+        acked_ms: None,
+        deadline_ms: None,
+    };
+    match gw.store.begin_done(&tombstone) {
+        Err(e) => tracing::error!(command = %id, "cannot journal a cancel: {e}"),
+        Ok(None) => {
+            let gw = gw.clone();
+            let id = id.to_string();
+            gw.exec_tasks.clone().spawn(async move {
+                match gw.store.flush().await {
+                    Ok(()) => send_result(&gw, &id, &result),
+                    // Journaled but not durable yet: the outbox sends it once it is.
+                    Err(e) => tracing::error!(command = %id, "cannot make a cancel durable: {e}"),
+                }
+            });
+        }
+        Ok(Some(e)) => match (e.state, &e.result) {
+            (EntryState::Done, Some(r)) => send_result(gw, id, r),
+            // Journaled and starting now (a delivery racing this cancel).
+            _ => {
+                if let Some(x) = gw.executions.get(id) {
+                    x.stop(Stop::Cancelled(reason));
+                }
+            }
+        },
+    }
 }

@@ -6,6 +6,7 @@
 //! - [`transport`]: how the SaaS is reached: proxies, pinned TLS, the WebSocket transport.
 //! - [`executor`]: exactly-once execution through the journal and outbox, and the handler
 //!   registry provider drivers fill.
+//! - [`executions`]: executions under way: cancel, deadline and drain, progress reports.
 //! - [`store`]: sled: identity (private key sealed), journal, outbox.
 //! - [`admin`]: the owner-only Unix socket pcgctl talks to.
 //! - [`endpoints`]: vCenters and OpenStack clouds enrolled by name.
@@ -16,7 +17,10 @@
 //! - [`schemas`]: the JSON Schemas of command payloads (`pcg-gateway schemas`).
 //! - [`status`], [`config`].
 //!
-//! [`run`] starts everything and returns when `shutdown` resolves.
+//! [`run`] starts everything and returns when `shutdown` resolves, after draining: no new
+//! commands are taken, running ones get `drain_grace_ms` to finish and are then stopped and
+//! recorded as `interrupted`, so a clean stop leaves no command running. Background work
+//! (tunnel, journal pruning) is supervised: a task that panics is logged and restarted.
 
 pub mod admin;
 pub mod baremetal;
@@ -24,6 +28,7 @@ pub mod bundle;
 pub mod config;
 pub mod diag;
 pub mod endpoints;
+pub mod executions;
 pub mod executor;
 pub mod metrics;
 pub mod notify;
@@ -36,7 +41,6 @@ pub mod transport;
 pub mod tunnel;
 pub mod vsphere;
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -74,7 +78,14 @@ pub struct Gateway {
     /// systemd watchdog checks.
     tunnel_progress_ms: std::sync::atomic::AtomicI64,
     outbound: Mutex<Option<mpsc::Sender<GatewayFrame>>>,
-    running: Mutex<HashSet<String>>,
+    /// Executions under way (their cancellation and progress).
+    pub(crate) executions: executions::Executions,
+    /// Every execution task (and its progress forwarder): a stop waits for them.
+    pub(crate) exec_tasks: tokio_util::task::TaskTracker,
+    /// Supervised background tasks (tunnel, pruner, metrics listener, and what others add).
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Fired when the gateway starts stopping: no new command is taken, background loops end.
+    pub stopping: tokio_util::sync::CancellationToken,
     /// Support-bundle uploads under way: their chunk acknowledgements go here.
     bundle_acks: Mutex<std::collections::HashMap<String, mpsc::Sender<pcg_proto::v1::BundleAck>>>,
 }
@@ -95,7 +106,10 @@ impl Gateway {
             tunnel: Mutex::new(TunnelStatus::default()),
             tunnel_progress_ms: std::sync::atomic::AtomicI64::new(store::now_ms()),
             outbound: Mutex::new(None),
-            running: Mutex::new(HashSet::new()),
+            executions: executions::Executions::default(),
+            exec_tasks: tokio_util::task::TaskTracker::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            stopping: tokio_util::sync::CancellationToken::new(),
             bundle_acks: Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -116,11 +130,7 @@ impl Gateway {
             certificate_not_after_ms: id.as_ref().map(|i| i.cert_not_after_ms),
             certificate_sha256: id.as_ref().and_then(|i| status::pem_sha256(&i.cert_pem)),
             journal_entries: self.store.journal_len(),
-            running: self
-                .running
-                .lock()
-                .expect("running lock is never poisoned")
-                .len(),
+            running: self.executions.len(),
             outbox_depth: self.store.outbox_depth(),
             uptime_s: self.started.elapsed().as_secs(),
             clock_unix_ms: store::now_ms(),
@@ -223,30 +233,56 @@ impl Gateway {
     }
 
     pub(crate) fn is_running(&self, id: &str) -> bool {
-        self.running
-            .lock()
-            .expect("running lock is never poisoned")
-            .contains(id)
+        self.executions.get(id).is_some()
     }
 
     /// Returns false when `id` is already executing.
     pub(crate) fn mark_running(&self, id: &str) -> bool {
-        self.running
-            .lock()
-            .expect("running lock is never poisoned")
-            .insert(id.to_string())
+        self.executions.begin(id).is_some()
     }
 
     pub(crate) fn unmark_running(&self, id: &str) {
-        self.running
-            .lock()
-            .expect("running lock is never poisoned")
-            .remove(id);
+        self.executions.end(id);
+    }
+
+    /// Whether the gateway is stopping (it takes no new command).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_cancelled()
+    }
+
+    /// Runs a background loop made by `make` on [`tasks`](Self::tasks), supervised: when it
+    /// panics it is logged and started again (after a second), unless the gateway is stopping;
+    /// when it returns it is done.
+    pub fn supervise<F, Fut>(self: &Arc<Self>, name: &'static str, make: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let gw = self.clone();
+        self.tasks.spawn(async move {
+            loop {
+                match tokio::spawn(make()).await {
+                    Ok(()) => return,
+                    Err(e) if e.is_panic() => {
+                        tracing::error!(
+                            task = name,
+                            "background task failed: {e}; restarting it in 1 s"
+                        );
+                        gw.metrics.task_restarts.inc();
+                    }
+                    Err(_) => return,
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = gw.stopping.cancelled() => return,
+                }
+            }
+        });
     }
 }
 
 /// Runs the gateway: resumes interrupted executions, serves the admin socket, keeps the tunnel
-/// up, and prunes the journal, until `shutdown` resolves.
+/// up, and prunes the journal, until `shutdown` resolves; then drains (see [`drain`]).
 pub async fn run(
     cfg: Config,
     registry: executor::Registry,
@@ -267,13 +303,14 @@ pub async fn run(
     }
     let socket = gw.cfg.admin_socket_path();
     let admin = tokio::spawn(admin::serve(gw.clone(), socket.clone()));
-    let metrics_stop = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = gw.cfg.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (metrics_listen): {e}"))?;
-        let (gw2, stop) = (gw.clone(), metrics_stop.clone());
-        tokio::spawn(async move {
+        let gw2 = gw.clone();
+        let stop = gw.stopping.clone();
+        // Each request is served on a task of its own: the listener loop itself does not panic.
+        gw.tasks.spawn(async move {
             pcg_obs::serve_metrics(l, Arc::new(move || gw2.render_metrics()), async move {
                 stop.cancelled().await
             })
@@ -281,37 +318,40 @@ pub async fn run(
         });
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let tunnel = tokio::spawn(tunnel::run(gw.clone(), stop_rx));
+    {
+        let gw2 = gw.clone();
+        gw.supervise("tunnel", move || tunnel::run(gw2.clone(), stop_rx.clone()));
+    }
     let retention_ms =
         i64::try_from(gw.cfg.journal_retention_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
-    let gw2 = gw.clone();
-    let pruner = tokio::spawn(async move {
-        let mut t = tokio::time::interval(std::time::Duration::from_secs(600));
-        loop {
-            t.tick().await;
-            match gw2.store.prune(retention_ms) {
-                Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot old journal entries"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!("journal pruning failed: {e}"),
-            }
-        }
-    });
-    notify::ready();
-    let watchdog = notify::watchdog_interval().map(|interval| {
-        let (admin_done, tunnel_done, pruner_done) = (
-            admin.abort_handle(),
-            tunnel.abort_handle(),
-            pruner.abort_handle(),
-        );
-        tokio::spawn(notify::run(gw.clone(), interval, move || {
-            for (name, h) in [
-                ("admin socket", &admin_done),
-                ("tunnel", &tunnel_done),
-                ("journal pruner", &pruner_done),
-            ] {
-                if h.is_finished() {
-                    return Err(format!("the {name} task has ended"));
+    {
+        let gw2 = gw.clone();
+        gw.supervise("journal pruning", move || {
+            let gw = gw2.clone();
+            async move {
+                let mut t = tokio::time::interval(std::time::Duration::from_secs(600));
+                loop {
+                    tokio::select! {
+                        _ = t.tick() => {}
+                        _ = gw.stopping.cancelled() => return,
+                    }
+                    match gw.store.prune(retention_ms) {
+                        Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot old journal entries"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("journal pruning failed: {e}"),
+                    }
                 }
+            }
+        });
+    }
+    notify::ready();
+    // The tunnel and the journal pruning are supervised (restarted when they fail); the
+    // watchdog checks the tunnel loop's progress and that the admin socket still runs.
+    let watchdog = notify::watchdog_interval().map(|interval| {
+        let admin_done = admin.abort_handle();
+        tokio::spawn(notify::run(gw.clone(), interval, move || {
+            if admin_done.is_finished() {
+                return Err("the admin socket task has ended".to_string());
             }
             Ok(())
         }))
@@ -325,18 +365,220 @@ pub async fn run(
                 Ok(Err(e)) => format!("admin socket {}: {e}", socket.display()),
                 Err(e) => e.to_string(),
             };
+            gw.stopping.cancel();
+            let _ = stop_tx.send(true);
             anyhow::bail!(msg);
         }
     }
     notify::stopping();
+    drain(&gw).await;
+    // Background work ends: the tunnel (after the drain's results went out on it), pruning,
+    // metrics.
     if let Some(w) = watchdog {
         w.abort();
     }
     let _ = stop_tx.send(true);
-    let _ = tunnel.await;
-    metrics_stop.cancel();
-    pruner.abort();
+    gw.tasks.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(10), gw.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = gw.tasks.len(),
+            "background tasks still running after 10 s; stopping anyway"
+        );
+    }
     gw.store.flush().await?;
     let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// Drains the gateway: it takes no new command (the tunnel leaves new deliveries to the broker,
+/// which delivers them again later; the admin socket refuses work), running executions get
+/// `drain_grace_ms` to finish, and those still running then are stopped as `interrupted` and
+/// their results journaled, so none stays running. Results go up the tunnel while it is up
+/// (the drain waits a little for their acknowledgements); the rest when it next connects.
+pub async fn drain(gw: &Arc<Gateway>) {
+    gw.stopping.cancel();
+    let grace = std::time::Duration::from_millis(gw.cfg.drain_grace_ms);
+    let running = gw.executions.len();
+    if running > 0 {
+        tracing::info!(
+            running,
+            "stopping: taking no new commands; waiting up to {} ms (drain_grace_ms) for the running ones",
+            grace.as_millis()
+        );
+    }
+    gw.exec_tasks.close();
+    if tokio::time::timeout(grace, gw.exec_tasks.wait())
+        .await
+        .is_err()
+    {
+        let why = executions::Stop::Interrupted(format!(
+            "the gateway was stopped (SIGTERM) and this command did not finish within drain_grace_ms ({} ms); it is not run again; send it again if needed",
+            grace.as_millis()
+        ));
+        let n = gw.executions.stop_all(&why);
+        tracing::warn!(
+            stopped = n,
+            "drain grace over: stopping the commands still running"
+        );
+        let bound = executor::CANCEL_GRACE + std::time::Duration::from_secs(5);
+        if tokio::time::timeout(bound, gw.exec_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                left = gw.executions.len(),
+                "commands still not recorded after {} s; they resume when the gateway starts again",
+                bound.as_secs()
+            );
+        }
+    }
+    // Results still unacknowledged get a moment to be acknowledged on a live tunnel.
+    if gw.outbound().is_some() && gw.store.outbox_depth() > 0 {
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        while gw.store.outbox_depth() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use crate::store::{EntryState, JournalEntry};
+
+    fn gateway(dir: &std::path::Path, grace_ms: u64) -> Arc<Gateway> {
+        let cfg = Config {
+            data_dir: dir.to_path_buf(),
+            drain_grace_ms: grace_ms,
+            ..Config::default()
+        };
+        let store = store::Store::open(dir).expect("store");
+        let mut registry = executor::Registry::builtin(None);
+        // Never looks at its token: abandoned when stopped.
+        registry.register(
+            "test.hang",
+            |_ctx: executor::ExecContext, _p: serde_json::Value| async move {
+                std::future::pending::<()>().await;
+                Ok(json!({}))
+            },
+        );
+        Arc::new(Gateway::new(cfg, store, registry))
+    }
+
+    fn start(gw: &Arc<Gateway>, id: &str, kind: &str, payload: serde_json::Value) {
+        let entry = JournalEntry {
+            id: id.into(),
+            kind: kind.into(),
+            payload,
+            state: EntryState::Running,
+            received_ms: store::now_ms(),
+            result: None,
+            acked_ms: None,
+            deadline_ms: None,
+        };
+        assert!(gw.store.begin(&entry).expect("journal").is_none());
+        executor::spawn_execution(gw.clone(), entry, false);
+    }
+
+    #[tokio::test]
+    async fn a_drain_leaves_nothing_running_and_records_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = gateway(dir.path(), 300);
+        start(&gw, "c_short", "gateway.sleep", json!({ "ms": 50 }));
+        start(&gw, "c_long", "gateway.sleep", json!({ "ms": 60000 }));
+        start(&gw, "c_hang", "test.hang", json!({}));
+        assert_eq!(gw.executions.len(), 3);
+        tokio::time::timeout(Duration::from_secs(30), drain(&gw))
+            .await
+            .expect("the drain ends");
+        assert!(gw.executions.is_empty());
+        assert!(gw.is_stopping());
+        let result = |id: &str| {
+            let e = gw.store.entry(id).expect("read").expect("journaled");
+            assert_eq!(e.state, EntryState::Done, "{id}");
+            e.result.expect("result")
+        };
+        assert!(result("c_short").ok);
+        for id in ["c_long", "c_hang"] {
+            let r = result(id);
+            assert!(!r.ok, "{id}");
+            assert_eq!(r.error_class, "interrupted", "{id}: {}", r.error_message);
+            assert!(
+                r.error_message.contains("drain_grace_ms (300 ms)"),
+                "{id}: {}",
+                r.error_message
+            );
+        }
+        assert!(result("c_hang")
+            .error_message
+            .contains("cannot stop part-way"));
+        // All three wait in the outbox for the next tunnel.
+        assert_eq!(gw.store.outbox_depth(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_before_delivery_is_journaled_and_wins_over_the_command() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = gateway(dir.path(), 300);
+        executor::on_cancel(&gw, "c_1", "not needed");
+        let e = gw.store.entry("c_1").expect("read").expect("journaled");
+        assert_eq!(e.state, EntryState::Done);
+        let r = e.result.expect("result");
+        assert_eq!(r.error_class, "cancelled");
+        assert!(
+            r.error_message.contains("not needed"),
+            "{}",
+            r.error_message
+        );
+        // Cancelling a running one stops it.
+        start(&gw, "c_2", "gateway.sleep", json!({ "ms": 60000 }));
+        executor::on_cancel(&gw, "c_2", "stop");
+        let r = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Some(r) = gw.store.entry("c_2").expect("read").and_then(|e| e.result) {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("cancelled in time");
+        assert_eq!(r.error_class, "cancelled");
+        assert!(
+            r.error_message.starts_with("cancelled: stop"),
+            "{}",
+            r.error_message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_supervised_task_that_panics_is_restarted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = gateway(dir.path(), 300);
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        gw.supervise("test", move || {
+            let r = r.clone();
+            async move {
+                if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("first run fails");
+                }
+            }
+        });
+        gw.tasks.close();
+        tokio::time::timeout(Duration::from_secs(30), gw.tasks.wait())
+            .await
+            .expect("the second run returns");
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(gw.metrics.task_restarts.get(), 1);
+    }
 }

@@ -1,7 +1,7 @@
 //! Prometheus metrics of the gateway, served on `metrics_listen` (off by default): the tunnel's
 //! state and transport, reconnects by reason, heartbeat round-trip time, commands by kind and
-//! outcome with their duration, journal and outbox depth (read at scrape time), and provider
-//! errors by kind.
+//! outcome with their duration, journal and outbox depth (read at scrape time), provider
+//! errors by kind, and restarts of supervised background tasks.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -55,6 +55,8 @@ pub struct Metrics {
     pub provider_errors: Family<ErrorLabels, Counter>,
     /// Synchronous store flushes (group commits), read at scrape time.
     pub store_flushes: Counter,
+    /// Supervised background tasks restarted after a panic.
+    pub task_restarts: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -127,9 +129,16 @@ impl Default for Metrics {
             "Synchronous store flushes (each a group commit of every write waiting)",
             store_flushes.clone(),
         );
+        let task_restarts = Counter::default();
+        registry.register(
+            "task_restarts",
+            "Background tasks (tunnel, journal pruning) restarted after they failed",
+            task_restarts.clone(),
+        );
         Metrics {
             registry,
             store_flushes,
+            task_restarts,
             tunnel_state,
             tunnel_websocket,
             reconnects,

@@ -144,6 +144,10 @@ pub struct JournalEntry {
     pub result: Option<StoredResult>,
     /// When the broker acknowledged the result.
     pub acked_ms: Option<i64>,
+    /// When the command must have ended (Unix ms, the SaaS's clock), if it has a deadline: kept
+    /// so that a resumed execution still honours it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
 }
 
 pub struct Store {
@@ -473,6 +477,23 @@ impl Store {
         }
     }
 
+    /// Journals an id as already done (a command cancelled before it was delivered or run),
+    /// its result into the outbox. Returns the existing entry instead when the id is known.
+    pub fn begin_done(&self, e: &JournalEntry) -> Result<Option<JournalEntry>, StoreError> {
+        if let Some(existing) = self.begin(e)? {
+            return Ok(Some(existing));
+        }
+        if let Some(r) = &e.result {
+            self.outbox
+                .insert(
+                    e.id.as_bytes(),
+                    serde_json::to_vec(r).expect("results serialise"),
+                )
+                .map_err(self.err())?;
+        }
+        Ok(None)
+    }
+
     /// Records a result: the journal entry becomes done and the result enters the outbox.
     pub fn finish(&self, id: &str, result: &StoredResult) -> Result<(), StoreError> {
         let mut e = self.entry(id)?.ok_or_else(|| StoreError::Corrupt {
@@ -611,6 +632,7 @@ mod tests {
             received_ms: now_ms(),
             result: None,
             acked_ms: None,
+            deadline_ms: None,
         }
     }
 

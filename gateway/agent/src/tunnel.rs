@@ -475,6 +475,12 @@ async fn session(
                 Ok(Some(frame)) => {
                     last_frame = Instant::now();
                     match frame.kind {
+                        // A stopping gateway takes no new command: the broker keeps it
+                        // pending and delivers it again on the next tunnel.
+                        Some(BKind::Command(c)) if gw.is_stopping() => {
+                            tracing::debug!(command = %c.id, "stopping: leaving a delivered command to the next tunnel");
+                        }
+                        Some(BKind::Cancel(c)) => executor::on_cancel(gw, &c.command_id, &c.reason),
                         Some(BKind::Command(c)) => {
                             if let Err(e) = executor::on_command(gw, c, &journal_failed) {
                                 // Not journaled: drop the tunnel so the broker redelivers.

@@ -15,6 +15,11 @@
 //! the VM the first one made. Enrol, get, power on/off, guest shutdown, delete and inventory
 //! converge. A reset or cycle interrupted by a restart is not repeated: it fails with
 //! `interrupted` and the VM's current power state.
+//!
+//! Progress of a create and a delete goes to the SaaS. A cancelled `vsphere.create` stops at the
+//! next step: a clone under way is cancelled through its vCenter task where vCenter allows it
+//! (`CancelTask`), and a VM already cloned is neither reconfigured nor powered on; the result
+//! names any VM left behind. Other vSphere commands are abandoned where they are.
 
 use std::sync::Arc;
 
@@ -81,7 +86,8 @@ async fn handle(
             ));
         }
     }
-    pcg_vsphere::command::execute(&driver, &ctx.command_id, &cmd)
+    let progress = ctx.progress_sink();
+    pcg_vsphere::command::execute_with(&driver, &ctx.command_id, &cmd, &progress, &ctx.cancel)
         .await
         .map_err(ExecError::from)
 }
@@ -91,8 +97,12 @@ pub fn register(r: &mut Registry) {
     let service = Arc::new(VsphereService::new());
     for kind in KINDS {
         let service = service.clone();
-        r.register(kind, move |ctx: ExecContext, payload: Value| {
-            handle(service.clone(), ctx, payload)
-        });
+        let h = move |ctx: ExecContext, payload: Value| handle(service.clone(), ctx, payload);
+        // A create watches its cancellation (it cancels the clone task in vCenter).
+        if kind == pcg_vsphere::command::CREATE {
+            r.register_cancellable(kind, h);
+        } else {
+            r.register(kind, h);
+        }
     }
 }

@@ -587,6 +587,17 @@ impl BareMetalService {
         kind: &str,
         payload: serde_json::Value,
     ) -> Result<serde_json::Value> {
+        self.handle_with(kind, payload, &no_progress).await
+    }
+
+    /// [`handle`](Self::handle), reporting the progress of a provision to
+    /// `progress`.
+    pub async fn handle_with(
+        &self,
+        kind: &str,
+        payload: serde_json::Value,
+        progress: ProgressSink<'_>,
+    ) -> Result<serde_json::Value> {
         let cmd = BareMetalCommand::parse_value(kind, payload)?.ok_or_else(|| {
             ProviderError::invalid("kind", format!("{kind:?} is not a bare-metal command"))
         })?;
@@ -602,7 +613,7 @@ impl BareMetalService {
             }
             _ => {
                 let d = self.driver(cmd.bmc())?;
-                execute(d.as_ref(), &cmd, &no_progress).await
+                execute(d.as_ref(), &cmd, progress).await
             }
         }
     }

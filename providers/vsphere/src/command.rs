@@ -20,10 +20,11 @@
 use std::time::Duration;
 
 use pcg_provider::vm::{Inventory, VmInfo, VmProvider, VmSpec};
-use pcg_provider::{no_progress, PowerAction, ProviderError, Result, Sessions};
+use pcg_provider::{no_progress, PowerAction, ProgressSink, ProviderError, Result, Sessions};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
 use crate::{VsphereDriver, VsphereEndpoint};
 
@@ -308,6 +309,26 @@ pub async fn execute(
     command_id: &str,
     cmd: &VsphereCommand,
 ) -> Result<Value> {
+    execute_with(
+        vsphere,
+        command_id,
+        cmd,
+        &no_progress,
+        &CancellationToken::new(),
+    )
+    .await
+}
+
+/// [`execute`] reporting progress (of a create and a delete) to `progress`, and stopping a
+/// create when `cancel` fires (see [`VsphereDriver::create_with`]): a clone under way is
+/// cancelled through its vCenter task, and the wait for the guest IP ends.
+pub async fn execute_with(
+    vsphere: &VsphereDriver,
+    command_id: &str,
+    cmd: &VsphereCommand,
+    progress: ProgressSink<'_>,
+    cancel: &CancellationToken,
+) -> Result<Value> {
     let driver: &dyn VmProvider = vsphere;
     match cmd {
         VsphereCommand::Enrol(c) => {
@@ -321,14 +342,27 @@ pub async fn execute(
             }))
         }
         VsphereCommand::Create(c) => {
-            let mut vm: VmInfo = driver.create(command_id, &c.spec, &no_progress).await?;
+            let mut vm: VmInfo = vsphere
+                .create_with(command_id, &c.spec, progress, cancel)
+                .await?;
             if let Some(ms) = c.wait_ip_ms {
-                vm.ip = Some(driver.wait_ip(&vm.id, Duration::from_millis(ms)).await?);
+                progress(&pcg_provider::TaskProgress::running(
+                    100,
+                    format!("{} ({}) created; waiting for its guest IP", vm.name, vm.id),
+                ));
+                let ip = tokio::select! {
+                    ip = driver.wait_ip(&vm.id, Duration::from_millis(ms)) => ip?,
+                    _ = cancel.cancelled() => return Err(ProviderError::ProviderFault {
+                        endpoint: vsphere.client().endpoint().to_owned(),
+                        message: format!("create cancelled while waiting for the guest IP: VM {} ({:?}) exists, powered on and marked with command id {command_id}; delete it with vsphere.delete if it is not wanted", vm.id, vm.name),
+                    }),
+                };
+                vm.ip = Some(ip);
             }
             Ok(to_value(&vm))
         }
         VsphereCommand::Delete(c) => {
-            let deleted = driver.delete(&c.id, &no_progress).await?;
+            let deleted = driver.delete(&c.id, progress).await?;
             Ok(json!({ "id": c.id, "deleted": deleted }))
         }
         VsphereCommand::Power(c) => {

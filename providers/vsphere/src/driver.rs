@@ -1,5 +1,9 @@
 //! [`VsphereDriver`]: the `VmProvider` contract on vSphere Web Services — inventory, clone from a
 //! template, power, destroy, task and guest-IP waits.
+//!
+//! Cancellation ([`VsphereDriver::create_with`]): a clone whose command is cancelled is
+//! cancelled through its vCenter task (`CancelTask`, where vCenter allows it) and is not
+//! reconfigured or powered on afterwards; the error says whether a VM was left behind.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -11,6 +15,8 @@ use pcg_provider::{
     async_trait, no_progress, PowerAction, PowerState, ProgressSink, ProviderError, Result,
     TaskProgress, TaskState,
 };
+
+use tokio_util::sync::CancellationToken;
 
 use crate::fault::{Fault, FaultKind};
 use crate::soap::{Client, ObjectContent};
@@ -265,12 +271,36 @@ impl VsphereDriver {
         task: &MoRef,
         what: &str,
         progress: ProgressSink<'_>,
-        (from, to): (u8, u8),
+        span: (u8, u8),
     ) -> Result<std::result::Result<Option<Node>, Fault>> {
+        self.wait_task_cancellable(task, what, progress, span, &CancellationToken::new())
+            .await
+            .map(|(r, _)| r)
+    }
+
+    /// [`wait_task`](Self::wait_task) that asks vCenter to cancel the task (`CancelTask`) once
+    /// `cancel` fires, then waits for the task to end as vCenter decides (a task past the point
+    /// of no return succeeds anyway). Also returns what `CancelTask` answered, when it was asked:
+    /// `Ok(())`, or the fault that refused it.
+    pub async fn wait_task_cancellable(
+        &self,
+        task: &MoRef,
+        what: &str,
+        progress: ProgressSink<'_>,
+        (from, to): (u8, u8),
+        cancel: &CancellationToken,
+    ) -> Result<(
+        std::result::Result<Option<Node>, Fault>,
+        Option<std::result::Result<(), Fault>>,
+    )> {
         let start = Instant::now();
         let mut delay = Duration::from_millis(20);
         let mut last = None;
+        let mut asked: Option<std::result::Result<(), Fault>> = None;
         loop {
+            if cancel.is_cancelled() && asked.is_none() {
+                asked = Some(self.cancel_task(task).await?);
+            }
             let o = self.client.retrieve_one(task, &["info"]).await?;
             let info = o.get("info").cloned().unwrap_or_default();
             let state = info.child_text("state").unwrap_or("");
@@ -278,7 +308,7 @@ impl VsphereDriver {
                 .child_text("progress")
                 .and_then(|p| p.parse::<u8>().ok());
             match state {
-                "success" => return Ok(Ok(info.child("result").cloned())),
+                "success" => return Ok((Ok(info.child("result").cloned()), asked)),
                 "error" => {
                     let fault = info
                         .child("error")
@@ -287,7 +317,7 @@ impl VsphereDriver {
                             type_name: "SystemError".into(),
                             message: format!("{what} failed without saying why"),
                         });
-                    return Ok(Err(fault));
+                    return Ok((Err(fault), asked));
                 }
                 _ => {
                     let scaled = from
@@ -310,9 +340,33 @@ impl VsphereDriver {
                     after: TASK_TIMEOUT,
                 });
             }
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled(), if asked.is_none() => {}
+            }
             delay = (delay * 2).min(Duration::from_millis(500));
         }
+    }
+
+    /// Asks vCenter to cancel a task: `Ok(Ok(()))` when it took the request, `Ok(Err(fault))`
+    /// when it refused (a task that is not cancelable or already ended; a server without
+    /// `CancelTask` answers `MethodNotFound`).
+    pub async fn cancel_task(&self, task: &MoRef) -> Result<std::result::Result<(), Fault>> {
+        let body = format!("<CancelTask>{}</CancelTask>", task.xml("_this"));
+        let r = self
+            .client
+            .call_fault("CancelTask", &body)
+            .await?
+            .map(|_| ());
+        match &r {
+            Ok(()) => {
+                tracing::info!(%task, endpoint = %self.url(), "asked vCenter to cancel the task")
+            }
+            Err(f) => {
+                tracing::info!(%task, endpoint = %self.url(), fault = %f.type_name, "vCenter did not cancel the task: {}", f.message)
+            }
+        }
+        Ok(r)
     }
 
     /// Runs a `*_Task` method and waits for it; faults are returned for the caller to handle.
@@ -665,23 +719,8 @@ impl VmProvider for VsphereDriver {
         spec: &VmSpec,
         progress: ProgressSink<'_>,
     ) -> Result<VmInfo> {
-        spec.validate()?;
-        if command_id.trim().is_empty() {
-            return Err(ProviderError::invalid("command_id", "must not be empty"));
-        }
-        let lock = {
-            let mut m = self.creating.lock().unwrap_or_else(|p| p.into_inner());
-            m.entry(command_id.to_owned()).or_default().clone()
-        };
-        let result = {
-            let _held = lock.lock().await;
-            self.create_locked(command_id, spec, progress).await
-        };
-        let mut m = self.creating.lock().unwrap_or_else(|p| p.into_inner());
-        if Arc::strong_count(&lock) <= 2 {
-            m.remove(command_id);
-        }
-        result
+        self.create_with(command_id, spec, progress, &CancellationToken::new())
+            .await
     }
 
     async fn find_by_command(&self, command_id: &str) -> Result<Option<VmInfo>> {
@@ -827,18 +866,58 @@ impl VmProvider for VsphereDriver {
 }
 
 impl VsphereDriver {
+    /// [`VmProvider::create`] that stops when `cancel` fires: before the clone nothing is
+    /// sent; during it the clone task is cancelled in vCenter (where vCenter allows); after it
+    /// the VM is neither reconfigured nor powered on. A cancelled create fails, and its error
+    /// names the VM when one was left behind (marked with the command id, so a later
+    /// `vsphere.delete` or a look-up by command id finds it).
+    pub async fn create_with(
+        &self,
+        command_id: &str,
+        spec: &VmSpec,
+        progress: ProgressSink<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<VmInfo> {
+        spec.validate()?;
+        if command_id.trim().is_empty() {
+            return Err(ProviderError::invalid("command_id", "must not be empty"));
+        }
+        let lock = {
+            let mut m = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(command_id.to_owned()).or_default().clone()
+        };
+        let result = {
+            let _held = lock.lock().await;
+            self.create_locked(command_id, spec, progress, cancel).await
+        };
+        let mut m = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&lock) <= 2 {
+            m.remove(command_id);
+        }
+        result
+    }
+
+    /// The error of a create stopped by its cancellation: what was left in vCenter.
+    fn cancelled(&self, left: String) -> ProviderError {
+        ProviderError::ProviderFault {
+            endpoint: self.url(),
+            message: format!("create cancelled: {left}"),
+        }
+    }
+
     async fn create_locked(
         &self,
         command_id: &str,
         spec: &VmSpec,
         progress: ProgressSink<'_>,
+        cancel: &CancellationToken,
     ) -> Result<VmInfo> {
         if let Some(vm) = self.find_by_command(command_id).await? {
             progress(&TaskProgress::running(
                 90,
                 format!("{} already created by command {command_id}", vm.id),
             ));
-            return self.finish_create(vm, spec, progress).await;
+            return self.finish_create(vm, spec, progress, cancel).await;
         }
         progress(&TaskProgress::running(
             5,
@@ -846,14 +925,42 @@ impl VsphereDriver {
         ));
         let source = self.resolve_source(&spec.source).await?;
         let body = self.clone_body(command_id, spec, &source).await?;
+        if cancel.is_cancelled() {
+            return Err(self.cancelled("before the clone was started; nothing was created".into()));
+        }
         progress(&TaskProgress::running(
             10,
             format!("cloning {source} to {}", spec.name),
         ));
-        let vm = match self
-            .run_task("CloneVM_Task", &body, progress, (10, 70))
-            .await?
-        {
+        let (task, (outcome, asked)) = match self.client.call_fault("CloneVM_Task", &body).await? {
+            Ok(n) => {
+                let task =
+                    n.and_then(|n| n.moref())
+                        .ok_or_else(|| ProviderError::ProviderFault {
+                            endpoint: self.url(),
+                            message: "CloneVM_Task returned no task".into(),
+                        })?;
+                let waited = self
+                    .wait_task_cancellable(&task, "CloneVM_Task", progress, (10, 70), cancel)
+                    .await?;
+                (Some(task), waited)
+            }
+            Err(f) => (None, (Err(f), None)),
+        };
+        let task = task.map(|t| t.to_string()).unwrap_or_default();
+        let refused = |asked: &Option<std::result::Result<(), Fault>>| match asked {
+            Some(Err(f)) => format!(
+                "vCenter did not cancel clone task {task} ({}: {}), and ",
+                f.type_name, f.message
+            ),
+            _ => String::new(),
+        };
+        let vm = match outcome {
+            Err(f) if cancel.is_cancelled() && f.is("RequestCanceled") => {
+                return Err(self.cancelled(format!(
+                    "vCenter cancelled clone task {task}; no VM was created"
+                )));
+            }
             Ok(result) => {
                 let id =
                     result
@@ -873,7 +980,16 @@ impl VsphereDriver {
             }
             Err(f) => return Err(self.client.fault_error("CloneVM_Task", f)),
         };
-        self.finish_create(vm, spec, progress).await
+        if cancel.is_cancelled() {
+            return Err(self.cancelled(format!(
+                "{}the clone had finished: VM {} ({:?}, power {:?}) exists, marked with command id {command_id}, and was not reconfigured or powered on; delete it with vsphere.delete if it is not wanted",
+                refused(&asked),
+                vm.id,
+                vm.name,
+                vm.power
+            )));
+        }
+        self.finish_create(vm, spec, progress, cancel).await
     }
 
     async fn finish_create(
@@ -881,8 +997,15 @@ impl VsphereDriver {
         vm: VmInfo,
         spec: &VmSpec,
         progress: ProgressSink<'_>,
+        cancel: &CancellationToken,
     ) -> Result<VmInfo> {
         self.ensure_size(&vm, spec, progress).await?;
+        if cancel.is_cancelled() {
+            return Err(self.cancelled(format!(
+                "VM {} ({:?}) exists, marked with its command id, and was not powered on; delete it with vsphere.delete if it is not wanted",
+                vm.id, vm.name
+            )));
+        }
         if spec.power_on {
             progress(&TaskProgress::running(85, format!("powering on {}", vm.id)));
             self.power(&vm.id, PowerAction::On).await?;

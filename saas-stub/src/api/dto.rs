@@ -188,6 +188,35 @@ pub struct SubmitCommandRequest {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub payload: Option<serde_json::Value>,
+    /// Seconds from now (1 to 604800) by which the command must have ended; past it the
+    /// command ends `timed_out` (see the README's command states).
+    #[serde(default)]
+    pub deadline_seconds: Option<u64>,
+}
+
+/// Body of `POST /v1/commands/{id}/cancel` (optional).
+#[derive(Serialize, Deserialize, ToSchema, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct CancelCommandRequest {
+    /// Why, for the record (at most 512 characters); default "cancelled through the API".
+    pub reason: Option<String>,
+}
+
+/// How far a running command has got, as its gateway last reported it.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ProgressView {
+    /// 0-100, when the step has a measure.
+    pub percent: Option<u8>,
+    pub message: String,
+    /// When the gateway reported it.
+    pub at: String,
+}
+
+/// A cancel asked for.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CancelView {
+    pub reason: String,
+    pub requested_at: String,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -215,6 +244,13 @@ pub struct CommandView {
     pub deliveries: u32,
     pub received_at: Option<String>,
     pub completed_at: Option<String>,
+    /// When it must have ended, if it was given a deadline.
+    pub deadline: Option<String>,
+    /// The latest progress its gateway reported (kept in memory: absent after a SaaS restart
+    /// until the next report).
+    pub progress: Option<ProgressView>,
+    /// A cancel asked for (the state becomes `cancelled` once the gateway confirms).
+    pub cancel: Option<CancelView>,
     pub result: Option<ResultView>,
 }
 
@@ -234,6 +270,16 @@ impl From<&Command> for CommandView {
             deliveries: c.deliveries,
             received_at: c.received_ms.map(ts),
             completed_at: c.completed_ms.map(ts),
+            deadline: c.deadline_ms.map(ts),
+            progress: c.progress.as_ref().map(|p| ProgressView {
+                percent: p.percent,
+                message: p.message.clone(),
+                at: ts(p.at_ms),
+            }),
+            cancel: c.cancel.as_ref().map(|r| CancelView {
+                reason: r.reason.clone(),
+                requested_at: ts(r.requested_ms),
+            }),
             result: c.result.as_ref().map(|r| ResultView {
                 ok: r.ok,
                 output: r.output.clone(),
@@ -338,6 +384,9 @@ pub struct BatchItem {
     /// As the `Idempotency-Key` header of a single submit.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// As in a single submit.
+    #[serde(default)]
+    pub deadline_seconds: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]

@@ -242,6 +242,7 @@ pub async fn submit_command(
                 kind: req.kind,
                 payload: req.payload,
                 idempotency_key,
+                deadline_seconds: req.deadline_seconds,
             },
         )
         .await?;
@@ -260,7 +261,7 @@ pub async fn submit_command(
 #[into_params(parameter_in = Query)]
 pub struct ListCommandsQuery {
     pub gateway_id: Option<String>,
-    /// queued, delivered, received, succeeded or failed.
+    /// queued, delivered, received, succeeded, failed, cancelled or timed_out.
     pub state: Option<String>,
     pub kind: Option<String>,
     /// At most this many, newest first (default 100, at most 1000).
@@ -281,7 +282,7 @@ pub async fn list_commands(
             crate::app::AppError::invalid(
                 "invalid_state",
                 format!(
-                    "unknown state \"{}\"; use queued, delivered, received, succeeded or failed",
+                    "unknown state \"{}\"; use queued, delivered, received, succeeded, failed, cancelled or timed_out",
                     crate::app::printable(s)
                 ),
             )
@@ -319,6 +320,32 @@ pub async fn get_command(
 ) -> ApiResult<Json<CommandView>> {
     let wait = Duration::from_secs(q.wait_seconds.unwrap_or(0).min(60));
     Ok(Json((&app.get_command(&caller, &id, wait).await?).into()))
+}
+
+#[utoipa::path(post, path = "/v1/commands/{id}/cancel", params(("id" = String, Path)),
+    request_body(content = CancelCommandRequest, description = "Optional: why (the body may be empty)"),
+    responses((status = 202, description = "Accepted: the command, `cancelled` already when it had never been handed to its gateway, else with `cancel` set until the gateway confirms", body = CommandView),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, description = "The command has ended; its result stands", body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn cancel_command(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<CommandView>)> {
+    let req: CancelCommandRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelCommandRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            crate::app::AppError::invalid(
+                "invalid_body",
+                format!("the request body is not valid JSON for this endpoint: {e}; send {{\"reason\": \"...\"}} or nothing"),
+            )
+        })?
+    };
+    let c = app.cancel_command(&caller, &id, req.reason).await?;
+    Ok((StatusCode::ACCEPTED, Json(CommandView::from(&c))))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -406,6 +433,7 @@ pub async fn submit_batch(
             kind: c.kind.clone(),
             payload: c.payload.clone(),
             idempotency_key: c.idempotency_key.clone(),
+            deadline_seconds: c.deadline_seconds,
         })
         .collect();
     let outcomes = app.submit_batch(&caller, items).await?;

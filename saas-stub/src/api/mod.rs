@@ -212,6 +212,7 @@ pub fn router(app: Arc<App>) -> Router {
             )),
         )
         .route("/v1/commands/{id}", get(get_command))
+        .route("/v1/commands/{id}/cancel", post(cancel_command))
         .route("/v1/events", get(list_events))
         .route(pcg_proto::ws::PATH, get(crate::tunnel_ws::upgrade))
         .route("/metrics", get(metrics))

@@ -34,7 +34,7 @@ impl utoipa::Modify for SecurityAddon {
     info(title = "pcg-saas", description = "REST API of the pcg SaaS companion: tenants, API keys, pairing tokens, gateways, commands and events."),
     paths(healthz, ca_pem, pair, create_tenant, list_tenants, create_api_key, list_api_keys,
           revoke_api_key, create_token, list_tokens, revoke_token, list_gateways, get_gateway,
-          revoke_gateway, submit_command, list_commands, get_command, list_events,
+          revoke_gateway, submit_command, list_commands, get_command, cancel_command, list_events,
           list_bundles, get_bundle, submit_batch),
     modifiers(&SecurityAddon)
 )]

@@ -1,5 +1,5 @@
-//! Commands: submit (idempotent with a client's key), look up (long-polling for the result),
-//! list.
+//! Commands: submit (idempotent with a client's key, optionally with a deadline), look up
+//! (long-polling for the result), list, cancel.
 //!
 //! Secrets in a payload (values under `password`, `secret`, `token`, ... keys) are sealed to the
 //! gateway's public key before anything is written, so neither the store nor the logs ever hold
@@ -18,6 +18,12 @@ use crate::store::{
 /// Longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// Longest deadline a command may be given, seconds (7 days).
+pub const MAX_DEADLINE_SECS: u64 = 7 * 86_400;
+
+/// Longest cancel reason, characters.
+pub const MAX_CANCEL_REASON: usize = 512;
+
 /// A command to submit, as a client sent it.
 pub struct Submit<'a> {
     pub gateway_id: &'a str,
@@ -25,6 +31,8 @@ pub struct Submit<'a> {
     pub payload: Option<Value>,
     /// The client's `Idempotency-Key`, if any.
     pub idempotency_key: Option<String>,
+    /// Seconds from now by which the command must have ended (`deadline_seconds`).
+    pub deadline_seconds: Option<u64>,
 }
 
 /// What a submit did.
@@ -154,6 +162,14 @@ impl App {
                 ),
             ));
         }
+        if let Some(d) = req.deadline_seconds {
+            if d == 0 || d > MAX_DEADLINE_SECS {
+                return Err(AppError::invalid(
+                    "invalid_deadline",
+                    format!("deadline_seconds must be 1 to {MAX_DEADLINE_SECS} (7 days); leave it out for no deadline"),
+                ));
+            }
+        }
         let mut payload = req.payload.unwrap_or_else(|| serde_json::json!({}));
         if !payload.is_object() {
             return Err(AppError::invalid(
@@ -193,6 +209,11 @@ impl App {
                 m.update(&(part.len() as u64).to_be_bytes());
                 m.update(part);
             }
+            // Only when given, so fingerprints of requests without one stay as they were.
+            if let Some(d) = req.deadline_seconds {
+                m.update(b"deadline_seconds");
+                m.update(&d.to_be_bytes());
+            }
             hex::encode(m.sign().as_ref())
         });
         if let (Some(key), Some(fp)) = (&req.idempotency_key, &fingerprint) {
@@ -231,7 +252,15 @@ impl App {
             completed_ms: None,
             result: None,
             pending_key: Vec::new(),
+            deadline_ms: None,
+            cancel: None,
+            progress: None,
+            handed_out: false,
         };
+        cmd.deadline_ms = req.deadline_seconds.map(|d| {
+            cmd.submitted_ms
+                .saturating_add(i64::try_from(d).unwrap_or(i64::MAX).saturating_mul(1000))
+        });
         if let (Some(key), Some(fp)) = (&req.idempotency_key, fingerprint) {
             let rec = IdempotencyRecord {
                 command_id: cmd.id.clone(),
@@ -353,6 +382,86 @@ impl App {
                 _ = self.shutdown.cancelled() => {}
             }
         }
+    }
+
+    /// Cancels a command of the caller's tenant. One never handed to a tunnel ends `cancelled`
+    /// at once; otherwise the cancel is recorded durably and sent to the gateway (now if its
+    /// tunnel is up, else when it next connects), which ends the command `cancelled` (a command
+    /// past the point of no return may still succeed). Asking again is harmless; a command
+    /// that has ended is a conflict.
+    pub async fn cancel_command(
+        self: &std::sync::Arc<Self>,
+        caller: &Caller,
+        id: &str,
+        reason: Option<String>,
+    ) -> AppResult<Command> {
+        let tenant = caller.tenant()?.to_string();
+        let reason = match reason.as_deref().map(str::trim) {
+            None | Some("") => "cancelled through the API".to_string(),
+            Some(r) if r.chars().count() > MAX_CANCEL_REASON || r.chars().any(char::is_control) => {
+                return Err(AppError::invalid(
+                    "invalid_reason",
+                    format!("the reason must be at most {MAX_CANCEL_REASON} characters without control characters"),
+                ));
+            }
+            Some(r) => r.to_string(),
+        };
+        let not_found = || {
+            AppError::not_found(format!(
+                "command {} not found in tenant {tenant}",
+                printable(id)
+            ))
+        };
+        if !plausible_id(id) {
+            return Err(not_found());
+        }
+        match self.commands.cancel(&self.store, id, &tenant, &reason)? {
+            crate::commands::CancelOutcome::Unknown => Err(not_found()),
+            crate::commands::CancelOutcome::Finished(c) => Err(AppError::new(
+                Kind::Conflict,
+                "command_finished",
+                format!(
+                    "command {} already ended ({}); its result stands",
+                    c.id,
+                    c.state.as_str()
+                ),
+            )),
+            crate::commands::CancelOutcome::CancelledNow(c) => {
+                self.store.flush().await?;
+                self.finished(&c);
+                Ok(c)
+            }
+            crate::commands::CancelOutcome::Forwarded(c) => {
+                self.store.flush().await?;
+                crate::broker::send_cancel(self, &c).await;
+                Ok(c)
+            }
+        }
+    }
+
+    /// Ends, as `timed_out`, the commands past their deadline that were never handed to a
+    /// tunnel (see [`crate::commands::Commands::expire`]). Run every half second.
+    pub async fn expire_deadlines(&self) -> AppResult<()> {
+        let ended = self.commands.expire(&self.store, now_ms())?;
+        if ended.is_empty() {
+            return Ok(());
+        }
+        self.store.flush().await?;
+        for c in &ended {
+            self.finished(c);
+        }
+        Ok(())
+    }
+
+    /// A command that ended here (not by a gateway's result): waiters woken, counted.
+    fn finished(&self, c: &Command) {
+        self.waiters.notify(&c.id);
+        self.metrics
+            .commands_finished
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: c.state.as_str().into(),
+            })
+            .inc();
     }
 
     /// The tenant's commands, newest first, through the tenant index: reading stops once

@@ -11,6 +11,8 @@
 //	    "pcg-template" is created. A powered-on VM reports a guest IP address after -ip-delay
 //	    (as VMware Tools would), and loses it when powered off. RetrievePropertiesEx honours
 //	    maxObjects with ContinueRetrievePropertiesEx tokens, as vCenter does (paging.go).
+//	    -method-delay METHOD=DURATION (repeatable) answers that method later, as a busy vCenter
+//	    would (e.g. CloneVM_Task=4s: a clone that takes a while).
 //	pcg-vcsim ref -url URL -ca FILE [-user U -pass P] list|inventory|bench N
 //	    the reference client: "list" prints every VM as JSON lines (moref, name, power state,
 //	    template flag, pcg command id), "inventory" prints every managed entity (type, moref,
@@ -42,6 +44,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -188,6 +191,8 @@ func serve(args []string) error {
 	user := fs.String("user", "user", "the only user name accepted")
 	pass := fs.String("pass", "pass", "its password")
 	idle := fs.Duration("idle-timeout", 0, "expire sessions idle this long (0: never, the simulator's default)")
+	delays := methodDelays{}
+	fs.Var(&delays, "method-delay", "METHOD=DURATION: answer METHOD (e.g. CloneVM_Task=3s) that much later, as a busy vCenter would (repeatable)")
 	_ = fs.Parse(args)
 
 	simulator.SessionIdleTimeout = *idle
@@ -220,6 +225,11 @@ func serve(args []string) error {
 		return fmt.Errorf("creating the template: %w", err)
 	}
 
+	// Delays apply from here on (the template above is made at full speed).
+	if len(delays) > 0 {
+		m.DelayConfig.MethodDelay = map[string]int(delays)
+	}
+
 	sum := sha256.Sum256(cert.Certificate[0])
 	u := *s.URL
 	u.User = nil
@@ -229,6 +239,24 @@ func serve(args []string) error {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	<-sig
+	return nil
+}
+
+// methodDelays is the -method-delay flag: METHOD=DURATION pairs, in milliseconds by method name.
+type methodDelays map[string]int
+
+func (d methodDelays) String() string { return fmt.Sprint(map[string]int(d)) }
+
+func (d methodDelays) Set(v string) error {
+	name, dur, ok := strings.Cut(v, "=")
+	if !ok || name == "" {
+		return fmt.Errorf("want METHOD=DURATION, e.g. CloneVM_Task=3s")
+	}
+	t, err := time.ParseDuration(dur)
+	if err != nil {
+		return err
+	}
+	d[name] = int(t.Milliseconds())
 	return nil
 }
 
