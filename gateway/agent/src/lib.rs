@@ -11,6 +11,7 @@
 //! - [`endpoints`]: vCenters and OpenStack clouds enrolled by name.
 //! - [`metrics`]: Prometheus metrics on `metrics_listen` (off by default).
 //! - [`bundle`]: support bundles, written locally or uploaded up the tunnel.
+//! - [`watch`]: declared machines converged, watched, healed by policy; health reports.
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves.
@@ -29,6 +30,7 @@ pub mod store;
 pub mod transport;
 pub mod tunnel;
 pub mod vsphere;
+pub mod watch;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -60,6 +62,8 @@ pub struct Gateway {
     pub bare_metal: std::sync::Arc<pcg_provider::command::BareMetalService>,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
+    /// The watch loop's state (declared machines, observations, reports).
+    pub watch: watch::Watch,
     /// Set when a result could not be queued on the tunnel; the outbox is sent again.
     pub(crate) outbox_dirty: std::sync::atomic::AtomicBool,
     started: Instant,
@@ -82,6 +86,7 @@ impl Gateway {
             bare_metal: baremetal::service(),
             outbox_dirty: std::sync::atomic::AtomicBool::new(false),
             metrics: metrics::Metrics::default(),
+            watch: watch::Watch::default(),
             started: Instant::now(),
             tunnel: Mutex::new(TunnelStatus::default()),
             outbound: Mutex::new(None),
@@ -262,6 +267,7 @@ pub async fn run(
         });
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let watcher = tokio::spawn(watch::run(gw.clone(), stop_rx.clone()));
     let tunnel = tokio::spawn(tunnel::run(gw.clone(), stop_rx));
     let retention_ms =
         i64::try_from(gw.cfg.journal_retention_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
@@ -291,6 +297,7 @@ pub async fn run(
     }
     let _ = stop_tx.send(true);
     let _ = tunnel.await;
+    let _ = watcher.await;
     metrics_stop.cancel();
     pruner.abort();
     gw.store.flush().await?;

@@ -12,6 +12,10 @@
 //! (the WebSocket transport), then the time to get a tunnel back after a silent drop (a relay
 //! that stops forwarding without closing; heartbeat 1 s).
 //!
+//! `pcg-bench watch` measures the watch loop over `--vms` VMs of one vcsim, each declared
+//! (adopted): the gateway's cycle and the requests one cycle costs, beside the same read by
+//! pcg-vsphere alone, govmomi's listing and one `get` per VM (see `pcg_e2e::machines::bench`).
+//!
 //! Build the binaries first (`cargo build --release --bins`), then run
 //! `target/release/pcg-bench` so it starts the release daemons beside it.
 
@@ -63,6 +67,11 @@ struct Args {
     /// A few seconds in all (for CI): small counts, no storm; still checks exactly once.
     #[arg(long)]
     quick: bool,
+    /// `watch`: VMs of the vcsim (each declared), and watch cycles measured.
+    #[arg(long, default_value_t = 1000)]
+    vms: usize,
+    #[arg(long, default_value_t = 10)]
+    cycles: usize,
 }
 
 struct Figures {
@@ -596,6 +605,9 @@ async fn main() -> anyhow::Result<()> {
     let root = tempfile::Builder::new().prefix("pcg-bench-").tempdir()?;
     if args.scenario == "transports" {
         return transports(&args, root.path()).await;
+    }
+    if args.scenario == "watch" {
+        return pcg_e2e::machines::bench(args.vms, args.cycles, root.path(), &args.out).await;
     }
     perf(args, root.path()).await
 }
