@@ -295,6 +295,53 @@ async fn vcsim_vm_drift_is_alerted_or_healed_within_the_budget() {
     machines::wait_events(&saas, &key, &alert, "machine.deleted", 1, T)
         .await
         .unwrap();
+
+    // The vCenter gone: the gateway's resource shows it unreachable with its last error, and
+    // the machine unreachable, not missing (nothing is created again, nothing healed).
+    drop(sim);
+    let lab = pcg_e2e::wait_for("the vCenter reported unreachable", T, || async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let g = saas
+            .ok("GET", &format!("/v1/gateways/{gw}"), &key, None)
+            .await
+            .ok()?;
+        let lab = g["health"]["endpoints"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == "lab")?
+            .clone();
+        (lab["reachable"] == false).then_some(lab)
+    })
+    .await
+    .unwrap();
+    assert!(
+        lab["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{lab}"
+    );
+    assert!(lab["last_ok_ms"].is_i64(), "{lab}");
+    let v = machines::wait_machine(&saas, &key, &heal, "unreachable", T, |v| {
+        v["state"] == "unreachable"
+    })
+    .await
+    .unwrap();
+    assert!(v["observed"]["error"].as_str().is_some(), "{v}");
+    let c = machines::watch_cycles(&saas, &key, &gw).await.unwrap_or(0);
+    machines::wait_cycles(&saas, &key, &gw, c, 3, T)
+        .await
+        .unwrap();
+    let acted: Vec<Value> = machines::events(&saas, &key, &heal, "machine.")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| {
+            ["machine.heal", "machine.converged"].contains(&e["kind"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(
+        acted.len(),
+        4,
+        "create, two heals, the update's power-on: {acted:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
