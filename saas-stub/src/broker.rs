@@ -2,7 +2,8 @@
 //!
 //! A tunnel is authorised by the gateway's client certificate alone (mutual TLS against the
 //! SaaS CA; the identity is the `pcg://tenant/T/gateway/G` URI in the certificate). On Hello the
-//! broker answers Welcome and replays every command still pending for that gateway; a command
+//! broker answers Welcome, replays every command still pending for that gateway and sends its
+//! declared machines ([`crate::watch`]); a command
 //! stays pending until the gateway's result for it is stored and flushed, and only then is the
 //! result acknowledged (`ResultAck`). A tunnel silent for three heartbeat intervals is closed.
 //! A newer tunnel of the same gateway replaces the older one. When the service stops, every
@@ -657,6 +658,9 @@ async fn session(
             deliver(&app, &c).await;
         }
     }
+    if !crate::watch::on_connect(&app, &gateway_id, &tx) {
+        close.notify_one();
+    }
     drop(setup);
 
     let mut last_frame = Instant::now();
@@ -875,6 +879,10 @@ async fn handle_frame(
             let _ = tx.try_send(Ok(BrokerFrame {
                 kind: Some(BKind::Renewed(answer)),
             }));
+        }
+        Some(GKind::MachinesApplied(a)) => crate::watch::applied(app, gateway_id, a),
+        Some(GKind::WatchReport(r)) => {
+            crate::watch::report(&session.app, tenant_id, gateway_id, r, tx, &session.close)
         }
         Some(GKind::Hello(_)) => return Err(Closed::HelloTwice),
         // Handled by the session, which keeps the uploads under way.

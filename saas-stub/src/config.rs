@@ -75,6 +75,10 @@ pub struct Config {
     pub max_bundle_bytes: u64,
     /// Support bundles kept per gateway (the oldest are deleted).
     pub bundles_per_gateway: usize,
+    /// Gateways' health and inventory reports are kept this many hours.
+    pub health_retention_hours: u64,
+    /// Machines declared per gateway.
+    pub max_machines_per_gateway: usize,
 }
 
 impl Default for Config {
@@ -107,6 +111,8 @@ impl Default for Config {
             metrics_listen: None,
             max_bundle_bytes: 64 << 20,
             bundles_per_gateway: 5,
+            health_retention_hours: 72,
+            max_machines_per_gateway: 10_000,
         }
     }
 }

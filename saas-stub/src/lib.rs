@@ -7,6 +7,7 @@
 //!   timeouts); by default one public port serves both;
 //! - [`tunnel_ws`]: the WebSocket way in, for gateways behind TLS-inspecting proxies;
 //! - [`commands`]: command state in memory, with the store as its log;
+//! - [`watch`]: the broker's side of declared machines (sync, reports, health);
 //! - [`store`]: durable state (sled): tenants, API keys, pairing tokens, gateways, commands,
 //!   idempotency keys, events;
 //! - [`ca`], [`tls`]: the CA generated on first start and the servers' TLS configurations;
@@ -28,6 +29,7 @@ pub mod net;
 pub mod store;
 pub mod tls;
 pub mod tunnel_ws;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;

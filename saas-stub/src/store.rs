@@ -1,5 +1,6 @@
 //! Durable state of pcg-saas on sled: tenants, API keys, pairing tokens, gateways, commands (with
-//! a per-gateway pending queue) and events.
+//! a per-gateway pending queue), events, and declared machines with the gateways' health
+//! history ([`machines`]).
 //!
 //! Secrets (API keys, token secrets) are stored as SHA-256 hashes: they are 256-bit random values,
 //! so a fast hash is enough and a slow password hash would only cost latency. Anything a peer is
@@ -7,6 +8,9 @@
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+pub mod machines;
+pub use machines::{EventFilter, MachineRecord};
 
 /// Replaces every value under a secret-named key with `"<redacted>"`, at any depth (the one
 /// definition of a secret-named key is [`pcg_proto::sealed::is_secret_key`]).
@@ -242,6 +246,18 @@ pub struct Event {
     pub gateway_id: Option<String>,
     pub kind: String,
     pub message: String,
+    /// The declared machine it is about (`machine.*` events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+    /// Marked as an alert (`machine.alert`, `machine.heal_budget_exhausted`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub alert: bool,
+    /// Structured facts (a drift's before and after, a heal's action and result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+    /// The id the gateway gave a `machine.*` event (recorded once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_id: Option<String>,
 }
 
 /// A support bundle a gateway uploaded.
@@ -294,6 +310,12 @@ pub struct Store {
     bundle_data: sled::Tree,
     cmd_by_tenant: sled::Tree,
     events_by_tenant: sled::Tree,
+    /// Declared machines by id, their index by gateway, the ids of recorded `machine.*` events,
+    /// and the gateways' health history (see [`machines`]).
+    machines: sled::Tree,
+    machines_by_gateway: sled::Tree,
+    machine_event_ids: sled::Tree,
+    health: sled::Tree,
     /// API keys read so far (revocations update it), so a request is not a store read.
     key_cache: std::sync::RwLock<std::collections::HashMap<String, ApiKey>>,
 }
@@ -348,6 +370,10 @@ impl Store {
             bundle_data: db.open_tree("bundle_data")?,
             cmd_by_tenant: db.open_tree("cmd_by_tenant")?,
             events_by_tenant: db.open_tree("events_by_tenant")?,
+            machines: db.open_tree("machines")?,
+            machines_by_gateway: db.open_tree("machines_by_gateway")?,
+            machine_event_ids: db.open_tree("machine_event_ids")?,
+            health: db.open_tree("health")?,
             key_cache: Default::default(),
             commit: pcg_durable::GroupCommit::new(db.clone()),
             db,
@@ -884,22 +910,31 @@ impl Store {
         kind: &str,
         message: String,
     ) -> Result<(), StoreError> {
-        let seq = self.db.generate_id()?;
         let e = Event {
-            seq,
+            seq: 0,
             at_ms: now_ms(),
             tenant_id: tenant_id.map(str::to_string),
             gateway_id: gateway_id.map(str::to_string),
             kind: kind.to_string(),
             message,
+            machine_id: None,
+            alert: false,
+            details: None,
+            source_id: None,
         };
-        tracing::info!(kind, tenant = ?tenant_id, gateway = ?gateway_id, "{}", e.message);
-        put(&self.events, &seq.to_be_bytes(), &e)?;
-        if let Some(t) = tenant_id {
+        self.put_event(e).map(|_| ())
+    }
+
+    /// Writes an event (its `seq` is assigned here); returns the seq.
+    fn put_event(&self, mut e: Event) -> Result<u64, StoreError> {
+        e.seq = self.db.generate_id()?;
+        tracing::info!(kind = %e.kind, tenant = ?e.tenant_id, gateway = ?e.gateway_id, machine = ?e.machine_id, alert = e.alert, "{}", e.message);
+        put(&self.events, &e.seq.to_be_bytes(), &e)?;
+        if let Some(t) = &e.tenant_id {
             self.events_by_tenant
-                .insert(Self::event_index_key(t, seq), &[])?;
+                .insert(Self::event_index_key(t, e.seq), &[])?;
         }
-        Ok(())
+        Ok(e.seq)
     }
 
     fn event_index_key(tenant_id: &str, seq: u64) -> Vec<u8> {
@@ -925,6 +960,9 @@ impl Store {
                 self.events_by_tenant
                     .remove(Self::event_index_key(t, e.seq))?;
             }
+            if let Some(id) = &e.source_id {
+                self.machine_event_ids.remove(id.as_bytes())?;
+            }
             n += 1;
         }
         Ok(n)
@@ -937,9 +975,24 @@ impl Store {
         gateway_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
+        let f = EventFilter {
+            gateway_id: gateway_id.map(str::to_string),
+            ..EventFilter::default()
+        };
+        self.events_where(tenant_id, since, &f, limit)
+    }
+
+    /// Events after `since` that pass `f`, oldest first.
+    pub fn events_where(
+        &self,
+        tenant_id: Option<&str>,
+        since: Option<u64>,
+        f: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
         let mut out = Vec::new();
         let start = since.map_or(0, |s| s.saturating_add(1));
-        let keep = |e: &Event| gateway_id.is_none() || e.gateway_id.as_deref() == gateway_id;
+        let keep = |e: &Event| f.keeps(e);
         if let Some(t) = tenant_id {
             // The tenant's own events through its index, not a scan of everybody's.
             let mut prefix = t.as_bytes().to_vec();
@@ -971,7 +1024,7 @@ impl Store {
             if tenant_id.is_some() && e.tenant_id.as_deref() != tenant_id {
                 continue;
             }
-            if gateway_id.is_some() && e.gateway_id.as_deref() != gateway_id {
+            if !keep(&e) {
                 continue;
             }
             out.push(e);

@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod machines;
 pub mod netns;
 pub mod openstack_peer;
 pub mod peers;
@@ -646,10 +647,19 @@ impl Gw {
 /// A pcg-saas started with `opts`, a tenant, and one gateway paired with a token of that tenant
 /// and connected: `(saas, gateway, tenant API key, gateway id)`.
 pub async fn paired(dir: &Path, opts: SaasOptions) -> anyhow::Result<(Saas, Gw, String, String)> {
+    paired_with(dir, opts, "").await
+}
+
+/// As [`paired`], the gateway's config file also holding `gw_toml`.
+pub async fn paired_with(
+    dir: &Path,
+    opts: SaasOptions,
+    gw_toml: &str,
+) -> anyhow::Result<(Saas, Gw, String, String)> {
     let saas = Saas::start(&dir.join("saas"), opts).await?;
     let (_tenant, key) = saas.tenant("acme").await?;
     let (_, token) = saas.token(&key, None).await?;
-    let mut gw = Gw::new(&dir.join("gw"))?;
+    let mut gw = Gw::with_config(&dir.join("gw"), gw_toml)?;
     gw.pair(&token)?;
     gw.start()?;
     gw.wait_tunnel("connected", Duration::from_secs(20)).await?;

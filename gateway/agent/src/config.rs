@@ -46,6 +46,12 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long running commands get to finish before they are stopped and
     /// recorded as `interrupted` (milliseconds).
     pub drain_grace_ms: u64,
+    /// How often the watch loop observes every declared machine, milliseconds (one inventory
+    /// read per provider endpoint per cycle).
+    pub watch_interval_ms: u64,
+    /// How often the gateway reports every machine's observation, its health and the provider
+    /// inventory summary, milliseconds (changes are reported after the cycle that saw them).
+    pub watch_report_ms: u64,
     /// The file this configuration was read from (not a key).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -77,6 +83,8 @@ impl Default for Config {
             direct_retry_secs: 600,
             metrics_listen: None,
             drain_grace_ms: 10_000,
+            watch_interval_ms: 30_000,
+            watch_report_ms: 60_000,
             source: None,
         }
     }
@@ -123,7 +131,7 @@ impl Config {
 
     /// `PCG_GATEWAY_DATA_DIR`, `PCG_GATEWAY_ADMIN_SOCKET`, `PCG_GATEWAY_BACKOFF_BASE_MS`,
     /// `PCG_GATEWAY_BACKOFF_CAP_MS`, `PCG_GATEWAY_LEDGER`, `PCG_GATEWAY_PROXY_CA`,
-    /// `PCG_GATEWAY_TRANSPORT`, `PCG_GATEWAY_DRAIN_GRACE_MS`.
+    /// `PCG_GATEWAY_TRANSPORT`, `PCG_GATEWAY_DRAIN_GRACE_MS`, `PCG_GATEWAY_WATCH_INTERVAL_MS`.
     pub fn apply_env(
         &mut self,
         get: impl Fn(&'static str) -> Option<String>,
@@ -147,6 +155,9 @@ impl Config {
         }
         if let Some(v) = get("PCG_GATEWAY_BACKOFF_CAP_MS") {
             self.backoff_cap_ms = num("PCG_GATEWAY_BACKOFF_CAP_MS", v)?;
+        }
+        if let Some(v) = get("PCG_GATEWAY_WATCH_INTERVAL_MS") {
+            self.watch_interval_ms = num("PCG_GATEWAY_WATCH_INTERVAL_MS", v)?;
         }
         if let Some(v) = get("PCG_GATEWAY_LEDGER") {
             self.ledger_path = Some(v.into());

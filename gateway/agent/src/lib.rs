@@ -15,6 +15,7 @@
 //! - [`notify`]: systemd readiness and watchdog (sd_notify; a no-op outside systemd).
 //! - [`diag`]: `pcgctl diag`, the hop-by-hop doctor (in the daemon or in pcgctl).
 //! - [`schemas`]: the JSON Schemas of command payloads (`pcg-gateway schemas`).
+//! - [`watch`]: declared machines converged, watched, healed by policy; health reports.
 //! - [`status`], [`config`].
 //!
 //! [`run`] starts everything and returns when `shutdown` resolves, after draining: no new
@@ -40,6 +41,7 @@ pub mod store;
 pub mod transport;
 pub mod tunnel;
 pub mod vsphere;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -70,6 +72,8 @@ pub struct Gateway {
     pub bare_metal: std::sync::Arc<pcg_provider::command::BareMetalService>,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
+    /// The watch loop's state (declared machines, observations, reports).
+    pub watch: watch::Watch,
     /// Set when a result could not be queued on the tunnel; the outbox is sent again.
     pub(crate) outbox_dirty: std::sync::atomic::AtomicBool,
     started: Instant,
@@ -102,6 +106,7 @@ impl Gateway {
             bare_metal: baremetal::service(),
             outbox_dirty: std::sync::atomic::AtomicBool::new(false),
             metrics: metrics::Metrics::default(),
+            watch: watch::Watch::default(),
             started: Instant::now(),
             tunnel: Mutex::new(TunnelStatus::default()),
             tunnel_progress_ms: std::sync::atomic::AtomicI64::new(store::now_ms()),
@@ -318,6 +323,10 @@ pub async fn run(
         });
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
+        let (gw2, rx) = (gw.clone(), stop_rx.clone());
+        gw.supervise("watch loop", move || watch::run(gw2.clone(), rx.clone()));
+    }
     {
         let gw2 = gw.clone();
         gw.supervise("tunnel", move || tunnel::run(gw2.clone(), stop_rx.clone()));

@@ -34,17 +34,29 @@ pub const ENROLLED: Enrolled = Enrolled {
     enrol_kind: "openstack.enrol",
 };
 
+/// The entry of the cloud enrolled as `name`.
+pub fn enrolled_entry(store: &crate::store::Store, name: &str) -> Result<CloudEntry, ExecError> {
+    let value: Value = ENROLLED.get(store, name)?;
+    let mut e = CloudEntry::inline(value).map_err(ExecError::from)?;
+    e.source = format!("enrolled cloud {name:?}");
+    Ok(e)
+}
+
 /// The cloud entry a command addresses.
 fn entry(ctx: &ExecContext, cloud: &CloudRef) -> Result<CloudEntry, ExecError> {
     match cloud {
-        CloudRef::Enrolled { enrolled } => {
-            let value: Value = ENROLLED.get(&ctx.gateway.store, enrolled)?;
-            let mut e = CloudEntry::inline(value).map_err(ExecError::from)?;
-            e.source = format!("enrolled cloud {enrolled:?}");
-            Ok(e)
-        }
+        CloudRef::Enrolled { enrolled } => enrolled_entry(&ctx.gateway.store, enrolled),
         other => CloudEntry::resolve(other).map_err(ExecError::from),
     }
+}
+
+/// The OpenStack clients of this process, shared by the commands and the watch loop
+/// ([`crate::watch`]), so both use one login per cloud.
+pub fn service() -> Arc<OpenstackService> {
+    static SERVICE: std::sync::OnceLock<Arc<OpenstackService>> = std::sync::OnceLock::new();
+    SERVICE
+        .get_or_init(|| Arc::new(OpenstackService::new()))
+        .clone()
 }
 
 async fn handle(
@@ -99,7 +111,7 @@ async fn handle(
 
 /// Adds the OpenStack commands to `r`.
 pub fn register(r: &mut Registry) {
-    let service = Arc::new(OpenstackService::new());
+    let service = service();
     for kind in command::KINDS {
         let service = service.clone();
         r.register(kind, move |ctx: ExecContext, p: Value| {

@@ -1,7 +1,8 @@
 //! The gateway's durable state on sled: its identity (certificate, CA, broker endpoints, and the
-//! private key sealed with the secret key file), the command journal and the result outbox, and
+//! private key sealed with the secret key file), the command journal and the result outbox,
 //! provider endpoints enrolled by name (BMCs in `bmcs`; vCenters and OpenStack clouds in
-//! `endpoints`, credentials sealed like the private key).
+//! `endpoints`, credentials sealed like the private key), and the declared machines of the
+//! watch loop with its action journal and event outbox ([`machines`]).
 //!
 //! The journal is what makes commands take effect exactly once: an id is written (and flushed)
 //! before the gateway acts on it, its result is written (and flushed) before it is sent, and an
@@ -13,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use ring::aead;
 use serde::{Deserialize, Serialize};
+
+pub mod machines;
 
 pub fn now_ms() -> i64 {
     i64::try_from(
@@ -160,6 +163,10 @@ pub struct Store {
     /// Operator settings kept in the store (the proxy URL, sealed: it may hold a password).
     settings: sled::Tree,
     endpoints: sled::Tree,
+    /// Declared machines, the watch loop's action journal and its event outbox ([`machines`]).
+    machines: sled::Tree,
+    watch_actions: sled::Tree,
+    watch_events: sled::Tree,
     key: aead::LessSafeKey,
 }
 
@@ -210,6 +217,9 @@ impl Store {
             bmcs: db.open_tree("bmcs").map_err(sled_err)?,
             settings: db.open_tree("settings").map_err(sled_err)?,
             endpoints: db.open_tree("endpoints").map_err(sled_err)?,
+            machines: db.open_tree("machines").map_err(sled_err)?,
+            watch_actions: db.open_tree("watch_actions").map_err(sled_err)?,
+            watch_events: db.open_tree("watch_events").map_err(sled_err)?,
             commit: pcg_durable::GroupCommit::new(db.clone()),
             key,
             path,

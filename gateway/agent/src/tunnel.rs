@@ -429,8 +429,9 @@ async fn session(
         t.down_since_ms = None;
     });
     tracing::info!(endpoint = %url, transport = transport.as_str(), proxy = ?via, "tunnel up");
-    // Results the broker has not acknowledged yet go out again.
+    // Results the broker has not acknowledged yet go out again; so does the watch loop's report.
     resend_outbox(gw);
+    crate::watch::tunnel_up(gw);
 
     let mut renewal: Option<(rcgen::KeyPair, Instant)> = None;
     let mut last_frame = Instant::now();
@@ -520,6 +521,8 @@ async fn session(
                             }
                         }
                         Some(BKind::BundleAck(a)) => gw.bundle_ack(a),
+                        Some(BKind::Machines(m)) => crate::watch::on_sync(gw, m),
+                        Some(BKind::WatchReportAck(a)) => crate::watch::report::on_ack(gw, a),
                         Some(BKind::Welcome(_)) | None => {}
                     }
                 }

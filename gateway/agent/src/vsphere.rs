@@ -92,9 +92,18 @@ async fn handle(
         .map_err(ExecError::from)
 }
 
+/// The vCenter sessions of this process, shared by the commands and the watch loop
+/// ([`crate::watch`]), so both use one session per endpoint.
+pub fn service() -> Arc<VsphereService> {
+    static SERVICE: std::sync::OnceLock<Arc<VsphereService>> = std::sync::OnceLock::new();
+    SERVICE
+        .get_or_init(|| Arc::new(VsphereService::new()))
+        .clone()
+}
+
 /// Adds the vSphere commands to `r`.
 pub fn register(r: &mut Registry) {
-    let service = Arc::new(VsphereService::new());
+    let service = service();
     for kind in KINDS {
         let service = service.clone();
         let h = move |ctx: ExecContext, payload: Value| handle(service.clone(), ctx, payload);

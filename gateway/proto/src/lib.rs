@@ -1,6 +1,7 @@
 //! The pcg contract between gateway and SaaS: the tunnel's protobuf messages and `Broker` gRPC
 //! service (generated from `proto/pcg/tunnel/v1/tunnel.proto`), the pairing token format, the
-//! JSON bodies of the pairing exchange, and secrets sealed to a gateway's key. Both sides depend on this crate and nothing else of
+//! JSON bodies of the pairing exchange, the documents of declared machines and the watch loop
+//! ([`machines`]), and secrets sealed to a gateway's key. Both sides depend on this crate and nothing else of
 //! each other.
 
 #[allow(
@@ -16,6 +17,7 @@ pub mod tunnel {
     }
 }
 
+pub mod machines;
 pub mod pairing;
 pub mod sealed;
 pub mod ws;

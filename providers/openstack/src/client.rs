@@ -162,6 +162,9 @@ pub struct OpenStack {
     session: Session,
     cloud: CloudEntry,
     timeout: Duration,
+    /// Requests sent to the services (retries included; not Keystone's): what a read costs,
+    /// for the watch loop's figures.
+    requests: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for OpenStack {
@@ -198,7 +201,18 @@ impl OpenStack {
             session,
             cloud,
             timeout,
+            requests: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// How many requests this client sent to Nova, Glance and Neutron (retries included).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self) {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The cloud this client is logged in to.
@@ -220,6 +234,7 @@ impl OpenStack {
         what: &str,
         fut: impl std::future::Future<Output = Result<T, osauth::Error>>,
     ) -> Result<T, ProviderError> {
+        self.count();
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r.map_err(|e| map_err(&self.ctx(what), e)),
             Err(_) => Err(ProviderError::Timeout {
@@ -242,6 +257,7 @@ impl OpenStack {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            self.count();
             match tokio::time::timeout(self.timeout, f()).await {
                 Ok(Err(e)) if attempt < 4 && e.kind() == osauth::ErrorKind::InternalServerError => {
                     tracing::warn!(operation = what, attempt, error = %e, "server error; retrying");

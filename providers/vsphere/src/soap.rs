@@ -164,6 +164,9 @@ struct Inner {
     page: u32,
     /// ContinueRetrievePropertiesEx calls made (diagnostics; tests check paging happened).
     continuations: AtomicU64,
+    /// SOAP requests sent on the session (every method call, retries included): what a read
+    /// costs, for the watch loop's figures and its tests.
+    requests: AtomicU64,
 }
 
 /// A vSphere Web Services client bound to one endpoint. Cloning shares the session.
@@ -253,6 +256,7 @@ impl Client {
                 last_used: StdMutex::new(Instant::now()),
                 page: ep.page_size.unwrap_or(DEFAULT_PAGE).max(1),
                 continuations: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
             }),
         };
         client.login(0).await?;
@@ -279,6 +283,12 @@ impl Client {
     /// How many ContinueRetrievePropertiesEx calls this client made.
     pub fn continuations(&self) -> u64 {
         self.inner.continuations.load(Ordering::Relaxed)
+    }
+
+    /// How many SOAP requests this client sent on its session (method calls, retries included;
+    /// not the login).
+    pub fn requests(&self) -> u64 {
+        self.inner.requests.load(Ordering::Relaxed)
     }
 
     /// The key of the current session (as SessionManager lists it), if logged in.
@@ -369,6 +379,7 @@ impl Client {
                 self.login(generation).await?;
                 continue;
             };
+            self.inner.requests.fetch_add(1, Ordering::Relaxed);
             let result = post(
                 &self.inner.http,
                 &self.inner.url,

@@ -136,6 +136,14 @@ pub struct GatewayView {
     pub last_seen_at: Option<String>,
     /// Commands stored for this gateway that have no result yet.
     pub pending_commands: usize,
+    /// Machines declared on it.
+    pub machines: usize,
+    /// Its latest health and inventory report (tunnel, store, watch loop, each enrolled
+    /// endpoint's reachability, last error and inventory summary); history at
+    /// `GET /v1/gateways/{id}/health`.
+    #[schema(value_type = Option<Object>)]
+    pub health: Option<serde_json::Value>,
+    pub health_received_at: Option<String>,
 }
 
 impl From<&GatewayState> for GatewayView {
@@ -165,6 +173,12 @@ impl From<&GatewayState> for GatewayView {
                 .or(g.last_seen_ms)
                 .map(ts),
             pending_commands: s.pending,
+            machines: s.machines,
+            health: s
+                .health
+                .as_ref()
+                .and_then(|h| serde_json::to_value(&h.health).ok()),
+            health_received_at: s.health.as_ref().map(|h| ts(h.received_ms)),
         }
     }
 }
@@ -300,6 +314,16 @@ pub struct EventView {
     pub gateway_id: Option<String>,
     pub kind: String,
     pub message: String,
+    /// The declared machine it is about (`machine.*` events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+    /// Marked as an alert (`machine.alert`, `machine.heal_budget_exhausted`).
+    pub alert: bool,
+    /// Structured facts: a drift's `before`, `after` and `drift`; a heal's `action`, `result`,
+    /// `provider_id` (and `previous_id` when it made a new VM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<serde_json::Value>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -347,6 +371,9 @@ impl From<Event> for EventView {
             gateway_id: e.gateway_id,
             kind: e.kind,
             message: e.message,
+            machine_id: e.machine_id,
+            alert: e.alert,
+            details: e.details,
         }
     }
 }
@@ -411,4 +438,154 @@ pub struct BatchOutcome {
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct BatchResponse {
     pub results: Vec<BatchOutcome>,
+}
+
+/// A machine declaration: the body of `POST /v1/gateways/{id}/machines` and `PUT
+/// /v1/machines/{id}` (see `pcg_proto::machines::Declaration`). Exactly one of `vsphere`,
+/// `openstack`, `bare_metal`; unknown fields are refused.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct DeclarationDoc {
+    /// A label for people.
+    pub name: String,
+    /// A VM on a vCenter enrolled with `vsphere.enrol`: `{"endpoint": NAME, "vm": VmSpec,
+    /// "adopt_id"?: MOREF}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsphere: Option<VmTargetDoc>,
+    /// A server on a cloud enrolled with `openstack.enrol`: `{"endpoint": {"enrolled": NAME},
+    /// "vm": VmSpec (placement provider openstack), "adopt_id"?: SERVER_ID}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub openstack: Option<VmTargetDoc>,
+    /// A node behind a BMC enrolled with `baremetal.enrol` (power only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bare_metal: Option<BareMetalTargetDoc>,
+    /// `on` (default) or `off`: the power state to keep.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power: Option<String>,
+    /// `observe`, `alert` (default) or `heal`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Default 3 heals per 3600 s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heal_budget: Option<HealBudgetDoc>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct VmTargetDoc {
+    /// vSphere: the enrolled vCenter's name; OpenStack: `{"enrolled": NAME}`.
+    #[schema(value_type = Object)]
+    pub endpoint: serde_json::Value,
+    /// The VM spec as `vsphere.create` takes it (name, source, cpus, memory_mib, networks,
+    /// user_data, metadata, placement), without `power_on`.
+    #[schema(value_type = Object)]
+    pub vm: serde_json::Value,
+    /// Adopt this existing VM instead of creating one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adopt_id: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct BareMetalTargetDoc {
+    pub bmc: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct HealBudgetDoc {
+    pub max_heals: u32,
+    pub window_seconds: u64,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct LastDriftView {
+    pub at: String,
+    /// `before`, `after` and `drift` (each field's desired and observed value).
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
+/// A declared machine: its declaration, and what its gateway applied and observed.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct MachineView {
+    pub id: String,
+    pub gateway_id: String,
+    pub name: String,
+    /// `vsphere`, `openstack` or `bare_metal`.
+    pub provider: String,
+    /// The declaration as stored.
+    #[schema(value_type = Object)]
+    pub declaration: serde_json::Value,
+    /// Bumped by every change of the declaration.
+    pub generation: u64,
+    /// The generation the gateway stored; it converges to it, even while its tunnel is down.
+    pub applied_generation: u64,
+    /// `pending` (not observed yet), `converging`, `in_sync`, `drifted`, `deleting`,
+    /// `invalid`, `unreachable`.
+    pub state: String,
+    pub deleting: bool,
+    /// What the gateway last observed: power, provider id (and earlier ids), drift, the use of
+    /// the heal budget, errors.
+    #[schema(value_type = Option<Object>)]
+    pub observed: Option<serde_json::Value>,
+    pub observed_at: Option<String>,
+    /// When the provider last showed the machine.
+    pub last_seen_at: Option<String>,
+    pub last_drift: Option<LastDriftView>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&crate::store::MachineRecord> for MachineView {
+    fn from(m: &crate::store::MachineRecord) -> Self {
+        let state = if m.deleting {
+            "deleting".to_string()
+        } else {
+            m.observed
+                .as_ref()
+                .and_then(|o| serde_json::to_value(o.state).ok())
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| "pending".into())
+        };
+        MachineView {
+            id: m.id.clone(),
+            gateway_id: m.gateway_id.clone(),
+            name: m.declaration.name.clone(),
+            provider: m.declaration.provider().as_str().to_string(),
+            declaration: serde_json::to_value(&m.declaration).unwrap_or_default(),
+            generation: m.generation,
+            applied_generation: m.applied_generation,
+            state,
+            deleting: m.deleting,
+            observed: m
+                .observed
+                .as_ref()
+                .and_then(|o| serde_json::to_value(o).ok()),
+            observed_at: m.observed.as_ref().map(|o| ts(o.observed_ms)),
+            last_seen_at: m.observed.as_ref().and_then(|o| o.last_seen_ms).map(ts),
+            last_drift: m.last_drift.as_ref().map(|d| LastDriftView {
+                at: ts(d.at_ms),
+                details: d.details.clone(),
+            }),
+            created_at: ts(m.created_ms),
+            updated_at: ts(m.updated_ms),
+        }
+    }
+}
+
+/// One health and inventory report of a gateway.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct HealthReportView {
+    pub received_at: String,
+    /// `pcg_proto::machines::Health`: tunnel, store, watch loop, endpoints.
+    #[schema(value_type = Object)]
+    pub health: serde_json::Value,
+}
+
+impl From<&crate::store::machines::HealthRecord> for HealthReportView {
+    fn from(h: &crate::store::machines::HealthRecord) -> Self {
+        HealthReportView {
+            received_at: ts(h.received_ms),
+            health: serde_json::to_value(&h.health).unwrap_or_default(),
+        }
+    }
 }

@@ -354,6 +354,12 @@ pub struct ListEventsQuery {
     /// Only events with a larger sequence number.
     pub since: Option<u64>,
     pub gateway_id: Option<String>,
+    /// Only events about this declared machine.
+    pub machine_id: Option<String>,
+    /// Only this kind (`machine.heal`), or kinds under a prefix ending in `.` (`machine.`).
+    pub kind: Option<String>,
+    /// `true`: only alerts; `false`: only events that are not alerts.
+    pub alert: Option<bool>,
     /// Default 100, at most 1000.
     pub limit: Option<usize>,
 }
@@ -365,12 +371,13 @@ pub async fn list_events(
     caller: Caller,
     Q(q): Q<ListEventsQuery>,
 ) -> ApiResult<Json<Vec<EventView>>> {
-    let evs = app.list_events(
-        &caller,
-        q.since,
-        q.gateway_id.as_deref(),
-        q.limit.unwrap_or(100),
-    )?;
+    let f = crate::store::EventFilter {
+        gateway_id: q.gateway_id,
+        machine_id: q.machine_id,
+        kind: q.kind,
+        alert: q.alert,
+    };
+    let evs = app.list_events(&caller, q.since, &f, q.limit.unwrap_or(100))?;
     Ok(Json(evs.into_iter().map(EventView::from).collect()))
 }
 
@@ -462,4 +469,98 @@ pub async fn submit_batch(
             })
             .collect(),
     }))
+}
+
+#[utoipa::path(post, path = "/v1/gateways/{id}/machines", params(("id" = String, Path)),
+    request_body = DeclarationDoc,
+    responses((status = 201, body = MachineView), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 422, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn declare_machine(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+    Body(d): Body<pcg_proto::machines::Declaration>,
+) -> ApiResult<(StatusCode, Json<MachineView>)> {
+    let m = app.declare_machine(&caller, &id, d).await?;
+    Ok((StatusCode::CREATED, Json(MachineView::from(&m))))
+}
+
+#[utoipa::path(get, path = "/v1/gateways/{id}/machines", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<MachineView>), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn list_machines(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+) -> ApiResult<Json<Vec<MachineView>>> {
+    Ok(Json(
+        app.list_machines(&caller, &id)?
+            .iter()
+            .map(MachineView::from)
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/machines/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = MachineView), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get_machine(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+) -> ApiResult<Json<MachineView>> {
+    Ok(Json((&app.get_machine(&caller, &id)?).into()))
+}
+
+#[utoipa::path(put, path = "/v1/machines/{id}", params(("id" = String, Path)),
+    request_body = DeclarationDoc,
+    responses((status = 200, description = "The declaration replaced, with the next generation; healing resumes if its budget ran out", body = MachineView),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn update_machine(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+    Body(d): Body<pcg_proto::machines::Declaration>,
+) -> ApiResult<Json<MachineView>> {
+    Ok(Json((&app.update_machine(&caller, &id, d).await?).into()))
+}
+
+#[utoipa::path(delete, path = "/v1/machines/{id}", params(("id" = String, Path)),
+    responses((status = 202, description = "Being deleted: the gateway deletes the VM (a bare-metal node is left as it is), then the machine is gone", body = MachineView),
+              (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn delete_machine(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+) -> ApiResult<(StatusCode, Json<MachineView>)> {
+    let m = app.delete_machine(&caller, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(MachineView::from(&m))))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HealthQuery {
+    /// At most this many, newest first (default 100, at most 1000).
+    pub limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/gateways/{id}/health", params(("id" = String, Path), HealthQuery),
+    responses((status = 200, body = Vec<HealthReportView>), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn gateway_health(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    PathId(id): PathId,
+    Q(q): Q<HealthQuery>,
+) -> ApiResult<Json<Vec<HealthReportView>>> {
+    Ok(Json(
+        app.health_history(&caller, &id, q.limit.unwrap_or(100))?
+            .iter()
+            .map(HealthReportView::from)
+            .collect(),
+    ))
 }

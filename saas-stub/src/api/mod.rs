@@ -1,5 +1,5 @@
-//! The REST API (axum): tenants, API keys, pairing tokens, gateways, commands, events, and the
-//! pairing endpoint gateways call with their token.
+//! The REST API (axum): tenants, API keys, pairing tokens, gateways, commands, events, declared
+//! machines, and the pairing endpoint gateways call with their token.
 //!
 //! Every request but `/healthz`, `/v1/ca`, `/openapi.json` and `/v1/pair` carries
 //! `Authorization: Bearer pcgk_...`. The operator key (written to `operator.key` in the data
@@ -203,6 +203,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/gateways/{id}/revoke", post(revoke_gateway))
         .route("/v1/gateways/{id}/commands", post(submit_command))
         .route("/v1/gateways/{id}/bundles", get(list_bundles))
+        .route(
+            "/v1/gateways/{id}/machines",
+            post(declare_machine).get(list_machines),
+        )
+        .route("/v1/gateways/{id}/health", get(gateway_health))
+        .route(
+            "/v1/machines/{id}",
+            get(get_machine).put(update_machine).delete(delete_machine),
+        )
         .route("/v1/bundles/{id}", get(get_bundle))
         .route("/v1/commands", get(list_commands))
         .route(
@@ -268,6 +277,30 @@ mod tests {
         })
         .expect("serialise");
         assert_eq!(wire, doc);
+    }
+
+    #[test]
+    fn declaration_schema_matches_the_wire_type() {
+        let wire = serde_json::json!({
+            "name": "web",
+            "vsphere": {"endpoint": "lab", "vm": {"name": "w"}, "adopt_id": "vm-1"},
+            "power": "off",
+            "policy": "heal",
+            "heal_budget": {"max_heals": 2, "window_seconds": 60},
+        });
+        let d: pcg_proto::machines::Declaration =
+            serde_json::from_value(wire.clone()).expect("wire type");
+        let doc: dto::DeclarationDoc = serde_json::from_value(wire.clone()).expect("doc type");
+        assert_eq!(serde_json::to_value(&d).expect("serialise"), wire);
+        assert_eq!(serde_json::to_value(&doc).expect("serialise"), wire);
+        let bm = serde_json::json!({"name": "n", "bare_metal": {"bmc": "b", "system": "s"}});
+        let doc: dto::DeclarationDoc = serde_json::from_value(bm.clone()).expect("doc type");
+        let d: pcg_proto::machines::Declaration = serde_json::from_value(bm).expect("wire");
+        let mut from_wire = serde_json::to_value(&d).expect("serialise");
+        for k in ["power", "policy", "heal_budget"] {
+            from_wire.as_object_mut().expect("object").remove(k);
+        }
+        assert_eq!(serde_json::to_value(&doc).expect("serialise"), from_wire);
     }
 
     fn test_app() -> (tempfile::TempDir, Arc<App>) {

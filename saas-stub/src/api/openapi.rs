@@ -31,11 +31,12 @@ impl utoipa::Modify for SecurityAddon {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "pcg-saas", description = "REST API of the pcg SaaS companion: tenants, API keys, pairing tokens, gateways, commands and events."),
+    info(title = "pcg-saas", description = "REST API of the pcg SaaS companion: tenants, API keys, pairing tokens, gateways, commands, events and declared machines."),
     paths(healthz, ca_pem, pair, create_tenant, list_tenants, create_api_key, list_api_keys,
           revoke_api_key, create_token, list_tokens, revoke_token, list_gateways, get_gateway,
           revoke_gateway, submit_command, list_commands, get_command, cancel_command, list_events,
-          list_bundles, get_bundle, submit_batch),
+          list_bundles, get_bundle, submit_batch, declare_machine, list_machines, get_machine,
+          update_machine, delete_machine, gateway_health),
     modifiers(&SecurityAddon)
 )]
 struct ApiDoc;

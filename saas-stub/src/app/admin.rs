@@ -131,16 +131,18 @@ impl App {
         &self,
         caller: &Caller,
         since: Option<u64>,
-        gateway_id: Option<&str>,
+        f: &crate::store::EventFilter,
         limit: usize,
     ) -> AppResult<Vec<Event>> {
-        if gateway_id.is_some_and(|g| !plausible_id(g)) {
+        if f.gateway_id.as_deref().is_some_and(|g| !plausible_id(g))
+            || f.machine_id.as_deref().is_some_and(|m| !plausible_id(m))
+        {
             return Ok(Vec::new());
         }
-        Ok(self.store.events(
+        Ok(self.store.events_where(
             caller.0.tenant_id.as_deref(),
             since,
-            gateway_id,
+            f,
             limit.clamp(1, 1000),
         )?)
     }

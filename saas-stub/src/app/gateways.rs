@@ -10,6 +10,9 @@ pub struct GatewayState {
     pub tunnel: Option<crate::broker::Tunnel>,
     /// Commands stored for it without a result yet.
     pub pending: usize,
+    /// Machines declared on it, and its latest health report.
+    pub machines: usize,
+    pub health: Option<crate::store::machines::HealthRecord>,
 }
 
 impl App {
@@ -49,6 +52,12 @@ impl App {
         GatewayState {
             tunnel: self.tunnels.get(&g.id),
             pending: self.commands.pending_count(&g.id),
+            machines: self.store.machine_count(&g.id),
+            health: self
+                .store
+                .health_history(&g.id, 1)
+                .ok()
+                .and_then(|mut h| h.pop()),
             gateway: g,
         }
     }

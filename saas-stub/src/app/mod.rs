@@ -1,5 +1,5 @@
 //! The application layer: every operation of pcg-saas (tenants, API keys, pairing tokens,
-//! pairing, gateways, commands, events) as methods of [`App`], with typed errors
+//! pairing, gateways, commands, events, declared machines) as methods of [`App`], with typed errors
 //! ([`AppError`]). The REST handlers (`crate::api`) and the broker (`crate::broker`) are thin
 //! layers over it: they parse, call one method, and render.
 
@@ -7,6 +7,7 @@ pub mod admin;
 pub mod commands;
 pub mod error;
 pub mod gateways;
+pub mod machines;
 mod pairing;
 pub mod waiters;
 
@@ -53,6 +54,9 @@ pub struct App {
     /// Keys the fingerprint of idempotent requests (kept apart from the store, so a stolen
     /// database cannot test guesses of a request body against it).
     idempotency_key: ring::hmac::Key,
+    /// Orders declared-machine frames to tunnels: a change pushed while a full set is being read
+    /// and sent waits for it (see [`crate::watch`]).
+    pub(crate) machine_sync: std::sync::Mutex<()>,
     /// When a refused tunnel of an identity was last recorded as an event (rate limit).
     pub(crate) refused_events:
         std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
@@ -150,6 +154,7 @@ pub fn open(
         inner_tls: std::sync::OnceLock::new(),
         idempotency_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &idem),
         refused_events: std::sync::Mutex::new(std::collections::HashMap::new()),
+        machine_sync: std::sync::Mutex::new(()),
     }))
 }
 
@@ -295,6 +300,14 @@ impl App {
             Ok(n) if n > 0 => tracing::info!(pruned = n, "deleted events past retention"),
             Ok(_) => {}
             Err(e) => tracing::warn!("pruning events failed: {e}"),
+        }
+        match self.store.prune_health(
+            now - i64::try_from(self.cfg.health_retention_hours.saturating_mul(3_600_000))
+                .unwrap_or(i64::MAX / 2),
+        ) {
+            Ok(n) if n > 0 => tracing::info!(pruned = n, "deleted health reports past retention"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pruning health reports failed: {e}"),
         }
         match self.store.prune_idempotency(self.idempotency_window_ms()) {
             Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot expired idempotency keys"),

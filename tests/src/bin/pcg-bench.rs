@@ -16,6 +16,9 @@
 //! a vCenter and a BMC enrolled) beside `pcgctl status`, and with a silent endpoint — a vCenter,
 //! then the SaaS, whose packets a network namespace's firewall drops (root) — with the default
 //! bounds and with a total bound shorter than the check timeout.
+//! `pcg-bench watch` measures the watch loop over `--vms` VMs of one vcsim, each declared
+//! (adopted): the gateway's cycle and the requests one cycle costs, beside the same read by
+//! pcg-vsphere alone, govmomi's listing and one `get` per VM (see `pcg_e2e::machines::bench`).
 //!
 //! Build the binaries first (`cargo build --release --bins`), then run
 //! `target/release/pcg-bench` so it starts the release daemons beside it.
@@ -75,6 +78,11 @@ struct Args {
     /// not know.
     #[arg(long)]
     baseline: bool,
+    /// `watch`: VMs of the vcsim (each declared), and watch cycles measured.
+    #[arg(long, default_value_t = 1000)]
+    vms: usize,
+    #[arg(long, default_value_t = 10)]
+    cycles: usize,
 }
 
 struct Figures {
@@ -848,6 +856,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.scenario == "diag" {
         return diag(&args, root.path()).await;
+    }
+    if args.scenario == "watch" {
+        return pcg_e2e::machines::bench(args.vms, args.cycles, root.path(), &args.out).await;
     }
     perf(args, root.path()).await
 }

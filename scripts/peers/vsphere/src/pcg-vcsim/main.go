@@ -13,10 +13,12 @@
 //	    maxObjects with ContinueRetrievePropertiesEx tokens, as vCenter does (paging.go).
 //	    -method-delay METHOD=DURATION (repeatable) answers that method later, as a busy vCenter
 //	    would (e.g. CloneVM_Task=4s: a clone that takes a while).
-//	pcg-vcsim ref -url URL -ca FILE [-user U -pass P] list|inventory|bench N
+//	pcg-vcsim ref -url URL -ca FILE [-user U -pass P] list|inventory|bench N|power MOREF on|off|destroy MOREF
 //	    the reference client: "list" prints every VM as JSON lines (moref, name, power state,
 //	    template flag, pcg command id), "inventory" prints every managed entity (type, moref,
-//	    name), "bench N" lists every VM N times and prints the median in milliseconds.
+//	    name), "bench N" lists every VM N times and prints the median in milliseconds, "power"
+//	    powers a VM on or off and "destroy" deletes it (changes made behind pcg's back, for the
+//	    watch loop's tests), each printing the VM's moref and what was done.
 //	pcg-vcsim ova [-import] [-set key=value ...] FILE.ova
 //	    reads an OVA with govmomi's ovf package and prints it as JSON; -import deploys it into an
 //	    in-process simulator (ImportVApp + lease upload). See ova.go.
@@ -51,6 +53,7 @@ import (
 
 	"github.com/vmware/govmomi"
 	"github.com/vmware/govmomi/find"
+	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/session"
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/view"
@@ -406,8 +409,34 @@ func ref(args []string) error {
 		}
 		sort.Float64s(times)
 		fmt.Printf("{\"vms\":%d,\"runs\":%d,\"median_ms\":%.2f}\n", count, n, times[n/2])
+	case "power", "destroy":
+		vm := object.NewVirtualMachine(c.Client, types.ManagedObjectReference{Type: "VirtualMachine", Value: fs.Arg(1)})
+		var task *object.Task
+		switch {
+		case fs.Arg(0) == "destroy":
+			task, err = vm.Destroy(ctx)
+		case fs.Arg(2) == "on":
+			task, err = vm.PowerOn(ctx)
+		case fs.Arg(2) == "off":
+			task, err = vm.PowerOff(ctx)
+		default:
+			return fmt.Errorf("power needs a moref and on or off")
+		}
+		if err != nil {
+			return err
+		}
+		if err := task.Wait(ctx); err != nil {
+			return err
+		}
+		done := fs.Arg(0)
+		if done == "power" {
+			done = "power " + fs.Arg(2)
+		}
+		if err := out.Encode(map[string]string{"id": fs.Arg(1), "done": done}); err != nil {
+			return err
+		}
 	default:
-		return fmt.Errorf("unknown ref command %q (list, inventory, bench N)", fs.Arg(0))
+		return fmt.Errorf("unknown ref command %q (list, inventory, bench N, power MOREF on|off, destroy MOREF)", fs.Arg(0))
 	}
 	return nil
 }
