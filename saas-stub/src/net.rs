@@ -57,6 +57,11 @@ pub fn busy_message(retry_after_ms: u64) -> Vec<u8> {
 /// a younger one makes the new connection wait its turn elsewhere (told "busy").
 const STALLED_HANDSHAKE: Duration = Duration::from_secs(2);
 
+/// A connection whose ClientHello has not fully arrived this long after it was accepted gives
+/// way to a new one at once: a client that means to talk sends its ClientHello right after
+/// connecting, so a full queue of silent or dribbling connections cannot turn real clients away.
+const SILENT_HANDSHAKE: Duration = Duration::from_millis(500);
+
 /// Established connections across every listener of the process, kept below the descriptor
 /// limit so that accepting never fails for lack of descriptors while the store needs some.
 #[derive(Clone)]
@@ -190,19 +195,68 @@ impl Drop for IpSlot {
     }
 }
 
-/// Handshakes under way, oldest first; the oldest is cancelled when a new one needs room and it
-/// looks stalled.
+/// Handshakes under way, oldest first: those still waiting for their ClientHello (`silent`) and
+/// those being computed (`hello`). When a new connection needs room, the oldest silent one past
+/// [`SILENT_HANDSHAKE`] is cancelled, else the oldest of all past [`STALLED_HANDSHAKE`];
+/// otherwise the new connection is told "busy".
 #[derive(Default)]
 struct Pending {
     next: u64,
-    by_age: BTreeMap<u64, (CancellationToken, Instant)>,
+    silent: BTreeMap<u64, (CancellationToken, Instant)>,
+    hello: BTreeMap<u64, (CancellationToken, Instant)>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.silent.len() + self.hello.len()
+    }
+
+    /// Cancels the handshake that gives way to a new connection, if one may; false when none.
+    fn evict(&mut self) -> bool {
+        let silent = self
+            .silent
+            .first_key_value()
+            .filter(|(_, (_, at))| at.elapsed() >= SILENT_HANDSHAKE)
+            .map(|(k, _)| *k);
+        let victim = match silent {
+            Some(k) => self.silent.remove(&k),
+            None => {
+                let stalled = |m: &BTreeMap<u64, (CancellationToken, Instant)>| {
+                    m.first_key_value()
+                        .filter(|(_, (_, at))| at.elapsed() >= STALLED_HANDSHAKE)
+                        .map(|(k, _)| *k)
+                };
+                match (stalled(&self.silent), stalled(&self.hello)) {
+                    (Some(a), Some(b)) if a < b => self.silent.remove(&a),
+                    (_, Some(b)) => self.hello.remove(&b),
+                    (Some(a), None) => self.silent.remove(&a),
+                    (None, None) => None,
+                }
+            }
+        };
+        match victim {
+            Some((cancel, _)) => {
+                cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 fn pending_remove(p: &Mutex<Pending>, seq: u64) {
-    p.lock()
-        .expect("pending lock is never poisoned")
-        .by_age
-        .remove(&seq);
+    let mut p = p.lock().expect("pending lock is never poisoned");
+    if p.silent.remove(&seq).is_none() {
+        p.hello.remove(&seq);
+    }
+}
+
+/// The ClientHello of handshake `seq` has arrived: it is no longer silent.
+fn pending_hello(p: &Mutex<Pending>, seq: u64) {
+    let mut p = p.lock().expect("pending lock is never poisoned");
+    if let Some(v) = p.silent.remove(&seq) {
+        p.hello.insert(seq, v);
+    }
 }
 
 /// Counts what the listener refused, for logs and health.
@@ -280,22 +334,15 @@ pub async fn serve<M, S>(
         let seq = {
             let mut p = pending.lock().expect("pending lock is never poisoned");
             let mut busy = None;
-            while p.by_age.len() >= limits.max_pending_handshakes.max(1) {
-                let stalled = p
-                    .by_age
-                    .first_key_value()
-                    .is_some_and(|(_, (_, at))| at.elapsed() >= STALLED_HANDSHAKE);
-                if !stalled {
+            while p.len() >= limits.max_pending_handshakes.max(1) {
+                if !p.evict() {
                     // Roughly how long the queue ahead takes, spread so they do not return
                     // together.
-                    let queue = p.by_age.len() as u64;
+                    let queue = p.len() as u64;
                     busy = Some(1_000 + queue * 4 + rand::random_range(0..1_000));
                     break;
                 }
-                if let Some((_, (oldest, _))) = p.by_age.pop_first() {
-                    oldest.cancel();
-                    stats.evicted_handshakes.fetch_add(1, Ordering::Relaxed);
-                }
+                stats.evicted_handshakes.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(ms) = busy {
                 drop(p);
@@ -305,7 +352,7 @@ pub async fn serve<M, S>(
             }
             let seq = p.next;
             p.next += 1;
-            p.by_age.insert(seq, (cancel.clone(), Instant::now()));
+            p.silent.insert(seq, (cancel.clone(), Instant::now()));
             seq
         };
         let conn = Conn {
@@ -375,6 +422,7 @@ impl Conn {
             let start =
                 tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
                     .await?;
+            pending_hello(&pending, seq);
             let _turn = handshakes.acquire().await;
             start.into_stream(tls).await
         };
@@ -571,5 +619,44 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(age: Duration) -> (CancellationToken, Instant) {
+        let at = Instant::now()
+            .checked_sub(age)
+            .expect("the clock is past the age");
+        (CancellationToken::new(), at)
+    }
+
+    #[test]
+    fn a_full_queue_gives_way_to_silent_connections_first_then_stalled_ones() {
+        let mut p = Pending::default();
+        // Handshakes under way for a moment, and one connection silent for a second.
+        p.hello.insert(1, entry(Duration::from_millis(100)));
+        p.hello.insert(2, entry(Duration::from_millis(100)));
+        p.silent.insert(3, entry(Duration::from_secs(1)));
+        p.silent.insert(4, entry(Duration::from_millis(10)));
+        let silent_one = p.silent[&3].0.clone();
+        assert!(p.evict());
+        assert!(silent_one.is_cancelled(), "the silent connection gives way first");
+        assert_eq!(p.len(), 3);
+        // A young silent connection and young handshakes: nobody gives way (the newcomer is busy).
+        assert!(!p.evict());
+        assert_eq!(p.len(), 3);
+        // A handshake under way for longer than the stall bound gives way.
+        p.hello.insert(0, entry(Duration::from_secs(3)));
+        let stalled = p.hello[&0].0.clone();
+        assert!(p.evict());
+        assert!(stalled.is_cancelled());
+        // A ClientHello that arrives moves the connection out of the silent ones.
+        let m = Mutex::new(p);
+        pending_hello(&m, 4);
+        let p = m.into_inner().expect("not poisoned");
+        assert!(p.silent.is_empty() && p.hello.contains_key(&4));
     }
 }
