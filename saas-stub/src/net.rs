@@ -57,11 +57,6 @@ pub fn busy_message(retry_after_ms: u64) -> Vec<u8> {
 /// a younger one makes the new connection wait its turn elsewhere (told "busy").
 const STALLED_HANDSHAKE: Duration = Duration::from_secs(2);
 
-/// A connection whose ClientHello has not fully arrived this long after it was accepted gives
-/// way to a new one at once: a client that means to talk sends its ClientHello right after
-/// connecting, so a full queue of silent or dribbling connections cannot turn real clients away.
-const SILENT_HANDSHAKE: Duration = Duration::from_millis(500);
-
 /// Established connections across every listener of the process, kept below the descriptor
 /// limit so that accepting never fails for lack of descriptors while the store needs some.
 #[derive(Clone)]
@@ -196,9 +191,12 @@ impl Drop for IpSlot {
 }
 
 /// Handshakes under way, oldest first: those still waiting for their ClientHello (`silent`) and
-/// those being computed (`hello`). When a new connection needs room, the oldest silent one past
-/// [`SILENT_HANDSHAKE`] is cancelled, else the oldest of all past [`STALLED_HANDSHAKE`];
-/// otherwise the new connection is told "busy".
+/// those being computed (`hello`). When a new connection needs room, the oldest silent one is
+/// cancelled (a client that means to talk sends its ClientHello with its first packets, and the
+/// connection leaves `silent` on its first read, so a flood of silent or dribbling connections
+/// cannot turn real clients away, even while the listener still accepts the flood's backlog),
+/// else the oldest under way past [`STALLED_HANDSHAKE`]; otherwise the new connection is told
+/// "busy".
 #[derive(Default)]
 struct Pending {
     next: u64,
@@ -213,25 +211,15 @@ impl Pending {
 
     /// Cancels the handshake that gives way to a new connection, if one may; false when none.
     fn evict(&mut self) -> bool {
-        let silent = self
-            .silent
-            .first_key_value()
-            .filter(|(_, (_, at))| at.elapsed() >= SILENT_HANDSHAKE)
-            .map(|(k, _)| *k);
-        let victim = match silent {
-            Some(k) => self.silent.remove(&k),
+        let victim = match self.silent.pop_first() {
+            Some((_, v)) => Some(v),
             None => {
-                let stalled = |m: &BTreeMap<u64, (CancellationToken, Instant)>| {
-                    m.first_key_value()
-                        .filter(|(_, (_, at))| at.elapsed() >= STALLED_HANDSHAKE)
-                        .map(|(k, _)| *k)
-                };
-                match (stalled(&self.silent), stalled(&self.hello)) {
-                    (Some(a), Some(b)) if a < b => self.silent.remove(&a),
-                    (_, Some(b)) => self.hello.remove(&b),
-                    (Some(a), None) => self.silent.remove(&a),
-                    (None, None) => None,
-                }
+                let stalled = self
+                    .hello
+                    .first_key_value()
+                    .filter(|(_, (_, at))| at.elapsed() >= STALLED_HANDSHAKE)
+                    .map(|(k, _)| *k);
+                stalled.and_then(|k| self.hello.remove(&k))
             }
         };
         match victim {
@@ -641,22 +629,26 @@ mod tests {
         p.hello.insert(2, entry(Duration::from_millis(100)));
         p.silent.insert(3, entry(Duration::from_secs(1)));
         p.silent.insert(4, entry(Duration::from_millis(10)));
-        let silent_one = p.silent[&3].0.clone();
+        let (oldest_silent, young_silent) = (p.silent[&3].0.clone(), p.silent[&4].0.clone());
+        // The silent connections give way first, oldest first, however young.
         assert!(p.evict());
-        assert!(silent_one.is_cancelled(), "the silent connection gives way first");
-        assert_eq!(p.len(), 3);
-        // A young silent connection and young handshakes: nobody gives way (the newcomer is busy).
+        assert!(oldest_silent.is_cancelled());
+        assert!(p.evict());
+        assert!(young_silent.is_cancelled());
+        assert_eq!(p.len(), 2);
+        // Only young handshakes under way: nobody gives way (the newcomer is told busy).
         assert!(!p.evict());
-        assert_eq!(p.len(), 3);
+        assert_eq!(p.len(), 2);
         // A handshake under way for longer than the stall bound gives way.
         p.hello.insert(0, entry(Duration::from_secs(3)));
         let stalled = p.hello[&0].0.clone();
         assert!(p.evict());
         assert!(stalled.is_cancelled());
         // A ClientHello that arrives moves the connection out of the silent ones.
+        p.silent.insert(5, entry(Duration::ZERO));
         let m = Mutex::new(p);
-        pending_hello(&m, 4);
+        pending_hello(&m, 5);
         let p = m.into_inner().expect("not poisoned");
-        assert!(p.silent.is_empty() && p.hello.contains_key(&4));
+        assert!(p.silent.is_empty() && p.hello.contains_key(&5));
     }
 }

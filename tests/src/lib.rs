@@ -201,7 +201,10 @@ impl Saas {
             .arg(&cfg)
             .arg("--ready-file")
             .arg(&ready)
-            .env("PCG_LOG", std::env::var("PCG_TEST_SAAS_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "PCG_LOG",
+                std::env::var("PCG_TEST_SAAS_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log_file(dir, "saas"))
             .spawn()

@@ -113,7 +113,17 @@ async fn floods_do_not_stop_service_under_a_1024_descriptor_limit() {
         .unwrap();
     for i in 0..20 {
         let r = fresh.get(format!("{}/healthz", saas.api)).send().await;
-        let r = r.unwrap_or_else(|e| panic!("healthz #{i} failed under the flood: {e:?}\nSaaS log (last lines):\n{}", saas.log().lines().rev().take(30).collect::<Vec<_>>().join("\n")));
+        let r = r.unwrap_or_else(|e| {
+            panic!(
+                "healthz #{i} failed under the flood: {e:?}\nSaaS log (last lines):\n{}",
+                saas.log()
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
         assert_eq!(r.status().as_u16(), 200);
     }
     // The gateway keeps its tunnel, and commands still go through it.
