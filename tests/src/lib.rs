@@ -707,6 +707,34 @@ impl Tmpfs {
         }
         Ok(Tmpfs(at.to_path_buf()))
     }
+
+    /// A tmpfs for a test at `at`; `None` (the test skips, saying why) where none can be
+    /// mounted, unless `PCG_REQUIRE_PEERS` is set, which fails instead.
+    pub fn for_test(at: &Path, size: &str) -> Option<Tmpfs> {
+        match Tmpfs::mount(at, size) {
+            Ok(t) => Some(t),
+            Err(why) => {
+                assert!(
+                    std::env::var_os("PCG_REQUIRE_PEERS").is_none(),
+                    "cannot mount a tmpfs ({why}) and PCG_REQUIRE_PEERS is set: run the tests as root"
+                );
+                eprintln!("!!!!!!!! SKIPPED: this test needs a tmpfs (root): {why} !!!!!!!!");
+                None
+            }
+        }
+    }
+
+    /// Fills the filesystem with the file `name` under the mount point, to the last byte;
+    /// returns its path (remove it to make room again).
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write as _;
+        let path = self.0.join(name);
+        let mut f = std::fs::File::create(&path).expect("create the filler file");
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(&[1u8]).is_ok() {}
+        path
+    }
 }
 
 impl Drop for Tmpfs {

@@ -683,16 +683,8 @@ async fn fault_wrong_bmc_password() {
 async fn fault_full_disk_under_the_data_directory() {
     let dir = pcg_e2e::test_dir();
     let data = dir.path().join("gw/data");
-    let tmpfs = match Tmpfs::mount(&data, "96m") {
-        Ok(t) => t,
-        Err(why) => {
-            assert!(
-                std::env::var_os("PCG_REQUIRE_PEERS").is_none(),
-                "cannot mount a tmpfs ({why}) and PCG_REQUIRE_PEERS is set: run the tests as root"
-            );
-            eprintln!("!!!!!!!! SKIPPED: the full-disk fault needs a tmpfs (root): {why} !!!!!!!!");
-            return;
-        }
+    let Some(tmpfs) = Tmpfs::for_test(&data, "96m") else {
+        return;
     };
     let (_saas, _key, token) = saas_and_token(dir.path(), SaasOptions::default()).await;
     let mut gw = Gw::new(&dir.path().join("gw")).unwrap();
@@ -706,16 +698,7 @@ async fn fault_full_disk_under_the_data_directory() {
     assert_eq!(code, Some(1), "{}", pretty(&r));
     assert_eq!(find(&r, "store", "")["status"], "warn", "{}", pretty(&r));
 
-    {
-        use std::io::Write as _;
-        let mut f = std::fs::File::create(data.join("filler")).unwrap();
-        let chunk = vec![0u8; 64 << 10];
-        while f.write_all(&chunk).is_ok() {}
-        let mut byte = [0u8; 1];
-        while f.write_all(&byte[..]).is_ok() {
-            byte[0] = 1;
-        }
-    }
+    tmpfs.fill("filler");
     // The daemon holds the store: no room left is a failure; the path to the SaaS is fine.
     let (code, r) = gw.diag(&none(), &[]);
     assert_eq!(r["ran_in"], "daemon");
