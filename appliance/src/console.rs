@@ -6,7 +6,9 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-/// The gateway's state as `pcgctl status --json` reports it, or why it could not be read.
+/// The gateway's state as `pcgctl status --json` reports it, or why it could not be read. Its
+/// exit status tells the state too (0 connected, 2 not paired, 3 down, 4 revoked): each of those
+/// printed the report; 1 (or anything else) is pcgctl failing.
 pub fn gateway_status(pcgctl: &std::path::Path, config: &std::path::Path) -> Result<Value, String> {
     let out = Command::new(pcgctl)
         .arg("--config")
@@ -15,8 +17,13 @@ pub fn gateway_status(pcgctl: &std::path::Path, config: &std::path::Path) -> Res
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run {}: {e}", pcgctl.display()))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    if !matches!(out.status.code(), Some(0 | 2 | 3 | 4)) {
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(if err.is_empty() {
+            format!("pcgctl status exited with {}", out.status)
+        } else {
+            err
+        });
     }
     serde_json::from_slice(&out.stdout).map_err(|e| format!("pcgctl status --json: {e}"))
 }
@@ -202,6 +209,29 @@ mod tests {
             down.contains("status unavailable: the gateway daemon is not running"),
             "{down}"
         );
+    }
+
+    /// pcgctl's own exit statuses for the gateway's state (2: not paired) still carry the
+    /// report; a pcgctl that failed (1) is an error with its message.
+    #[test]
+    fn status_exit_codes_carry_the_report() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("pcg-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let fake = |name: &str, body: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            p
+        };
+        let unpaired = fake("unpaired", "echo '{\"paired\": false}'; exit 2");
+        let failed = fake("failed", "echo 'error: cannot open the store' >&2; exit 1");
+        let cfg = dir.join("gateway.toml");
+        let v = gateway_status(&unpaired, &cfg).expect("exit 2 is a report");
+        assert_eq!(v["paired"], false);
+        let e = gateway_status(&failed, &cfg).expect_err("exit 1 is a failure");
+        assert_eq!(e, "error: cannot open the store");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -446,12 +446,7 @@ pub fn redact_userinfo(u: &str) -> String {
 
 /// What `pcgctl status --json` says about pairing: `Some(gateway id)` when paired.
 fn paired_as(host: &Host) -> Result<Option<String>, String> {
-    let out = run(Command::new(&host.pcgctl)
-        .arg("--config")
-        .arg(&host.gateway_config)
-        .args(["status", "--json"]))?;
-    let v: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| format!("pcgctl status --json printed something unexpected: {e}"))?;
+    let v = crate::console::gateway_status(&host.pcgctl, &host.gateway_config)?;
     Ok(v["paired"]
         .as_bool()
         .unwrap_or(false)
