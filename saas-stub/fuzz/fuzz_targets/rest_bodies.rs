@@ -1,7 +1,9 @@
 //! Fuzzes the JSON bodies of every REST route that takes one (tenants, API keys, pairing
-//! tokens, pairing, command submit) through the real router and application layer: whatever
-//! the bytes, the answer is a success or an error in the documented JSON format, never a panic
-//! and never a 5xx.
+//! tokens, pairing, command submit, batch submit, machine declarations and updates, cancel)
+//! through the real router and application layer, against a gateway paired for real (so a
+//! body gets past the gateway lookup into each route's own validation): whatever the bytes,
+//! the answer is a success or an error in the documented JSON format, never a panic and never
+//! a 5xx.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -14,6 +16,8 @@ struct World {
     operator: String,
     tenant_key: String,
     gateway: String,
+    command: String,
+    machine: String,
     _dir: tempfile::TempDir,
 }
 
@@ -36,10 +40,34 @@ fn world() -> &'static World {
             .trim()
             .to_string();
         let router = pcg_saas::api::router(app);
-        let (tenant_key, gateway) = rt.block_on(async {
+        let (tenant_key, gateway, command, machine) = rt.block_on(async {
             let v = call(&router, "POST", "/v1/tenants", &operator, br#"{"name":"fuzz"}"#).await;
             let key = v.1["admin_api_key"].as_str().expect("tenant key").to_string();
-            (key, "gw_0000000000000000".to_string())
+            let gateway = pair(&router, &key).await;
+            // A command that stays queued (no tunnel) for the cancel route, and a declared
+            // machine for the update route.
+            let v = call(
+                &router,
+                "POST",
+                &format!("/v1/gateways/{gateway}/commands"),
+                &key,
+                br#"{"kind":"gateway.echo","payload":{}}"#,
+            )
+            .await;
+            let command = v.1["id"].as_str().expect("command id").to_string();
+            let v = call(
+                &router,
+                "POST",
+                &format!("/v1/gateways/{gateway}/machines"),
+                &key,
+                br#"{"name":"fuzz-node","bare_metal":{"bmc":"bmc1"},"power":"off","policy":"observe"}"#,
+            )
+            .await;
+            let machine = v.1["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("declaring a machine failed: {} {}", v.0, v.1))
+                .to_string();
+            (key, gateway, command, machine)
         });
         World {
             rt,
@@ -47,9 +75,48 @@ fn world() -> &'static World {
             operator,
             tenant_key,
             gateway,
+            command,
+            machine,
             _dir: dir,
         }
     })
+}
+
+/// Pairs a gateway the way pcg-gateway does (a pairing token, then `POST /v1/pair` with a CSR);
+/// returns its id.
+async fn pair(router: &axum::Router, tenant_key: &str) -> String {
+    let v = call(
+        router,
+        "POST",
+        "/v1/pairing-tokens",
+        tenant_key,
+        br#"{"name":"fuzz"}"#,
+    )
+    .await;
+    let token = v.1["token"].as_str().expect("pairing token");
+    let token = pcg_proto::pairing::PairingToken::decode(token).expect("token decodes");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "fuzz-gateway");
+    let csr = params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    let body = serde_json::json!({
+        "token_id": token.token_id,
+        "secret": token.secret,
+        "csr_pem": csr,
+        "hostname": "fuzz-gateway",
+        "gateway_version": "0.0.0",
+    });
+    let v = call(router, "POST", "/v1/pair", "", body.to_string().as_bytes()).await;
+    v.1["gateway_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("pairing failed: {} {}", v.0, v.1))
+        .to_string()
 }
 
 async fn call(
@@ -88,20 +155,32 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let commands = format!("/v1/gateways/{}/commands", w.gateway);
-    let (uri, key) = match route % 5 {
-        0 => ("/v1/tenants", w.operator.as_str()),
-        1 => ("/v1/api-keys", w.tenant_key.as_str()),
-        2 => ("/v1/pairing-tokens", w.tenant_key.as_str()),
-        3 => ("/v1/pair", ""),
-        _ => (commands.as_str(), w.tenant_key.as_str()),
+    let machines = format!("/v1/gateways/{}/machines", w.gateway);
+    let machine = format!("/v1/machines/{}", w.machine);
+    let cancel = format!("/v1/commands/{}/cancel", w.command);
+    let tenant = w.tenant_key.as_str();
+    let (method, uri, key) = match route % 9 {
+        0 => ("POST", "/v1/tenants", w.operator.as_str()),
+        1 => ("POST", "/v1/api-keys", tenant),
+        2 => ("POST", "/v1/pairing-tokens", tenant),
+        3 => ("POST", "/v1/pair", ""),
+        4 => ("POST", commands.as_str(), tenant),
+        5 => ("POST", "/v1/commands/batch", tenant),
+        6 => ("POST", machines.as_str(), tenant),
+        7 => ("PUT", machine.as_str(), tenant),
+        _ => ("POST", cancel.as_str(), tenant),
     };
-    let (status, v, ct) = w.rt.block_on(call(&w.router, "POST", uri, key, body));
+    let (status, v, ct) = w.rt.block_on(call(&w.router, method, uri, key, body));
     assert!(!status.is_server_error(), "{uri}: {status} {v}");
     if !status.is_success() {
         assert!(
-            ct.as_deref().is_some_and(|c| c.starts_with("application/json")),
+            ct.as_deref()
+                .is_some_and(|c| c.starts_with("application/json")),
             "{uri}: {status} answered {ct:?}"
         );
-        assert!(v["error"]["code"].is_string() && v["error"]["message"].is_string(), "{uri}: {v}");
+        assert!(
+            v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+            "{uri}: {v}"
+        );
     }
 });
