@@ -313,6 +313,10 @@ async fn bundle_chunk(
     }
 }
 
+/// How long a frame for a gateway (a command, a cancel, a result's acknowledgement) may wait
+/// for room in its tunnel's queue before the tunnel is taken for stuck and closed.
+const DELIVERY_WAIT: Duration = Duration::from_secs(5);
+
 /// Hands a freshly stored command to its gateway's tunnel if one is up. If the tunnel cannot
 /// take it within a few seconds the tunnel is closed, so that the gateway redials and gets the
 /// command through the replay of pending commands; nothing is lost either way.
@@ -325,7 +329,7 @@ pub async fn deliver(app: &App, cmd: &Command) {
         return;
     };
     let frame = command_frame(&updated);
-    match tokio::time::timeout(Duration::from_secs(5), t.tx.send(Ok(frame))).await {
+    match tokio::time::timeout(DELIVERY_WAIT, t.tx.send(Ok(frame))).await {
         Ok(Ok(())) => {
             app.metrics.commands_delivered.inc();
         }
@@ -345,7 +349,7 @@ pub async fn send_cancel(app: &App, cmd: &Command) {
     let Some(t) = app.tunnels.get(&cmd.gateway_id) else {
         return;
     };
-    let sent = tokio::time::timeout(Duration::from_secs(5), t.tx.send(Ok(cancel_frame(cmd))));
+    let sent = tokio::time::timeout(DELIVERY_WAIT, t.tx.send(Ok(cancel_frame(cmd))));
     if sent.await.is_err() {
         tracing::warn!(gateway = %cmd.gateway_id, "tunnel not draining; closing it so the gateway redials");
         if app.tunnels.remove_if(&cmd.gateway_id, t.conn_id) {
@@ -646,7 +650,7 @@ async fn session(
     // records it as cancelled (never running it) if it never had it.
     for c in app.commands.pending(&gateway_id) {
         if c.cancel.is_some() {
-            let sent = tokio::time::timeout(Duration::from_secs(5), tx.send(Ok(cancel_frame(&c))));
+            let sent = tokio::time::timeout(DELIVERY_WAIT, tx.send(Ok(cancel_frame(&c))));
             if !matches!(sent.await, Ok(Ok(()))) {
                 // Not draining (or gone): the gateway redials and gets the replay again.
                 if app.tunnels.remove_if(&gateway_id, conn_id) {
@@ -808,8 +812,9 @@ async fn handle_frame(
             // Acknowledged once durable, without holding up this tunnel's reading: the flush
             // joins the group commit of every other write under way. A result the store cannot
             // keep is not acknowledged, and the tunnel is closed: the gateway sends it again.
-            // A congested tunnel is closed too (never waited on); the gateway redials and sends
-            // the result again, which is acknowledged then.
+            // The acknowledgement waits for room behind the commands being delivered (a burst
+            // fills the queue for a while), as a delivery does; a tunnel that takes nothing
+            // for DELIVERY_WAIT is closed, and the gateway redials and sends the result again.
             let (app2, tx2, close2) = (session.app.clone(), tx.clone(), session.close.clone());
             session.app.tasks.spawn(async move {
                 if let Err(e) = app2.store.flush().await {
@@ -823,8 +828,14 @@ async fn handle_frame(
                         command_id: r.command_id,
                     })),
                 };
-                if tx2.try_send(Ok(ack)).is_err() {
-                    close2.notify_one();
+                match tokio::time::timeout(DELIVERY_WAIT, tx2.send(Ok(ack))).await {
+                    Ok(Ok(())) => {}
+                    // The tunnel ended: the gateway sends the result again on its next one.
+                    Ok(Err(_)) => {}
+                    Err(_) => {
+                        tracing::warn!("tunnel not draining; closing it so the gateway redials");
+                        close2.notify_one();
+                    }
                 }
             });
         }

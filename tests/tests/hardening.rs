@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use pcg_e2e::{wait_for, Gw, Saas, SaasOptions};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -722,4 +723,89 @@ fn pcgctl_writing_to_a_closed_pipe_does_not_panic() {
         // Not paired: status's own exit code, not a crash (101).
         assert_eq!(out.status.code(), Some(2), "pcgctl {args:?}: {err}");
     }
+}
+
+/// A burst larger than both tunnel queues (the broker's 4,096 frames, the gateway's 1,024):
+/// 20,000 commands in batches of 1,000, eight batches in flight, to one gateway. Every command
+/// runs once, and the tunnel stays up throughout: acknowledgements and results wait for room
+/// behind the burst instead of being dropped (the broker used to close the tunnel when a
+/// result's acknowledgement found its queue full, and the gateway left a result that found its
+/// queue full for the next heartbeat).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_larger_than_the_tunnel_queues_keeps_the_tunnel() {
+    const N: usize = 20_000;
+    let dir = pcg_e2e::test_dir();
+    let (saas, gw, key, gw_id) = pcg_e2e::paired(
+        dir.path(),
+        // Heartbeats as in production, not the suite's 500 ms: the test is about the queues,
+        // and a busy machine can starve a debug-built gateway of CPU for more than the 1.5 s
+        // of silence a 500 ms interval tolerates.
+        SaasOptions {
+            heartbeat_ms: Some(5000),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let connects = |s: &Value| s["tunnel"]["connects"].as_u64().unwrap_or(0);
+    let before = connects(&gw.status().unwrap());
+    let batches: Vec<Value> = (0..N)
+        .collect::<Vec<_>>()
+        .chunks(1000)
+        .map(|c| {
+            let items: Vec<Value> = c
+                .iter()
+                .map(
+                    |i| json!({"gateway_id": gw_id, "kind": "gateway.ledger", "payload": {"n": i}}),
+                )
+                .collect();
+            json!({ "commands": items })
+        })
+        .collect();
+    let saas = Arc::new(saas);
+    let answers: Vec<_> = futures_util::stream::iter(batches)
+        .map(|body| {
+            let (saas, key) = (saas.clone(), key.clone());
+            async move {
+                saas.ok("POST", "/v1/commands/batch", &key, Some(body))
+                    .await
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    for a in answers {
+        let v = a.unwrap();
+        assert!(
+            v["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["status"] == 201),
+            "a batch item was refused"
+        );
+    }
+    wait_for(
+        "every command of the burst done",
+        Duration::from_secs(240),
+        || async {
+            let v = saas
+                .ok("GET", &format!("/v1/gateways/{gw_id}"), &key, None)
+                .await
+                .ok()?;
+            (v["pending_commands"] == 0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let ledger = gw.ledger_ids();
+    assert_eq!(ledger.len(), N, "each command ran once");
+    assert_eq!(ledger.iter().collect::<HashSet<_>>().len(), N);
+    let after = gw.status().unwrap();
+    assert_eq!(
+        connects(&after),
+        before,
+        "the tunnel was redialled during the burst: {after}\ngateway log:\n{}",
+        gw.log()
+    );
 }

@@ -276,14 +276,84 @@ fn result_frame(id: &str, r: &StoredResult) -> GatewayFrame {
     }
 }
 
-/// Sends a result on the current tunnel, if any, without ever waiting: a result stays in the
-/// outbox until acknowledged, so one that cannot be queued now is sent again from the outbox
-/// (on the next heartbeat tick, or on the next tunnel).
+/// Sends a result on the current tunnel, if any, without ever waiting. A result stays in the
+/// outbox until acknowledged; one that finds the tunnel's queue full is handed to the tunnel's
+/// result pump ([`pump_overflow`]), which sends it as soon as there is room. Without a tunnel,
+/// the next one sends the whole outbox when it comes up.
 pub fn send_result(gw: &Gateway, id: &str, r: &StoredResult) {
     if let Some(tx) = gw.outbound() {
         if tx.try_send(result_frame(id, r)).is_err() {
-            gw.outbox_dirty
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            gw.overflow.push(id);
+        }
+    }
+}
+
+/// Ids of results that found the tunnel's queue full, waiting for room.
+#[derive(Default)]
+pub struct Overflow {
+    ids: std::sync::Mutex<std::collections::HashSet<String>>,
+    kick: tokio::sync::Notify,
+}
+
+impl Overflow {
+    fn push(&self, id: &str) {
+        self.ids
+            .lock()
+            .expect("overflow lock is never poisoned")
+            .insert(id.to_string());
+        self.kick.notify_one();
+    }
+
+    /// Forgets every id (a new tunnel sends the whole outbox anyway).
+    pub(crate) fn clear(&self) {
+        self.ids
+            .lock()
+            .expect("overflow lock is never poisoned")
+            .clear();
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.ids.lock().expect("overflow lock is never poisoned"))
+            .into_iter()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids
+            .lock()
+            .expect("overflow lock is never poisoned")
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The result pump of one tunnel: sends the results that found `tx` full, waiting for room
+/// (never dropping one), until the tunnel ends. A result acknowledged meanwhile (no longer in
+/// the outbox) is skipped. It runs beside the tunnel's read loop, never in it: a read loop
+/// that waited for room to send could deadlock with a broker waiting for room to deliver.
+pub async fn pump_overflow(gw: Arc<Gateway>, tx: tokio::sync::mpsc::Sender<GatewayFrame>) {
+    loop {
+        let ids = gw.overflow.take();
+        if ids.is_empty() {
+            gw.overflow.kick.notified().await;
+            continue;
+        }
+        for id in ids {
+            let r = match gw.store.outbox_result(&id) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(command = %id, "cannot read a result from the outbox: {e}");
+                    continue;
+                }
+            };
+            if tx.send(result_frame(&id, &r)).await.is_err() {
+                // The tunnel ended: the next one sends the whole outbox.
+                return;
+            }
         }
     }
 }

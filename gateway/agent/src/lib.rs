@@ -74,8 +74,9 @@ pub struct Gateway {
     pub metrics: metrics::Metrics,
     /// The watch loop's state (declared machines, observations, reports).
     pub watch: watch::Watch,
-    /// Set when a result could not be queued on the tunnel; the outbox is sent again.
-    pub(crate) outbox_dirty: std::sync::atomic::AtomicBool,
+    /// Results that found the tunnel's queue full: the tunnel's result pump sends them as soon
+    /// as there is room (see [`executor::send_result`]).
+    pub(crate) overflow: executor::Overflow,
     started: Instant,
     tunnel: Mutex<TunnelStatus>,
     /// When the tunnel status last changed (Unix ms): the tunnel loop's progress, which the
@@ -104,7 +105,7 @@ impl Gateway {
             identity_gen: tokio::sync::watch::Sender::new(0),
             pairing: tokio::sync::Mutex::new(()),
             bare_metal: baremetal::service(),
-            outbox_dirty: std::sync::atomic::AtomicBool::new(false),
+            overflow: executor::Overflow::default(),
             metrics: metrics::Metrics::default(),
             watch: watch::Watch::default(),
             started: Instant::now(),

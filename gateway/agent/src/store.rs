@@ -552,6 +552,19 @@ impl Store {
         Ok(out)
     }
 
+    /// The result of `id` waiting in the outbox, if it is still there (not acknowledged).
+    pub fn outbox_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError> {
+        match self.outbox.get(id.as_bytes()).map_err(self.err())? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what: format!("outbox entry {id}"),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
     pub fn outbox_depth(&self) -> usize {
         self.outbox.len()
     }

@@ -429,7 +429,14 @@ async fn session(
         t.down_since_ms = None;
     });
     tracing::info!(endpoint = %url, transport = transport.as_str(), proxy = ?via, "tunnel up");
-    // Results the broker has not acknowledged yet go out again; so does the watch loop's report.
+    // Results the broker has not acknowledged yet go out again (those that do not fit in the
+    // queue through this tunnel's result pump, which ends with the tunnel); so does the watch
+    // loop's report.
+    gw.overflow.clear();
+    let _pump = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(executor::pump_overflow(
+        gw.clone(),
+        tx.clone(),
+    )));
     resend_outbox(gw);
     crate::watch::tunnel_up(gw);
 
@@ -531,9 +538,6 @@ async fn session(
                 Err(s) => return retry(format!("tunnel broken: {}", s.message())),
             },
             _ = ticker.tick() => {
-                if gw.outbox_dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                    resend_outbox(gw);
-                }
                 // Renew at two thirds of the certificate's lifetime; ask again after a minute
                 // without an answer.
                 let due = gw.store.identity().ok().flatten().is_some_and(|i| now_ms() >= i.renew_at_ms());
