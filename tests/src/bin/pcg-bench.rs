@@ -83,6 +83,9 @@ struct Args {
     vms: usize,
     #[arg(long, default_value_t = 10)]
     cycles: usize,
+    /// Keep the working directory (every service's data directory and log) and print its path.
+    #[arg(long)]
+    keep: bool,
 }
 
 struct Figures {
@@ -850,17 +853,25 @@ async fn diag(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let root = tempfile::Builder::new().prefix("pcg-bench-").tempdir()?;
+    let dir = tempfile::Builder::new().prefix("pcg-bench-").tempdir()?;
+    let (_remove_on_exit, root) = if args.keep {
+        let kept = dir.keep();
+        println!("pcg-bench: working directory (kept): {}", kept.display());
+        (None, kept)
+    } else {
+        let path = dir.path().to_path_buf();
+        (Some(dir), path)
+    };
     if args.scenario == "transports" {
-        return transports(&args, root.path()).await;
+        return transports(&args, &root).await;
     }
     if args.scenario == "diag" {
-        return diag(&args, root.path()).await;
+        return diag(&args, &root).await;
     }
     if args.scenario == "watch" {
-        return pcg_e2e::machines::bench(args.vms, args.cycles, root.path(), &args.out).await;
+        return pcg_e2e::machines::bench(args.vms, args.cycles, &root, &args.out).await;
     }
-    perf(args, root.path()).await
+    perf(args, &root).await
 }
 
 fn print_rows(rows: &[Figures]) {
@@ -904,9 +915,14 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
             &root.join("saas"),
             SaasOptions {
                 heartbeat_ms: Some(5000),
-                // Room for the storm's tunnels and its setups.
+                // Room for the storm's tunnels and its setups: every tunnel comes from
+                // 127.0.0.1, and the storm's tunnels plus the bench's own REST connections
+                // must fit under the connection cap (10,000 by default).
                 extra_toml: if storm > 0 && !args.baseline {
-                    "max_connections_per_ip = 100000\n".into()
+                    format!(
+                        "max_connections_per_ip = 100000\nmax_connections = {}\n",
+                        storm + 1000
+                    )
                 } else {
                     String::new()
                 },
