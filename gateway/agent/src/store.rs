@@ -233,6 +233,24 @@ impl Store {
         }
     }
 
+    /// The JSON record under `key` in `tree`, decoded; `what` names it when it does not decode.
+    fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        tree: &sled::Tree,
+        key: impl AsRef<[u8]>,
+        what: impl FnOnce() -> String,
+    ) -> Result<Option<T>, StoreError> {
+        match tree.get(key).map_err(self.err())? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what: what(),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
     /// Synchronous disk flushes done so far (group commit: each serves every waiter queued).
     pub fn flushes(&self) -> u64 {
         self.commit.flushes()
@@ -246,15 +264,7 @@ impl Store {
     // --- identity ------------------------------------------------------------------------
 
     pub fn identity(&self) -> Result<Option<Identity>, StoreError> {
-        match self.identity.get(IDENTITY_KEY).map_err(self.err())? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    what: "identity".into(),
-                    message: e.to_string(),
-                }),
-        }
+        self.read(&self.identity, IDENTITY_KEY, || "identity".into())
     }
 
     pub fn set_identity(&self, id: &Identity) -> Result<(), StoreError> {
@@ -340,15 +350,7 @@ impl Store {
     }
 
     pub fn bmc(&self, name: &str) -> Result<Option<BmcRecord>, StoreError> {
-        match self.bmcs.get(name.as_bytes()).map_err(self.err())? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    what: format!("BMC {name}"),
-                    message: e.to_string(),
-                }),
-        }
+        self.read(&self.bmcs, name, || format!("BMC {name}"))
     }
 
     pub fn bmc_names(&self) -> Vec<String> {
@@ -423,19 +425,9 @@ impl Store {
         provider: &str,
         name: &str,
     ) -> Result<Option<EndpointRecord>, StoreError> {
-        match self
-            .endpoints
-            .get(Self::endpoint_key(provider, name))
-            .map_err(self.err())?
-        {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    what: format!("{provider} endpoint {name}"),
-                    message: e.to_string(),
-                }),
-        }
+        self.read(&self.endpoints, Self::endpoint_key(provider, name), || {
+            format!("{provider} endpoint {name}")
+        })
     }
 
     /// Names of the endpoints enrolled for `provider`, sorted.
@@ -452,15 +444,7 @@ impl Store {
     // --- journal and outbox -----------------------------------------------------------------
 
     pub fn entry(&self, id: &str) -> Result<Option<JournalEntry>, StoreError> {
-        match self.journal.get(id.as_bytes()).map_err(self.err())? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    what: format!("journal entry {id}"),
-                    message: e.to_string(),
-                }),
-        }
+        self.read(&self.journal, id, || format!("journal entry {id}"))
     }
 
     /// Journals a new command as running. Returns the existing entry instead when the id is
@@ -554,15 +538,7 @@ impl Store {
 
     /// The result of `id` waiting in the outbox, if it is still there (not acknowledged).
     pub fn outbox_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError> {
-        match self.outbox.get(id.as_bytes()).map_err(self.err())? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    what: format!("outbox entry {id}"),
-                    message: e.to_string(),
-                }),
-        }
+        self.read(&self.outbox, id, || format!("outbox entry {id}"))
     }
 
     pub fn outbox_depth(&self) -> usize {
