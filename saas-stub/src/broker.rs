@@ -317,6 +317,23 @@ async fn bundle_chunk(
 /// for room in its tunnel's queue before the tunnel is taken for stuck and closed.
 const DELIVERY_WAIT: Duration = Duration::from_secs(5);
 
+/// Offers `frame` to a tunnel's queue, waiting up to [`DELIVERY_WAIT`] for room. A tunnel that
+/// takes nothing for that long is taken for stuck and closed through `close` (its session then
+/// ends and unregisters it): the gateway redials and gets what is still pending in the replay,
+/// and sends again the results it has not seen acknowledged. Returns whether it was queued.
+async fn send_or_close(tx: &Tx, close: &Notify, gateway_id: &str, frame: BrokerFrame) -> bool {
+    match tokio::time::timeout(DELIVERY_WAIT, tx.send(Ok(frame))).await {
+        Ok(Ok(())) => true,
+        // The tunnel ended: what it did not take goes out on the next one.
+        Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::warn!(gateway = %gateway_id, "tunnel not draining; closing it so the gateway redials");
+            close.notify_one();
+            false
+        }
+    }
+}
+
 /// Hands a freshly stored command to its gateway's tunnel if one is up. If the tunnel cannot
 /// take it within a few seconds the tunnel is closed, so that the gateway redials and gets the
 /// command through the replay of pending commands; nothing is lost either way.
@@ -328,18 +345,8 @@ pub async fn deliver(app: &App, cmd: &Command) {
     let Some(updated) = app.commands.delivered(&cmd.id) else {
         return;
     };
-    let frame = command_frame(&updated);
-    match tokio::time::timeout(DELIVERY_WAIT, t.tx.send(Ok(frame))).await {
-        Ok(Ok(())) => {
-            app.metrics.commands_delivered.inc();
-        }
-        Ok(Err(_)) => {} // tunnel ended; replay on reconnect
-        Err(_) => {
-            tracing::warn!(gateway = %cmd.gateway_id, "tunnel not draining; closing it so the gateway redials");
-            if app.tunnels.remove_if(&cmd.gateway_id, t.conn_id) {
-                t.close.notify_one();
-            }
-        }
+    if send_or_close(&t.tx, &t.close, &cmd.gateway_id, command_frame(&updated)).await {
+        app.metrics.commands_delivered.inc();
     }
 }
 
@@ -349,13 +356,7 @@ pub async fn send_cancel(app: &App, cmd: &Command) {
     let Some(t) = app.tunnels.get(&cmd.gateway_id) else {
         return;
     };
-    let sent = tokio::time::timeout(DELIVERY_WAIT, t.tx.send(Ok(cancel_frame(cmd))));
-    if sent.await.is_err() {
-        tracing::warn!(gateway = %cmd.gateway_id, "tunnel not draining; closing it so the gateway redials");
-        if app.tunnels.remove_if(&cmd.gateway_id, t.conn_id) {
-            t.close.notify_one();
-        }
-    }
+    send_or_close(&t.tx, &t.close, &cmd.gateway_id, cancel_frame(cmd)).await;
 }
 
 /// Who opened a tunnel, from its client certificate, and how it arrived.
@@ -650,12 +651,8 @@ async fn session(
     // records it as cancelled (never running it) if it never had it.
     for c in app.commands.pending(&gateway_id) {
         if c.cancel.is_some() {
-            let sent = tokio::time::timeout(DELIVERY_WAIT, tx.send(Ok(cancel_frame(&c))));
-            if !matches!(sent.await, Ok(Ok(()))) {
+            if !send_or_close(&tx, &close, &gateway_id, cancel_frame(&c)).await {
                 // Not draining (or gone): the gateway redials and gets the replay again.
-                if app.tunnels.remove_if(&gateway_id, conn_id) {
-                    close.notify_one();
-                }
                 break;
             }
         } else {
@@ -816,6 +813,7 @@ async fn handle_frame(
             // fills the queue for a while), as a delivery does; a tunnel that takes nothing
             // for DELIVERY_WAIT is closed, and the gateway redials and sends the result again.
             let (app2, tx2, close2) = (session.app.clone(), tx.clone(), session.close.clone());
+            let gateway_id = gateway_id.to_string();
             session.app.tasks.spawn(async move {
                 if let Err(e) = app2.store.flush().await {
                     tracing::error!(command = %r.command_id, "cannot make a result durable: {e}");
@@ -828,15 +826,7 @@ async fn handle_frame(
                         command_id: r.command_id,
                     })),
                 };
-                match tokio::time::timeout(DELIVERY_WAIT, tx2.send(Ok(ack))).await {
-                    Ok(Ok(())) => {}
-                    // The tunnel ended: the gateway sends the result again on its next one.
-                    Ok(Err(_)) => {}
-                    Err(_) => {
-                        tracing::warn!("tunnel not draining; closing it so the gateway redials");
-                        close2.notify_one();
-                    }
-                }
+                send_or_close(&tx2, &close2, &gateway_id, ack).await;
             });
         }
         Some(GKind::Renew(r)) => {
