@@ -1,6 +1,8 @@
 //! `pcg-saas`: the SaaS companion binary. `pcg-saas serve` runs the REST API and the broker;
 //! `pcg-saas openapi` prints the OpenAPI document of the REST API.
 
+pcg_obs::allocator!();
+
 use std::path::PathBuf;
 
 use anyhow::Context as _;

@@ -1,6 +1,8 @@
 //! `pcg-gateway`: the gateway daemon. `pcg-gateway run` runs until SIGINT/SIGTERM;
 //! `pcg-gateway schemas` prints the JSON Schemas of the command payloads.
 
+pcg_obs::allocator!();
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
