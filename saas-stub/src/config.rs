@@ -45,8 +45,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Connections from one IP address, per listener.
     pub max_connections_per_ip: usize,
-    /// TLS handshakes waiting or under way, per listener; past it a new connection either
-    /// replaces the oldest (when it looks stalled) or is told to come back later.
+    /// TLS handshakes waiting or under way, per listener, at least (more while they complete
+    /// fast enough to finish within half the handshake timeout and the connection budget has
+    /// room); past it a new connection either replaces the oldest (when it looks stalled) or is
+    /// told to come back later.
     pub max_pending_handshakes: usize,
     /// TLS handshakes computed at once, per listener (the rest wait their turn).
     pub max_concurrent_handshakes: usize,

@@ -4,8 +4,9 @@
 //!
 //! What a client cannot do to it:
 //! - hold a connection without finishing the TLS handshake: each handshake is bounded in time,
-//!   and when `max_pending_handshakes` are under way the oldest is dropped to make room, so a
-//!   flood of silent connections cannot lock a real client out;
+//!   and when the pending handshakes fill their room (at least `max_pending_handshakes`, more
+//!   while handshakes complete fast enough, see [`Pending`]) the oldest silent one is dropped
+//!   to make room, so a flood of silent connections cannot lock a real client out;
 //! - take more than `max_connections_per_ip` connections from one address (refused at once);
 //! - push the process past its descriptor limit: established connections share one budget
 //!   ([`ConnBudget`]) sized below `RLIMIT_NOFILE`; past it new connections are closed at once
@@ -197,16 +198,63 @@ impl Drop for IpSlot {
 /// cannot turn real clients away, even while the listener still accepts the flood's backlog),
 /// else the oldest under way past [`STALLED_HANDSHAKE`]; otherwise the new connection is told
 /// "busy".
+///
+/// How many may be under way grows with how fast handshakes complete: at least
+/// `max_pending_handshakes`, and up to as many as complete in half the handshake timeout at the
+/// rate measured over the last seconds (so each can still finish in time), never more than the
+/// connection budget has room for (a handshake finished for a connection the budget then
+/// refuses is wasted work). A connection told "busy" is given the time the queue ahead of it
+/// takes to drain at that rate, spread so the refused do not return together.
 #[derive(Default)]
 struct Pending {
     next: u64,
     silent: BTreeMap<u64, (CancellationToken, Instant)>,
     hello: BTreeMap<u64, (CancellationToken, Instant)>,
+    /// Handshakes completed since start.
+    done: u64,
+    /// Handshakes completed per second (smoothed), and the window it is being measured over.
+    rate: f64,
+    window: Option<(Instant, u64)>,
 }
+
+/// How often the completion rate is measured.
+const RATE_WINDOW: Duration = Duration::from_millis(250);
 
 impl Pending {
     fn len(&self) -> usize {
         self.silent.len() + self.hello.len()
+    }
+
+    /// Handshakes that may be under way now: see the type's documentation.
+    fn room(&mut self, floor: usize, spare: usize, timeout: Duration) -> usize {
+        let now = Instant::now();
+        match self.window {
+            Some((at, n)) if now.duration_since(at) >= RATE_WINDOW => {
+                let measured = (self.done - n) as f64 / now.duration_since(at).as_secs_f64();
+                self.rate = if self.rate == 0.0 {
+                    measured
+                } else {
+                    (self.rate + measured) / 2.0
+                };
+                self.window = Some((now, self.done));
+            }
+            Some(_) => {}
+            None => self.window = Some((now, self.done)),
+        }
+        let in_time = (self.rate * timeout.as_secs_f64() / 2.0) as usize;
+        in_time.min(spare).max(floor)
+    }
+
+    /// How long a refused connection should wait: the queue's drain time at the measured rate
+    /// plus as much again at random, at least 1 s and at most 30 s.
+    fn retry_after_ms(&self) -> u64 {
+        let queue = self.len() as u64;
+        let drain_ms = if self.rate >= 1.0 {
+            (queue as f64 * 1_000.0 / self.rate) as u64
+        } else {
+            queue * 4
+        };
+        (1_000.max(drain_ms) + rand::random_range(0..1_000.max(drain_ms))).min(30_000)
     }
 
     /// Cancels the handshake that gives way to a new connection, if one may; false when none.
@@ -232,10 +280,14 @@ impl Pending {
     }
 }
 
-fn pending_remove(p: &Mutex<Pending>, seq: u64) {
+/// Handshake `seq` is no longer under way; `completed` when it succeeded.
+fn pending_remove(p: &Mutex<Pending>, seq: u64, completed: bool) {
     let mut p = p.lock().expect("pending lock is never poisoned");
     if p.silent.remove(&seq).is_none() {
         p.hello.remove(&seq);
+    }
+    if completed {
+        p.done += 1;
     }
 }
 
@@ -322,12 +374,14 @@ pub async fn serve<M, S>(
         let seq = {
             let mut p = pending.lock().expect("pending lock is never poisoned");
             let mut busy = None;
-            while p.len() >= limits.max_pending_handshakes.max(1) {
+            let room = p.room(
+                limits.max_pending_handshakes.max(1),
+                budget.sem.available_permits(),
+                limits.handshake_timeout,
+            );
+            while p.len() >= room {
                 if !p.evict() {
-                    // Roughly how long the queue ahead takes, spread so they do not return
-                    // together.
-                    let queue = p.len() as u64;
-                    busy = Some(1_000 + queue * 4 + rand::random_range(0..1_000));
+                    busy = Some(p.retry_after_ms());
                     break;
                 }
                 stats.evicted_handshakes.fetch_add(1, Ordering::Relaxed);
@@ -335,7 +389,7 @@ pub async fn serve<M, S>(
             if let Some(ms) = busy {
                 drop(p);
                 stats.refused_busy.fetch_add(1, Ordering::Relaxed);
-                refuse(&tcp, ms.min(30_000));
+                refuse(&tcp, ms);
                 continue;
             }
             let seq = p.next;
@@ -421,11 +475,11 @@ impl Conn {
                 return;
             }
             _ = shutdown.cancelled() => {
-                pending_remove(&pending, seq);
+                pending_remove(&pending, seq, false);
                 return;
             }
         };
-        pending_remove(&pending, seq);
+        pending_remove(&pending, seq, matches!(handshake, Ok(Ok(_))));
         let tls = match handshake {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -619,6 +673,45 @@ mod tests {
             .checked_sub(age)
             .expect("the clock is past the age");
         (CancellationToken::new(), at)
+    }
+
+    #[test]
+    fn the_room_for_handshakes_follows_their_completion_rate_within_the_budget() {
+        let timeout = Duration::from_secs(10);
+        let mut p = Pending::default();
+        // Nothing measured yet: the configured floor.
+        assert_eq!(p.room(256, 10_000, timeout), 256);
+        // 2,000 handshakes completed in the first window of about a second.
+        let started = Instant::now()
+            .checked_sub(Duration::from_millis(1_000))
+            .expect("the clock is past a second");
+        p.window = Some((started, 0));
+        p.done = 2_000;
+        let room = p.room(256, 100_000, timeout);
+        assert!(
+            (8_000..=10_000).contains(&room),
+            "about 2,000/s × 5 s, got {room}"
+        );
+        // Never more than the connection budget has room for, never less than the floor.
+        assert_eq!(p.room(256, 3_000, timeout), 3_000);
+        assert_eq!(p.room(256, 10, timeout), 256);
+        // Told busy: the queue's drain time at that rate, spread, within 1–30 s.
+        for n in 0..4_000u64 {
+            p.hello.insert(n, entry(Duration::ZERO));
+        }
+        for _ in 0..100 {
+            let ms = p.retry_after_ms();
+            assert!((1_800..=30_000).contains(&ms), "{ms}");
+        }
+        // A slow machine (20 handshakes/s over the next window): the room falls back.
+        p.hello.clear();
+        let earlier = Instant::now()
+            .checked_sub(Duration::from_secs(10))
+            .expect("the clock is past ten seconds");
+        p.window = Some((earlier, p.done));
+        p.rate = 0.0;
+        p.done += 200;
+        assert_eq!(p.room(256, 100_000, timeout), 256);
     }
 
     #[test]

@@ -86,6 +86,9 @@ struct Args {
     /// Keep the working directory (every service's data directory and log) and print its path.
     #[arg(long)]
     keep: bool,
+    /// `tunnel`: lines added to pcg-saas's configuration (TOML), to compare settings.
+    #[arg(long, default_value = "")]
+    saas_toml: String,
 }
 
 struct Figures {
@@ -920,11 +923,12 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
                 // must fit under the connection cap (10,000 by default).
                 extra_toml: if storm > 0 && !args.baseline {
                     format!(
-                        "max_connections_per_ip = 100000\nmax_connections = {}\n",
-                        storm + 1000
+                        "max_connections_per_ip = 100000\nmax_connections = {}\n{}\n",
+                        storm + 1000,
+                        args.saas_toml
                     )
                 } else {
-                    String::new()
+                    format!("{}\n", args.saas_toml)
                 },
                 ..Default::default()
             },
