@@ -374,7 +374,7 @@ async fn fault_tls_intercepting_proxy() {
         &r,
         "tls",
         &saas.api_listen.to_string(),
-        &["intercepted by the proxy", &proxy_ca_sha],
+        &["TLS intercepted by a proxy", &proxy_ca_sha],
     );
     assert!(
         c["action"]

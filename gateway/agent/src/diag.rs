@@ -1221,85 +1221,8 @@ fn dns_name(proxy: &Option<crate::transport::Proxy>, t: &Target) -> String {
 /// A dial error as a finding: what failed and what to do, separately.
 fn dial_finding(e: &DialError) -> Finding {
     match e {
-        DialError::BadUrl { url, reason } => fail(
-            format!("the URL {url} is not usable: {reason}"),
-            "pair again with a token for the right SaaS URL",
-        ),
-        DialError::Dns { host, reason } => fail(
-            format!("cannot resolve {host}: {reason}"),
-            "check DNS: the resolvers in /etc/resolv.conf and the SaaS host's records (or the hosts file)",
-        ),
-        DialError::Unreachable { addr, reason } => fail(
-            format!("cannot connect to {addr}: {reason}"),
-            "check that the firewall allows outbound TCP to it, or configure the HTTPS proxy (pcgctl proxy set, the proxy key or HTTPS_PROXY)",
-        ),
-        DialError::ProxyUnreachable { proxy, reason } => fail(
-            format!("cannot reach the proxy {proxy}: {reason}"),
-            "check the proxy's address and port (pcgctl proxy show; set it with pcgctl proxy set, the proxy key or HTTPS_PROXY)",
-        ),
-        DialError::ProxyAuth { proxy, sent_credentials, realm } => fail(
-            format!(
-                "the proxy {proxy} answered 407 (authentication required{}){}",
-                realm.as_deref().map(|r| format!(", {r}")).unwrap_or_default(),
-                if *sent_credentials { ": it refused the user and password given" } else { ": no user and password were given" }
-            ),
-            "set the proxy's user and password: pcgctl proxy set http://USER:PASSWORD@HOST:PORT (or - to read it from stdin)",
-        ),
-        DialError::ProxyRefused { proxy, target, status, detail } => fail(
-            format!(
-                "the proxy {proxy} refused CONNECT {target}: \"{status}\"{}",
-                detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
-            ),
-            "ask the proxy's administrator to allow HTTPS to that host and port, or add the host to NO_PROXY if it is reachable without the proxy",
-        ),
-        DialError::Intercepted { server, sha256, issuer, pinned, via } => match via {
-            Some(p) => fail(
-                format!(
-                    "TLS intercepted by the proxy {p}: {server} presented a chain from \"{issuer}\" (CA SHA-256 {sha256}), not the pinned SaaS CA (SHA-256 {pinned})"
-                ),
-                "ask the proxy's administrator to exempt the SaaS host from TLS inspection; meanwhile the tunnel can use the WebSocket transport if the proxy's CA is given as proxy_ca",
-            ),
-            None => fail(
-                format!(
-                    "{server} presented a chain from \"{issuer}\" (CA SHA-256 {sha256}), not the SaaS CA pinned at pairing (SHA-256 {pinned})"
-                ),
-                "if the SaaS's CA was replaced, pair again with a new token (pcgctl pair --force TOKEN); otherwise something on the path intercepts TLS: exempt the SaaS host from inspection",
-            ),
-        },
-        DialError::NoH2 { server, alpn, via } => fail(
-            format!("{server} did not agree to HTTP/2 (ALPN: {alpn}){}", via_text(via)),
-            "something in the path downgrades TLS connections (an inspecting proxy or load balancer): exempt the SaaS host, or use the WebSocket transport (transport = \"auto\" falls back to it)",
-        ),
-        DialError::HandshakeCut { server, reason, via } => fail(
-            format!("the TLS handshake with {server} was cut ({reason}){}", via_text(via)),
-            "a middlebox may be resetting TLS to the SaaS: check the firewall or proxy policy for it",
-        ),
-        DialError::HandshakeTimeout { server, after, via } => fail(
-            format!("the TLS handshake with {server} did not finish within {after:?}{}", via_text(via)),
-            "a proxy that inspects TLS, or a middlebox, may be holding the handshake: exempt the SaaS host from inspection",
-        ),
-        DialError::Tls { server, reason } => fail(
-            format!("TLS with {server} failed: {reason}"),
-            "check the SaaS URL and that nothing on the path terminates TLS",
-        ),
-        DialError::Busy { server, retry_after_ms } => warn(
-            format!("{server} is up but busy setting up many tunnels; it asked to come back in {retry_after_ms} ms"),
-            "nothing to fix here if it passes on the next run; if it stays busy, tell the SaaS operator",
-        ),
-        DialError::OuterUntrusted { server, sha256, issuer, reason } => fail(
-            format!(
-                "the outer TLS of the WebSocket transport to {server} is not trusted ({reason}): presented a chain from \"{issuer}\" (SHA-256 {sha256})"
-            ),
-            "if that is your proxy's TLS-inspection CA, give it to the gateway as proxy_ca",
-        ),
-        DialError::WebSocketRefused { url, status, via } => fail(
-            format!("the WebSocket upgrade to {url} was refused ({status}){}", via_text(via)),
-            "let WebSocket upgrades through the proxy (squid: http_upgrade_request_protocols websocket allow all)",
-        ),
-        DialError::WebSocket { url, reason } => fail(
-            format!("the WebSocket to {url} failed: {reason}"),
-            "check the proxy's logs for the upgrade",
-        ),
+        DialError::Busy { .. } => warn(e.finding(), e.action()),
+        _ => fail(e.finding(), e.action()),
     }
 }
 

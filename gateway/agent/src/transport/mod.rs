@@ -132,31 +132,38 @@ pub fn dialer(
     })
 }
 
-/// Why the SaaS could not be reached; each names the hop that failed and what to do.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why the SaaS could not be reached: [`DialError::finding`] names the hop that failed and how,
+/// [`DialError::action`] what to do; the error's message is both, and `pcgctl diag` shows them
+/// apart.
+#[derive(Debug, Clone)]
 pub enum DialError {
-    #[error("the SaaS URL {url} is not usable: {reason}")]
-    BadUrl { url: String, reason: String },
-    #[error("cannot resolve {host}: {reason}; check DNS (the resolver in /etc/resolv.conf) or use an IP address")]
-    Dns { host: String, reason: String },
-    #[error("cannot connect to {addr}: {reason}; check that the firewall allows outbound TCP to it, or configure the HTTPS proxy (`proxy` or HTTPS_PROXY)")]
-    Unreachable { addr: String, reason: String },
-    #[error("cannot reach the proxy {proxy}: {reason}; check the proxy's address and port (config `proxy`, `pcgctl proxy set`, or HTTPS_PROXY)")]
-    ProxyUnreachable { proxy: String, reason: String },
-    #[error("the proxy {proxy} requires authentication (407{}): {}", realm.as_deref().map(|r| format!(", {r}")).unwrap_or_default(), if *sent_credentials { "it refused the user and password given; check them in the proxy URL (`pcgctl proxy set http://USER:PASSWORD@HOST:PORT`)" } else { "give a user and password in the proxy URL (`pcgctl proxy set http://USER:PASSWORD@HOST:PORT`)" })]
+    BadUrl {
+        url: String,
+        reason: String,
+    },
+    Dns {
+        host: String,
+        reason: String,
+    },
+    Unreachable {
+        addr: String,
+        reason: String,
+    },
+    ProxyUnreachable {
+        proxy: String,
+        reason: String,
+    },
     ProxyAuth {
         proxy: String,
         sent_credentials: bool,
         realm: Option<String>,
     },
-    #[error("the proxy {proxy} refused CONNECT to {target} ({status}{}); ask the proxy's administrator to allow HTTPS to that host and port, or add the host to NO_PROXY if it is reachable without the proxy", detail.as_deref().map(|d| format!(", {d}")).unwrap_or_default())]
     ProxyRefused {
         proxy: String,
         target: String,
         status: String,
         detail: Option<String>,
     },
-    #[error("TLS intercepted by a proxy: {server} presented a certificate issued by \"{issuer}\" (CA SHA-256 {sha256}), not the SaaS CA this gateway trusts (SHA-256 {pinned}){}; the tunnel falls back to the WebSocket transport; to let it through directly, exempt the SaaS host from TLS inspection", via.as_deref().map(|p| format!(" — through the proxy {p}")).unwrap_or_default())]
     Intercepted {
         server: String,
         sha256: String,
@@ -164,46 +171,177 @@ pub enum DialError {
         pinned: String,
         via: Option<String>,
     },
-    #[error("{server} did not agree to HTTP/2 (ALPN: {alpn}){}; something in the path downgrades TLS connections", via.as_deref().map(|p| format!(" through the proxy {p}")).unwrap_or_default())]
     NoH2 {
         server: String,
         alpn: String,
         via: Option<String>,
     },
-    #[error("the TLS handshake with {server} was cut ({reason}){}; a middlebox may be resetting it", via.as_deref().map(|p| format!(" through the proxy {p}")).unwrap_or_default())]
     HandshakeCut {
         server: String,
         reason: String,
         via: Option<String>,
     },
-    #[error("the TLS handshake with {server} did not finish within {after:?}{}; a proxy that inspects TLS may be waiting on a client certificate it cannot pass", via.as_deref().map(|p| format!(" through the proxy {p}")).unwrap_or_default())]
     HandshakeTimeout {
         server: String,
         after: Duration,
         via: Option<String>,
     },
-    #[error("TLS with {server} failed: {reason}")]
-    Tls { server: String, reason: String },
-    #[error("{server} is busy (too many gateways connecting at once) and asked to come back in {retry_after_ms} ms")]
-    Busy { server: String, retry_after_ms: u64 },
-    #[error("the outer TLS of the WebSocket transport to {server} is not trusted ({reason}): it presented a certificate issued by \"{issuer}\" (SHA-256 {sha256}); if that is your proxy's TLS-inspection CA, give it to the gateway as `proxy_ca`")]
+    Tls {
+        server: String,
+        reason: String,
+    },
+    Busy {
+        server: String,
+        retry_after_ms: u64,
+    },
     OuterUntrusted {
         server: String,
         sha256: String,
         issuer: String,
         reason: String,
     },
-    #[error("the WebSocket upgrade to {url} was refused ({status}){}; an administrator must let WebSocket upgrades through the proxy (squid: `http_upgrade_request_protocols websocket allow all`)", via.as_deref().map(|p| format!(" — by or behind the proxy {p}")).unwrap_or_default())]
     WebSocketRefused {
         url: String,
         status: String,
         via: Option<String>,
     },
-    #[error("the WebSocket to {url} failed: {reason}")]
-    WebSocket { url: String, reason: String },
+    WebSocket {
+        url: String,
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for DialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; {}", self.finding(), self.action())
+    }
+}
+
+impl std::error::Error for DialError {}
+
+/// " through the proxy P", or nothing.
+fn through(via: &Option<String>) -> String {
+    via.as_deref()
+        .map(|p| format!(" through the proxy {p}"))
+        .unwrap_or_default()
 }
 
 impl DialError {
+    /// What failed, where.
+    pub fn finding(&self) -> String {
+        match self {
+            DialError::BadUrl { url, reason } => {
+                format!("the SaaS URL {url} is not usable: {reason}")
+            }
+            DialError::Dns { host, reason } => format!("cannot resolve {host}: {reason}"),
+            DialError::Unreachable { addr, reason } => {
+                format!("cannot connect to {addr}: {reason}")
+            }
+            DialError::ProxyUnreachable { proxy, reason } => {
+                format!("cannot reach the proxy {proxy}: {reason}")
+            }
+            DialError::ProxyAuth {
+                proxy,
+                sent_credentials,
+                realm,
+            } => format!(
+                "the proxy {proxy} requires authentication (407{}): {}",
+                realm.as_deref().map(|r| format!(", {r}")).unwrap_or_default(),
+                if *sent_credentials {
+                    "it refused the user and password given"
+                } else {
+                    "no user and password were given"
+                }
+            ),
+            DialError::ProxyRefused {
+                proxy,
+                target,
+                status,
+                detail,
+            } => format!(
+                "the proxy {proxy} refused CONNECT to {target} ({status}{})",
+                detail.as_deref().map(|d| format!(", {d}")).unwrap_or_default()
+            ),
+            DialError::Intercepted {
+                server,
+                sha256,
+                issuer,
+                pinned,
+                via,
+            } => match via {
+                Some(p) => format!(
+                    "TLS intercepted by a proxy: {server} presented a certificate issued by \"{issuer}\" (CA SHA-256 {sha256}), not the SaaS CA pinned at pairing (SHA-256 {pinned}), through the proxy {p}"
+                ),
+                None => format!(
+                    "{server} presented a certificate issued by \"{issuer}\" (CA SHA-256 {sha256}), not the SaaS CA pinned at pairing (SHA-256 {pinned}): TLS intercepted on the path, or the SaaS CA was replaced"
+                ),
+            },
+            DialError::NoH2 { server, alpn, via } => format!(
+                "{server} did not agree to HTTP/2 (ALPN: {alpn}){}",
+                through(via)
+            ),
+            DialError::HandshakeCut {
+                server,
+                reason,
+                via,
+            } => format!(
+                "the TLS handshake with {server} was cut ({reason}){}",
+                through(via)
+            ),
+            DialError::HandshakeTimeout { server, after, via } => format!(
+                "the TLS handshake with {server} did not finish within {after:?}{}",
+                through(via)
+            ),
+            DialError::Tls { server, reason } => format!("TLS with {server} failed: {reason}"),
+            DialError::Busy {
+                server,
+                retry_after_ms,
+            } => format!(
+                "{server} is up but busy (too many gateways connecting at once) and asked to come back in {retry_after_ms} ms"
+            ),
+            DialError::OuterUntrusted {
+                server,
+                sha256,
+                issuer,
+                reason,
+            } => format!(
+                "the outer TLS of the WebSocket transport to {server} is not trusted ({reason}): it presented a certificate issued by \"{issuer}\" (SHA-256 {sha256})"
+            ),
+            DialError::WebSocketRefused { url, status, via } => format!(
+                "the WebSocket upgrade to {url} was refused ({status}){}",
+                via.as_deref()
+                    .map(|p| format!(" by or behind the proxy {p}"))
+                    .unwrap_or_default()
+            ),
+            DialError::WebSocket { url, reason } => {
+                format!("the WebSocket to {url} failed: {reason}")
+            }
+        }
+    }
+
+    /// What to do about it.
+    pub fn action(&self) -> &'static str {
+        match self {
+            DialError::BadUrl { .. } => "pair again with a token for the right SaaS URL",
+            DialError::Dns { .. } => "check DNS: the resolvers in /etc/resolv.conf and the SaaS host's records (or the hosts file), or use an IP address",
+            DialError::Unreachable { .. } => "check that the firewall allows outbound TCP to it, or configure the HTTPS proxy (pcgctl proxy set, the proxy key or HTTPS_PROXY)",
+            DialError::ProxyUnreachable { .. } => "check the proxy's address and port (pcgctl proxy show; set it with pcgctl proxy set, the proxy key or HTTPS_PROXY)",
+            DialError::ProxyAuth { sent_credentials: true, .. } => "check the user and password in the proxy URL: pcgctl proxy set http://USER:PASSWORD@HOST:PORT (or - to read it from stdin)",
+            DialError::ProxyAuth { sent_credentials: false, .. } => "give a user and password in the proxy URL: pcgctl proxy set http://USER:PASSWORD@HOST:PORT (or - to read it from stdin)",
+            DialError::ProxyRefused { .. } => "ask the proxy's administrator to allow HTTPS to that host and port, or add the host to NO_PROXY if it is reachable without the proxy",
+            DialError::Intercepted { via: Some(_), .. } => "ask the proxy's administrator to exempt the SaaS host from TLS inspection; meanwhile the tunnel falls back to the WebSocket transport when the proxy's CA is given as proxy_ca",
+            DialError::Intercepted { via: None, .. } => "if the SaaS's CA was replaced, pair again with a new token (pcgctl pair --force TOKEN); otherwise something on the path intercepts TLS: exempt the SaaS host from inspection",
+            DialError::NoH2 { .. } => "something in the path downgrades TLS connections (an inspecting proxy or load balancer): exempt the SaaS host, or use the WebSocket transport (transport = \"auto\" falls back to it)",
+            DialError::HandshakeCut { .. } => "a middlebox may be resetting TLS to the SaaS: check the firewall or proxy policy for it",
+            DialError::HandshakeTimeout { .. } => "a proxy that inspects TLS, or a middlebox, may be holding the handshake (waiting on a client certificate it cannot pass): exempt the SaaS host from inspection",
+            DialError::Tls { .. } => "check the SaaS URL and that nothing on the path terminates TLS",
+            DialError::Busy { .. } => "nothing to fix if it passes on the next try; if it stays busy, tell the SaaS operator",
+            DialError::OuterUntrusted { .. } => "if that is your proxy's TLS-inspection CA, give it to the gateway as proxy_ca",
+            DialError::WebSocketRefused { .. } => "let WebSocket upgrades through the proxy (squid: http_upgrade_request_protocols websocket allow all)",
+            DialError::WebSocket { .. } => "check the proxy's logs for the upgrade",
+        }
+    }
+
     /// The hop that failed, as a short label (`dial_dns`, `dial_proxy`, `dial_tls`, ...).
     pub fn hop(&self) -> &'static str {
         match self {
