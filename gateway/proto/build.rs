@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Small per-stream buffers (see src/codec.rs).
+        .codec_path("crate::codec::TunnelCodec")
         .compile_protos(&["proto/pcg/tunnel/v1/tunnel.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -17,6 +17,7 @@ pub mod tunnel {
     }
 }
 
+pub mod codec;
 pub mod machines;
 pub mod pairing;
 pub mod sealed;
