@@ -17,14 +17,13 @@ use pcg_proto::v1::broker_frame::Kind as BKind;
 use pcg_proto::v1::{
     BrokerFrame, DeclaredMachine, MachineSync, MachinesApplied, WatchReport, WatchReportAck,
 };
-use tokio::sync::{mpsc, Notify};
-use tonic::Status;
+use tokio::sync::Notify;
 
 use crate::app::{printable, App};
 use crate::store::machines::LastDrift;
 use crate::store::{now_ms, MachineRecord};
 
-type Tx = mpsc::Sender<Result<BrokerFrame, Status>>;
+use crate::broker::Tx;
 
 /// Declarations per `MachineSync` frame of a full set, and bytes (frames stay far below the
 /// tunnel's 16 MiB message limit).
