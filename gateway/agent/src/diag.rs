@@ -898,7 +898,7 @@ async fn saas_path(ctx: &Ctx<'_>, store: &Store, id: &Ident) -> Vec<Check> {
                             Ok(d) => (
                                 ok(format!(
                                     "TLS inside the WebSocket reaches the SaaS with the pinned CA{}; ALPN h2{}",
-                                    via_text(&d.via),
+                                    crate::transport::through(&d.via),
                                     if mode == TransportMode::Auto {
                                         " — the tunnel uses this transport while the direct path is broken"
                                     } else {
@@ -999,12 +999,6 @@ async fn saas_path(ctx: &Ctx<'_>, store: &Store, id: &Ident) -> Vec<Check> {
     .await;
     checks.extend(brokers);
     checks
-}
-
-fn via_text(via: &Option<String>) -> String {
-    via.as_deref()
-        .map(|p| format!(" through the proxy {p}"))
-        .unwrap_or_default()
 }
 
 /// dns → tcp → tls to one endpoint.
@@ -1162,7 +1156,7 @@ async fn walk(
             Hop::Tls,
             &auth,
             |b| fail(
-                format!("the TLS handshake did not finish within {}{}", secs(millis(b)), via_text(&via)),
+                format!("the TLS handshake did not finish within {}{}", secs(millis(b)), crate::transport::through(&via)),
                 "a proxy that inspects TLS, or a middlebox, may be holding the handshake: exempt the SaaS host from inspection",
             ),
             async {
@@ -1186,7 +1180,7 @@ async fn walk(
                     ok(format!(
                         "the chain leads to the pinned SaaS CA (SHA-256 {}){}; ALPN {shown}",
                         short(&hex::encode(dialer.pin)),
-                        via_text(&via)
+                        crate::transport::through(&via)
                     )),
                     Some(Ok(())),
                 )

@@ -317,17 +317,6 @@ impl Overflow {
             .into_iter()
             .collect()
     }
-
-    pub fn len(&self) -> usize {
-        self.ids
-            .lock()
-            .expect("overflow lock is never poisoned")
-            .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The result pump of one tunnel: sends the results that found `tx` full, waiting for room

@@ -220,7 +220,7 @@ impl std::fmt::Display for DialError {
 impl std::error::Error for DialError {}
 
 /// " through the proxy P", or nothing.
-fn through(via: &Option<String>) -> String {
+pub(crate) fn through(via: &Option<String>) -> String {
     via.as_deref()
         .map(|p| format!(" through the proxy {p}"))
         .unwrap_or_default()
