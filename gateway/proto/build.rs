@@ -1,4 +1,5 @@
-//! Generates the Rust code for `proto/pcg/tunnel/v1/tunnel.proto` with the vendored `protoc`,
+//! Generates the Rust code for `proto/pcg/tunnel/v1/tunnel.proto` and `proto/pcg/feed/v1/feed.proto`
+//! with the vendored `protoc`,
 //! so a build needs no system protobuf compiler.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -10,7 +11,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Small per-stream buffers (see src/codec.rs).
         .codec_path("crate::codec::TunnelCodec")
-        .compile_protos(&["proto/pcg/tunnel/v1/tunnel.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/pcg/tunnel/v1/tunnel.proto",
+                "proto/pcg/feed/v1/feed.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

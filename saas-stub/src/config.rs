@@ -79,6 +79,10 @@ pub struct Config {
     pub bundles_per_gateway: usize,
     /// Gateways' health and inventory reports are kept this many hours.
     pub health_retention_hours: u64,
+    /// A feed subscriber can resume from a sequence number up to this many hours old (entries
+    /// whose command, event or health report was deleted earlier by its own retention are
+    /// skipped).
+    pub feed_retention_hours: u64,
     /// Machines declared per gateway.
     pub max_machines_per_gateway: usize,
 }
@@ -114,6 +118,7 @@ impl Default for Config {
             max_bundle_bytes: 64 << 20,
             bundles_per_gateway: 5,
             health_retention_hours: 72,
+            feed_retention_hours: 72,
             max_machines_per_gateway: 10_000,
         }
     }

@@ -198,6 +198,8 @@ pub async fn serve(
             }
         });
     }
+    // Prompt flushes while someone reads the feed.
+    app.tasks.spawn(app::feed::pump(app.clone()));
     // Deadlines of commands never handed to a gateway.
     {
         let app2 = app.clone();

@@ -9,7 +9,9 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod feed;
 pub mod machines;
+pub use feed::{Feed, Topic};
 pub use machines::{EventFilter, MachineRecord};
 
 /// Replaces every value under a secret-named key with `"<redacted>"`, at any depth (the one
@@ -316,6 +318,8 @@ pub struct Store {
     machines_by_gateway: sled::Tree,
     machine_event_ids: sled::Tree,
     health: sled::Tree,
+    /// The tenants' feed and the sequence numbers of everything it points at.
+    pub feed: std::sync::Arc<Feed>,
     /// API keys read so far (revocations update it), so a request is not a store read.
     key_cache: std::sync::RwLock<std::collections::HashMap<String, ApiKey>>,
 }
@@ -375,6 +379,7 @@ impl Store {
             machine_event_ids: db.open_tree("machine_event_ids")?,
             health: db.open_tree("health")?,
             key_cache: Default::default(),
+            feed: std::sync::Arc::new(Feed::open(&db)?),
             commit: pcg_durable::GroupCommit::new(db.clone()),
             db,
         })
@@ -422,7 +427,10 @@ impl Store {
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
+        // Whatever the feed numbered and finished writing before this flush is durable after it.
+        let horizon = self.feed.visible();
         self.commit.flush().await?;
+        self.feed.made_durable(horizon);
         Ok(())
     }
 
@@ -684,10 +692,10 @@ impl Store {
     /// between the writes (before anything was acknowledged) leaves nothing half-visible. The
     /// tenant index (newest first) lets lists stop after `limit` instead of reading everything.
     pub fn insert_command(&self, cmd: &mut Command) -> Result<(), StoreError> {
-        let seq = self.db.generate_id()?;
+        let ticket = self.feed.ticket()?;
         let mut key = cmd.gateway_id.as_bytes().to_vec();
         key.push(0);
-        key.extend_from_slice(&seq.to_be_bytes());
+        key.extend_from_slice(&ticket.seq.to_be_bytes());
         cmd.pending_key = key.clone();
         self.pending.insert(key, cmd.id.as_bytes())?;
         put(&self.commands, cmd.id.as_bytes(), &*cmd)?;
@@ -695,7 +703,13 @@ impl Store {
             Self::tenant_index_key(&cmd.tenant_id, cmd.submitted_ms, &cmd.id),
             cmd.gateway_id.as_bytes(),
         )?;
-        Ok(())
+        self.feed.record(
+            &cmd.tenant_id,
+            ticket.seq,
+            Topic::Commands,
+            cmd.submitted_ms,
+            cmd.id.as_bytes(),
+        )
     }
 
     /// `tenant \0 (u64::MAX - submitted_ms) \0 id`: a tenant's commands, newest first.
@@ -748,9 +762,16 @@ impl Store {
     /// Writes a command's final record (with its result) and drops it from the pending queue
     /// (not yet flushed).
     pub fn complete_command(&self, c: &Command) -> Result<(), StoreError> {
+        let ticket = self.feed.ticket()?;
         put(&self.commands, c.id.as_bytes(), c)?;
         self.pending.remove(c.pending_key.as_slice())?;
-        Ok(())
+        self.feed.record(
+            &c.tenant_id,
+            ticket.seq,
+            Topic::Results,
+            c.completed_ms.unwrap_or_else(now_ms),
+            c.id.as_bytes(),
+        )
     }
 
     /// Deletes finished commands submitted before `cutoff_ms`; returns their ids.
@@ -927,14 +948,26 @@ impl Store {
 
     /// Writes an event (its `seq` is assigned here); returns the seq.
     fn put_event(&self, mut e: Event) -> Result<u64, StoreError> {
-        e.seq = self.db.generate_id()?;
+        let ticket = self.feed.ticket()?;
+        e.seq = ticket.seq;
         tracing::info!(kind = %e.kind, tenant = ?e.tenant_id, gateway = ?e.gateway_id, machine = ?e.machine_id, alert = e.alert, "{}", e.message);
         put(&self.events, &e.seq.to_be_bytes(), &e)?;
         if let Some(t) = &e.tenant_id {
             self.events_by_tenant
                 .insert(Self::event_index_key(t, e.seq), &[])?;
+            self.feed.record(t, e.seq, Topic::Events, e.at_ms, &[])?;
         }
         Ok(e.seq)
+    }
+
+    /// One event by its sequence number.
+    pub fn event_by_seq(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+        get(&self.events, "events", &seq.to_be_bytes())
+    }
+
+    /// Deletes feed entries older than `cutoff_ms`; returns how many.
+    pub fn prune_feed(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        self.feed.prune(cutoff_ms)
     }
 
     fn event_index_key(tenant_id: &str, seq: u64) -> Vec<u8> {

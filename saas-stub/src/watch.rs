@@ -223,7 +223,7 @@ pub fn report(
     if !r.health.is_empty() {
         match serde_json::from_slice::<Health>(&r.health) {
             Ok(h) => {
-                if let Err(e) = app.store.put_health(gateway_id, &h) {
+                if let Err(e) = app.store.put_health(tenant_id, gateway_id, &h) {
                     error = format!("the SaaS could not store the health report: {e}");
                 }
             }

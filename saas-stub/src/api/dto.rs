@@ -575,6 +575,7 @@ impl From<&crate::store::MachineRecord> for MachineView {
 /// One health and inventory report of a gateway.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct HealthReportView {
+    pub gateway_id: String,
     pub received_at: String,
     /// `pcg_proto::machines::Health`: tunnel, store, watch loop, endpoints.
     #[schema(value_type = Object)]
@@ -584,8 +585,59 @@ pub struct HealthReportView {
 impl From<&crate::store::machines::HealthRecord> for HealthReportView {
     fn from(h: &crate::store::machines::HealthRecord) -> Self {
         HealthReportView {
+            gateway_id: h.gateway_id.clone(),
             received_at: ts(h.received_ms),
             health: serde_json::to_value(&h.health).unwrap_or_default(),
         }
     }
+}
+
+/// A command as the `commands` topic of the feed shows its submission.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct SubmittedView {
+    pub id: String,
+    pub gateway_id: String,
+    pub kind: String,
+    /// The payload as submitted, with secrets redacted.
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+    pub submitted_at: String,
+    pub deadline: Option<String>,
+}
+
+impl From<&Command> for SubmittedView {
+    fn from(c: &Command) -> Self {
+        let mut payload = c.payload.clone();
+        redact_secrets(&mut payload);
+        SubmittedView {
+            id: c.id.clone(),
+            gateway_id: c.gateway_id.clone(),
+            kind: c.kind.clone(),
+            payload,
+            submitted_at: ts(c.submitted_ms),
+            deadline: c.deadline_ms.map(ts),
+        }
+    }
+}
+
+/// The data of a feed item (`GET /v1/feed`, `pcg.feed.v1.Feed/Subscribe`): `commands` a
+/// [`SubmittedView`], `results` a [`CommandView`], `events` an [`EventView`], `health` a
+/// [`HealthReportView`], `gap` `{"through": seq, "message": ...}`.
+pub fn feed_data(item: &crate::app::feed::FeedItem) -> serde_json::Value {
+    use crate::app::feed::Payload;
+    let v = match &item.payload {
+        Payload::Submitted(c) => serde_json::to_value(SubmittedView::from(c)),
+        Payload::Ended(c) => serde_json::to_value(CommandView::from(c)),
+        Payload::Event(e) => serde_json::to_value(EventView::from(e.clone())),
+        Payload::Health(h) => serde_json::to_value(HealthReportView::from(h)),
+        Payload::Gap => Ok(serde_json::json!({
+            "through": item.seq,
+            "message": format!(
+                "items up to {} were deleted by retention (feed_retention_hours) before they were read; \
+                 list what remains with GET /v1/commands and GET /v1/events",
+                item.seq
+            ),
+        })),
+    };
+    v.expect("views serialise")
 }

@@ -10,11 +10,13 @@
 //!
 //! - [`handlers`]: one thin function per route over [`App`];
 //! - [`dto`]: request bodies and views;
+//! - [`feed`]: a tenant's feed as Server-Sent Events and as a gRPC server stream;
 //! - [`error`]: the error format and how every rejection maps to it;
 //! - [`openapi`]: the document.
 
 pub mod dto;
 pub mod error;
+pub mod feed;
 pub mod handlers;
 pub mod openapi;
 
@@ -223,6 +225,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/commands/{id}", get(get_command))
         .route("/v1/commands/{id}/cancel", post(cancel_command))
         .route("/v1/events", get(list_events))
+        .route("/v1/feed", get(feed::feed_sse))
+        .route_service(
+            "/pcg.feed.v1.Feed/Subscribe",
+            feed::FeedService::server(app.clone()),
+        )
         .route(pcg_proto::ws::PATH, get(crate::tunnel_ws::upgrade))
         .route("/metrics", get(metrics))
         .route("/readyz", get(readyz))

@@ -14,6 +14,7 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
+use super::feed::*;
 use super::handlers::*;
 
 struct SecurityAddon;
@@ -36,7 +37,8 @@ impl utoipa::Modify for SecurityAddon {
           revoke_api_key, create_token, list_tokens, revoke_token, list_gateways, get_gateway,
           revoke_gateway, submit_command, list_commands, get_command, cancel_command, list_events,
           list_bundles, get_bundle, submit_batch, declare_machine, list_machines, get_machine,
-          update_machine, delete_machine, gateway_health),
+          update_machine, delete_machine, gateway_health, feed_sse),
+    components(schemas(super::dto::SubmittedView)),
     modifiers(&SecurityAddon)
 )]
 struct ApiDoc;

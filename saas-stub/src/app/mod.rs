@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod commands;
 pub mod error;
+pub mod feed;
 pub mod gateways;
 pub mod machines;
 mod pairing;
@@ -308,6 +309,14 @@ impl App {
             Ok(n) if n > 0 => tracing::info!(pruned = n, "deleted health reports past retention"),
             Ok(_) => {}
             Err(e) => tracing::warn!("pruning health reports failed: {e}"),
+        }
+        match self.store.prune_feed(
+            now - i64::try_from(self.cfg.feed_retention_hours.saturating_mul(3_600_000))
+                .unwrap_or(i64::MAX / 2),
+        ) {
+            Ok(n) if n > 0 => tracing::info!(pruned = n, "deleted feed entries past retention"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pruning the feed failed: {e}"),
         }
         match self.store.prune_idempotency(self.idempotency_window_ms()) {
             Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot expired idempotency keys"),

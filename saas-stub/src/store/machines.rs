@@ -11,7 +11,7 @@
 use pcg_proto::machines::{Declaration, Health, MachineEvent, Observed};
 use serde::{Deserialize, Serialize};
 
-use super::{all, get, now_ms, put, Event, Store, StoreError};
+use super::{all, get, now_ms, put, Event, Store, StoreError, Topic};
 
 /// A declared machine.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,8 +210,14 @@ impl Store {
         Ok(true)
     }
 
-    /// Stores a health report (not yet flushed).
-    pub fn put_health(&self, gateway_id: &str, health: &Health) -> Result<(), StoreError> {
+    /// Stores a health report of a gateway of `tenant_id` (not yet flushed).
+    pub fn put_health(
+        &self,
+        tenant_id: &str,
+        gateway_id: &str,
+        health: &Health,
+    ) -> Result<(), StoreError> {
+        let ticket = self.feed.ticket()?;
         let rec = HealthRecord {
             gateway_id: gateway_id.to_string(),
             received_ms: now_ms(),
@@ -220,8 +226,15 @@ impl Store {
         let mut k = prefix(gateway_id);
         k.extend_from_slice(&u64::try_from(rec.received_ms).unwrap_or(0).to_be_bytes());
         k.push(0);
-        k.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
-        put(&self.health, &k, &rec)
+        k.extend_from_slice(&ticket.seq.to_be_bytes());
+        put(&self.health, &k, &rec)?;
+        self.feed
+            .record(tenant_id, ticket.seq, Topic::Health, rec.received_ms, &k)
+    }
+
+    /// One health report by its key (a feed entry's reference).
+    pub fn health_by_key(&self, key: &[u8]) -> Result<Option<HealthRecord>, StoreError> {
+        get(&self.health, "health", key)
     }
 
     /// A gateway's health reports, newest first.
@@ -368,9 +381,12 @@ mod tests {
         assert_eq!(s.prune_events(now_ms() + 1).expect("prune"), 1);
         assert!(s.machine_event("t1", "gw_a", &ev).expect("event"));
 
-        s.put_health("gw_a", &Health::default()).expect("health");
-        s.put_health("gw_a", &Health::default()).expect("health");
-        s.put_health("gw_ab", &Health::default()).expect("health");
+        s.put_health("t", "gw_a", &Health::default())
+            .expect("health");
+        s.put_health("t", "gw_a", &Health::default())
+            .expect("health");
+        s.put_health("t", "gw_ab", &Health::default())
+            .expect("health");
         assert_eq!(s.health_history("gw_a", 10).expect("history").len(), 2);
         assert_eq!(s.health_history("gw_ab", 10).expect("history").len(), 1);
         assert_eq!(s.prune_health(now_ms() - 60_000).expect("prune"), 0);

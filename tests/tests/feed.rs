@@ -1,0 +1,396 @@
+//! A tenant's feed against a real pcg-saas and a real paired pcg-gateway: `GET /v1/feed`
+//! (Server-Sent Events) and `pcg.feed.v1.Feed/Subscribe` (gRPC) carry every command submitted
+//! and every result once, in order, across a disconnect and a SaaS restart; another tenant sees
+//! none of it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use pcg_e2e::{paired_with, test_dir, Saas, SaasOptions};
+use pcg_proto::feed::v1 as pb;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone)]
+struct Item {
+    seq: u64,
+    topic: String,
+    data: Value,
+}
+
+/// An SSE reader over one `GET /v1/feed` response.
+struct Sse {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl Sse {
+    async fn open(saas: &Saas, key: &str, query: &str, last_id: Option<u64>) -> Sse {
+        let ca = std::fs::read(saas.dir.join("data/ca.pem")).expect("ca");
+        // No overall timeout: the stream stays open.
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(pcg_e2e::client_tls(&ca))
+            .build()
+            .expect("client");
+        let mut req = http
+            .get(format!("{}/v1/feed?{query}", saas.api))
+            .bearer_auth(key);
+        if let Some(id) = last_id {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let resp = req.send().await.expect("GET /v1/feed");
+        assert_eq!(resp.status(), 200, "GET /v1/feed?{query}");
+        assert_eq!(
+            resp.headers()["content-type"].to_str().unwrap_or_default(),
+            "text/event-stream"
+        );
+        Sse {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next item, or None when none came within `wait` (or the stream ended).
+    async fn next(&mut self, wait: Duration) -> Option<Item> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().parse::<u64>().ok();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                let data: Value = serde_json::from_str(&data).expect("data is JSON");
+                assert_ne!(event, "error", "the feed failed: {data}");
+                return Some(Item {
+                    seq: id.expect("every item has an id"),
+                    topic: event,
+                    data,
+                });
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match tokio::time::timeout(left, self.resp.chunk()).await {
+                Ok(Ok(Some(bytes))) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// Submits `n` echo commands to `gw` in batches of 100; returns their ids.
+async fn submit(saas: &Saas, key: &str, gw: &str, n: usize, tag: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for chunk in 0..n.div_ceil(100) {
+        let items: Vec<Value> = (0..100.min(n - chunk * 100))
+            .map(|i| {
+                json!({"gateway_id": gw, "kind": "gateway.echo",
+                       "payload": {"tag": format!("{tag}-{chunk}-{i}")}})
+            })
+            .collect();
+        let r = saas
+            .ok(
+                "POST",
+                "/v1/commands/batch",
+                key,
+                Some(json!({ "commands": items })),
+            )
+            .await
+            .expect("batch");
+        for o in r["results"].as_array().expect("results") {
+            assert_eq!(o["status"], 201, "{o}");
+            ids.push(o["command"]["id"].as_str().expect("id").to_string());
+        }
+    }
+    ids
+}
+
+/// What a subscriber saw: (topic, command id) → seq, checking nothing came twice and the
+/// sequence only grew.
+#[derive(Default)]
+struct Seen {
+    last: u64,
+    items: HashMap<(String, String), u64>,
+    events: Vec<Item>,
+}
+
+impl Seen {
+    fn add(&mut self, it: Item) {
+        assert!(
+            it.seq > self.last,
+            "seq {} after {}: out of order or repeated ({it:?})",
+            it.seq,
+            self.last
+        );
+        self.last = it.seq;
+        match it.topic.as_str() {
+            "commands" | "results" => {
+                let id = it.data["id"].as_str().expect("id").to_string();
+                if it.topic == "results" {
+                    assert_eq!(it.data["state"], "succeeded", "{}", it.data);
+                    assert_eq!(it.data["result"]["ok"], true, "{}", it.data);
+                }
+                let prev = self.items.insert((it.topic.clone(), id), it.seq);
+                assert!(prev.is_none(), "delivered twice: {it:?}");
+            }
+            _ => self.events.push(it),
+        }
+    }
+
+    fn has_all(&self, ids: &[String]) -> bool {
+        ids.iter().all(|id| {
+            self.items.contains_key(&("commands".into(), id.clone()))
+                && self.items.contains_key(&("results".into(), id.clone()))
+        })
+    }
+
+    fn check_order(&self, ids: &[String]) {
+        for id in ids {
+            let s = self.items[&("commands".into(), id.clone())];
+            let r = self.items[&("results".into(), id.clone())];
+            assert!(
+                s < r,
+                "{id}: its result ({r}) came before its submission ({s})"
+            );
+        }
+    }
+}
+
+async fn read_until(sub: &mut Sse, seen: &mut Seen, done: impl Fn(&Seen) -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !done(seen) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if let Some(it) = sub.next(Duration::from_secs(30)).await {
+            seen.add(it);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_carries_every_command_and_result_once_in_order_across_a_disconnect_and_a_restart()
+{
+    let dir = test_dir();
+    // Health reports every second, so the health topic has something to carry.
+    let (saas, gw, key, gw_id) = paired_with(
+        dir.path(),
+        SaasOptions::default(),
+        "watch_report_ms = 1000\n",
+    )
+    .await
+    .unwrap();
+    let (_, other_key) = saas.tenant("other").await.unwrap();
+
+    // Refusals: an unknown topic, a malformed Last-Event-ID, another tenant's gateway, the
+    // operator key (it has no tenant), no key.
+    let (s, v) = saas
+        .call("GET", "/v1/feed?topics=commands,bogus", &key, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("unknown_topic")),
+        "{v}"
+    );
+    let (s, _, v) = saas
+        .call_with("GET", "/v1/feed", &key, &[("Last-Event-ID", "soon")], None)
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = saas
+        .call(
+            "GET",
+            &format!("/v1/feed?gateway_id={gw_id}"),
+            &other_key,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 404, "{v}");
+    let (s, _) = saas
+        .call("GET", "/v1/feed", &saas.operator_key, None)
+        .await
+        .unwrap();
+    assert_eq!(s, 403);
+    let (s, _) = saas
+        .call("GET", "/v1/feed", "pcgk_x.y", None)
+        .await
+        .unwrap();
+    assert_eq!(s, 401);
+
+    // From the start: the tenant's own history is there (its gateway paired and connected).
+    let mut all = Sse::open(&saas, &key, "topics=events&since=0", None).await;
+    let mut kinds = Vec::new();
+    while !kinds.iter().any(|k| k == "gateway.connected") {
+        let it = all
+            .next(Duration::from_secs(30))
+            .await
+            .expect("the tenant's history");
+        assert_eq!(it.topic, "events", "{it:?}");
+        kinds.push(it.data["kind"].as_str().unwrap_or_default().to_string());
+    }
+    drop(all);
+    let mut health = Sse::open(
+        &saas,
+        &key,
+        &format!("topics=health&gateway_id={gw_id}&since=0"),
+        None,
+    )
+    .await;
+    let it = health
+        .next(Duration::from_secs(60))
+        .await
+        .expect("a health report");
+    assert_eq!(it.topic, "health");
+    assert_eq!(it.data["gateway_id"], gw_id.as_str(), "{}", it.data);
+    assert!(it.data["health"].is_object(), "{}", it.data);
+    drop(health);
+    let mut other = Sse::open(&saas, &other_key, "since=0", None).await;
+
+    // Live: commands and results only, then a disconnect halfway and a resume.
+    let mut sub = Sse::open(&saas, &key, "topics=commands,results", None).await;
+    let first = submit(&saas, &key, &gw_id, 300, "a").await;
+    let mut seen = Seen::default();
+    read_until(
+        &mut sub,
+        &mut seen,
+        |s| s.items.len() >= 300,
+        "half of the first 300 commands' items",
+    )
+    .await;
+    drop(sub);
+    let second = submit(&saas, &key, &gw_id, 200, "b").await;
+    let mut sub = Sse::open(
+        &saas,
+        &key,
+        "topics=commands,results&since=1",
+        Some(seen.last),
+    )
+    .await;
+    let both: Vec<String> = first.iter().chain(&second).cloned().collect();
+    read_until(
+        &mut sub,
+        &mut seen,
+        |s| s.has_all(&both),
+        "every command and result after resuming",
+    )
+    .await;
+    seen.check_order(&both);
+    assert!(seen.events.is_empty(), "events came though not asked for");
+    assert_eq!(seen.items.len(), 1000);
+    // Nothing more: no repetition trails behind.
+    assert!(sub.next(Duration::from_secs(2)).await.is_none());
+    drop(sub);
+
+    // gRPC, from the start, results only: the same 500 results in the same order.
+    let ca = std::fs::read_to_string(saas.dir.join("data/ca.pem")).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(saas.api.clone())
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&ca))
+                .domain_name("127.0.0.1"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::feed_client::FeedClient::new(channel);
+    let bearer = |k: &str, r: pb::SubscribeRequest| {
+        let mut req = tonic::Request::new(r);
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {k}").parse().unwrap());
+        req
+    };
+    let req = pb::SubscribeRequest {
+        topics: vec!["results".into()],
+        gateway_id: gw_id.clone(),
+        since: Some(0),
+    };
+    let err = client
+        .subscribe(tonic::Request::new(req.clone()))
+        .await
+        .expect_err("no key");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let err = client
+        .subscribe(bearer(&other_key, req.clone()))
+        .await
+        .expect_err("another tenant's gateway");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    let mut stream = client
+        .subscribe(bearer(&key, req))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut grpc_order = Vec::new();
+    while grpc_order.len() < both.len() {
+        let it = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .expect("a gRPC item in time")
+            .unwrap()
+            .expect("the stream stays open");
+        assert_eq!(it.topic, "results");
+        let v: Value = serde_json::from_str(&it.json).unwrap();
+        grpc_order.push((it.seq, v["id"].as_str().unwrap().to_string()));
+    }
+    let mut sse_order: Vec<(u64, String)> = seen
+        .items
+        .iter()
+        .filter(|((t, _), _)| t == "results")
+        .map(|((_, id), s)| (*s, id.clone()))
+        .collect();
+    sse_order.sort();
+    assert_eq!(grpc_order, sse_order);
+    drop(stream);
+
+    // The other tenant saw only its own events: none of ours.
+    let ours: HashSet<&String> = both.iter().collect();
+    let mut others = 0;
+    while let Some(it) = other.next(Duration::from_secs(2)).await {
+        assert_eq!(it.topic, "events", "{it:?}");
+        assert_ne!(
+            it.data["gateway_id"].as_str(),
+            Some(gw_id.as_str()),
+            "{it:?}"
+        );
+        assert!(!ours.contains(&it.data["id"].as_str().unwrap_or_default().to_string()));
+        others += 1;
+    }
+    assert!(
+        others >= 1,
+        "the other tenant's own creation is in its feed"
+    );
+    drop(other);
+
+    // A restart: the numbers go on, and a subscriber resumes where it was.
+    let before = seen.last;
+    let (saas, _) = saas.restart(Duration::from_secs(30)).await.unwrap();
+    gw.wait_tunnel("connected", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let third = submit(&saas, &key, &gw_id, 50, "c").await;
+    let mut sub = Sse::open(&saas, &key, "topics=commands,results", Some(before)).await;
+    read_until(
+        &mut sub,
+        &mut seen,
+        |s| s.has_all(&third),
+        "the commands after the restart",
+    )
+    .await;
+    seen.check_order(&third);
+    assert_eq!(
+        seen.items.len(),
+        1100,
+        "nothing from before the restart came again"
+    );
+
+    drop(gw);
+}
