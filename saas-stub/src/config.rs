@@ -85,6 +85,9 @@ pub struct Config {
     pub feed_retention_hours: u64,
     /// Machines declared per gateway.
     pub max_machines_per_gateway: usize,
+    /// The NATS JetStream cluster replicas share (`pcg-saas cluster check` verifies it; `serve`
+    /// does not run from it in this version).
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl Default for Config {
@@ -120,6 +123,7 @@ impl Default for Config {
             health_retention_hours: 72,
             feed_retention_hours: 72,
             max_machines_per_gateway: 10_000,
+            cluster: None,
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod api;
 pub mod app;
 pub mod broker;
 pub mod ca;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! `pcg-saas`: the SaaS companion binary. `pcg-saas serve` runs the REST API and the broker;
-//! `pcg-saas openapi` prints the OpenAPI document of the REST API.
+//! `pcg-saas openapi` prints the OpenAPI document of the REST API; `pcg-saas cluster init|check`
+//! make the internal PKI of a NATS cluster and check it.
 
 pcg_obs::allocator!();
 
@@ -40,6 +41,39 @@ enum Cmd {
     },
     /// Print the OpenAPI document of the REST API.
     Openapi,
+    /// The NATS JetStream cluster replicas share: its internal PKI, and a check of it.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Create whatever is missing of the internal CA and the certificates of NATS nodes and
+    /// replicas (files already there are kept; run it again to add a node or a replica).
+    Init {
+        /// Directory for the files (created owner-only).
+        #[arg(long)]
+        dir: PathBuf,
+        /// NATS node names, comma-separated: `nats-<node>.pem`/`.key` (server and client
+        /// authentication).
+        #[arg(long, value_delimiter = ',', default_value = "node1,node2,node3")]
+        nodes: Vec<String>,
+        /// Replica names, comma-separated: `replica-<name>.pem`/`.key` (client authentication).
+        #[arg(long, value_delimiter = ',', default_value = "replica1,replica2")]
+        replicas: Vec<String>,
+        /// DNS names and IP addresses the NATS nodes are reached at (every node certificate
+        /// carries them, and its node name).
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,localhost")]
+        hosts: Vec<String>,
+    },
+    /// Connect as this replica (the `[cluster]` section of the config), write to a replicated
+    /// probe stream, and print the stream's leader and replicas as JSON; exits 1 saying what is
+    /// missing (no node reachable, the certificate refused, no quorum).
+    Check {
+        /// TOML config file with a `[cluster]` section.
+        #[arg(long, short, env = "PCG_SAAS_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +83,31 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Openapi => {
             print!("{}", pcg_saas::api::openapi_document());
+            Ok(())
+        }
+        Cmd::Cluster(ClusterCmd::Init {
+            dir,
+            nodes,
+            replicas,
+            hosts,
+        }) => {
+            let r = pcg_saas::cluster::init(&dir, &nodes, &replicas, &hosts)?;
+            for p in &r.created {
+                println!("created {}", p.display());
+            }
+            for p in &r.kept {
+                println!("kept    {}", p.display());
+            }
+            Ok(())
+        }
+        Cmd::Cluster(ClusterCmd::Check { config }) => {
+            let cfg = pcg_saas::Config::load(Some(&config))?;
+            let cluster = cfg
+                .cluster
+                .with_context(|| format!("{} has no [cluster] section", config.display()))?;
+            let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+            let report = rt.block_on(pcg_saas::cluster::check(&cluster))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Cmd::Serve {

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod machines;
+pub mod nats;
 pub mod netns;
 pub mod openstack_peer;
 pub mod peers;

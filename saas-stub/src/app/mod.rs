@@ -101,6 +101,11 @@ pub fn open(
     broker_addr: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Arc<App>> {
     use anyhow::Context as _;
+    if cfg.cluster.is_some() {
+        anyhow::bail!(
+            "this version of pcg-saas serves from its own data directory only: replicas cannot yet share their state through the NATS cluster named in [cluster]; remove the [cluster] section to serve on one machine (`pcg-saas cluster check` verifies the NATS cluster and this replica's certificate)"
+        );
+    }
     pcg_durable::fs::private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
     let ca = ca::Ca::load_or_create(&cfg.data_dir)?;

@@ -1,0 +1,219 @@
+//! A real three-node NATS JetStream cluster on 127.0.0.1 (Debian `nats-server` 2.9), with mutual
+//! TLS on client connections and routes, from the files `pcg-saas cluster init` makes. Each node
+//! is a process stopped by its PID; a node can be stopped and started again on the same ports
+//! and state.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+
+use crate::{log_file, wait_for, Proc};
+
+/// One node's ports and files.
+pub struct Node {
+    pub name: String,
+    pub client_port: u16,
+    pub route_port: u16,
+    pub monitor_port: u16,
+    pub conf: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+pub struct NatsCluster {
+    pub dir: PathBuf,
+    /// Where `pcg-saas cluster init` wrote the internal CA and the certificates.
+    pub pki: PathBuf,
+    pub nodes: Vec<Node>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Whether `nats-server` is installed; when it is not, a test skips (or fails under
+/// `PCG_REQUIRE_PEERS`).
+pub fn available() -> bool {
+    let ok = Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("PCG_REQUIRE_PEERS").is_none(),
+            "nats-server is not installed (scripts/peers/install-nats.sh installs it)"
+        );
+        eprintln!("SKIPPED: nats-server is not installed (scripts/peers/install-nats.sh)");
+    }
+    ok
+}
+
+/// Writes a node's configuration. `cert` names the certificate files (`<pki>/<cert>.pem` and
+/// `.key`) it presents on both its client port and its routes.
+pub fn node_conf(
+    dir: &Path,
+    pki: &Path,
+    name: &str,
+    cert: &str,
+    ports: (u16, u16, u16),
+    routes: &[u16],
+) -> anyhow::Result<PathBuf> {
+    let (client, route, monitor) = ports;
+    let store = dir.join(name).join("js");
+    std::fs::create_dir_all(&store)?;
+    let routes: Vec<String> = routes
+        .iter()
+        .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+        .collect();
+    let tls = format!(
+        "tls {{\n    cert_file: \"{pem}\"\n    key_file: \"{key}\"\n    ca_file: \"{ca}\"\n    verify: true\n    timeout: 2\n  }}",
+        pem = pki.join(format!("{cert}.pem")).display(),
+        key = pki.join(format!("{cert}.key")).display(),
+        ca = pki.join("internal-ca.pem").display(),
+    );
+    let conf = format!(
+        "server_name: {name}\nhost: 127.0.0.1\nport: {client}\nhttp: \"127.0.0.1:{monitor}\"\n\
+         {tls}\n\
+         jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 64MB\n  max_file_store: 256MB\n}}\n\
+         cluster {{\n  name: pcg-test\n  listen: \"127.0.0.1:{route}\"\n  routes: [ {routes} ]\n  {tls}\n}}\n",
+        store = store.display(),
+        routes = routes.join(", "),
+    );
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(&path, conf)?;
+    Ok(path)
+}
+
+/// Starts `nats-server -c conf`, its log in `dir/<name>.log`.
+pub fn start_server(dir: &Path, name: &str, conf: &Path) -> anyhow::Result<Proc> {
+    let child = Command::new("nats-server")
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(log_file(dir, name))
+        .spawn()
+        .context("spawn nats-server")?;
+    Ok(Proc {
+        child,
+        name: name.to_string(),
+    })
+}
+
+/// A node's monitoring endpoint as JSON.
+pub async fn monitor(port: u16, path: &str) -> Option<Value> {
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/{path}"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    r.json().await.ok()
+}
+
+impl NatsCluster {
+    /// Three nodes with the certificates `nats-node1..3` from `pki`.
+    pub fn start(dir: &Path, pki: &Path) -> anyhow::Result<NatsCluster> {
+        std::fs::create_dir_all(dir)?;
+        let ports: Vec<(u16, u16, u16)> = (0..3)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let routes: Vec<u16> = ports.iter().map(|p| p.1).collect();
+        let mut nodes = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            let name = format!("node{}", i + 1);
+            let conf = node_conf(dir, pki, &name, &format!("nats-{name}"), *p, &routes)?;
+            nodes.push(Node {
+                proc: Some(start_server(dir, &name, &conf)?),
+                name,
+                client_port: p.0,
+                route_port: p.1,
+                monitor_port: p.2,
+                conf,
+            });
+        }
+        Ok(NatsCluster {
+            dir: dir.to_path_buf(),
+            pki: pki.to_path_buf(),
+            nodes,
+        })
+    }
+
+    /// `tls://127.0.0.1:<port>` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("tls://127.0.0.1:{}", n.client_port))
+            .collect()
+    }
+
+    /// The route ports of every node (for a node that tries to join).
+    pub fn route_ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.route_port).collect()
+    }
+
+    /// Waits until every running node has a route to every other running node and JetStream
+    /// has a metadata leader.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let running: Vec<&Node> = self.nodes.iter().filter(|n| n.proc.is_some()).collect();
+        let want = running.len().saturating_sub(1);
+        let r = wait_for("the NATS cluster to form", timeout, || {
+            let ports: Vec<u16> = running.iter().map(|n| n.monitor_port).collect();
+            async move {
+                for p in ports {
+                    let routes = monitor(p, "routez").await?;
+                    if routes["num_routes"].as_u64()? < want as u64 {
+                        return None;
+                    }
+                    let js = monitor(p, "jsz").await?;
+                    js["meta_cluster"]["leader"]
+                        .as_str()
+                        .filter(|l| !l.is_empty())?;
+                }
+                Some(())
+            }
+        })
+        .await;
+        if let Err(e) = r {
+            let logs: Vec<String> = self
+                .nodes
+                .iter()
+                .map(|n| {
+                    let log = std::fs::read_to_string(self.dir.join(format!("{}.log", n.name)))
+                        .unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    format!(
+                        "--- {} ---\n{}",
+                        n.name,
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    )
+                })
+                .collect();
+            bail!("{e}\n{}", logs.join("\n"));
+        }
+        Ok(())
+    }
+
+    /// Stops node `i` (SIGKILL), keeping its state for a restart.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts node `i` again on its ports and state.
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let n = &mut self.nodes[i];
+        if n.proc.is_none() {
+            n.proc = Some(start_server(&self.dir, &n.name, &n.conf)?);
+        }
+        Ok(())
+    }
+}
