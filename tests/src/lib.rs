@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod feed;
 pub mod machines;
 pub mod nats;
 pub mod netns;

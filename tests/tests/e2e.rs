@@ -773,3 +773,54 @@ async fn status_exit_codes_say_what_is_wrong() {
         "{help}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_given_several_brokers_reach_one_that_answers() {
+    let dir = pcg_e2e::test_dir();
+    // Two broker URLs at pairing: a port nothing listens on, and the SaaS's own port.
+    let free = |_| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (dead, api) = (free(0), free(1));
+    let live = format!("https://{api}");
+    let saas = Saas::start(
+        &dir.path().join("saas"),
+        SaasOptions {
+            api_listen: Some(api),
+            extra_toml: format!("public_broker_urls = [\"https://{dead}\", \"{live}\"]\n"),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (_, key) = saas.tenant("acme").await.unwrap();
+    let mut gws = Vec::new();
+    for i in 0..3 {
+        let (_, token) = saas.token(&key, None).await.unwrap();
+        let mut gw = Gw::new(&dir.path().join(format!("gw{i}"))).unwrap();
+        gw.pair(&token).unwrap();
+        gw.start().unwrap();
+        gws.push(gw);
+    }
+    // Whichever URL each picked first, each ends up on the one that answers.
+    for gw in &gws {
+        let st = gw
+            .wait_tunnel("connected", Duration::from_secs(90))
+            .await
+            .unwrap();
+        assert_eq!(st["tunnel"]["broker_endpoint"], live.as_str(), "{st}");
+    }
+    let id = gws[0].gateway_id().unwrap();
+    let c = saas
+        .submit(&key, &id, "gateway.echo", json!({"x": 1}))
+        .await
+        .unwrap();
+    let v = saas
+        .wait_command(&key, &c, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+}

@@ -8,84 +8,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use pcg_e2e::feed::{Item, Sse};
 use pcg_e2e::{paired_with, test_dir, Saas, SaasOptions};
 use pcg_proto::feed::v1 as pb;
 use serde_json::{json, Value};
-
-#[derive(Debug, Clone)]
-struct Item {
-    seq: u64,
-    topic: String,
-    data: Value,
-}
-
-/// An SSE reader over one `GET /v1/feed` response.
-struct Sse {
-    resp: reqwest::Response,
-    buf: String,
-}
-
-impl Sse {
-    async fn open(saas: &Saas, key: &str, query: &str, last_id: Option<u64>) -> Sse {
-        let ca = std::fs::read(saas.dir.join("data/ca.pem")).expect("ca");
-        // No overall timeout: the stream stays open.
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(pcg_e2e::client_tls(&ca))
-            .build()
-            .expect("client");
-        let mut req = http
-            .get(format!("{}/v1/feed?{query}", saas.api))
-            .bearer_auth(key);
-        if let Some(id) = last_id {
-            req = req.header("Last-Event-ID", id.to_string());
-        }
-        let resp = req.send().await.expect("GET /v1/feed");
-        assert_eq!(resp.status(), 200, "GET /v1/feed?{query}");
-        assert_eq!(
-            resp.headers()["content-type"].to_str().unwrap_or_default(),
-            "text/event-stream"
-        );
-        Sse {
-            resp,
-            buf: String::new(),
-        }
-    }
-
-    /// The next item, or None when none came within `wait` (or the stream ended).
-    async fn next(&mut self, wait: Duration) -> Option<Item> {
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let (mut id, mut event, mut data) = (None, String::new(), String::new());
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        id = v.trim().parse::<u64>().ok();
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        event = v.trim().to_string();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-                if data.is_empty() {
-                    continue; // a keep-alive comment
-                }
-                let data: Value = serde_json::from_str(&data).expect("data is JSON");
-                assert_ne!(event, "error", "the feed failed: {data}");
-                return Some(Item {
-                    seq: id.expect("every item has an id"),
-                    topic: event,
-                    data,
-                });
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            match tokio::time::timeout(left, self.resp.chunk()).await {
-                Ok(Ok(Some(bytes))) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
-                _ => return None,
-            }
-        }
-    }
-}
 
 /// Submits `n` echo commands to `gw` in batches of 100; returns their ids.
 async fn submit(saas: &Saas, key: &str, gw: &str, n: usize, tag: &str) -> Vec<String> {

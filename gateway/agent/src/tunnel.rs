@@ -138,7 +138,9 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
     let base = Duration::from_millis(gw.cfg.backoff_base_ms.max(1));
     let cap = Duration::from_millis(gw.cfg.backoff_cap_ms.max(gw.cfg.backoff_base_ms));
     let mut attempt: u32 = 0;
-    let mut endpoint_idx = 0usize;
+    // The first endpoint is picked at random, so that gateways spread over the brokers they were
+    // given; a failure moves to the next one.
+    let mut endpoint_idx = usize::from(rand::random::<u16>());
     let mut identity_rx = gw.watch_identity();
     let mut path = PathChoice::new(
         gw.cfg.transport,

@@ -222,8 +222,13 @@ impl Subscription {
     }
 }
 
+/// How long a write may wait for its own flush before the pump flushes it for subscribers.
+const PUMP_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Flushes the store promptly while someone reads the feed, so that a write no request flushes
-/// (an event, a health report) reaches subscribers within a flush, not at the next command.
+/// (an event, a health report) reaches subscribers within a few milliseconds, not at the next
+/// command. A write that is flushed anyway (a command, a result) is left to its own flush: the
+/// pump waits [`PUMP_DELAY`] and flushes only what is still not durable.
 pub async fn pump(app: Arc<App>) {
     let feed = app.store.feed.clone();
     loop {
@@ -231,7 +236,15 @@ pub async fn pump(app: Arc<App>) {
             _ = feed.written() => {}
             _ = app.shutdown.cancelled() => return,
         }
-        if feed.subscribers() == 0 || !feed.behind() {
+        if feed.subscribers() == 0 {
+            continue;
+        }
+        let target = feed.visible();
+        tokio::select! {
+            _ = tokio::time::sleep(PUMP_DELAY) => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        if feed.durable() >= target {
             continue;
         }
         if let Err(e) = app.store.flush().await {

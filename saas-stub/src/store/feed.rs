@@ -221,9 +221,9 @@ impl Feed {
         self.durable.subscribe()
     }
 
-    /// Whether something was written past the durable horizon.
-    pub fn behind(&self) -> bool {
-        self.visible() > *self.durable.borrow()
+    /// The durable horizon now.
+    pub fn durable(&self) -> u64 {
+        *self.durable.borrow()
     }
 
     /// Resolves when a ticket was dropped since the last call (a write finished).

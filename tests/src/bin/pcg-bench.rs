@@ -89,6 +89,11 @@ struct Args {
     /// `tunnel`: lines added to pcg-saas's configuration (TOML), to compare settings.
     #[arg(long, default_value = "")]
     saas_toml: String,
+    /// `tunnel`: a tenant feed subscriber (`GET /v1/feed?topics=results`) reads along during the
+    /// command scenarios; the run fails unless it got every result once, in order (on with
+    /// `--quick`).
+    #[arg(long)]
+    feed: bool,
 }
 
 struct Figures {
@@ -235,6 +240,45 @@ async fn run_commands(
         saas_cpu_ms: 0.0,
         gw_cpu_ms: 0.0,
     })
+}
+
+/// Waits (up to 120 s) until the feed subscriber has `expected` results, then checks that each
+/// came once and in order; returns a line on the feed's lag behind the commands.
+async fn check_feed(
+    seen: &std::sync::Mutex<Vec<(u64, String, Instant)>>,
+    expected: usize,
+    commands_done: Instant,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = seen.lock().expect("feed lock").len();
+        if n >= expected {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the feed subscriber got {n} of {expected} results"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = seen.lock().expect("feed lock");
+    anyhow::ensure!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "the feed's sequence numbers did not only grow"
+    );
+    let ids: std::collections::HashSet<&String> = seen.iter().map(|s| &s.1).collect();
+    anyhow::ensure!(
+        ids.len() == seen.len() && seen.len() == expected,
+        "the feed carried {} results for {} commands ({} distinct)",
+        seen.len(),
+        expected,
+        ids.len()
+    );
+    let last = seen.last().map_or(commands_done, |s| s.2);
+    Ok(format!(
+        "feed: a subscriber read all {expected} results, each once, in order; the last {:.1} ms after the last command's long-poll returned",
+        last.saturating_duration_since(commands_done).as_secs_f64() * 1000.0
+    ))
 }
 
 async fn gateways(
@@ -938,6 +982,24 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
     let (_, key) = saas.tenant("bench").await?;
     let mut rows = Vec::new();
     let mut submitted = 0usize;
+    // The feed subscriber: every result it reads, with when it read it.
+    let feed = if (args.feed || args.quick) && !args.baseline {
+        let mut sub = pcg_e2e::feed::Sse::open(&saas, &key, "topics=results", None).await;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<(u64, String, Instant)>::new()));
+        let seen2 = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Some(it) = sub.next(Duration::from_secs(3600)).await {
+                let id = it.data["id"].as_str().unwrap_or_default().to_string();
+                seen2
+                    .lock()
+                    .expect("feed lock")
+                    .push((it.seq, id, Instant::now()));
+            }
+        });
+        Some((seen, task))
+    } else {
+        None
+    };
 
     // One gateway: light load, 64 in flight, batches.
     let one_root = root.join("one");
@@ -994,6 +1056,7 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
         &format!("{gateways_n} gateways, {} in flight", args.concurrency),
     )
     .await?;
+    let many_done = Instant::now();
     let m1 = mark(&saas, &many, &port).await;
     let mut f = with_costs(f, &m0, &m1);
     // Only the first gateway's flushes are counted: per command of its share.
@@ -1006,6 +1069,14 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     drop(many);
+    let feed_line = match feed {
+        Some((seen, task)) => {
+            let line = check_feed(&seen, submitted + commands, many_done).await;
+            task.abort();
+            Some(line?)
+        }
+        None => None,
+    };
 
     // Idle tunnels (memory per tunnel), or the storm: N connecting at once.
     let n = if storm > 0 { storm } else { idle };
@@ -1072,6 +1143,9 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
 
     print_rows(&rows);
     println!();
+    if let Some(line) = &feed_line {
+        println!("{line}");
+    }
     println!(
         "broker RSS: {rss_before} KiB before, {rss_after} KiB with {n} idle tunnels ({} reported by /healthz): {per_tunnel_kib:.1} KiB per tunnel",
         health["tunnels"]
