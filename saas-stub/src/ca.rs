@@ -84,45 +84,65 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-fn random_serial() -> SerialNumber {
+/// A random positive 127-bit serial number.
+pub(crate) fn random_serial() -> SerialNumber {
     let mut b: [u8; 16] = rand::random();
     b[0] &= 0x7f; // positive
     SerialNumber::from_slice(&b)
 }
 
 impl Ca {
+    /// Loads the CA from `cert_path` and `key_path` (PEM), which must exist: the CA several
+    /// replicas share (`pcg-saas cluster init` makes one).
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Ca, CaError> {
+        let cert_pem = std::fs::read_to_string(cert_path).map_err(io(cert_path))?;
+        let key_pem = std::fs::read_to_string(key_path).map_err(io(key_path))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Invalid {
+            path: key_path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CaError::Invalid {
+            path: cert_path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let cert_der = pem_to_der(&cert_pem).ok_or_else(|| CaError::Invalid {
+            path: cert_path.to_path_buf(),
+            message: "no CERTIFICATE block".into(),
+        })?;
+        Ok(Ca {
+            issuer,
+            cert_pem,
+            cert_der,
+        })
+    }
+
     /// Loads the CA from `dir/ca.pem` and `dir/ca.key`, creating both on first start.
     pub fn load_or_create(dir: &Path) -> Result<Ca, CaError> {
         let cert_path = dir.join("ca.pem");
         let key_path = dir.join("ca.key");
         if cert_path.exists() {
-            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
-            let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-            let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Invalid {
-                path: key_path.clone(),
-                message: e.to_string(),
-            })?;
-            let issuer =
-                Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CaError::Invalid {
-                    path: cert_path.clone(),
-                    message: e.to_string(),
-                })?;
-            let cert_der = pem_to_der(&cert_pem).ok_or_else(|| CaError::Invalid {
-                path: cert_path.clone(),
-                message: "no CERTIFICATE block".into(),
-            })?;
-            return Ok(Ca {
-                issuer,
-                cert_pem,
-                cert_der,
-            });
+            return Ca::load(&cert_path, &key_path);
         }
+        let (cert_pem, key_pem, params, key) = Ca::generate("pcg-saas CA")?;
+        write_private(&key_path, key_pem.as_bytes()).map_err(io(&key_path))?;
+        std::fs::write(&cert_path, &cert_pem).map_err(io(&cert_path))?;
+        let cert_der = pem_to_der(&cert_pem).ok_or_else(|| CaError::Invalid {
+            path: cert_path.clone(),
+            message: "no CERTIFICATE block".into(),
+        })?;
+        Ok(Ca {
+            issuer: Issuer::new(params, key),
+            cert_der,
+            cert_pem,
+        })
+    }
+
+    /// A new self-signed CA named `name`: (certificate PEM, key PEM, its parameters, its key).
+    pub fn generate(name: &str) -> Result<(String, String, CertificateParams, KeyPair), CaError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "pcg-saas CA");
+        params.distinguished_name.push(DnType::CommonName, name);
         params
             .distinguished_name
             .push(DnType::OrganizationName, "pcg");
@@ -133,14 +153,7 @@ impl Ca {
         params.not_after = now + Duration::days(3650);
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
-        let cert_pem = cert.pem();
-        write_private(&key_path, key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
-        std::fs::write(&cert_path, &cert_pem).map_err(io(&cert_path))?;
-        Ok(Ca {
-            issuer: Issuer::new(params, key),
-            cert_der: cert.der().to_vec(),
-            cert_pem,
-        })
+        Ok((cert.pem(), key.serialize_pem(), params, key))
     }
 
     /// Lower-case hex SHA-256 of the CA certificate (DER): the pin carried in pairing tokens.

@@ -22,15 +22,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
+    CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ca::write_private;
+use crate::ca::{random_serial, write_private, Ca};
 
 /// The `[cluster]` section of the configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +84,8 @@ pub enum ClusterError {
     JetStream(String),
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -101,12 +103,6 @@ pub struct InitReport {
     pub kept: Vec<PathBuf>,
 }
 
-fn random_serial() -> SerialNumber {
-    let mut b: [u8; 16] = rand::random();
-    b[0] &= 0x7f;
-    SerialNumber::from_slice(&b)
-}
-
 fn write_pair(
     report: &mut InitReport,
     dir: &Path,
@@ -120,15 +116,25 @@ fn write_pair(
         return Ok(());
     }
     let (cert_pem, key_pem) = make()?;
-    write_private(&key, key_pem.as_bytes()).map_err(|source| ClusterError::Write {
-        path: key.clone(),
+    write_created(report, &cert, &cert_pem, &key, &key_pem)
+}
+
+fn write_created(
+    report: &mut InitReport,
+    cert: &Path,
+    cert_pem: &str,
+    key: &Path,
+    key_pem: &str,
+) -> Result<(), ClusterError> {
+    write_private(key, key_pem.as_bytes()).map_err(|source| ClusterError::Write {
+        path: key.to_path_buf(),
         source,
     })?;
-    std::fs::write(&cert, cert_pem).map_err(|source| ClusterError::Write {
-        path: cert.clone(),
+    std::fs::write(cert, cert_pem).map_err(|source| ClusterError::Write {
+        path: cert.to_path_buf(),
         source,
     })?;
-    report.created.push(cert);
+    report.created.push(cert.to_path_buf());
     Ok(())
 }
 
@@ -165,7 +171,8 @@ fn leaf(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// Creates in `dir` whatever is missing of: the internal CA (`internal-ca.pem`, `.key`), a
+/// Creates in `dir` whatever is missing of: the internal CA (`internal-ca.pem`, `.key`), the
+/// gateways' CA every replica signs gateways with (`gateway-ca.pem`, `.key`), a
 /// certificate per NATS node (`nats-<node>.pem`, `.key`: server and client authentication, for
 /// `hosts` and the node's name) and per replica (`replica-<name>.pem`, `.key`: client
 /// authentication only). Files already there are kept, so it can be run again to add a node.
@@ -214,35 +221,20 @@ pub fn init(
             message: e.to_string(),
         })?
     } else {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "pcg internal CA");
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "pcg");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(3650);
-        params.serial_number = Some(random_serial());
-        let cert = params.self_signed(&key)?;
-        write_private(&ca_key, key.serialize_pem().as_bytes()).map_err(|source| {
-            ClusterError::Write {
-                path: ca_key.clone(),
-                source,
-            }
-        })?;
-        std::fs::write(&ca_cert, cert.pem()).map_err(|source| ClusterError::Write {
-            path: ca_cert.clone(),
-            source,
-        })?;
-        report.created.push(ca_cert.clone());
+        let (cert_pem, key_pem, params, key) = Ca::generate("pcg internal CA")?;
+        write_created(&mut report, &ca_cert, &cert_pem, &ca_key, &key_pem)?;
         Issuer::new(params, key)
     };
+    // The gateways' CA, shared by every replica (`ca_cert_file`, `ca_key_file`): apart from the
+    // internal one, so neither kind of certificate opens the other's door.
+    let gw_cert = dir.join("gateway-ca.pem");
+    let gw_key = dir.join("gateway-ca.key");
+    if gw_cert.exists() && gw_key.exists() {
+        report.kept.push(gw_cert);
+    } else {
+        let (cert_pem, key_pem, _, _) = Ca::generate("pcg-saas CA")?;
+        write_created(&mut report, &gw_cert, &cert_pem, &gw_key, &key_pem)?;
+    }
     for n in nodes {
         let mut names = hosts.to_vec();
         names.push(n.clone());

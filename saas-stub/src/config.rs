@@ -85,6 +85,11 @@ pub struct Config {
     pub feed_retention_hours: u64,
     /// Machines declared per gateway.
     pub max_machines_per_gateway: usize,
+    /// The CA that signs gateways' certificates, from these files (both or neither) instead of
+    /// `ca.pem`/`ca.key` created in `data_dir`: replicas share one (`pcg-saas cluster init`
+    /// makes `gateway-ca.pem`/`.key`), and an operator may bring their own.
+    pub ca_cert_file: Option<PathBuf>,
+    pub ca_key_file: Option<PathBuf>,
     /// The NATS JetStream cluster replicas share (`pcg-saas cluster check` verifies it; `serve`
     /// does not run from it in this version).
     pub cluster: Option<crate::cluster::ClusterConfig>,
@@ -123,6 +128,8 @@ impl Default for Config {
             health_retention_hours: 72,
             feed_retention_hours: 72,
             max_machines_per_gateway: 10_000,
+            ca_cert_file: None,
+            ca_key_file: None,
             cluster: None,
         }
     }

@@ -33,7 +33,8 @@ enum Cmd {
         /// Log format on stderr: text or json (one object per line).
         #[arg(long, value_name = "FORMAT", default_value = "text")]
         log_format: pcg_obs::LogFormat,
-        /// Write `{"api", "broker", "api_listen", "broker_listen", "operator_key_file", "pid"}` as JSON
+        /// Write `{"api", "broker", "api_listen", "broker_listen", "operator_key_file", "ca_file",
+        /// "pid"}` as JSON
         /// to this file once the listeners are bound (for scripts and tests; `broker_listen` is
         /// the public port when the broker shares it).
         #[arg(long)]
@@ -139,6 +140,10 @@ async fn serve(config: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow::
     let api_addr = api.local_addr()?;
     let broker_addr = broker.as_ref().map(|b| b.local_addr()).transpose()?;
     let data_dir = cfg.data_dir.clone();
+    let ca_file = cfg
+        .ca_cert_file
+        .clone()
+        .unwrap_or_else(|| data_dir.join("ca.pem"));
     let app = pcg_saas::open(cfg, api_addr, broker_addr)?;
     tracing::info!(api = %app.api_url, broker = ?app.broker_urls, data = %data_dir.display(), "pcg-saas listening");
     if let Some(p) = ready_file {
@@ -148,6 +153,7 @@ async fn serve(config: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow::
             "api_listen": api_addr.to_string(),
             "broker_listen": broker_addr.unwrap_or(api_addr).to_string(),
             "operator_key_file": data_dir.join("operator.key"),
+            "ca_file": ca_file,
             "pid": std::process::id(),
         });
         let tmp = p.with_extension("tmp");

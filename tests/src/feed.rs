@@ -24,7 +24,7 @@ impl Sse {
     /// Opens `GET /v1/feed?<query>` (with `Last-Event-ID: last_id` when given); panics unless it
     /// is answered 200 with `text/event-stream`.
     pub async fn open(saas: &Saas, key: &str, query: &str, last_id: Option<u64>) -> Sse {
-        let ca = std::fs::read(saas.dir.join("data/ca.pem")).expect("ca");
+        let ca = std::fs::read(&saas.ca_file).expect("ca");
         // No overall timeout: the stream stays open.
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(crate::client_tls(&ca))

@@ -150,6 +150,8 @@ pub struct Saas {
     pub broker_listen: std::net::SocketAddr,
     pub operator_key: String,
     pub http: reqwest::Client,
+    /// The CA certificate the SaaS signs with (its data directory's, or the one it was given).
+    pub ca_file: PathBuf,
     /// Where the REST API actually listens.
     pub api_listen: std::net::SocketAddr,
     opts: SaasOptions,
@@ -235,7 +237,10 @@ impl Saas {
                 }
             }
         };
-        let ca = std::fs::read(dir.join("data/ca.pem"))?;
+        let ca_file = info["ca_file"]
+            .as_str()
+            .map_or_else(|| dir.join("data/ca.pem"), PathBuf::from);
+        let ca = std::fs::read(&ca_file)?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(client_tls(&ca))
             .pool_max_idle_per_host(64)
@@ -259,6 +264,7 @@ impl Saas {
                 .trim()
                 .to_string(),
             http,
+            ca_file,
         })
     }
 

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pcg_e2e::nats::{self, NatsCluster};
-use pcg_e2e::{bin, test_dir, wait_for, Saas, SaasOptions};
+use pcg_e2e::{bin, test_dir, wait_for, Gw, Saas, SaasOptions};
 use serde_json::Value;
 
 fn init(pki: &Path, extra: &[&str]) -> String {
@@ -202,9 +202,9 @@ async fn only_the_internal_ca_gets_in_and_a_missing_quorum_is_named() {
     let dir = test_dir();
     let pki = dir.path().join("pki");
     let made = init(&pki, &[]);
-    assert_eq!(made.matches("created").count(), 6, "{made}");
+    assert_eq!(made.matches("created").count(), 7, "{made}");
     // Run again: everything is kept.
-    assert_eq!(init(&pki, &[]).matches("kept").count(), 6);
+    assert_eq!(init(&pki, &[]).matches("kept").count(), 7);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(pki.join("internal-ca.key"))
         .unwrap()
@@ -308,4 +308,74 @@ async fn wait_for_check(conf: &Path, pass: bool) -> (Result<Value, String>, Dura
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_given_one_gateway_ca_sign_with_it() {
+    let dir = test_dir();
+    let pki = dir.path().join("pki");
+    init(&pki, &[]);
+    let shared = format!(
+        "ca_cert_file = {:?}\nca_key_file = {:?}\n",
+        pki.join("gateway-ca.pem"),
+        pki.join("gateway-ca.key")
+    );
+    let opts = SaasOptions {
+        extra_toml: shared,
+        ..Default::default()
+    };
+    let a = Saas::start(&dir.path().join("a"), opts.clone())
+        .await
+        .unwrap();
+    let b = Saas::start(&dir.path().join("b"), opts).await.unwrap();
+    let pem = std::fs::read_to_string(pki.join("gateway-ca.pem")).unwrap();
+    for s in [&a, &b] {
+        let r = s.http.get(format!("{}/v1/ca", s.api)).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap().trim(), pem.trim());
+        // Neither made a CA of its own.
+        assert!(!s.dir.join("data/ca.key").exists());
+    }
+    // A gateway pairs with either and works: here with the second one.
+    let (_, key) = b.tenant("t").await.unwrap();
+    let (_, token) = b.token(&key, None).await.unwrap();
+    let mut gw = Gw::new(&dir.path().join("gw")).unwrap();
+    gw.pair(&token).unwrap();
+    gw.start().unwrap();
+    gw.wait_tunnel("connected", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let id = gw.gateway_id().unwrap();
+    let c = b
+        .submit(&key, &id, "gateway.echo", serde_json::json!({"x": 1}))
+        .await
+        .unwrap();
+    let v = b
+        .wait_command(&key, &c, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+
+    // Half a CA is refused at start, saying what to do.
+    let half = dir.path().join("half");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(
+        half.join("saas.toml"),
+        format!(
+            "data_dir = {:?}\nca_cert_file = {:?}\n",
+            half.join("data"),
+            pki.join("gateway-ca.pem")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin("pcg-saas"))
+        .args(["serve", "--config"])
+        .arg(half.join("saas.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ca_cert_file and ca_key_file go together"),
+        "{err}"
+    );
 }

@@ -108,7 +108,13 @@ pub fn open(
     }
     pcg_durable::fs::private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
-    let ca = ca::Ca::load_or_create(&cfg.data_dir)?;
+    let ca = match (&cfg.ca_cert_file, &cfg.ca_key_file) {
+        (None, None) => ca::Ca::load_or_create(&cfg.data_dir)?,
+        (Some(cert), Some(key)) => ca::Ca::load(cert, key)?,
+        _ => anyhow::bail!(
+            "ca_cert_file and ca_key_file go together: name both (the gateways' CA every replica shares; `pcg-saas cluster init` makes gateway-ca.pem and gateway-ca.key), or neither to use the CA in the data directory"
+        ),
+    };
     let store = store::Store::open(&cfg.data_dir.join("db")).with_context(|| {
         format!(
             "cannot open the store in {} (is another pcg-saas using this data directory?)",
