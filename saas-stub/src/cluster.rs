@@ -375,14 +375,19 @@ pub async fn check(cfg: &ClusterConfig) -> Result<CheckReport, ClusterError> {
         })
         .await
         .map_err(|e| {
-            let m = e.to_string();
-            // A timeout or "no responders": the JetStream API has no leader to answer it.
-            if m.contains("timed out") || m.contains("no responders") || m.contains("503") {
+            use jetstream::context::CreateStreamErrorKind as K;
+            // No answer, or nobody to answer: the JetStream API has no leader.
+            let leaderless = match e.kind() {
+                K::TimedOut | K::JetStreamUnavailable => true,
+                K::JetStream(api) => api.code() == 503,
+                _ => false,
+            };
+            if leaderless {
                 no_quorum(format!(
-                    "the probe stream could not be looked up or created: {m}"
+                    "the probe stream could not be looked up or created: {e}"
                 ))
             } else {
-                ClusterError::JetStream(m)
+                ClusterError::JetStream(e.to_string())
             }
         })?;
     let ack = js

@@ -203,8 +203,9 @@ impl Drop for IpSlot {
 /// `max_pending_handshakes`, and up to as many as complete in half the handshake timeout at the
 /// rate measured over the last seconds (so each can still finish in time), never more than the
 /// connection budget has room for (a handshake finished for a connection the budget then
-/// refuses is wasted work). A connection told "busy" is given the time the queue ahead of it
-/// takes to drain at that rate, spread so the refused do not return together.
+/// refuses is wasted work). A connection told "busy" is given a slot to come back in, after the
+/// queue ahead of it has drained at that rate, so the refused return spread rather than together
+/// (see `Pending::retry_after_ms`).
 #[derive(Default)]
 struct Pending {
     next: u64,
@@ -215,6 +216,8 @@ struct Pending {
     /// Handshakes completed per second (smoothed), and the window it is being measured over.
     rate: f64,
     window: Option<(Instant, u64)>,
+    /// The slot after the last one a refused connection was given (see `retry_after_ms`).
+    next_slot: Option<Instant>,
 }
 
 /// How often the completion rate is measured.
@@ -245,16 +248,24 @@ impl Pending {
         in_time.min(spare).max(floor)
     }
 
-    /// How long a refused connection should wait: the queue's drain time at the measured rate
-    /// plus as much again at random, at least 1 s and at most 30 s.
-    fn retry_after_ms(&self) -> u64 {
-        let queue = self.len() as u64;
-        let drain_ms = if self.rate >= 1.0 {
-            (queue as f64 * 1_000.0 / self.rate) as u64
-        } else {
-            queue * 4
-        };
-        (1_000.max(drain_ms) + rand::random_range(0..1_000.max(drain_ms))).min(30_000)
+    /// How long a refused connection should wait: each gets its own slot, the first once the
+    /// queue ahead has drained and each next one a little after the last given, so the refused
+    /// come back spread, not together. The estimate leans early: the rate is taken as at least
+    /// 1,000 handshakes a second (at the start of a storm the first measurements run low, and a
+    /// low rate would send thousands away for half a minute while the listener idles), slots go
+    /// at twice that rate, and the queue is taken to drain in at most half the handshake
+    /// timeout (its room is sized so). One that comes back too early costs the listener one line
+    /// of text and gets a later slot. Within 0.25–30 s.
+    fn retry_after_ms(&mut self, timeout: Duration) -> u64 {
+        let now = Instant::now();
+        let rate = self.rate.max(1_000.0);
+        let drain = Duration::from_secs_f64(self.len() as f64 / rate).min(timeout / 2);
+        let drained = now + drain;
+        let slot = self.next_slot.filter(|s| *s > drained).unwrap_or(drained);
+        self.next_slot = Some(slot + Duration::from_secs_f64(0.5 / rate));
+        u64::try_from(slot.duration_since(now).as_millis())
+            .unwrap_or(u64::MAX)
+            .clamp(250, 30_000)
     }
 
     /// Cancels the handshake that gives way to a new connection, if one may; false when none.
@@ -381,7 +392,7 @@ pub async fn serve<M, S>(
             );
             while p.len() >= room {
                 if !p.evict() {
-                    busy = Some(p.retry_after_ms());
+                    busy = Some(p.retry_after_ms(limits.handshake_timeout));
                     break;
                 }
                 stats.evicted_handshakes.fetch_add(1, Ordering::Relaxed);
@@ -688,21 +699,45 @@ mod tests {
         p.window = Some((started, 0));
         p.done = 2_000;
         let room = p.room(256, 100_000, timeout);
+        // The window is a second or a little more (this thread may have waited its turn).
+        let rate = p.rate;
+        assert!((1_000.0..=2_000.0).contains(&rate), "{rate}");
         assert!(
-            (8_000..=10_000).contains(&room),
-            "about 2,000/s × 5 s, got {room}"
+            (room as f64 - rate * 5.0).abs() <= 1.0,
+            "what completes in half the timeout: {rate}/s × 5 s, got {room}"
         );
         // Never more than the connection budget has room for, never less than the floor.
         assert_eq!(p.room(256, 3_000, timeout), 3_000);
         assert_eq!(p.room(256, 10, timeout), 256);
-        // Told busy: the queue's drain time at that rate, spread, within 1–30 s.
+        // Told busy: the first once the queue drained at that rate (4,000 at ~2,000/s: ~2 s),
+        // each next one slot (1/(2 × rate)) later, so 4,000 refused are spread over ~1 s more.
         for n in 0..4_000u64 {
             p.hello.insert(n, entry(Duration::ZERO));
         }
-        for _ in 0..100 {
-            let ms = p.retry_after_ms();
-            assert!((1_800..=30_000).contains(&ms), "{ms}");
+        let waits: Vec<u64> = (0..4_000).map(|_| p.retry_after_ms(timeout)).collect();
+        let drain_ms = 4_000.0 / rate * 1_000.0;
+        assert!(
+            (waits[0] as f64 - drain_ms).abs() <= 100.0,
+            "{} vs {drain_ms}",
+            waits[0]
+        );
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "spread in order");
+        let spread = (waits[3_999] - waits[0]) as f64;
+        let expected = 4_000.0 * 0.5 / rate * 1_000.0;
+        assert!(
+            (spread - expected).abs() <= 100.0,
+            "spread over {spread} ms, not {expected}"
+        );
+        // Never beyond 30 s, however many are refused.
+        let last = (0..200_000).map(|_| p.retry_after_ms(timeout)).last();
+        assert_eq!(last, Some(30_000));
+        // Nothing measured yet, a long queue: sent away for at most half the handshake timeout.
+        let mut fresh = Pending::default();
+        for n in 0..20_000u64 {
+            fresh.hello.insert(n, entry(Duration::ZERO));
         }
+        let first = fresh.retry_after_ms(timeout);
+        assert!((4_900..=5_000).contains(&first), "{first}");
         // A slow machine (20 handshakes/s over the next window): the room falls back.
         p.hello.clear();
         let earlier = Instant::now()

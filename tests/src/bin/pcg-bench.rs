@@ -36,6 +36,7 @@ use pcg_proto::v1::broker_client::BrokerClient;
 use pcg_proto::v1::gateway_frame::Kind as GKind;
 use pcg_proto::v1::{GatewayFrame, Heartbeat, Hello};
 use serde_json::json;
+use sha2::Digest as _;
 
 #[derive(Parser)]
 struct Args {
@@ -427,12 +428,15 @@ async fn run_batches(
     }))
 }
 
-/// Pairs one identity directly over the REST API; returns a tonic TLS config for it.
+/// Pairs one identity directly over the REST API; returns a dialer with it (the gateway's own:
+/// pinned CA, client certificate, and the listener's "busy, retry after" answer understood).
 async fn identity(
     saas: &Saas,
     key: &str,
     ca_pem: &str,
-) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+) -> anyhow::Result<pcg_gateway::transport::Dialer> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (_, tok) = saas.token(key, None).await?;
     let t = pcg_gateway::PairingToken::decode(&tok)?;
     let kp = rcgen::KeyPair::generate()?;
@@ -454,43 +458,74 @@ async fn identity(
         .error_for_status()?
         .json()
         .await?;
-    Ok(tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
-        .identity(tonic::transport::Identity::from_pem(
-            r.certificate_pem,
-            kp.serialize_pem(),
-        ))
-        .domain_name("127.0.0.1"))
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(r.certificate_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(kp.serialize_pem().as_bytes())?;
+    Ok(pcg_gateway::transport::Dialer {
+        proxies: Default::default(),
+        proxy_ca: Vec::new(),
+        pin: sha2::Sha256::digest(ca.as_ref()).into(),
+        ca: Some(ca),
+        client: Some(Arc::new((chain, key))),
+        timeout: Duration::from_secs(10),
+    })
 }
 
-/// An in-process gateway: connects (retrying after 0.5–3 s on any failure, as a gateway backs
-/// off), says Hello, heartbeats every 5 s, and reconnects whenever its tunnel ends.
+/// An in-process gateway: connects with the gateway's dialer, says Hello, heartbeats every 5 s,
+/// and reconnects whenever its tunnel ends. After a failure it waits 0.5–3 s, or as long as a
+/// "busy" answer asked, as the gateway's backoff does.
 async fn storm_tunnel(
     url: String,
-    tls: tonic::transport::ClientTlsConfig,
+    dialer: Arc<pcg_gateway::transport::Dialer>,
     attempts: Arc<std::sync::atomic::AtomicU64>,
 ) {
     loop {
         attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Ok(Ok(h)) = tokio::time::timeout(
-            Duration::from_secs(10),
-            idle_tunnel(url.clone(), tls.clone()),
-        )
-        .await
-        {
-            let _ = h.await;
+        let mut wait = Duration::from_millis(500 + rand::random_range(0..2_500u64));
+        match tokio::time::timeout(Duration::from_secs(10), idle_tunnel(&url, &dialer)).await {
+            Ok(Ok(h)) => {
+                let _ = h.await;
+            }
+            Ok(Err(Failure::Busy(ms))) => wait = wait.max(Duration::from_millis(ms)),
+            Ok(Err(Failure::Other(_))) | Err(_) => {}
         }
-        tokio::time::sleep(Duration::from_millis(500 + rand::random_range(0..2_500u64))).await;
+        tokio::time::sleep(wait).await;
+    }
+}
+
+enum Failure {
+    Busy(u64),
+    Other(#[allow(dead_code)] anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Other(e.into())
     }
 }
 
 async fn idle_tunnel(
-    url: String,
-    tls: tonic::transport::ClientTlsConfig,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let ch = tonic::transport::Endpoint::from_shared(url)?
-        .tls_config(tls)?
-        .connect()
+    url: &str,
+    dialer: &pcg_gateway::transport::Dialer,
+) -> Result<tokio::task::JoinHandle<()>, Failure> {
+    use pcg_gateway::transport::{DialError, Target, Transport};
+    let target = Target::from_url(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dialed = match dialer.dial(&target, Transport::Direct, &[b"h2"]).await {
+        Ok(d) => d,
+        Err(DialError::Busy { retry_after_ms, .. }) => return Err(Failure::Busy(retry_after_ms)),
+        Err(e) => return Err(anyhow::anyhow!("{e}").into()),
+    };
+    let slot = Arc::new(std::sync::Mutex::new(Some(dialed.io)));
+    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let io = slot.lock().expect("connector lock").take();
+        async move {
+            io.map(hyper_util::rt::TokioIo::new)
+                .ok_or_else(|| std::io::Error::other("connection already used"))
+        }
+    });
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", target.authority()))?
+        .connect_with_connector(connector)
         .await?;
     let mut client = BrokerClient::new(ch);
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -508,7 +543,10 @@ async fn idle_tunnel(
         .open(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    inbound.message().await?.context("no Welcome")?;
+    inbound
+        .message()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no Welcome"))?;
     Ok(tokio::spawn(async move {
         let mut seq = 0;
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -1100,7 +1138,13 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
     let attempts = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let handles: Vec<_> = tls
         .into_iter()
-        .map(|t| tokio::spawn(storm_tunnel(broker_url.clone(), t, attempts.clone())))
+        .map(|d| {
+            tokio::spawn(storm_tunnel(
+                broker_url.clone(),
+                Arc::new(d),
+                attempts.clone(),
+            ))
+        })
         .collect();
     let health = pcg_e2e::wait_for(
         "every tunnel registered",
