@@ -48,7 +48,8 @@ impl Sse {
         }
     }
 
-    /// The next item, or None when none came within `wait` (or the stream ended).
+    /// The next item, or None when none came within `wait` (or the stream ended). A failure the
+    /// server reports on the stream is an item with topic `error` (it has no id: `seq` 0).
     pub async fn next(&mut self, wait: Duration) -> Option<Item> {
         let deadline = Instant::now() + wait;
         loop {
@@ -68,9 +69,8 @@ impl Sse {
                     continue; // a keep-alive comment
                 }
                 let data: Value = serde_json::from_str(&data).expect("data is JSON");
-                assert_ne!(event, "error", "the feed failed: {data}");
                 return Some(Item {
-                    seq: id.expect("every item has an id"),
+                    seq: id.unwrap_or_default(),
                     topic: event,
                     data,
                 });

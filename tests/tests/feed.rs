@@ -277,6 +277,33 @@ async fn the_feed_carries_every_command_and_result_once_in_order_across_a_discon
     assert_eq!(grpc_order, sse_order);
     drop(stream);
 
+    // A subscription ends when its API key is revoked, idle or not.
+    let k2 = saas
+        .ok(
+            "POST",
+            "/v1/api-keys",
+            &key,
+            Some(json!({"name": "watcher"})),
+        )
+        .await
+        .unwrap();
+    let mut watcher = Sse::open(&saas, k2["key"].as_str().unwrap(), "topics=results", None).await;
+    saas.ok(
+        "DELETE",
+        &format!("/v1/api-keys/{}", k2["api_key"]["id"].as_str().unwrap()),
+        &key,
+        None,
+    )
+    .await
+    .unwrap();
+    let ended = watcher
+        .next(Duration::from_secs(60))
+        .await
+        .expect("an error item before the stream ends");
+    assert_eq!(ended.topic, "error", "{ended:?}");
+    assert_eq!(ended.data["code"], "api_key_revoked", "{ended:?}");
+    assert!(watcher.next(Duration::from_secs(10)).await.is_none());
+
     // The other tenant saw only its own events: none of ours.
     let ours: HashSet<&String> = both.iter().collect();
     let mut others = 0;

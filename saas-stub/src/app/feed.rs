@@ -17,6 +17,9 @@ use crate::store::{Command, Event, Topic};
 /// Entries read from the store at once.
 const PAGE: usize = 256;
 
+/// How often an idle subscription checks that its API key was not revoked.
+const KEY_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What a subscriber asks for.
 #[derive(Debug, Default, Clone)]
 pub struct FeedQuery {
@@ -74,6 +77,8 @@ impl FeedItem {
 pub struct Subscription {
     app: Arc<App>,
     tenant_id: String,
+    /// The API key it was opened with: a revocation ends it.
+    key_id: String,
     topics: Vec<Topic>,
     gateway_id: Option<String>,
     /// The last sequence number read (items up to it were sent or filtered out).
@@ -136,6 +141,7 @@ impl App {
         Ok(Subscription {
             app: self.clone(),
             tenant_id,
+            key_id: caller.0.id.clone(),
             topics,
             gateway_id: q.gateway_id,
             cursor,
@@ -147,7 +153,8 @@ impl App {
 }
 
 impl Subscription {
-    /// The next item, waiting for one; `None` when the service stops.
+    /// The next item, waiting for one; `None` when the service stops. An error ends the
+    /// subscription (the store failed, or its API key was revoked).
     pub async fn next(&mut self) -> Option<AppResult<FeedItem>> {
         loop {
             if let Some(item) = self.queue.pop_front() {
@@ -155,7 +162,7 @@ impl Subscription {
             }
             let horizon = *self.horizon.borrow_and_update();
             if horizon > self.cursor {
-                if let Err(e) = self.fill(horizon) {
+                if let Err(e) = self.key_valid().and_then(|()| self.fill(horizon)) {
                     return Some(Err(e));
                 }
                 continue;
@@ -166,8 +173,26 @@ impl Subscription {
                         return None;
                     }
                 }
+                // An idle subscription still learns of its key's revocation.
+                _ = tokio::time::sleep(KEY_CHECK) => {
+                    if let Err(e) = self.key_valid() {
+                        return Some(Err(e));
+                    }
+                }
                 _ = self.app.shutdown.cancelled() => return None,
             }
+        }
+    }
+
+    /// Whether the API key it was opened with still stands.
+    fn key_valid(&self) -> AppResult<()> {
+        match self.app.store.api_key(&self.key_id)? {
+            Some(k) if !k.revoked => Ok(()),
+            _ => Err(AppError::new(
+                Kind::Unauthenticated,
+                "api_key_revoked",
+                "the API key this subscription was opened with was revoked; subscribe again with a valid key, resuming after the last sequence number received",
+            )),
         }
     }
 
