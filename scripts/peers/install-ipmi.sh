@@ -5,6 +5,7 @@
 # root on Debian bookworm. The tests start ipmi_sim and scripts/peers/ipmi/pyghmi-bmc.py
 # themselves, on 127.0.0.1 with a free port, from the recipe files in scripts/peers/ipmi/.
 set -euo pipefail
+source "$(dirname "$0")/apt.sh"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 peers="${PCG_PEERS_DIR:-$repo/.pcg-peers}"
@@ -16,23 +17,9 @@ command -v ipmi_sim >/dev/null 2>&1 || need+=(openipmi)
 command -v ipmitool >/dev/null 2>&1 || need+=(ipmitool)
 "$py" -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if ((${#need[@]})); then
-  if [[ $(id -u) -ne 0 ]]; then
-    echo "install-ipmi: need root to install ${need[*]} (apt-get install -y ${need[*]})" >&2
-    exit 1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  # The tests start ipmi_sim themselves: keep Debian from starting the packages' services
-  # (openipmi, ipmievd) while installing, unless a policy is already in place.
-  policy=/usr/sbin/policy-rc.d
-  own_policy=0
-  if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
-  fi
-  trap '[[ $own_policy == 1 ]] && rm -f "$policy"' EXIT
-  if ! apt-get install -y -qq --no-install-recommends "${need[@]}"; then
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}"
-  fi
+  # The tests start ipmi_sim themselves: Debian does not start the packages' services (openipmi,
+  # ipmievd) while installing.
+  apt_install install-ipmi "${need[@]}"
 fi
 command -v ipmi_sim >/dev/null && command -v ipmitool >/dev/null
 

@@ -7,6 +7,7 @@
 # root on Debian bookworm. The tests start squid themselves on 127.0.0.1 from the templates in
 # scripts/peers/squid/; no system service is started or left running.
 set -euo pipefail
+source "$(dirname "$0")/apt.sh"
 
 pkgs=(squid-openssl nftables iproute2 stress-ng faketime)
 missing=()
@@ -14,21 +15,7 @@ for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
-  if [[ $(id -u) -ne 0 ]]; then
-    echo "install-network: need root to install ${missing[*]}" >&2
-    exit 1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  policy=/usr/sbin/policy-rc.d
-  own_policy=0
-  if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
-  fi
-  trap '[[ $own_policy == 1 ]] && rm -f "$policy"' EXIT
-  if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  apt_install install-network "${missing[@]}"
 fi
 for bin in /usr/sbin/squid /usr/lib/squid/security_file_certgen /usr/lib/squid/basic_ncsa_auth; do
   [[ -x $bin ]] || { echo "install-network: $bin is missing (squid-openssl)" >&2; exit 1; }

@@ -375,6 +375,34 @@ impl Saas {
         ))
     }
 
+    /// Pairs a new identity directly over the REST API with a fresh key and CSR, as `pcgctl pair`
+    /// does; returns (certificate PEM, private key PEM). For tests and the bench that need a real
+    /// gateway certificate without a gateway process.
+    pub async fn pair_identity(&self, key: &str) -> anyhow::Result<(String, String)> {
+        let (_, tok) = self.token(key, None).await?;
+        let t = pcg_gateway::PairingToken::decode(&tok)?;
+        let kp = rcgen::KeyPair::generate()?;
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+            .serialize_request(&kp)?
+            .pem()?;
+        let r: pcg_proto::pairing::PairResponse = self
+            .http
+            .post(format!("{}/v1/pair", self.api))
+            .json(&pcg_proto::pairing::PairRequest {
+                token_id: t.token_id,
+                secret: t.secret,
+                csr_pem: csr,
+                hostname: "test".into(),
+                gateway_version: "test".into(),
+            })
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok((r.certificate_pem, kp.serialize_pem()))
+    }
+
     /// Creates a pairing token; returns (token id, token string).
     pub async fn token(&self, key: &str, ttl: Option<u64>) -> anyhow::Result<(String, String)> {
         let v = self

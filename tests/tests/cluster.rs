@@ -77,37 +77,11 @@ async fn gateway_cert(dir: &Path) -> (Saas, std::path::PathBuf) {
         .await
         .unwrap();
     let (_, key) = saas.tenant("t").await.unwrap();
-    let (_, tok) = saas.token(&key, None).await.unwrap();
-    let t = pcg_gateway::PairingToken::decode(&tok).unwrap();
-    let kp = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&kp)
-        .unwrap()
-        .pem()
-        .unwrap();
-    let r: pcg_proto::pairing::PairResponse = saas
-        .http
-        .post(format!("{}/v1/pair", saas.api))
-        .json(&pcg_proto::pairing::PairRequest {
-            token_id: t.token_id,
-            secret: t.secret,
-            csr_pem: csr,
-            hostname: "gw".into(),
-            gateway_version: "test".into(),
-        })
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (cert_pem, key_pem) = saas.pair_identity(&key).await.unwrap();
     let out = dir.join("gwcert");
     std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("gateway.pem"), r.certificate_pem).unwrap();
-    std::fs::write(out.join("gateway.key"), kp.serialize_pem()).unwrap();
+    std::fs::write(out.join("gateway.pem"), cert_pem).unwrap();
+    std::fs::write(out.join("gateway.key"), key_pem).unwrap();
     (saas, out)
 }
 

@@ -1,10 +1,10 @@
 //! The pcg contract between gateway and SaaS: the tunnel's protobuf messages and `Broker` gRPC
 //! service (generated from `proto/pcg/tunnel/v1/tunnel.proto`), a tenant's `Feed` service
-//! (`proto/pcg/feed/v1/feed.proto`), the pairing token format, the
-//! JSON bodies of the pairing exchange, the documents of declared machines and the watch loop
-//! ([`machines`]), and secrets sealed to a gateway's key. Both sides depend on this crate and nothing else of
-//! each other.
+//! (`proto/pcg/feed/v1/feed.proto`), the pairing token format, the JSON bodies of the pairing
+//! exchange, the documents of declared machines and the watch loop ([`machines`]), and secrets
+//! sealed to a gateway's key. Both sides depend on this crate and nothing else of each other.
 
+/// The code generated from the `.proto` files, with the lints it does not meet allowed once.
 #[allow(
     clippy::all,
     clippy::pedantic,
@@ -12,25 +12,22 @@
     missing_docs,
     unreachable_pub
 )]
-pub mod tunnel {
-    pub mod v1 {
-        tonic::include_proto!("pcg.tunnel.v1");
+mod generated {
+    pub mod tunnel {
+        pub mod v1 {
+            tonic::include_proto!("pcg.tunnel.v1");
+        }
+    }
+
+    /// A tenant's feed as a gRPC server stream (`proto/pcg/feed/v1/feed.proto`).
+    pub mod feed {
+        pub mod v1 {
+            tonic::include_proto!("pcg.feed.v1");
+        }
     }
 }
 
-/// A tenant's feed as a gRPC server stream (`proto/pcg/feed/v1/feed.proto`).
-#[allow(
-    clippy::all,
-    clippy::pedantic,
-    clippy::unwrap_used,
-    missing_docs,
-    unreachable_pub
-)]
-pub mod feed {
-    pub mod v1 {
-        tonic::include_proto!("pcg.feed.v1");
-    }
-}
+pub use generated::{feed, tunnel};
 
 pub mod codec;
 pub mod machines;

@@ -437,31 +437,11 @@ async fn identity(
 ) -> anyhow::Result<pcg_gateway::transport::Dialer> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let (_, tok) = saas.token(key, None).await?;
-    let t = pcg_gateway::PairingToken::decode(&tok)?;
-    let kp = rcgen::KeyPair::generate()?;
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
-        .serialize_request(&kp)?
-        .pem()?;
-    let r: pcg_proto::pairing::PairResponse = saas
-        .http
-        .post(format!("{}/v1/pair", saas.api))
-        .json(&pcg_proto::pairing::PairRequest {
-            token_id: t.token_id,
-            secret: t.secret,
-            csr_pem: csr,
-            hostname: "bench".into(),
-            gateway_version: "bench".into(),
-        })
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let (cert_pem, key_pem) = saas.pair_identity(key).await?;
     let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())?;
     let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(r.certificate_pem.as_bytes()).collect::<Result<_, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(kp.serialize_pem().as_bytes())?;
+        CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
     Ok(pcg_gateway::transport::Dialer {
         proxies: Default::default(),
         proxy_ca: Vec::new(),
