@@ -403,6 +403,24 @@ impl Saas {
         Ok((r.certificate_pem, kp.serialize_pem()))
     }
 
+    /// Creates an API key of the caller's tenant; returns (key id, key string).
+    pub async fn api_key(&self, key: &str, name: &str) -> anyhow::Result<(String, String)> {
+        let v = self
+            .ok("POST", "/v1/api-keys", key, Some(json!({ "name": name })))
+            .await?;
+        Ok((
+            v["api_key"]["id"].as_str().unwrap_or_default().to_string(),
+            v["key"].as_str().unwrap_or_default().to_string(),
+        ))
+    }
+
+    /// Revokes API key `id` with `key`.
+    pub async fn revoke_api_key(&self, key: &str, id: &str) -> anyhow::Result<()> {
+        self.ok("DELETE", &format!("/v1/api-keys/{id}"), key, None)
+            .await
+            .map(|_| ())
+    }
+
     /// Creates a pairing token; returns (token id, token string).
     pub async fn token(&self, key: &str, ttl: Option<u64>) -> anyhow::Result<(String, String)> {
         let v = self

@@ -390,20 +390,9 @@ async fn api_misuse_gets_clear_errors() {
         .unwrap()
         .contains("gateway.diagnose"));
     // A revoked API key stops working.
-    let k2 = saas
-        .ok("POST", "/v1/api-keys", &key, Some(json!({"name": "ci"})))
-        .await
-        .unwrap();
-    let k2_key = k2["key"].as_str().unwrap().to_string();
+    let (k2_id, k2_key) = saas.api_key(&key, "ci").await.unwrap();
     saas.ok("GET", "/v1/gateways", &k2_key, None).await.unwrap();
-    saas.ok(
-        "DELETE",
-        &format!("/v1/api-keys/{}", k2["api_key"]["id"].as_str().unwrap()),
-        &key,
-        None,
-    )
-    .await
-    .unwrap();
+    saas.revoke_api_key(&key, &k2_id).await.unwrap();
     let (s, _) = saas
         .call("GET", "/v1/gateways", &k2_key, None)
         .await

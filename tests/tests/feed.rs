@@ -278,24 +278,9 @@ async fn the_feed_carries_every_command_and_result_once_in_order_across_a_discon
     drop(stream);
 
     // A subscription ends when its API key is revoked, idle or not.
-    let k2 = saas
-        .ok(
-            "POST",
-            "/v1/api-keys",
-            &key,
-            Some(json!({"name": "watcher"})),
-        )
-        .await
-        .unwrap();
-    let mut watcher = Sse::open(&saas, k2["key"].as_str().unwrap(), "topics=results", None).await;
-    saas.ok(
-        "DELETE",
-        &format!("/v1/api-keys/{}", k2["api_key"]["id"].as_str().unwrap()),
-        &key,
-        None,
-    )
-    .await
-    .unwrap();
+    let (k2_id, k2) = saas.api_key(&key, "watcher").await.unwrap();
+    let mut watcher = Sse::open(&saas, &k2, "topics=results", None).await;
+    saas.revoke_api_key(&key, &k2_id).await.unwrap();
     let ended = watcher
         .next(Duration::from_secs(60))
         .await
