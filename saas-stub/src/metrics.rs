@@ -1,7 +1,7 @@
 //! Prometheus metrics of pcg-saas (`GET /metrics`, OpenMetrics text): REST requests by route,
 //! method and status with latency; live tunnels, tunnel opens and closes; commands submitted,
 //! delivered and finished; delivery latency (submit → result stored); pending commands per
-//! tenant (read from the store at scrape time).
+//! tenant (read from the store at scrape time); open feed subscriptions.
 
 use std::time::Duration;
 
@@ -56,6 +56,8 @@ pub struct Metrics {
     pub pending: Family<TenantLabels, Gauge>,
     /// Synchronous store flushes (group commits), read at scrape time.
     pub store_flushes: Counter,
+    /// Open feed subscriptions (SSE and gRPC), read at scrape time.
+    pub feed_subscribers: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -82,6 +84,12 @@ impl Default for Metrics {
         );
         let tunnels = Gauge::default();
         registry.register("tunnels", "Live gateway tunnels", tunnels.clone());
+        let feed_subscribers = Gauge::default();
+        registry.register(
+            "feed_subscribers",
+            "Open feed subscriptions (GET /v1/feed and the gRPC Feed stream)",
+            feed_subscribers.clone(),
+        );
         let tunnel_opens = Family::<TransportLabels, Counter>::default();
         registry.register(
             "tunnel_opens",
@@ -132,6 +140,7 @@ impl Default for Metrics {
             requests,
             request_seconds,
             tunnels,
+            feed_subscribers,
             tunnel_opens,
             tunnel_closes,
             commands_submitted,

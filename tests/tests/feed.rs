@@ -183,6 +183,18 @@ async fn the_feed_carries_every_command_and_result_once_in_order_across_a_discon
 
     // Live: commands and results only, then a disconnect halfway and a resume.
     let mut sub = Sse::open(&saas, &key, "topics=commands,results", None).await;
+    // The subscription is counted (the other tenant's and this one).
+    let (_, m) = saas
+        .call("GET", "/metrics", &saas.operator_key, None)
+        .await
+        .unwrap();
+    let text = m.as_str().unwrap_or_default();
+    let open: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pcg_saas_feed_subscribers "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pcg_saas_feed_subscribers in:\n{text}"));
+    assert!(open >= 2.0, "{open}");
     let first = submit(&saas, &key, &gw_id, 300, "a").await;
     let mut seen = Seen::default();
     read_until(

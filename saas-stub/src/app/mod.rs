@@ -204,6 +204,9 @@ impl App {
     /// The metrics in the OpenMetrics text format, pending commands per tenant read now.
     pub fn render_metrics(&self) -> String {
         self.metrics.tunnels.set(self.tunnels.count() as i64);
+        self.metrics
+            .feed_subscribers
+            .set(i64::try_from(self.store.feed.subscribers()).unwrap_or(i64::MAX));
         let flushes = self.store.flushes();
         let seen = self.metrics.store_flushes.get();
         self.metrics
