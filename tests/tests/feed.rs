@@ -342,5 +342,29 @@ async fn the_feed_carries_every_command_and_result_once_in_order_across_a_discon
         "nothing from before the restart came again"
     );
 
+    // A payload's secrets never reach the feed: the submission shows them redacted.
+    let mut secrets = Sse::open(&saas, &key, "topics=commands", None).await;
+    let secret_id = saas
+        .submit(
+            &key,
+            &gw_id,
+            "gateway.echo",
+            json!({"user": "u", "password": "feed-secret-4711"}),
+        )
+        .await
+        .unwrap();
+    let it = secrets
+        .next(Duration::from_secs(60))
+        .await
+        .expect("the submission");
+    assert_eq!(it.data["id"], secret_id.as_str(), "{it:?}");
+    assert_eq!(it.data["payload"]["user"], "u", "{it:?}");
+    assert_eq!(it.data["payload"]["password"], "<redacted>", "{it:?}");
+    assert!(!it.data.to_string().contains("feed-secret-4711"));
+    drop(secrets);
+    saas.wait_command(&key, &secret_id, Duration::from_secs(60))
+        .await
+        .unwrap();
+
     drop(gw);
 }
