@@ -77,6 +77,19 @@ where
 pub struct Proc {
     pub child: Child,
     pub name: String,
+    /// It leads its own process group (spawned through a wrapper): stopping it stops the group.
+    pub group: bool,
+}
+
+/// Signals the process group led by `pid` (a child spawned with `process_group(0)`), so that
+/// what a wrapper (`faketime`) started dies with it.
+fn signal_group(pid: u32, sig: rustix::process::Signal) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process_group(pid, sig);
+    }
 }
 
 impl Proc {
@@ -95,6 +108,10 @@ impl Proc {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
+        // A wrapped child (`faketime pcg-gateway`) leads its own group: its child too.
+        if self.group {
+            signal_group(self.pid(), rustix::process::Signal::TERM);
+        }
         while start.elapsed() < within {
             if let Ok(Some(st)) = self.child.try_wait() {
                 return Some((start.elapsed(), st));
@@ -106,6 +123,9 @@ impl Proc {
     }
     /// SIGKILL, as a crash.
     pub fn kill(&mut self) {
+        if std::mem::take(&mut self.group) {
+            signal_group(self.pid(), rustix::process::Signal::KILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -216,6 +236,7 @@ impl Saas {
         let mut proc = Proc {
             child,
             name: "pcg-saas".into(),
+            group: false,
         };
         let info: Value = {
             let ready = ready.clone();
@@ -630,6 +651,9 @@ impl Gw {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
                 c.args(rest).arg(bin("pcg-gateway"));
+                // Its own process group: a wrapper that forks (faketime) is stopped with what
+                // it started.
+                std::os::unix::process::CommandExt::process_group(&mut c, 0);
                 c
             }
             None => Command::new(bin("pcg-gateway")),
@@ -657,6 +681,7 @@ impl Gw {
         self.proc = Some(Proc {
             child,
             name: "pcg-gateway".into(),
+            group: !prefix.is_empty(),
         });
         Ok(())
     }

@@ -104,6 +104,7 @@ pub fn start_server(dir: &Path, name: &str, conf: &Path) -> anyhow::Result<Proc>
     Ok(Proc {
         child,
         name: name.to_string(),
+        group: false,
     })
 }
 

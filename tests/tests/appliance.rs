@@ -58,6 +58,7 @@ async fn gateway_notifies_ready_pings_the_watchdog_and_says_stopping() {
     let mut proc = Proc {
         child,
         name: "pcg-gateway".into(),
+        group: false,
     };
     let msgs = collect(&sock, Duration::from_secs(60), |m| {
         m.iter().any(|s| s.contains("STATUS=tunnel connected"))
