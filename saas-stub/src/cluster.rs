@@ -364,7 +364,7 @@ pub async fn check(cfg: &ClusterConfig) -> Result<CheckReport, ClusterError> {
         message,
     };
     let js = jetstream::new(client);
-    let stream = js
+    let mut stream = js
         .get_or_create_stream(jetstream::stream::Config {
             name: PROBE_STREAM.into(),
             subjects: vec!["pcg.probe".into()],
@@ -399,7 +399,6 @@ pub async fn check(cfg: &ClusterConfig) -> Result<CheckReport, ClusterError> {
         .map_err(|e| no_quorum(format!("the probe write was not accepted: {e}")))?;
     ack.await
         .map_err(|e| no_quorum(format!("the probe write was not acknowledged: {e}")))?;
-    let mut stream = stream;
     let si = stream
         .info()
         .await

@@ -47,6 +47,14 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A TCP port on 127.0.0.1 free a moment ago (for a server that must be told its port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -3,7 +3,6 @@
 //! is a process stopped by its PID; a node can be stopped and started again on the same ports
 //! and state.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -11,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 
-use crate::{log_file, wait_for, Proc};
+use crate::{free_port, log_file, wait_for, Proc};
 
 /// One node's ports and files.
 pub struct Node {
@@ -28,13 +27,6 @@ pub struct NatsCluster {
     /// Where `pcg-saas cluster init` wrote the internal CA and the certificates.
     pub pki: PathBuf,
     pub nodes: Vec<Node>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Whether `nats-server` is installed; when it is not, a test skips (or fails under

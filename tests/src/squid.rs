@@ -3,6 +3,7 @@
 //! `scripts/peers/squid/`: plain CONNECT, Basic auth, a refused port, and a TLS-inspecting
 //! ssl_bump proxy with its own CA. Stopped by PID when dropped.
 
+use crate::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,13 +35,6 @@ pub struct Squid {
     pub dir: tempfile::TempDir,
     /// The proxy's TLS-inspection CA (PEM file), for `Kind::Bump`.
     pub ca_pem: Option<PathBuf>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn chmod(p: &Path, mode: u32) {

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pcg_e2e::nats::{self, NatsCluster};
-use pcg_e2e::{bin, test_dir, wait_for, Gw, Saas, SaasOptions};
+use pcg_e2e::{bin, free_port, test_dir, wait_for, Gw, Saas, SaasOptions};
 use serde_json::Value;
 
 fn init(pki: &Path, extra: &[&str]) -> String {
@@ -107,23 +107,7 @@ async fn intruder_is_refused(cluster: &NatsCluster, cert_dir: &Path, cert: &str,
         pki.join("internal-ca.pem"),
     )
     .unwrap();
-    let ports = (
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
-    );
+    let ports = (free_port(), free_port(), free_port());
     let conf = nats::node_conf(&dir, &pki, name, cert, ports, &cluster.route_ports()).unwrap();
     let _proc = nats::start_server(&dir, name, &conf).unwrap();
     let logs: Vec<std::path::PathBuf> = cluster

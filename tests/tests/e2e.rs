@@ -767,13 +767,8 @@ async fn status_exit_codes_say_what_is_wrong() {
 async fn gateways_given_several_brokers_reach_one_that_answers() {
     let dir = pcg_e2e::test_dir();
     // Two broker URLs at pairing: a port nothing listens on, and the SaaS's own port.
-    let free = |_| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (dead, api) = (free(0), free(1));
+    let free = || std::net::SocketAddr::from(([127, 0, 0, 1], pcg_e2e::free_port()));
+    let (dead, api) = (free(), free());
     let live = format!("https://{api}");
     let saas = Saas::start(
         &dir.path().join("saas"),
