@@ -37,7 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::{printable, App};
 use crate::net::ConnInfo;
-use crate::store::{now_ms, Command, CommandResult};
+use crate::store::{now_ms, Command, CommandResult, GatewayPatch};
 
 /// A tunnel's outbound queue. Frames travel boxed: the queue allocates its first block of 32
 /// slots when the tunnel opens, and boxed slots keep that block at a few hundred bytes instead
@@ -535,10 +535,13 @@ impl Broker for BrokerService {
         };
         let key_hex = hex::encode(&peer.key);
         if gw.public_key.as_deref() != Some(key_hex.as_str()) {
-            let _ = self
-                .app
-                .store
-                .update_gateway(&gateway_id, |g| g.public_key = Some(key_hex.clone()));
+            let _ = self.app.store.update_gateway(
+                &gateway_id,
+                GatewayPatch {
+                    public_key: Some(key_hex.clone()),
+                    ..Default::default()
+                },
+            );
         }
         let (tx, rx) = mpsc::channel(4096);
         let inbound = req.into_inner();
@@ -638,12 +641,16 @@ async fn session(
         .filter(|k| crate::app::commands::valid_kind(k))
         .cloned()
         .collect();
-    let _ = app.store.update_gateway(&gateway_id, |g| {
-        g.version = Some(version.clone());
-        g.command_kinds = kinds.clone();
-        g.last_connected_ms = Some(now);
-        g.last_seen_ms = Some(now);
-    });
+    let _ = app.store.update_gateway(
+        &gateway_id,
+        GatewayPatch {
+            version: Some(version.clone()),
+            command_kinds: Some(kinds.clone()),
+            last_connected_ms: Some(now),
+            last_seen_ms: Some(now),
+            ..Default::default()
+        },
+    );
     let _ = app.store.event(
         Some(&tenant_id),
         Some(&gateway_id),
@@ -738,9 +745,13 @@ async fn session(
     app.tunnels.remove_if(&gateway_id, conn_id);
     app.metrics.tunnel_closes.inc();
     app.metrics.tunnels.set(app.tunnels.count() as i64);
-    let _ = app
-        .store
-        .update_gateway(&gateway_id, |g| g.last_seen_ms = Some(now_ms()));
+    let _ = app.store.update_gateway(
+        &gateway_id,
+        GatewayPatch {
+            last_seen_ms: Some(now_ms()),
+            ..Default::default()
+        },
+    );
     let _ = app.store.event(
         Some(&tenant_id),
         Some(&gateway_id),
@@ -863,11 +874,15 @@ async fn handle_frame(
                     let key_hex = hex::encode(&issued.public_key);
                     let stored = app
                         .store
-                        .update_gateway(gateway_id, |g| {
-                            g.cert_serial = issued.serial_hex.clone();
-                            g.cert_not_after_ms = not_after_ms;
-                            g.public_key = Some(key_hex.clone());
-                        })
+                        .update_gateway(
+                            gateway_id,
+                            GatewayPatch {
+                                cert_serial: Some(issued.serial_hex.clone()),
+                                cert_not_after_ms: Some(not_after_ms),
+                                public_key: Some(key_hex.clone()),
+                                ..Default::default()
+                            },
+                        )
                         .and_then(|_| {
                             app.store.event(
                                 Some(tenant_id),

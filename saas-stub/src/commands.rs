@@ -267,7 +267,9 @@ impl Commands {
         };
         match asked {
             Some(c) => {
-                store.put_command(&c)?;
+                if let Some(cancel) = &c.cancel {
+                    store.ask_cancel(&c.id, cancel)?;
+                }
                 Ok(CancelOutcome::Forwarded(c))
             }
             // Ended and dropped from memory meanwhile.

@@ -11,8 +11,10 @@ use sha2::{Digest, Sha256};
 
 pub mod feed;
 pub mod machines;
+pub mod ops;
 pub use feed::{Feed, Topic};
 pub use machines::{EventFilter, MachineRecord};
+pub use ops::{GatewayPatch, Op, Outcome, RedeemRefusal};
 
 /// Replaces every value under a secret-named key with `"<redacted>"`, at any depth (the one
 /// definition of a secret-named key is [`pcg_proto::sealed::is_secret_key`]).
@@ -288,6 +290,17 @@ pub enum RedeemError {
     Store(#[from] StoreError),
 }
 
+impl From<RedeemRefusal> for RedeemError {
+    fn from(r: RedeemRefusal) -> Self {
+        match r {
+            RedeemRefusal::Unknown => RedeemError::Unknown,
+            RedeemRefusal::Used(g) => RedeemError::Used(g),
+            RedeemRefusal::Revoked => RedeemError::Revoked,
+            RedeemRefusal::Expired(s) => RedeemError::Expired(s),
+        }
+    }
+}
+
 /// Filters for listing commands.
 #[derive(Debug, Default, Clone)]
 pub struct CommandFilter {
@@ -442,13 +455,7 @@ impl Store {
             name: name.to_string(),
             created_ms: now_ms(),
         };
-        put(&self.tenants, t.id.as_bytes(), &t)?;
-        self.event(
-            Some(&t.id),
-            None,
-            "tenant.created",
-            format!("tenant {} ({}) created", t.id, t.name),
-        )?;
+        self.commit(&Op::TenantCreated { tenant: t.clone() })?;
         Ok(t)
     }
 
@@ -479,7 +486,7 @@ impl Store {
             created_ms: now_ms(),
             revoked: false,
         };
-        put(&self.api_keys, id.as_bytes(), &k)?;
+        self.commit(&Op::ApiKeyCreated { key: k.clone() })?;
         Ok((k, full))
     }
 
@@ -525,16 +532,8 @@ impl Store {
     }
 
     pub fn revoke_api_key(&self, id: &str) -> Result<(), StoreError> {
-        if let Some(mut k) = get::<ApiKey>(&self.api_keys, "api_keys", id.as_bytes())? {
-            k.revoked = true;
-            put(&self.api_keys, id.as_bytes(), &k)?;
-            // Revocation takes effect on the very next request.
-            self.key_cache
-                .write()
-                .expect("key cache lock is never poisoned")
-                .insert(id.to_string(), k);
-        }
-        Ok(())
+        self.commit(&Op::ApiKeyRevoked { id: id.to_string() })
+            .map(|_| ())
     }
 
     // --- pairing tokens --------------------------------------------------------------------
@@ -560,13 +559,7 @@ impl Store {
             used_ms: None,
             gateway_id: None,
         };
-        put(&self.tokens, t.id.as_bytes(), &t)?;
-        self.event(
-            Some(tenant_id),
-            None,
-            "token.created",
-            format!("pairing token {} created", t.id),
-        )?;
+        self.commit(&Op::TokenCreated { token: t.clone() })?;
         Ok((t, secret))
     }
 
@@ -582,19 +575,11 @@ impl Store {
     }
 
     pub fn revoke_token(&self, id: &str) -> Result<(), StoreError> {
-        if let Some(mut t) = self.token(id)? {
-            if t.state == TokenState::Active {
-                t.state = TokenState::Revoked;
-                put(&self.tokens, id.as_bytes(), &t)?;
-                self.event(
-                    Some(&t.tenant_id),
-                    None,
-                    "token.revoked",
-                    format!("pairing token {id} revoked"),
-                )?;
-            }
-        }
-        Ok(())
+        self.commit(&Op::TokenRevoked {
+            id: id.to_string(),
+            at_ms: now_ms(),
+        })
+        .map(|_| ())
     }
 
     /// Checks a token without consuming it.
@@ -615,44 +600,18 @@ impl Store {
         Ok(t)
     }
 
-    /// Consumes the token (an atomic compare-and-swap on its record, so two gateways racing
-    /// with one token cannot both win) and then records the new gateway.
-    ///
-    /// sled multi-tree transactions are not used: under concurrent `flush_async` they were seen
-    /// to deadlock here. A crash between the two writes leaves a used token and no gateway; the
-    /// pairing answer is only sent after both are flushed, so the appliance just needs a new
-    /// token.
+    /// Consumes the token and records the new gateway (see [`Op::TokenRedeemed`]).
     pub fn redeem_token(&self, id: &str, secret: &str, gw: &Gateway) -> Result<(), RedeemError> {
-        let t = self.check_token(id, secret)?;
-        let old = serde_json::to_vec(&t).expect("records serialise");
-        // check_token read it as stored; re-read the raw bytes for an exact comparison.
-        let raw = self.tokens.get(id.as_bytes()).map_err(StoreError::from)?;
-        let mut used = t.clone();
-        used.state = TokenState::Used;
-        used.used_ms = Some(now_ms());
-        used.gateway_id = Some(gw.id.clone());
-        let expected = raw.map(|r| r.to_vec()).unwrap_or(old);
-        match self
-            .tokens
-            .compare_and_swap(
-                id.as_bytes(),
-                Some(expected),
-                Some(serde_json::to_vec(&used).expect("records serialise")),
-            )
-            .map_err(StoreError::from)?
-        {
-            Ok(()) => {}
-            Err(_) => {
-                // Someone else changed it first: report its current state.
-                return Err(match self.token(id)? {
-                    Some(t) if t.state == TokenState::Revoked => RedeemError::Revoked,
-                    Some(t) => RedeemError::Used(t.gateway_id),
-                    None => RedeemError::Unknown,
-                });
-            }
+        let outcome = self.commit(&Op::TokenRedeemed {
+            id: id.to_string(),
+            secret_hash: hash(secret),
+            at_ms: now_ms(),
+            gateway: gw.clone(),
+        })?;
+        match outcome {
+            Outcome::Redeemed(Err(r)) => Err(r.into()),
+            _ => Ok(()),
         }
-        put(&self.gateways, gw.id.as_bytes(), gw)?;
-        Ok(())
     }
 
     // --- gateways --------------------------------------------------------------------------
@@ -668,48 +627,38 @@ impl Store {
             .collect())
     }
 
+    /// Sets fields of a gateway's record; the record after, `None` when there is no such
+    /// gateway.
     pub fn update_gateway(
         &self,
         id: &str,
-        f: impl Fn(&mut Gateway),
+        patch: GatewayPatch,
     ) -> Result<Option<Gateway>, StoreError> {
-        let mut out = None;
-        self.gateways.fetch_and_update(id.as_bytes(), |old| {
-            let old = old?;
-            let mut g: Gateway = serde_json::from_slice(old).ok()?;
-            f(&mut g);
-            let bytes = serde_json::to_vec(&g).expect("records serialise");
-            out = Some(g);
-            Some(bytes)
-        })?;
-        Ok(out)
+        Ok(
+            match self.commit(&Op::GatewayChanged {
+                id: id.to_string(),
+                patch,
+            })? {
+                Outcome::Gateway(g) => g.map(|g| *g),
+                _ => None,
+            },
+        )
     }
 
     // --- commands --------------------------------------------------------------------------
 
-    /// Stores a new command and queues it for its gateway (not yet flushed). The pending key
-    /// is written first: a pending key whose command record is missing is skipped, so a crash
-    /// between the writes (before anything was acknowledged) leaves nothing half-visible. The
-    /// tenant index (newest first) lets lists stop after `limit` instead of reading everything.
+    /// Stores a new command and queues it for its gateway (not yet flushed); sets its
+    /// `pending_key`.
     pub fn insert_command(&self, cmd: &mut Command) -> Result<(), StoreError> {
         let ticket = self.feed.ticket()?;
-        let mut key = cmd.gateway_id.as_bytes().to_vec();
-        key.push(0);
-        key.extend_from_slice(&ticket.seq.to_be_bytes());
-        cmd.pending_key = key.clone();
-        self.pending.insert(key, cmd.id.as_bytes())?;
-        put(&self.commands, cmd.id.as_bytes(), &*cmd)?;
-        self.cmd_by_tenant.insert(
-            Self::tenant_index_key(&cmd.tenant_id, cmd.submitted_ms, &cmd.id),
-            cmd.gateway_id.as_bytes(),
-        )?;
-        self.feed.record(
-            &cmd.tenant_id,
+        self.apply(
             ticket.seq,
-            Topic::Commands,
-            cmd.submitted_ms,
-            cmd.id.as_bytes(),
-        )
+            &Op::CommandSubmitted {
+                command: cmd.clone(),
+            },
+        )?;
+        cmd.pending_key = Self::pending_key(&cmd.gateway_id, ticket.seq);
+        Ok(())
     }
 
     /// `tenant \0 (u64::MAX - submitted_ms) \0 id`: a tenant's commands, newest first.
@@ -754,24 +703,29 @@ impl Store {
         })
     }
 
-    /// Rewrites a pending command's record (a cancel asked for; not yet flushed).
-    pub fn put_command(&self, c: &Command) -> Result<(), StoreError> {
-        put(&self.commands, c.id.as_bytes(), c)
+    /// Records a cancel asked for a pending command (not yet flushed).
+    pub fn ask_cancel(&self, id: &str, cancel: &CancelRequest) -> Result<(), StoreError> {
+        self.commit(&Op::CommandCancelAsked {
+            id: id.to_string(),
+            cancel: cancel.clone(),
+        })
+        .map(|_| ())
     }
 
-    /// Writes a command's final record (with its result) and drops it from the pending queue
-    /// (not yet flushed).
+    /// Writes a command's result and drops it from the pending queue (not yet flushed); does
+    /// nothing when it had ended already.
     pub fn complete_command(&self, c: &Command) -> Result<(), StoreError> {
-        let ticket = self.feed.ticket()?;
-        put(&self.commands, c.id.as_bytes(), c)?;
-        self.pending.remove(c.pending_key.as_slice())?;
-        self.feed.record(
-            &c.tenant_id,
-            ticket.seq,
-            Topic::Results,
-            c.completed_ms.unwrap_or_else(now_ms),
-            c.id.as_bytes(),
-        )
+        let Some(result) = c.result.clone() else {
+            return Ok(());
+        };
+        self.commit(&Op::CommandEnded {
+            id: c.id.clone(),
+            result,
+            completed_ms: c.completed_ms.unwrap_or_else(now_ms),
+            deliveries: c.deliveries,
+            received_ms: c.received_ms,
+        })
+        .map(|_| ())
     }
 
     /// Deletes finished commands submitted before `cutoff_ms`; returns their ids.
@@ -828,9 +782,8 @@ impl Store {
         )
     }
 
-    /// Records `rec` under the key unless a live claim holds it; returns whether it did. A
-    /// claim older than `window_ms`, or older than a minute whose command was never stored
-    /// (its request failed mid-way), is taken over.
+    /// Records `rec` under the key unless a live claim holds it; returns whether it did (see
+    /// [`Op::IdempotencyClaimed`]).
     pub fn claim_idempotency_key(
         &self,
         tenant_id: &str,
@@ -838,30 +791,15 @@ impl Store {
         rec: &IdempotencyRecord,
         window_ms: i64,
     ) -> Result<bool, StoreError> {
-        let k = Self::idem_key(tenant_id, key);
-        let new = serde_json::to_vec(rec).expect("records serialise");
-        loop {
-            let old = self.idempotency.get(&k)?;
-            if let Some(raw) = &old {
-                let cur: IdempotencyRecord =
-                    serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt {
-                        tree: "idempotency",
-                        message: e.to_string(),
-                    })?;
-                let age = rec.created_ms - cur.created_ms;
-                let abandoned = age > 60_000 && self.command(&cur.command_id)?.is_none();
-                if age <= window_ms && !abandoned {
-                    return Ok(false);
-                }
-            }
-            match self
-                .idempotency
-                .compare_and_swap(&k, old, Some(new.clone()))?
-            {
-                Ok(()) => return Ok(true),
-                Err(_) => continue,
-            }
-        }
+        Ok(matches!(
+            self.commit(&Op::IdempotencyClaimed {
+                tenant_id: tenant_id.to_string(),
+                key: key.to_string(),
+                record: rec.clone(),
+                window_ms,
+            })?,
+            Outcome::Claimed(true)
+        ))
     }
 
     /// Forgets idempotency keys older than `window_ms`; returns how many.
@@ -931,25 +869,20 @@ impl Store {
         kind: &str,
         message: String,
     ) -> Result<(), StoreError> {
-        let e = Event {
-            seq: 0,
-            at_ms: now_ms(),
-            tenant_id: tenant_id.map(str::to_string),
-            gateway_id: gateway_id.map(str::to_string),
-            kind: kind.to_string(),
-            message,
-            machine_id: None,
-            alert: false,
-            details: None,
-            source_id: None,
-        };
-        self.put_event(e).map(|_| ())
+        let event = ops::event_of(tenant_id, gateway_id, kind, message, now_ms());
+        self.commit(&Op::Event { event }).map(|_| ())
     }
 
-    /// Writes an event (its `seq` is assigned here); returns the seq.
-    fn put_event(&self, mut e: Event) -> Result<u64, StoreError> {
+    /// Writes an event numbered from the feed; returns its number.
+    fn put_event(&self, e: Event) -> Result<u64, StoreError> {
         let ticket = self.feed.ticket()?;
-        e.seq = ticket.seq;
+        self.put_event_at(ticket.seq, e)?;
+        Ok(ticket.seq)
+    }
+
+    /// Writes an event as number `seq`.
+    fn put_event_at(&self, seq: u64, mut e: Event) -> Result<(), StoreError> {
+        e.seq = seq;
         tracing::info!(kind = %e.kind, tenant = ?e.tenant_id, gateway = ?e.gateway_id, machine = ?e.machine_id, alert = e.alert, "{}", e.message);
         put(&self.events, &e.seq.to_be_bytes(), &e)?;
         if let Some(t) = &e.tenant_id {
@@ -957,7 +890,7 @@ impl Store {
                 .insert(Self::event_index_key(t, e.seq), &[])?;
             self.feed.record(t, e.seq, Topic::Events, e.at_ms, &[])?;
         }
-        Ok(e.seq)
+        Ok(())
     }
 
     /// One event by its sequence number.

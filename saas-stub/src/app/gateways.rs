@@ -83,8 +83,13 @@ impl App {
         let tenant = caller.tenant()?;
         let g = self.tenant_gateway(tenant, id)?;
         if g.revoked_ms.is_none() {
-            self.store
-                .update_gateway(&g.id, |g| g.revoked_ms = Some(now_ms()))?;
+            self.store.update_gateway(
+                &g.id,
+                store::GatewayPatch {
+                    revoked_ms: Some(now_ms()),
+                    ..Default::default()
+                },
+            )?;
             // Pending commands can no longer be delivered: fail them so nobody waits forever.
             for c in self.commands.pending(&g.id) {
                 let now = now_ms();
