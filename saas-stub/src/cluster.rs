@@ -82,6 +82,12 @@ pub enum ClusterError {
     },
     #[error("JetStream refused the probe stream: {0}")]
     JetStream(String),
+    #[error("the operation log (JetStream stream {stream}, connected to {server}): {message}")]
+    OpLog {
+        stream: &'static str,
+        server: String,
+        message: String,
+    },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
     #[error(transparent)]
@@ -325,6 +331,42 @@ pub async fn connect(cfg: &ClusterConfig, name: &str) -> Result<async_nats::Clie
         })
 }
 
+/// The NATS node `client` is connected to now, for messages: `name (host:port)`.
+pub(crate) fn server_description(client: &async_nats::Client) -> String {
+    let info = client.server_info();
+    format!("{} ({}:{})", info.server_name, info.host, info.port)
+}
+
+impl ClusterError {
+    /// [`ClusterError::NoQuorum`] for a stream replicated as `cfg` says, seen from `server`.
+    pub(crate) fn no_quorum(cfg: &ClusterConfig, server: String, message: String) -> ClusterError {
+        let replicas = cfg.stream_replicas.max(1);
+        ClusterError::NoQuorum {
+            server,
+            replicas,
+            majority: replicas / 2 + 1,
+            message,
+        }
+    }
+}
+
+/// Whether a stream lookup or creation failed because the JetStream API has no leader: no
+/// answer, or nobody to answer (as opposed to an answer refusing the stream).
+pub(crate) fn leaderless(e: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::JetStreamUnavailable => true,
+        K::JetStream(api) => api_leaderless(&api),
+        _ => false,
+    }
+}
+
+/// Whether a JetStream API error answer means "no leader (yet)": 503, the code JetStream
+/// answers with while the cluster or the stream has no leader.
+pub(crate) fn api_leaderless(api: &async_nats::jetstream::Error) -> bool {
+    api.code() == 503
+}
+
 /// What `cluster check` found.
 #[derive(Debug, Serialize)]
 pub struct CheckReport {
@@ -354,35 +396,21 @@ pub async fn check(cfg: &ClusterConfig) -> Result<CheckReport, ClusterError> {
     use async_nats::jetstream;
     let started = Instant::now();
     let client = connect(cfg, "pcg-saas cluster check").await?;
-    let info = client.server_info();
-    let server = format!("{} ({}:{})", info.server_name, info.host, info.port);
-    let replicas = cfg.stream_replicas.max(1);
-    let no_quorum = |message: String| ClusterError::NoQuorum {
-        server: server.clone(),
-        replicas,
-        majority: replicas / 2 + 1,
-        message,
-    };
+    let server = server_description(&client);
+    let no_quorum = |message: String| ClusterError::no_quorum(cfg, server.clone(), message);
     let js = jetstream::new(client);
     let mut stream = js
         .get_or_create_stream(jetstream::stream::Config {
             name: PROBE_STREAM.into(),
             subjects: vec!["pcg.probe".into()],
-            num_replicas: replicas,
+            num_replicas: cfg.stream_replicas.max(1),
             storage: jetstream::stream::StorageType::Memory,
             max_messages: 1,
             ..Default::default()
         })
         .await
         .map_err(|e| {
-            use jetstream::context::CreateStreamErrorKind as K;
-            // No answer, or nobody to answer: the JetStream API has no leader.
-            let leaderless = match e.kind() {
-                K::TimedOut | K::JetStreamUnavailable => true,
-                K::JetStream(api) => api.code() == 503,
-                _ => false,
-            };
-            if leaderless {
+            if leaderless(&e) {
                 no_quorum(format!(
                     "the probe stream could not be looked up or created: {e}"
                 ))

@@ -27,6 +27,7 @@ pub mod commands;
 pub mod config;
 pub mod metrics;
 pub mod net;
+pub mod oplog;
 pub mod store;
 pub mod tls;
 pub mod tunnel_ws;
