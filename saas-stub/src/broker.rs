@@ -37,7 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::{printable, App};
 use crate::net::ConnInfo;
-use crate::store::{now_ms, Command, CommandResult, GatewayPatch};
+use crate::store::{now_ms, Command, CommandResult, GatewayPatch, Op};
 
 /// A tunnel's outbound queue. Frames travel boxed: the queue allocates its first block of 32
 /// slots when the tunnel opens, and boxed slots keep that block at a few hundred bytes instead
@@ -132,6 +132,29 @@ impl Tunnels {
         }
     }
 
+    /// Closes up to `n` tunnels, the most recently connected first, asking each gateway to
+    /// redial after `retry_after_ms` (a gateway told so moves to the next of its brokers);
+    /// returns how many.
+    pub fn shed(&self, n: usize, reason: &str, retry_after_ms: u64) -> usize {
+        let picked: Vec<Tunnel> = {
+            let mut m = self.0.lock().expect("tunnels lock is never poisoned");
+            let mut ids: Vec<(i64, String)> = m
+                .iter()
+                .map(|(id, t)| (t.connected_ms, id.clone()))
+                .collect();
+            ids.sort_unstable_by(|a, b| b.cmp(a));
+            ids.into_iter()
+                .take(n)
+                .filter_map(|(_, id)| m.remove(&id))
+                .collect()
+        };
+        for t in &picked {
+            let _ = t.tx.try_send(Ok(goodbye(reason, false, retry_after_ms)));
+            t.close.notify_one();
+        }
+        picked.len()
+    }
+
     /// Closes every tunnel, asking each gateway to redial after `retry_after_ms`.
     pub fn close_all(&self, reason: &str, retry_after_ms: u64) {
         let all: Vec<Tunnel> = self
@@ -198,12 +221,8 @@ enum Closed {
     ByBroker,
     #[error("the broker is stopping")]
     Stopping,
-    #[error("cannot store result of command {command}: {source}")]
-    Store {
-        command: String,
-        #[source]
-        source: crate::store::StoreError,
-    },
+    #[error("cannot store result of command {command}: {message}")]
+    Store { command: String, message: String },
     #[error("tunnel congested or ended while acknowledging a result")]
     Congested,
     #[error("Hello sent twice")]
@@ -303,11 +322,14 @@ async fn bundle_chunk(
         sha256: digest,
         created_ms: now_ms(),
     };
-    let stored = app
+    // A bundle is kept by the replica that received it (it is too large for the cluster's
+    // log); its event goes to every replica.
+    let stored = match app
         .store
         .put_bundle(&rec, &up.data, app.cfg.bundles_per_gateway.max(1))
-        .and_then(|()| {
-            app.store.event(
+    {
+        Ok(()) => app
+            .event(
                 Some(tenant_id),
                 Some(gateway_id),
                 "gateway.bundle_uploaded",
@@ -316,9 +338,12 @@ async fn bundle_chunk(
                     rec.id, rec.size
                 ),
             )
-        });
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     let stored = match stored {
-        Ok(()) => app.store.flush().await,
+        Ok(()) => app.store.flush().await.map_err(|e| e.to_string()),
         Err(e) => Err(e),
     };
     match stored {
@@ -363,6 +388,45 @@ pub async fn deliver(app: &App, cmd: &Command) {
     let Some(t) = app.tunnels.get(&cmd.gateway_id) else {
         return;
     };
+    // A replica records the first handing out in the cluster's log, so that no replica ends
+    // the command as never delivered (a cancel, a deadline) once it may have reached its
+    // gateway; the log's order decides between the two.
+    // Without the cluster's quorum it is tried again (backing off to 2 s) for as long as the
+    // tunnel is up and the command waits.
+    let mut pause = Duration::from_millis(100);
+    while app.log.is_cluster() && !app.commands.cached(&cmd.id).is_some_and(|c| c.handed_out) {
+        match app
+            .commit(Op::CommandHandedOut { id: cmd.id.clone() })
+            .await
+        {
+            Ok(done) => {
+                if done.command().is_none() {
+                    return; // it ended first
+                }
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(command = %cmd.id, "cannot record the delivery in the cluster's log: {e}; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = app.shutdown.cancelled() => return,
+                }
+                pause = (pause * 2).min(Duration::from_secs(2));
+                let still = app
+                    .tunnels
+                    .get(&cmd.gateway_id)
+                    .is_some_and(|n| n.conn_id == t.conn_id);
+                if !still
+                    || app
+                        .commands
+                        .cached(&cmd.id)
+                        .is_none_or(|c| c.state.is_terminal())
+                {
+                    return;
+                }
+            }
+        }
+    }
     // Counted in memory only (see `crate::commands`); a finished command is not sent again.
     let Some(updated) = app.commands.delivered(&cmd.id) else {
         return;
@@ -463,12 +527,40 @@ impl BrokerService {
             m.insert(gateway_id.to_string(), now);
         }
         tracing::warn!(gateway = %gateway_id, "tunnel refused: {why}");
-        let _ = self.app.store.event(
-            tenant_id,
-            Some(gateway_id),
-            "tunnel.refused",
+        let (app, tenant_id, gateway_id, why) = (
+            self.app.clone(),
+            tenant_id.map(str::to_string),
+            gateway_id.to_string(),
             why.to_string(),
         );
+        self.app.tasks.spawn(async move {
+            let _ = app
+                .event(
+                    tenant_id.as_deref(),
+                    Some(&gateway_id),
+                    "tunnel.refused",
+                    why,
+                )
+                .await;
+        });
+    }
+
+    /// A replica that does not know the peer's gateway (it may have just been paired on
+    /// another replica) catches up with the cluster's log first.
+    async fn catch_up_for(&self, peer: &Peer) {
+        if self.app.log.is_cluster()
+            && self
+                .app
+                .store
+                .gateway(&peer.gateway_id)
+                .ok()
+                .flatten()
+                .is_none()
+        {
+            if let Err(e) = self.app.catch_up().await {
+                tracing::warn!(gateway = %printable(&peer.gateway_id), "cannot catch up with the cluster's log: {e}");
+            }
+        }
     }
 
     /// The gateway record of an authenticated peer: refused (`PermissionDenied`, recorded as a
@@ -521,6 +613,7 @@ impl Broker for BrokerService {
         }
         let peer = peer_identity(&req)?;
         let gateway_id = peer.gateway_id.clone();
+        self.catch_up_for(&peer).await;
         let gw = self.admit(&peer, true)?;
         // Admission: a tunnel being set up (Hello, Welcome, replay) costs work; past the bound,
         // the gateway is told to come back a little later instead of queueing behind others.
@@ -535,13 +628,16 @@ impl Broker for BrokerService {
         };
         let key_hex = hex::encode(&peer.key);
         if gw.public_key.as_deref() != Some(key_hex.as_str()) {
-            let _ = self.app.store.update_gateway(
-                &gateway_id,
-                GatewayPatch {
-                    public_key: Some(key_hex.clone()),
-                    ..Default::default()
-                },
-            );
+            let _ = self
+                .app
+                .commit(Op::GatewayChanged {
+                    id: gateway_id.clone(),
+                    patch: GatewayPatch {
+                        public_key: Some(key_hex.clone()),
+                        ..Default::default()
+                    },
+                })
+                .await;
         }
         let (tx, rx) = mpsc::channel(4096);
         let inbound = req.into_inner();
@@ -557,6 +653,7 @@ impl Broker for BrokerService {
     /// A refusal is not recorded as an event: it is the gateway's own diagnosis asking.
     async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let peer = peer_identity(&req)?;
+        self.catch_up_for(&peer).await;
         if let Err(s) = self.admit(&peer, false) {
             tracing::info!(gateway = %printable(&peer.gateway_id), "credential check refused: {}", s.message());
             return Err(s);
@@ -641,27 +738,31 @@ async fn session(
         .filter(|k| crate::app::commands::valid_kind(k))
         .cloned()
         .collect();
-    let _ = app.store.update_gateway(
-        &gateway_id,
-        GatewayPatch {
-            version: Some(version.clone()),
-            command_kinds: Some(kinds.clone()),
-            last_connected_ms: Some(now),
-            last_seen_ms: Some(now),
-            ..Default::default()
-        },
-    );
-    let _ = app.store.event(
-        Some(&tenant_id),
-        Some(&gateway_id),
-        "gateway.connected",
-        format!(
-            "gateway {gateway_id} connected from {} over {} (version {}, clock skew {skew} ms)",
-            peer.remote,
-            peer.transport,
-            printable(&version)
-        ),
-    );
+    let _ = app
+        .commit(Op::GatewayChanged {
+            id: gateway_id.clone(),
+            patch: GatewayPatch {
+                version: Some(version.clone()),
+                command_kinds: Some(kinds.clone()),
+                last_connected_ms: Some(now),
+                last_seen_ms: Some(now),
+                ..Default::default()
+            },
+        })
+        .await;
+    let _ = app
+        .event(
+            Some(&tenant_id),
+            Some(&gateway_id),
+            "gateway.connected",
+            format!(
+                "gateway {gateway_id} connected from {} over {} (version {}, clock skew {skew} ms)",
+                peer.remote,
+                peer.transport,
+                printable(&version)
+            ),
+        )
+        .await;
     let welcome = BrokerFrame {
         kind: Some(BKind::Welcome(Welcome {
             tenant_id: tenant_id.clone(),
@@ -745,19 +846,23 @@ async fn session(
     app.tunnels.remove_if(&gateway_id, conn_id);
     app.metrics.tunnel_closes.inc();
     app.metrics.tunnels.set(app.tunnels.count() as i64);
-    let _ = app.store.update_gateway(
-        &gateway_id,
-        GatewayPatch {
-            last_seen_ms: Some(now_ms()),
-            ..Default::default()
-        },
-    );
-    let _ = app.store.event(
-        Some(&tenant_id),
-        Some(&gateway_id),
-        "gateway.disconnected",
-        format!("gateway {gateway_id} tunnel closed: {reason}"),
-    );
+    let _ = app
+        .commit(Op::GatewayChanged {
+            id: gateway_id.clone(),
+            patch: GatewayPatch {
+                last_seen_ms: Some(now_ms()),
+                ..Default::default()
+            },
+        })
+        .await;
+    let _ = app
+        .event(
+            Some(&tenant_id),
+            Some(&gateway_id),
+            "gateway.disconnected",
+            format!("gateway {gateway_id} tunnel closed: {reason}"),
+        )
+        .await;
 }
 
 /// What a frame's handling needs of its session beyond the frame.
@@ -765,6 +870,32 @@ struct SessionCtx {
     app: Arc<App>,
     /// Closes the session (a result that cannot be stored or acknowledged).
     close: Arc<Notify>,
+}
+
+/// Records a gateway's result for a command, and counts it.
+async fn record_result(
+    app: &App,
+    gateway_id: &str,
+    command_id: &str,
+    result: CommandResult,
+) -> Result<(), crate::app::AppError> {
+    match app.complete_command(command_id, gateway_id, result).await? {
+        Some(Some(c)) => {
+            app.metrics
+                .commands_finished
+                .get_or_create(&crate::metrics::OutcomeLabels {
+                    outcome: c.state.as_str().into(),
+                })
+                .inc();
+            let ms = (now_ms() - c.submitted_ms).max(0);
+            app.metrics.delivery_seconds.observe(ms as f64 / 1000.0);
+        }
+        Some(None) => {}
+        None => {
+            tracing::warn!(gateway = %gateway_id, command = %printable(command_id), "result for an unknown command; acknowledging so the gateway drops it");
+        }
+    }
+    Ok(())
 }
 
 /// Handles one frame; an `Err` closes the tunnel with that reason.
@@ -813,30 +944,17 @@ async fn handle_frame(
                 started_ms: r.started_unix_ms,
                 finished_ms: r.finished_unix_ms,
             };
-            match app
-                .commands
-                .complete(&app.store, &r.command_id, gateway_id, result)
-            {
-                Ok(Some(newly)) => {
-                    if let Some(c) = newly {
-                        app.metrics
-                            .commands_finished
-                            .get_or_create(&crate::metrics::OutcomeLabels {
-                                outcome: c.state.as_str().into(),
-                            })
-                            .inc();
-                        let ms = (now_ms() - c.submitted_ms).max(0);
-                        app.metrics.delivery_seconds.observe(ms as f64 / 1000.0);
-                    }
-                }
-                Ok(None) => {
-                    tracing::warn!(gateway = %gateway_id, command = %printable(&r.command_id), "result for an unknown command; acknowledging so the gateway drops it");
-                }
-                Err(source) => {
+            // One node records the result here (a write to memory and the store, no wait); a
+            // replica's write goes through the cluster's log, which this tunnel's reading does
+            // not wait for: it is recorded in the task below.
+            let inline = !app.log.is_cluster();
+            if inline {
+                if let Err(e) = record_result(app, gateway_id, &r.command_id, result.clone()).await
+                {
                     return Err(Closed::Store {
                         command: r.command_id,
-                        source,
-                    })
+                        message: e.to_string(),
+                    });
                 }
             }
             // Acknowledged once durable, without holding up this tunnel's reading: the flush
@@ -848,6 +966,13 @@ async fn handle_frame(
             let (app2, tx2, close2) = (session.app.clone(), tx.clone(), session.close.clone());
             let gateway_id = gateway_id.to_string();
             session.app.tasks.spawn(async move {
+                if !inline {
+                    if let Err(e) = record_result(&app2, &gateway_id, &r.command_id, result).await {
+                        tracing::error!(command = %r.command_id, "cannot record a result: {e}; closing the tunnel so the gateway sends it again");
+                        close2.notify_one();
+                        return;
+                    }
+                }
                 if let Err(e) = app2.store.flush().await {
                     tracing::error!(command = %r.command_id, "cannot make a result durable: {e}");
                     close2.notify_one();
@@ -872,19 +997,20 @@ async fn handle_frame(
                 Ok(issued) => {
                     let not_after_ms = issued.not_after_ms();
                     let key_hex = hex::encode(&issued.public_key);
-                    let stored = app
-                        .store
-                        .update_gateway(
-                            gateway_id,
-                            GatewayPatch {
+                    let stored = match app
+                        .commit(Op::GatewayChanged {
+                            id: gateway_id.to_string(),
+                            patch: GatewayPatch {
                                 cert_serial: Some(issued.serial_hex.clone()),
                                 cert_not_after_ms: Some(not_after_ms),
                                 public_key: Some(key_hex.clone()),
                                 ..Default::default()
                             },
-                        )
-                        .and_then(|_| {
-                            app.store.event(
+                        })
+                        .await
+                    {
+                        Ok(_) => {
+                            app.event(
                                 Some(tenant_id),
                                 Some(gateway_id),
                                 "gateway.certificate_renewed",
@@ -893,10 +1019,13 @@ async fn handle_frame(
                                     issued.serial_hex
                                 ),
                             )
-                        });
-                    let flushed = match stored {
-                        Ok(()) => app.store.flush().await,
+                            .await
+                        }
                         Err(e) => Err(e),
+                    };
+                    let flushed = match stored {
+                        Ok(()) => app.store.flush().await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
                     };
                     match flushed {
                         Ok(()) => RenewResponse {

@@ -105,10 +105,12 @@ impl Commands {
         Ok(me)
     }
 
-    /// Writes a new command to the store (not yet flushed) and to memory.
-    pub fn insert(&self, store: &Store, cmd: &mut Command) -> Result<(), StoreError> {
-        store.insert_command(cmd)?;
+    /// A new command in memory, once its operation was applied (again: nothing changes).
+    pub fn insert(&self, cmd: &Command) {
         let mut inner = self.lock();
+        if inner.by_id.contains_key(&cmd.id) {
+            return;
+        }
         inner
             .pending
             .entry(cmd.gateway_id.clone())
@@ -118,7 +120,6 @@ impl Commands {
             inner.deadlines.insert((d, cmd.id.clone()));
         }
         inner.by_id.insert(cmd.id.clone(), cmd.clone());
-        Ok(())
     }
 
     /// One command, from memory or else from the store.
@@ -160,31 +161,51 @@ impl Commands {
         }
     }
 
-    /// Records a result (written to the store, not yet flushed). `Ok(None)`: not a command of
-    /// this gateway; `Ok(Some(false))`: it already had one (a redelivered result).
-    pub fn complete(
+    /// Where a result of `gateway_id` for command `id` stands: `None`, not a command of this
+    /// gateway; `Some(None)`, it has ended (a redelivered result); `Some(Some(c))`, it waits for
+    /// this result.
+    pub fn to_complete(
         &self,
         store: &Store,
         id: &str,
         gateway_id: &str,
-        result: CommandResult,
     ) -> Result<Option<Option<Command>>, StoreError> {
-        let current = self.get(store, id)?;
-        let Some(mut c) = current else {
+        let Some(c) = self.get(store, id)? else {
             return Ok(None);
         };
         if c.gateway_id != gateway_id {
             return Ok(None);
         }
-        if c.state.is_terminal() {
-            return Ok(Some(None));
+        Ok(Some((!c.state.is_terminal()).then_some(c)))
+    }
+
+    /// A command ended (its operation applied): out of the pending queue, into the finished
+    /// bound. Again, or for a command not in memory: nothing changes but the record.
+    pub fn finish(&self, c: &Command) {
+        let mut inner = self.lock();
+        let known = inner.by_id.get(&c.id).map(|m| m.state.is_terminal());
+        if known == Some(true) {
+            return;
         }
-        c.state = CommandState::of_result(&result);
-        c.completed_ms = Some(now_ms());
-        c.result = Some(result);
-        store.complete_command(&c)?;
-        self.lock().finish(&c);
-        Ok(Some(Some(c)))
+        let mut c = c.clone();
+        if let Some(m) = inner.by_id.get(&c.id) {
+            // Memory knows what the record does not: the latest progress, whether handed out.
+            c.progress = m.progress.clone();
+            c.handed_out = m.handed_out;
+        }
+        inner.finish(&c);
+    }
+
+    /// Records in memory that a command was handed to a tunnel (a replica learned it from the
+    /// log).
+    pub fn handed_out(&self, id: &str) {
+        let mut inner = self.lock();
+        if let Some(c) = inner.by_id.get_mut(id) {
+            c.handed_out = true;
+            if c.state == CommandState::Queued {
+                c.state = CommandState::Delivered;
+            }
+        }
     }
 
     /// Records the latest progress of a command of `gateway_id` that has not ended.
@@ -197,121 +218,71 @@ impl Commands {
         }
     }
 
-    /// Ends a command that was never handed to a tunnel, here (written, not flushed); None when
-    /// it ended already or may have reached its gateway. Decided under the lock a delivery
-    /// takes, so it is either delivered or ended here, never both.
-    fn end_undelivered(
-        &self,
-        store: &Store,
-        id: &str,
-        result: CommandResult,
-    ) -> Result<Option<Command>, StoreError> {
-        let c = {
-            let mut inner = self.lock();
-            let Some(c) = inner.by_id.get_mut(id) else {
-                return Ok(None);
-            };
-            if c.state.is_terminal() || c.handed_out {
-                return Ok(None);
-            }
-            c.state = CommandState::of_result(&result);
-            c.completed_ms = Some(now_ms());
-            c.result = Some(result);
-            let c = c.clone();
-            inner.finish(&c);
-            c
-        };
-        store.complete_command(&c)?;
-        Ok(Some(c))
+    /// Ends, in memory, a command that was never handed to a tunnel (its operation is for the
+    /// caller to write); None when it ended already or may have reached its gateway. Decided
+    /// under the lock a delivery takes, so it is either delivered or ended here, never both.
+    pub fn end_undelivered(&self, id: &str, result: CommandResult) -> Option<Command> {
+        let mut inner = self.lock();
+        let c = inner.by_id.get_mut(id)?;
+        if c.state.is_terminal() || c.handed_out {
+            return None;
+        }
+        c.state = CommandState::of_result(&result);
+        c.completed_ms = Some(now_ms());
+        c.result = Some(result);
+        let c = c.clone();
+        inner.finish(&c);
+        Some(c)
     }
 
-    /// A cancel for command `id` of `tenant_id` (see [`CancelOutcome`]).
-    pub fn cancel(
+    /// Records a cancel asked for a command that has not ended (the first reason stands):
+    /// `Forwarded` with the command, or `Finished`/`Unknown`. Memory only; the caller writes
+    /// the operation.
+    pub fn ask_cancel(
         &self,
         store: &Store,
         id: &str,
-        tenant_id: &str,
-        reason: &str,
+        cancel: CancelRequest,
     ) -> Result<CancelOutcome, StoreError> {
-        let Some(c) = self.get(store, id)?.filter(|c| c.tenant_id == tenant_id) else {
-            return Ok(CancelOutcome::Unknown);
-        };
-        if c.state.is_terminal() {
-            return Ok(CancelOutcome::Finished(c));
-        }
-        let now = now_ms();
-        let result = CommandResult {
-            ok: false,
-            output: serde_json::Value::Null,
-            error_class: "cancelled".into(),
-            error_message: format!("cancelled before it reached the gateway: {reason}"),
-            started_ms: now,
-            finished_ms: now,
-        };
-        if let Some(done) = self.end_undelivered(store, id, result)? {
-            return Ok(CancelOutcome::CancelledNow(done));
-        }
-        let asked = {
+        {
             let mut inner = self.lock();
             match inner.by_id.get_mut(id) {
                 Some(c) if !c.state.is_terminal() => {
-                    c.cancel.get_or_insert(CancelRequest {
-                        reason: reason.to_string(),
-                        requested_ms: now,
-                    });
-                    Some(c.clone())
+                    c.cancel.get_or_insert(cancel);
+                    return Ok(CancelOutcome::Forwarded(c.clone()));
                 }
                 Some(c) => return Ok(CancelOutcome::Finished(c.clone())),
-                None => None,
+                None => {}
             }
-        };
-        match asked {
-            Some(c) => {
-                if let Some(cancel) = &c.cancel {
-                    store.ask_cancel(&c.id, cancel)?;
-                }
-                Ok(CancelOutcome::Forwarded(c))
+        }
+        // Ended and dropped from memory meanwhile.
+        Ok(match store.command(id)? {
+            Some(c) => CancelOutcome::Finished(c),
+            None => CancelOutcome::Unknown,
+        })
+    }
+
+    /// Records in memory a cancel a replica learned from the log.
+    pub fn set_cancel(&self, id: &str, cancel: &CancelRequest) {
+        if let Some(c) = self.lock().by_id.get_mut(id) {
+            if !c.state.is_terminal() {
+                c.cancel.get_or_insert_with(|| cancel.clone());
             }
-            // Ended and dropped from memory meanwhile.
-            None => Ok(match self.get(store, id)? {
-                Some(c) => CancelOutcome::Finished(c),
-                None => CancelOutcome::Unknown,
-            }),
         }
     }
 
-    /// Ends, as `timed_out`, every command past its deadline that was never handed to a tunnel
-    /// (written, not flushed); the others are their gateways' to end. Returns those it ended.
-    pub fn expire(&self, store: &Store, now: i64) -> Result<Vec<Command>, StoreError> {
-        let due: Vec<(i64, String)> = {
-            let mut inner = self.lock();
-            let mut due = Vec::new();
-            while let Some(first) = inner.deadlines.first().cloned() {
-                if first.0 > now {
-                    break;
-                }
-                inner.deadlines.remove(&first);
-                due.push(first);
+    /// The commands whose deadline is at or before `now`, taken off the deadline list.
+    pub fn due(&self, now: i64) -> Vec<String> {
+        let mut inner = self.lock();
+        let mut due = Vec::new();
+        while let Some(first) = inner.deadlines.first().cloned() {
+            if first.0 > now {
+                break;
             }
-            due
-        };
-        let mut ended = Vec::new();
-        for (_, id) in due {
-            let result = CommandResult {
-                ok: false,
-                output: serde_json::Value::Null,
-                error_class: "timed_out".into(),
-                error_message:
-                    "timed out: its deadline passed before it was handed to its gateway (the gateway was not connected)"
-                        .into(),
-                started_ms: now,
-                finished_ms: now,
-            };
-            if let Some(c) = self.end_undelivered(store, &id, result)? {
-                ended.push(c);
-            }
+            inner.deadlines.remove(&first);
+            due.push(first.1);
         }
-        Ok(ended)
+        due
     }
 
     /// Commands of a gateway still waiting for a result, oldest first.
@@ -355,180 +326,6 @@ impl Commands {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::CommandFilter;
-
-    fn cmd(id: &str, tenant: &str, gw: &str, at: i64) -> Command {
-        Command {
-            id: id.into(),
-            tenant_id: tenant.into(),
-            gateway_id: gw.into(),
-            kind: "gateway.echo".into(),
-            payload: serde_json::json!({}),
-            state: CommandState::Queued,
-            submitted_ms: at,
-            deliveries: 0,
-            received_ms: None,
-            completed_ms: None,
-            result: None,
-            pending_key: Vec::new(),
-            deadline_ms: None,
-            cancel: None,
-            progress: None,
-            handed_out: false,
-        }
-    }
-
-    fn ok() -> CommandResult {
-        CommandResult {
-            ok: true,
-            output: serde_json::json!(1),
-            error_class: String::new(),
-            error_message: String::new(),
-            started_ms: 0,
-            finished_ms: 0,
-        }
-    }
-
-    #[test]
-    fn pending_survives_a_restart_and_retention_keeps_what_it_must() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let t = store.create_tenant("t").expect("tenant").id;
-        let table = Commands::load(&store).expect("load");
-        let day = 86_400_000;
-        let now = now_ms();
-        for (id, at) in [
-            ("c_old_done", now - 10 * day),
-            ("c_old_pending", now - 10 * day),
-            ("c_new_done", now),
-        ] {
-            table
-                .insert(&store, &mut cmd(id, &t, "gw_1", at))
-                .expect("insert");
-        }
-        for id in ["c_old_done", "c_new_done"] {
-            table
-                .complete(&store, id, "gw_1", ok())
-                .expect("complete")
-                .expect("known")
-                .expect("newly");
-        }
-        // A redelivered result is recognised; another gateway's is not its to give.
-        assert!(matches!(
-            table.complete(&store, "c_new_done", "gw_1", ok()),
-            Ok(Some(None))
-        ));
-        assert!(matches!(
-            table.complete(&store, "c_old_pending", "gw_2", ok()),
-            Ok(None)
-        ));
-        assert_eq!(table.pending_count("gw_1"), 1);
-        // A restart rebuilds the pending table from the store.
-        let table = Commands::load(&store).expect("reload");
-        assert_eq!(
-            table
-                .pending("gw_1")
-                .iter()
-                .map(|c| c.id.as_str())
-                .collect::<Vec<_>>(),
-            vec!["c_old_pending"]
-        );
-        // Retention deletes old finished commands only.
-        let gone = store.prune_commands(now - 7 * day).expect("prune");
-        assert_eq!(gone, vec!["c_old_done".to_string()]);
-        assert!(store.command("c_old_done").expect("read").is_none());
-        assert!(store.command("c_old_pending").expect("read").is_some());
-        let ids: Vec<String> = store
-            .tenant_command_ids(&t)
-            .collect::<Result<_, _>>()
-            .expect("ids");
-        assert_eq!(
-            ids,
-            vec!["c_new_done".to_string(), "c_old_pending".to_string()]
-        );
-        let _ = CommandFilter::default();
-    }
-
-    #[test]
-    fn cancel_and_deadline_end_only_what_never_reached_a_gateway() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let t = store.create_tenant("t").expect("tenant").id;
-        let table = Commands::load(&store).expect("load");
-        let now = now_ms();
-        for id in ["c_queued", "c_handed", "c_late", "c_sent_late", "c_done"] {
-            let mut c = cmd(id, &t, "gw_1", now);
-            if id.contains("late") {
-                c.deadline_ms = Some(now - 1);
-            }
-            table.insert(&store, &mut c).expect("insert");
-        }
-        for id in ["c_handed", "c_sent_late"] {
-            table.delivered(id).expect("pending");
-        }
-        table
-            .complete(&store, "c_done", "gw_1", ok())
-            .expect("complete");
-
-        // Never handed out: ended here. Handed out: left to the gateway, the cancel recorded.
-        match table.cancel(&store, "c_queued", &t, "r1").expect("cancel") {
-            CancelOutcome::CancelledNow(c) => {
-                assert_eq!(c.state, CommandState::Cancelled);
-                assert!(c.result.expect("result").error_message.contains("r1"));
-            }
-            o => panic!("{o:?}"),
-        }
-        match table.cancel(&store, "c_handed", &t, "r2").expect("cancel") {
-            CancelOutcome::Forwarded(c) => {
-                assert_eq!(c.state, CommandState::Delivered);
-                assert_eq!(c.cancel.expect("asked").reason, "r2");
-            }
-            o => panic!("{o:?}"),
-        }
-        // Asked again: the first reason stays.
-        match table.cancel(&store, "c_handed", &t, "r3").expect("cancel") {
-            CancelOutcome::Forwarded(c) => assert_eq!(c.cancel.expect("asked").reason, "r2"),
-            o => panic!("{o:?}"),
-        }
-        assert!(matches!(
-            table.cancel(&store, "c_done", &t, "r").expect("cancel"),
-            CancelOutcome::Finished(_)
-        ));
-        assert!(matches!(
-            table
-                .cancel(&store, "c_handed", "other-tenant", "r")
-                .expect("cancel"),
-            CancelOutcome::Unknown
-        ));
-
-        // Deadlines: only the one never handed out ends here.
-        let ended = table.expire(&store, now_ms()).expect("expire");
-        assert_eq!(
-            ended.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
-            vec!["c_late"]
-        );
-        assert_eq!(ended[0].state, CommandState::TimedOut);
-        assert!(!table
-            .cached("c_sent_late")
-            .expect("kept")
-            .state
-            .is_terminal());
-
-        // The recorded cancel survives a restart; everything pending counts as handed out.
-        let table = Commands::load(&store).expect("reload");
-        let pending = table.pending("gw_1");
-        let handed = pending
-            .iter()
-            .find(|c| c.id == "c_handed")
-            .expect("pending");
-        assert_eq!(handed.cancel.as_ref().expect("kept").reason, "r2");
-        assert!(matches!(
-            table
-                .cancel(&store, "c_sent_late", &t, "r")
-                .expect("cancel"),
-            CancelOutcome::Forwarded(_)
-        ));
-    }
 
     #[test]
     fn events_are_listed_per_tenant_and_pruned_by_age() {

@@ -144,7 +144,7 @@ async fn serve(config: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow::
         .ca_cert_file
         .clone()
         .unwrap_or_else(|| data_dir.join("ca.pem"));
-    let app = pcg_saas::open(cfg, api_addr, broker_addr)?;
+    let app = pcg_saas::open(cfg, api_addr, broker_addr).await?;
     tracing::info!(api = %app.api_url, broker = ?app.broker_urls, data = %data_dir.display(), "pcg-saas listening");
     if let Some(p) = ready_file {
         let body = serde_json::json!({

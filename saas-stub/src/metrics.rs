@@ -49,6 +49,8 @@ pub struct Metrics {
     pub tunnels: Gauge,
     pub tunnel_opens: Family<TransportLabels, Counter>,
     pub tunnel_closes: Counter,
+    /// Tunnels a replica asked to move to another replica (rebalancing).
+    pub tunnels_shed: Counter,
     pub commands_submitted: Counter,
     pub commands_delivered: Counter,
     pub commands_finished: Family<OutcomeLabels, Counter>,
@@ -98,6 +100,12 @@ impl Default for Metrics {
         );
         let tunnel_closes = Counter::default();
         registry.register("tunnel_closes", "Tunnels closed", tunnel_closes.clone());
+        let tunnels_shed = Counter::default();
+        registry.register(
+            "tunnels_shed",
+            "Tunnels a replica asked to reconnect to another replica, holding more than its share",
+            tunnels_shed.clone(),
+        );
         let commands_submitted = Counter::default();
         registry.register(
             "commands_submitted",
@@ -143,6 +151,7 @@ impl Default for Metrics {
             feed_subscribers,
             tunnel_opens,
             tunnel_closes,
+            tunnels_shed,
             commands_submitted,
             commands_delivered,
             commands_finished,

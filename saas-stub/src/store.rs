@@ -14,7 +14,7 @@ pub mod machines;
 pub mod ops;
 pub use feed::{Feed, Topic};
 pub use machines::{EventFilter, MachineRecord};
-pub use ops::{GatewayPatch, Op, Outcome, RedeemRefusal};
+pub use ops::{Committed, GatewayPatch, Op, Outcome, RedeemRefusal};
 
 /// Replaces every value under a secret-named key with `"<redacted>"`, at any depth (the one
 /// definition of a secret-named key is [`pcg_proto::sealed::is_secret_key`]).
@@ -37,7 +37,52 @@ pub fn new_id(prefix: &str, bytes: usize) -> String {
     format!("{prefix}_{}", hex::encode(raw))
 }
 
-fn hash(secret: &str) -> String {
+/// A new tenant's record.
+pub fn new_tenant(name: &str) -> Tenant {
+    Tenant {
+        id: new_id("tn", 6),
+        name: name.to_string(),
+        created_ms: now_ms(),
+    }
+}
+
+/// A new API key: its record (the secret's hash) and the full key string (shown once, never
+/// stored).
+pub fn new_api_key(tenant_id: Option<&str>, name: &str) -> (ApiKey, String) {
+    let id = new_id("key", 6);
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let full = format!("pcgk_{id}.{secret}");
+    let k = ApiKey {
+        id,
+        tenant_id: tenant_id.map(str::to_string),
+        name: name.to_string(),
+        secret_hash: hash(&secret),
+        created_ms: now_ms(),
+        revoked: false,
+    };
+    (k, full)
+}
+
+/// A new pairing token valid for `ttl_secs`: its record and its one-time secret.
+pub fn new_token(tenant_id: &str, name: &str, ttl_secs: u64) -> (TokenRecord, String) {
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let now = now_ms();
+    let t = TokenRecord {
+        id: new_id("tok", 6),
+        tenant_id: tenant_id.to_string(),
+        name: name.to_string(),
+        secret_hash: hash(&secret),
+        created_ms: now,
+        expires_ms: now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX / 2000) * 1000),
+        state: TokenState::Active,
+        used_ms: None,
+        gateway_id: None,
+    };
+    (t, secret)
+}
+
+/// The SHA-256 of a secret, hex (how secrets are stored and compared).
+pub fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
@@ -447,14 +492,20 @@ impl Store {
         Ok(())
     }
 
+    /// A value of the store's own bookkeeping (not flushed by itself).
+    pub fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    pub fn set_meta(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.db.insert(key, value)?;
+        Ok(())
+    }
+
     // --- tenants -------------------------------------------------------------------------
 
     pub fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
-        let t = Tenant {
-            id: new_id("tn", 6),
-            name: name.to_string(),
-            created_ms: now_ms(),
-        };
+        let t = new_tenant(name);
         self.commit(&Op::TenantCreated { tenant: t.clone() })?;
         Ok(t)
     }
@@ -468,27 +519,6 @@ impl Store {
     }
 
     // --- API keys ------------------------------------------------------------------------
-
-    /// Creates a key; returns the record and the full key string (shown once, never stored).
-    pub fn create_api_key(
-        &self,
-        tenant_id: Option<&str>,
-        name: &str,
-    ) -> Result<(ApiKey, String), StoreError> {
-        let id = new_id("key", 6);
-        let secret = hex::encode(rand::random::<[u8; 32]>());
-        let full = format!("pcgk_{id}.{secret}");
-        let k = ApiKey {
-            id: id.clone(),
-            tenant_id: tenant_id.map(str::to_string),
-            name: name.to_string(),
-            secret_hash: hash(&secret),
-            created_ms: now_ms(),
-            revoked: false,
-        };
-        self.commit(&Op::ApiKeyCreated { key: k.clone() })?;
-        Ok((k, full))
-    }
 
     /// Checks a presented key string; `None` for unknown, revoked or wrong keys.
     pub fn authenticate(&self, presented: &str) -> Result<Option<ApiKey>, StoreError> {
@@ -531,37 +561,7 @@ impl Store {
         get(&self.api_keys, "api_keys", id.as_bytes())
     }
 
-    pub fn revoke_api_key(&self, id: &str) -> Result<(), StoreError> {
-        self.commit(&Op::ApiKeyRevoked { id: id.to_string() })
-            .map(|_| ())
-    }
-
     // --- pairing tokens --------------------------------------------------------------------
-
-    /// Creates a token; returns the record and its one-time secret.
-    pub fn create_token(
-        &self,
-        tenant_id: &str,
-        name: &str,
-        ttl_secs: u64,
-    ) -> Result<(TokenRecord, String), StoreError> {
-        let secret = hex::encode(rand::random::<[u8; 32]>());
-        let now = now_ms();
-        let t = TokenRecord {
-            id: new_id("tok", 6),
-            tenant_id: tenant_id.to_string(),
-            name: name.to_string(),
-            secret_hash: hash(&secret),
-            created_ms: now,
-            expires_ms: now
-                .saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX / 2000) * 1000),
-            state: TokenState::Active,
-            used_ms: None,
-            gateway_id: None,
-        };
-        self.commit(&Op::TokenCreated { token: t.clone() })?;
-        Ok((t, secret))
-    }
 
     pub fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         get(&self.tokens, "tokens", id.as_bytes())
@@ -572,14 +572,6 @@ impl Store {
             .into_iter()
             .filter(|t| t.tenant_id == tenant_id)
             .collect())
-    }
-
-    pub fn revoke_token(&self, id: &str) -> Result<(), StoreError> {
-        self.commit(&Op::TokenRevoked {
-            id: id.to_string(),
-            at_ms: now_ms(),
-        })
-        .map(|_| ())
     }
 
     /// Checks a token without consuming it.
@@ -600,20 +592,6 @@ impl Store {
         Ok(t)
     }
 
-    /// Consumes the token and records the new gateway (see [`Op::TokenRedeemed`]).
-    pub fn redeem_token(&self, id: &str, secret: &str, gw: &Gateway) -> Result<(), RedeemError> {
-        let outcome = self.commit(&Op::TokenRedeemed {
-            id: id.to_string(),
-            secret_hash: hash(secret),
-            at_ms: now_ms(),
-            gateway: gw.clone(),
-        })?;
-        match outcome {
-            Outcome::Redeemed(Err(r)) => Err(r.into()),
-            _ => Ok(()),
-        }
-    }
-
     // --- gateways --------------------------------------------------------------------------
 
     pub fn gateway(&self, id: &str) -> Result<Option<Gateway>, StoreError> {
@@ -627,39 +605,7 @@ impl Store {
             .collect())
     }
 
-    /// Sets fields of a gateway's record; the record after, `None` when there is no such
-    /// gateway.
-    pub fn update_gateway(
-        &self,
-        id: &str,
-        patch: GatewayPatch,
-    ) -> Result<Option<Gateway>, StoreError> {
-        Ok(
-            match self.commit(&Op::GatewayChanged {
-                id: id.to_string(),
-                patch,
-            })? {
-                Outcome::Gateway(g) => g.map(|g| *g),
-                _ => None,
-            },
-        )
-    }
-
     // --- commands --------------------------------------------------------------------------
-
-    /// Stores a new command and queues it for its gateway (not yet flushed); sets its
-    /// `pending_key`.
-    pub fn insert_command(&self, cmd: &mut Command) -> Result<(), StoreError> {
-        let ticket = self.feed.ticket()?;
-        self.apply(
-            ticket.seq,
-            &Op::CommandSubmitted {
-                command: cmd.clone(),
-            },
-        )?;
-        cmd.pending_key = Self::pending_key(&cmd.gateway_id, ticket.seq);
-        Ok(())
-    }
 
     /// `tenant \0 (u64::MAX - submitted_ms) \0 id`: a tenant's commands, newest first.
     fn tenant_index_key(tenant_id: &str, submitted_ms: i64, id: &str) -> Vec<u8> {
@@ -701,31 +647,6 @@ impl Store {
             let k = k?;
             Ok(String::from_utf8_lossy(&k[skip.min(k.len())..]).into_owned())
         })
-    }
-
-    /// Records a cancel asked for a pending command (not yet flushed).
-    pub fn ask_cancel(&self, id: &str, cancel: &CancelRequest) -> Result<(), StoreError> {
-        self.commit(&Op::CommandCancelAsked {
-            id: id.to_string(),
-            cancel: cancel.clone(),
-        })
-        .map(|_| ())
-    }
-
-    /// Writes a command's result and drops it from the pending queue (not yet flushed); does
-    /// nothing when it had ended already.
-    pub fn complete_command(&self, c: &Command) -> Result<(), StoreError> {
-        let Some(result) = c.result.clone() else {
-            return Ok(());
-        };
-        self.commit(&Op::CommandEnded {
-            id: c.id.clone(),
-            result,
-            completed_ms: c.completed_ms.unwrap_or_else(now_ms),
-            deliveries: c.deliveries,
-            received_ms: c.received_ms,
-        })
-        .map(|_| ())
     }
 
     /// Deletes finished commands submitted before `cutoff_ms`; returns their ids.
@@ -780,26 +701,6 @@ impl Store {
             "idempotency",
             &Self::idem_key(tenant_id, key),
         )
-    }
-
-    /// Records `rec` under the key unless a live claim holds it; returns whether it did (see
-    /// [`Op::IdempotencyClaimed`]).
-    pub fn claim_idempotency_key(
-        &self,
-        tenant_id: &str,
-        key: &str,
-        rec: &IdempotencyRecord,
-        window_ms: i64,
-    ) -> Result<bool, StoreError> {
-        Ok(matches!(
-            self.commit(&Op::IdempotencyClaimed {
-                tenant_id: tenant_id.to_string(),
-                key: key.to_string(),
-                record: rec.clone(),
-                window_ms,
-            })?,
-            Outcome::Claimed(true)
-        ))
     }
 
     /// Forgets idempotency keys older than `window_ms`; returns how many.

@@ -220,12 +220,16 @@ pub fn report(
         }
     }
     let mut error = String::new();
+    let mut health = None;
     if !r.health.is_empty() {
         match serde_json::from_slice::<Health>(&r.health) {
             Ok(h) => {
-                if let Err(e) = app.store.put_health(tenant_id, gateway_id, &h) {
-                    error = format!("the SaaS could not store the health report: {e}");
-                }
+                health = Some(crate::store::Op::HealthReported {
+                    tenant_id: tenant_id.to_string(),
+                    gateway_id: gateway_id.to_string(),
+                    received_ms: crate::store::now_ms(),
+                    health: h,
+                })
             }
             Err(e) => {
                 tracing::warn!(gateway = %gateway_id, "unreadable health report ignored: {e}")
@@ -234,6 +238,11 @@ pub fn report(
     }
     let (app2, tx2, close2, seq) = (app.clone(), tx.clone(), close.clone(), r.seq);
     app.tasks.spawn(async move {
+        if let Some(op) = health {
+            if let Err(e) = app2.commit(op).await {
+                error = format!("the SaaS could not store the health report: {e}");
+            }
+        }
         if let Err(e) = app2.store.flush().await {
             tracing::error!("cannot make a watch report durable: {e}");
             error = format!("the SaaS could not store the report: {e}");

@@ -248,7 +248,7 @@ impl Saas {
         };
         let info: Value = {
             let ready = ready.clone();
-            let r = wait_for("pcg-saas ready file", Duration::from_secs(20), || {
+            let r = wait_for("pcg-saas ready file", Duration::from_secs(60), || {
                 let ready = ready.clone();
                 async move {
                     std::fs::read(&ready)

@@ -192,16 +192,6 @@ async fn only_the_internal_ca_gets_in_and_a_missing_quorum_is_named() {
     assert_eq!(report["replicas"].as_array().unwrap().len(), 2, "{report}");
     assert_eq!(report["cluster"], "pcg-test", "{report}");
 
-    // serve does not pretend to run from the cluster.
-    let out = Command::new(bin("pcg-saas"))
-        .args(["serve", "--config"])
-        .arg(&replica)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("[cluster]"), "{err}");
-
     // A gateway's certificate (signed by the gateways' CA) is no replica certificate.
     let (saas, gw) = gateway_cert(dir.path()).await;
     let as_replica = replica_conf("as-gateway", dir.path(), &urls, &ca, &gw, "gateway");

@@ -139,7 +139,7 @@ impl pb::feed_server::Feed for FeedService {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        let caller = self.app.authenticate(header).map_err(status)?;
+        let caller = self.app.authenticate_fresh(header).await.map_err(status)?;
         let r = req.into_inner();
         let sub = self
             .app

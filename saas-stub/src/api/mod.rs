@@ -69,7 +69,7 @@ impl FromRequestParts<Arc<App>> for Caller {
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        Ok(app.authenticate(header)?)
+        Ok(app.authenticate_fresh(header).await?)
     }
 }
 
@@ -316,7 +316,17 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             ..Default::default()
         };
-        let app = crate::app::open(cfg, "127.0.0.1:1".parse().expect("addr"), None).expect("open");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let app = rt
+            .block_on(crate::app::open(
+                cfg,
+                "127.0.0.1:1".parse().expect("addr"),
+                None,
+            ))
+            .expect("open");
         (dir, app)
     }
 

@@ -1,7 +1,7 @@
 //! Tenants, API keys, pairing tokens and events.
 
 use super::{check_name, plausible_id, App, AppError, AppResult, Caller, Kind};
-use crate::store::{ApiKey, Event, Tenant, TokenRecord};
+use crate::store::{self, ApiKey, Event, Op, Tenant, TokenRecord};
 
 /// Longest pairing token lifetime a tenant may ask for: 30 days.
 pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 86_400;
@@ -17,8 +17,10 @@ impl App {
     pub async fn create_tenant(&self, caller: &Caller, name: &str) -> AppResult<(Tenant, String)> {
         caller.operator()?;
         let name = check_name("tenant name", name)?;
-        let t = self.store.create_tenant(&name)?;
-        let (_, key) = self.store.create_api_key(Some(&t.id), "admin")?;
+        let t = store::new_tenant(&name);
+        self.commit(Op::TenantCreated { tenant: t.clone() }).await?;
+        let (k, key) = store::new_api_key(Some(&t.id), "admin");
+        self.commit(Op::ApiKeyCreated { key: k }).await?;
         self.store.flush().await?;
         Ok((t, key))
     }
@@ -38,7 +40,8 @@ impl App {
     pub async fn create_api_key(&self, caller: &Caller, name: &str) -> AppResult<(ApiKey, String)> {
         let tenant = caller.tenant()?;
         let name = check_name("API key name", name)?;
-        let (k, key) = self.store.create_api_key(Some(tenant), &name)?;
+        let (k, key) = store::new_api_key(Some(tenant), &name);
+        self.commit(Op::ApiKeyCreated { key: k.clone() }).await?;
         self.store.flush().await?;
         Ok((k, key))
     }
@@ -56,7 +59,8 @@ impl App {
         };
         match found {
             Some(k) if k.tenant_id.as_deref() == Some(tenant) => {
-                self.store.revoke_api_key(id)?;
+                self.commit(Op::ApiKeyRevoked { id: id.to_string() })
+                    .await?;
                 self.store.flush().await?;
                 Ok(())
             }
@@ -87,7 +91,11 @@ impl App {
                 format!("ttl_seconds must be between 1 and {MAX_TOKEN_TTL_SECS} (30 days)"),
             ));
         }
-        let (record, secret) = self.store.create_token(tenant, &name, ttl)?;
+        let (record, secret) = store::new_token(tenant, &name, ttl);
+        self.commit(Op::TokenCreated {
+            token: record.clone(),
+        })
+        .await?;
         self.store.flush().await?;
         let token = pcg_proto::pairing::PairingToken {
             api_url: self.api_url.clone(),
@@ -115,7 +123,11 @@ impl App {
         };
         match found {
             Some(t) if t.tenant_id == tenant => {
-                self.store.revoke_token(id)?;
+                self.commit(Op::TokenRevoked {
+                    id: id.to_string(),
+                    at_ms: store::now_ms(),
+                })
+                .await?;
                 self.store.flush().await?;
                 Ok(())
             }

@@ -11,8 +11,10 @@ use pcg_proto::sealed::{seal_secrets, Recipient};
 use serde_json::Value;
 
 use super::{plausible_id, printable, App, AppError, AppResult, Caller, Kind};
+use crate::commands::CancelOutcome;
 use crate::store::{
-    self, now_ms, Command, CommandFilter, CommandState, Gateway, IdempotencyRecord,
+    self, now_ms, CancelRequest, Command, CommandFilter, CommandResult, CommandState, Gateway,
+    IdempotencyRecord, Op, Outcome, Store,
 };
 
 /// Longest `Idempotency-Key` accepted.
@@ -131,7 +133,14 @@ impl App {
     /// idempotency key already made (`replayed`, durable).
     async fn stage(&self, caller: &Caller, req: Submit<'_>) -> AppResult<Submitted> {
         let tenant = caller.tenant()?;
-        let g = self.tenant_gateway(tenant, req.gateway_id)?;
+        let g = match self.tenant_gateway(tenant, req.gateway_id) {
+            Err(e) if self.log.is_cluster() && e.kind == Kind::NotFound => {
+                // It may have just been paired on another replica.
+                self.catch_up().await?;
+                self.tenant_gateway(tenant, req.gateway_id)?
+            }
+            r => r?,
+        };
         if let Some(k) = &req.idempotency_key {
             if k.is_empty()
                 || k.len() > MAX_IDEMPOTENCY_KEY
@@ -269,10 +278,15 @@ impl App {
             };
             // First writer of the key wins; a concurrent twin gets the winner's command. A claim
             // past the window, or one whose request never stored its command, is taken over.
-            if !self
-                .store
-                .claim_idempotency_key(tenant, key, &rec, self.idempotency_window_ms())?
-            {
+            let claim = self
+                .commit(Op::IdempotencyClaimed {
+                    tenant_id: tenant.to_string(),
+                    key: key.clone(),
+                    record: rec,
+                    window_ms: self.idempotency_window_ms(),
+                })
+                .await?;
+            if !matches!(claim.outcome, Outcome::Claimed(true)) {
                 return match self.replay(tenant, key, &fp).await? {
                     Some(done) => Ok(done),
                     None => Err(AppError::new(
@@ -283,7 +297,13 @@ impl App {
                 };
             }
         }
-        self.commands.insert(&self.store, &mut cmd)?;
+        let done = self
+            .commit(Op::CommandSubmitted {
+                command: cmd.clone(),
+            })
+            .await?;
+        cmd.pending_key = Store::pending_key(&cmd.gateway_id, done.seq);
+        self.commands.insert(&cmd);
         Ok(Submitted {
             command: cmd,
             replayed: false,
@@ -358,7 +378,14 @@ impl App {
                 .filter(|c| c.tenant_id == tenant)
                 .ok_or_else(not_found)
         };
-        let c = read()?;
+        let c = match read() {
+            Err(e) if self.log.is_cluster() && e.kind == Kind::NotFound => {
+                // It may have just been submitted on another replica.
+                self.catch_up().await?;
+                read()?
+            }
+            r => r?,
+        };
         if c.state.is_terminal() || wait.is_zero() {
             return Ok(c);
         }
@@ -415,9 +442,9 @@ impl App {
         if !plausible_id(id) {
             return Err(not_found());
         }
-        match self.commands.cancel(&self.store, id, &tenant, &reason)? {
-            crate::commands::CancelOutcome::Unknown => Err(not_found()),
-            crate::commands::CancelOutcome::Finished(c) => Err(AppError::new(
+        match self.cancel(id, &tenant, &reason).await? {
+            CancelOutcome::Unknown => Err(not_found()),
+            CancelOutcome::Finished(c) => Err(AppError::new(
                 Kind::Conflict,
                 "command_finished",
                 format!(
@@ -426,12 +453,12 @@ impl App {
                     c.state.as_str()
                 ),
             )),
-            crate::commands::CancelOutcome::CancelledNow(c) => {
+            CancelOutcome::CancelledNow(c) => {
                 self.store.flush().await?;
                 self.finished(&c);
                 Ok(c)
             }
-            crate::commands::CancelOutcome::Forwarded(c) => {
+            CancelOutcome::Forwarded(c) => {
                 self.store.flush().await?;
                 crate::broker::send_cancel(self, &c).await;
                 Ok(c)
@@ -442,7 +469,23 @@ impl App {
     /// Ends, as `timed_out`, the commands past their deadline that were never handed to a
     /// tunnel (see [`crate::commands::Commands::expire`]). Run every half second.
     pub async fn expire_deadlines(&self) -> AppResult<()> {
-        let ended = self.commands.expire(&self.store, now_ms())?;
+        let now = now_ms();
+        let mut ended = Vec::new();
+        for id in self.commands.due(now) {
+            let result = CommandResult {
+                ok: false,
+                output: serde_json::Value::Null,
+                error_class: "timed_out".into(),
+                error_message:
+                    "timed out: its deadline passed before it was handed to its gateway (the gateway was not connected)"
+                        .into(),
+                started_ms: now,
+                finished_ms: now,
+            };
+            if let Some(c) = self.end_undelivered(&id, result).await? {
+                ended.push(c);
+            }
+        }
         if ended.is_empty() {
             return Ok(());
         }
@@ -451,6 +494,134 @@ impl App {
             self.finished(c);
         }
         Ok(())
+    }
+
+    /// Records the result `gateway_id` sent for command `id` (written, not flushed): `None`,
+    /// not a command of this gateway; `Some(None)`, it had ended (a redelivered result);
+    /// `Some(Some(c))`, ended now with it.
+    pub async fn complete_command(
+        &self,
+        id: &str,
+        gateway_id: &str,
+        result: CommandResult,
+    ) -> AppResult<Option<Option<Command>>> {
+        let Some(waiting) = self.commands.to_complete(&self.store, id, gateway_id)? else {
+            return Ok(None);
+        };
+        let Some(c) = waiting else {
+            return Ok(Some(None));
+        };
+        let done = self
+            .commit(Op::CommandEnded {
+                id: c.id.clone(),
+                result,
+                completed_ms: now_ms(),
+                deliveries: c.deliveries,
+                received_ms: c.received_ms,
+                only_if_undelivered: false,
+            })
+            .await?;
+        Ok(Some(self.ended(id, done.command())?))
+    }
+
+    /// Memory after a `CommandEnded` was applied: the command as ended, or (`None`: it had
+    /// ended before) as the store has it.
+    fn ended(&self, id: &str, done: Option<Command>) -> AppResult<Option<Command>> {
+        match done {
+            Some(c) => {
+                self.commands.finish(&c);
+                Ok(Some(c))
+            }
+            None => {
+                if let Some(c) = self.store.command(id)?.filter(|c| c.state.is_terminal()) {
+                    self.commands.finish(&c);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Ends a command that was never handed to a tunnel (written, not flushed); `None` when it
+    /// ended already or may have reached its gateway. One node decides it in memory, under the
+    /// lock a delivery takes; a replica by the log's order (a `CommandHandedOut` from any
+    /// replica before it, and it is not ended here).
+    async fn end_undelivered(&self, id: &str, result: CommandResult) -> AppResult<Option<Command>> {
+        if self.log.is_cluster() {
+            let done = self
+                .commit(Op::CommandEnded {
+                    id: id.to_string(),
+                    result,
+                    completed_ms: now_ms(),
+                    deliveries: 0,
+                    received_ms: None,
+                    only_if_undelivered: true,
+                })
+                .await?;
+            return self.ended(id, done.command());
+        }
+        let Some(c) = self.commands.end_undelivered(id, result) else {
+            return Ok(None);
+        };
+        self.commit(Op::CommandEnded {
+            id: c.id.clone(),
+            result: c.result.clone().expect("an ended command has a result"),
+            completed_ms: c.completed_ms.unwrap_or_else(now_ms),
+            deliveries: c.deliveries,
+            received_ms: c.received_ms,
+            only_if_undelivered: false,
+        })
+        .await?;
+        Ok(Some(c))
+    }
+
+    /// A cancel for command `id` of `tenant_id` (see [`CancelOutcome`]).
+    async fn cancel(&self, id: &str, tenant_id: &str, reason: &str) -> AppResult<CancelOutcome> {
+        let Some(c) = self
+            .commands
+            .get(&self.store, id)?
+            .filter(|c| c.tenant_id == tenant_id)
+        else {
+            return Ok(CancelOutcome::Unknown);
+        };
+        if c.state.is_terminal() {
+            return Ok(CancelOutcome::Finished(c));
+        }
+        let now = now_ms();
+        let result = CommandResult {
+            ok: false,
+            output: serde_json::Value::Null,
+            error_class: "cancelled".into(),
+            error_message: format!("cancelled before it reached the gateway: {reason}"),
+            started_ms: now,
+            finished_ms: now,
+        };
+        if let Some(done) = self.end_undelivered(id, result).await? {
+            return Ok(CancelOutcome::CancelledNow(done));
+        }
+        let asked = CancelRequest {
+            reason: reason.to_string(),
+            requested_ms: now,
+        };
+        match self.commands.ask_cancel(&self.store, id, asked)? {
+            CancelOutcome::Forwarded(c) => {
+                let cancel = c.cancel.clone().expect("a forwarded cancel is recorded");
+                let done = self
+                    .commit(Op::CommandCancelAsked {
+                        id: c.id.clone(),
+                        cancel,
+                    })
+                    .await?;
+                Ok(match done.command() {
+                    Some(_) => CancelOutcome::Forwarded(c),
+                    // It ended meanwhile.
+                    None => match self.store.command(id)? {
+                        Some(c) => CancelOutcome::Finished(c),
+                        None => CancelOutcome::Unknown,
+                    },
+                })
+            }
+            other => Ok(other),
+        }
     }
 
     /// A command that ended here (not by a gateway's result): waiters woken, counted.
@@ -491,5 +662,207 @@ impl App {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::Commands;
+    use std::sync::Arc;
+
+    fn cmd(id: &str, tenant: &str, gw: &str, at: i64) -> Command {
+        Command {
+            id: id.into(),
+            tenant_id: tenant.into(),
+            gateway_id: gw.into(),
+            kind: "gateway.echo".into(),
+            payload: serde_json::json!({}),
+            state: CommandState::Queued,
+            submitted_ms: at,
+            deliveries: 0,
+            received_ms: None,
+            completed_ms: None,
+            result: None,
+            pending_key: Vec::new(),
+            deadline_ms: None,
+            cancel: None,
+            progress: None,
+            handed_out: false,
+        }
+    }
+
+    fn ok() -> CommandResult {
+        CommandResult {
+            ok: true,
+            output: serde_json::json!(1),
+            error_class: String::new(),
+            error_message: String::new(),
+            started_ms: 0,
+            finished_ms: 0,
+        }
+    }
+
+    async fn app() -> (tempfile::TempDir, Arc<App>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = crate::Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let app = crate::app::open(cfg, "127.0.0.1:1".parse().expect("addr"), None)
+            .await
+            .expect("open");
+        (dir, app)
+    }
+
+    /// What a submit does once checked: the operation, then memory.
+    async fn insert(app: &App, mut c: Command) {
+        let done = app
+            .commit(Op::CommandSubmitted { command: c.clone() })
+            .await
+            .expect("insert");
+        c.pending_key = Store::pending_key(&c.gateway_id, done.seq);
+        app.commands.insert(&c);
+    }
+
+    #[tokio::test]
+    async fn pending_survives_a_restart_and_retention_keeps_what_it_must() {
+        let (_dir, app) = app().await;
+        let t = app.store.create_tenant("t").expect("tenant").id;
+        let day = 86_400_000;
+        let now = now_ms();
+        for (id, at) in [
+            ("c_old_done", now - 10 * day),
+            ("c_old_pending", now - 10 * day),
+            ("c_new_done", now),
+        ] {
+            insert(&app, cmd(id, &t, "gw_1", at)).await;
+        }
+        for id in ["c_old_done", "c_new_done"] {
+            app.complete_command(id, "gw_1", ok())
+                .await
+                .expect("complete")
+                .expect("known")
+                .expect("newly");
+        }
+        // A redelivered result is recognised; another gateway's is not its to give.
+        assert!(matches!(
+            app.complete_command("c_new_done", "gw_1", ok()).await,
+            Ok(Some(None))
+        ));
+        assert!(matches!(
+            app.complete_command("c_old_pending", "gw_2", ok()).await,
+            Ok(None)
+        ));
+        assert_eq!(app.commands.pending_count("gw_1"), 1);
+        // A restart rebuilds the pending table from the store.
+        let table = Commands::load(&app.store).expect("reload");
+        assert_eq!(
+            table
+                .pending("gw_1")
+                .iter()
+                .map(|c| c.id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["c_old_pending"]
+        );
+        // Retention deletes old finished commands only.
+        let store = &app.store;
+        let gone = store.prune_commands(now - 7 * day).expect("prune");
+        assert_eq!(gone, vec!["c_old_done".to_string()]);
+        assert!(store.command("c_old_done").expect("read").is_none());
+        assert!(store.command("c_old_pending").expect("read").is_some());
+        let ids: Vec<String> = store
+            .tenant_command_ids(&t)
+            .collect::<Result<_, _>>()
+            .expect("ids");
+        assert_eq!(
+            ids,
+            vec!["c_new_done".to_string(), "c_old_pending".to_string()]
+        );
+    }
+
+    #[tokio::test]
+    async fn cancel_and_deadline_end_only_what_never_reached_a_gateway() {
+        let (_dir, app) = app().await;
+        let t = app.store.create_tenant("t").expect("tenant").id;
+        let now = now_ms();
+        for id in ["c_queued", "c_handed", "c_late", "c_sent_late", "c_done"] {
+            let mut c = cmd(id, &t, "gw_1", now);
+            if id.contains("late") {
+                c.deadline_ms = Some(now - 1);
+            }
+            insert(&app, c).await;
+        }
+        for id in ["c_handed", "c_sent_late"] {
+            app.commands.delivered(id).expect("pending");
+        }
+        app.complete_command("c_done", "gw_1", ok())
+            .await
+            .expect("complete");
+
+        // Never handed out: ended here. Handed out: left to the gateway, the cancel recorded.
+        match app.cancel("c_queued", &t, "r1").await.expect("cancel") {
+            CancelOutcome::CancelledNow(c) => {
+                assert_eq!(c.state, CommandState::Cancelled);
+                assert!(c.result.expect("result").error_message.contains("r1"));
+            }
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(
+            app.store
+                .command("c_queued")
+                .expect("read")
+                .expect("kept")
+                .state,
+            CommandState::Cancelled
+        );
+        match app.cancel("c_handed", &t, "r2").await.expect("cancel") {
+            CancelOutcome::Forwarded(c) => {
+                assert_eq!(c.state, CommandState::Delivered);
+                assert_eq!(c.cancel.expect("asked").reason, "r2");
+            }
+            o => panic!("{o:?}"),
+        }
+        // Asked again: the first reason stays.
+        match app.cancel("c_handed", &t, "r3").await.expect("cancel") {
+            CancelOutcome::Forwarded(c) => assert_eq!(c.cancel.expect("asked").reason, "r2"),
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(
+            app.cancel("c_done", &t, "r").await.expect("cancel"),
+            CancelOutcome::Finished(_)
+        ));
+        assert!(matches!(
+            app.cancel("c_handed", "other-tenant", "r")
+                .await
+                .expect("cancel"),
+            CancelOutcome::Unknown
+        ));
+
+        // Deadlines: only the one never handed out ends here.
+        app.expire_deadlines().await.expect("expire");
+        assert_eq!(
+            app.commands.cached("c_late").expect("kept").state,
+            CommandState::TimedOut
+        );
+        assert!(!app
+            .commands
+            .cached("c_sent_late")
+            .expect("kept")
+            .state
+            .is_terminal());
+
+        // The recorded cancel survives a restart; everything pending counts as handed out.
+        let table = Commands::load(&app.store).expect("reload");
+        let pending = table.pending("gw_1");
+        let handed = pending
+            .iter()
+            .find(|c| c.id == "c_handed")
+            .expect("pending");
+        assert_eq!(handed.cancel.as_ref().expect("kept").reason, "r2");
+        assert_eq!(
+            pending.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            vec!["c_handed", "c_sent_late"]
+        );
     }
 }

@@ -83,18 +83,18 @@ impl App {
         let tenant = caller.tenant()?;
         let g = self.tenant_gateway(tenant, id)?;
         if g.revoked_ms.is_none() {
-            self.store.update_gateway(
-                &g.id,
-                store::GatewayPatch {
+            self.commit(store::Op::GatewayChanged {
+                id: g.id.clone(),
+                patch: store::GatewayPatch {
                     revoked_ms: Some(now_ms()),
                     ..Default::default()
                 },
-            )?;
+            })
+            .await?;
             // Pending commands can no longer be delivered: fail them so nobody waits forever.
             for c in self.commands.pending(&g.id) {
                 let now = now_ms();
-                self.commands.complete(
-                    &self.store,
+                self.complete_command(
                     &c.id,
                     &g.id,
                     store::CommandResult {
@@ -108,15 +108,17 @@ impl App {
                         started_ms: now,
                         finished_ms: now,
                     },
-                )?;
+                )
+                .await?;
                 self.waiters.notify(&c.id);
             }
-            self.store.event(
+            self.event(
                 Some(tenant),
                 Some(&g.id),
                 "gateway.revoked",
                 format!("gateway {} revoked", g.id),
-            )?;
+            )
+            .await?;
             self.store.flush().await?;
             self.tunnels.close(
                 &g.id,

@@ -107,6 +107,7 @@ impl App {
         d: Declaration,
     ) -> AppResult<MachineRecord> {
         let tenant = caller.tenant()?;
+        self.single_node_only("declared machines")?;
         let g = self.tenant_gateway(tenant, gateway_id)?;
         if g.revoked_ms.is_some() {
             return Err(AppError::new(
@@ -224,6 +225,7 @@ impl App {
         d: Declaration,
     ) -> AppResult<MachineRecord> {
         let tenant = caller.tenant()?;
+        self.single_node_only("declared machines")?;
         let cur = self.tenant_machine(tenant, id)?;
         if cur.deleting {
             return Err(AppError::new(
@@ -279,6 +281,7 @@ impl App {
         id: &str,
     ) -> AppResult<MachineRecord> {
         let tenant = caller.tenant()?;
+        self.single_node_only("declared machines")?;
         let cur = self.tenant_machine(tenant, id)?;
         if cur.deleting {
             return Ok(cur);

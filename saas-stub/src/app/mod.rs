@@ -8,6 +8,7 @@ pub mod commands;
 pub mod error;
 pub mod feed;
 pub mod gateways;
+pub mod log;
 pub mod machines;
 mod pairing;
 pub mod waiters;
@@ -29,6 +30,8 @@ pub const MIN_FREE_BYTES: u64 = 64 << 20;
 pub struct App {
     pub cfg: Config,
     pub store: store::Store,
+    /// Where changes go: the store (one node) or the cluster's log (a replica).
+    pub log: log::Log,
     /// Commands without a result (and recently finished ones), in memory.
     pub commands: crate::commands::Commands,
     pub ca: ca::Ca,
@@ -95,19 +98,23 @@ impl Caller {
 /// and returns the shared state. `api_addr`/`broker_addr` are the bound addresses (no
 /// `broker_addr`: the broker shares the public port), used for the advertised URLs when the
 /// config names none.
-pub fn open(
+///
+/// With a `[cluster]` section the service is a replica: it connects to the NATS cluster, applies
+/// the cluster's log until it has caught up with it (bounded: an error says what is missing), and
+/// only then returns.
+pub async fn open(
     cfg: Config,
     api_addr: std::net::SocketAddr,
     broker_addr: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Arc<App>> {
     use anyhow::Context as _;
-    if cfg.cluster.is_some() {
-        anyhow::bail!(
-            "this version of pcg-saas serves from its own data directory only: replicas cannot yet share their state through the NATS cluster named in [cluster]; remove the [cluster] section to serve on one machine (`pcg-saas cluster check` verifies the NATS cluster and this replica's certificate)"
-        );
-    }
     pcg_durable::fs::private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+    if cfg.cluster.is_some() && cfg.ca_key_file.is_none() {
+        anyhow::bail!(
+            "a replica ([cluster]) needs the gateways' CA every replica shares: set ca_cert_file and ca_key_file (`pcg-saas cluster init` makes gateway-ca.pem and gateway-ca.key)"
+        );
+    }
     let ca = match (&cfg.ca_cert_file, &cfg.ca_key_file) {
         (None, None) => ca::Ca::load_or_create(&cfg.data_dir)?,
         (Some(cert), Some(key)) => ca::Ca::load(cert, key)?,
@@ -123,20 +130,38 @@ pub fn open(
     })?;
     store.migrate()?;
     let commands = crate::commands::Commands::load(&store)?;
-    let op_path = cfg.data_dir.join("operator.key");
-    if !op_path.exists() {
-        let (_, key) = store.create_api_key(None, "operator")?;
-        ca::write_private(&op_path, format!("{key}\n").as_bytes())
-            .with_context(|| format!("cannot write {}", op_path.display()))?;
-        tracing::info!(path = %op_path.display(), "first start: operator API key written (owner-only file)");
-    }
-    let idem_path = cfg.data_dir.join("idempotency.key");
-    if !idem_path.exists() {
-        ca::write_private(&idem_path, &rand::random::<[u8; 32]>())
-            .with_context(|| format!("cannot write {}", idem_path.display()))?;
-    }
-    let idem = std::fs::read(&idem_path)
-        .with_context(|| format!("cannot read {}", idem_path.display()))?;
+    let log = match &cfg.cluster {
+        None => log::Log::Local,
+        Some(c) => {
+            let name = c
+                .cert_file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "replica".into());
+            log::Log::Cluster(Box::new(log::Replica::open(c, &name).await?))
+        }
+    };
+    let idem = match (&cfg.cluster, &cfg.ca_key_file) {
+        // Replicas fingerprint a request alike (a retry may reach another replica): the key is
+        // derived from the CA key they share.
+        (Some(_), Some(key_file)) => {
+            let ca_key = std::fs::read(key_file)
+                .with_context(|| format!("cannot read {}", key_file.display()))?;
+            let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &ca_key);
+            ring::hmac::sign(&k, b"pcg-saas idempotency fingerprints v1")
+                .as_ref()
+                .to_vec()
+        }
+        _ => {
+            let idem_path = cfg.data_dir.join("idempotency.key");
+            if !idem_path.exists() {
+                ca::write_private(&idem_path, &rand::random::<[u8; 32]>())
+                    .with_context(|| format!("cannot write {}", idem_path.display()))?;
+            }
+            std::fs::read(&idem_path)
+                .with_context(|| format!("cannot read {}", idem_path.display()))?
+        }
+    };
     for (path, e) in pcg_durable::fs::tighten_permissions(&cfg.data_dir) {
         tracing::warn!(path = %path.display(), "cannot make owner-only: {e}");
     }
@@ -150,9 +175,10 @@ pub fn open(
         (true, None) => vec![api_url.clone()],
     };
     let setups = cfg.max_tunnel_setups.max(1);
-    Ok(Arc::new(App {
+    let app = Arc::new(App {
         cfg,
         store,
+        log,
         commands,
         ca,
         tunnels: broker::Tunnels::default(),
@@ -167,7 +193,33 @@ pub fn open(
         idempotency_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &idem),
         refused_events: std::sync::Mutex::new(std::collections::HashMap::new()),
         machine_sync: std::sync::Mutex::new(()),
-    }))
+    });
+    if let Some(r) = app.log.replica() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        app.tasks.spawn(log::follow(app.clone(), tx));
+        let bound = std::time::Duration::from_secs(120);
+        let upto = match tokio::time::timeout(bound, rx).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(_)) => anyhow::bail!("the cluster's log could not be followed (see the log above)"),
+            Err(_) => anyhow::bail!(
+                "this replica did not catch up with the cluster's log within {bound:?}; check that the NATS cluster has a quorum (`pcg-saas cluster check`)"
+            ),
+        };
+        tracing::info!(replica = %r.name, applied = upto, "caught up with the cluster's log");
+        app.tasks.spawn(log::balance(app.clone()));
+    }
+    let op_path = app.cfg.data_dir.join("operator.key");
+    if !op_path.exists() {
+        let (k, key) = store::new_api_key(None, "operator");
+        app.commit(store::Op::ApiKeyCreated { key: k })
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create the operator key: {e}"))?;
+        app.store.flush().await?;
+        ca::write_private(&op_path, format!("{key}\n").as_bytes())
+            .with_context(|| format!("cannot write {}", op_path.display()))?;
+        tracing::info!(path = %op_path.display(), "first start: operator API key written (owner-only file)");
+    }
+    Ok(app)
 }
 
 impl App {

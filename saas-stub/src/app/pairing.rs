@@ -29,25 +29,16 @@ impl App {
                 "the hostname must not contain control characters",
             ));
         }
-        let refuse = |e: store::RedeemError| -> AppError {
-            if let Ok(Some(t)) = self.store.token(&req.token_id) {
-                let _ = self.store.event(
-                    Some(&t.tenant_id),
-                    None,
-                    "pairing.refused",
-                    format!(
-                        "pairing with token {} from host \"{}\" refused: {e}",
-                        t.id,
-                        printable(&hostname)
-                    ),
-                );
-            }
-            e.into()
+        let mut checked = self.store.check_token(&req.token_id, &req.secret);
+        if matches!(checked, Err(store::RedeemError::Unknown)) && self.log.is_cluster() {
+            // It may have just been made on another replica.
+            self.catch_up().await?;
+            checked = self.store.check_token(&req.token_id, &req.secret);
+        }
+        let token = match checked {
+            Ok(t) => t,
+            Err(e) => return Err(self.pairing_refused(&req.token_id, &hostname, e).await),
         };
-        let token = self
-            .store
-            .check_token(&req.token_id, &req.secret)
-            .map_err(refuse)?;
         let gateway_id = store::new_id("gw", 8);
         let issued = self
             .ca
@@ -79,10 +70,20 @@ impl App {
             last_seen_ms: None,
             public_key: Some(hex::encode(&issued.public_key)),
         };
-        self.store
-            .redeem_token(&req.token_id, &req.secret, &gw)
-            .map_err(refuse)?;
-        self.store.event(
+        let redeemed = self
+            .commit(store::Op::TokenRedeemed {
+                id: req.token_id.clone(),
+                secret_hash: store::hash(&req.secret),
+                at_ms: now_ms(),
+                gateway: gw.clone(),
+            })
+            .await?;
+        if let store::Outcome::Redeemed(Err(r)) = redeemed.outcome {
+            return Err(self
+                .pairing_refused(&req.token_id, &hostname, r.into())
+                .await);
+        }
+        self.event(
             Some(&gw.tenant_id),
             Some(&gw.id),
             "gateway.paired",
@@ -92,7 +93,8 @@ impl App {
                 printable(&gw.hostname),
                 token.id
             ),
-        )?;
+        )
+        .await?;
         self.store.flush().await?;
         Ok(PairResponse {
             tenant_id: gw.tenant_id,
@@ -101,5 +103,29 @@ impl App {
             ca_pem: self.ca.cert_pem.clone(),
             broker_endpoints: self.broker_urls.clone(),
         })
+    }
+
+    /// Records a refused pairing as an event of the token's tenant; the error to answer.
+    async fn pairing_refused(
+        &self,
+        token_id: &str,
+        hostname: &str,
+        e: store::RedeemError,
+    ) -> AppError {
+        if let Ok(Some(t)) = self.store.token(token_id) {
+            let _ = self
+                .event(
+                    Some(&t.tenant_id),
+                    None,
+                    "pairing.refused",
+                    format!(
+                        "pairing with token {} from host \"{}\" refused: {e}",
+                        t.id,
+                        printable(hostname)
+                    ),
+                )
+                .await;
+        }
+        e.into()
     }
 }

@@ -216,6 +216,16 @@ impl Feed {
         });
     }
 
+    /// Operation `seq` of a cluster's log is applied (its entries written): everything up to it
+    /// is durable (the log's quorum holds it) and applied in order, so subscribers may read it.
+    pub fn applied(&self, seq: u64) {
+        {
+            let mut n = self.lock();
+            n.last = n.last.max(seq);
+        }
+        self.made_durable(seq);
+    }
+
     /// The durable horizon, and its changes.
     pub fn horizon(&self) -> watch::Receiver<u64> {
         self.durable.subscribe()

@@ -217,19 +217,29 @@ impl Store {
         gateway_id: &str,
         health: &Health,
     ) -> Result<(), StoreError> {
-        let ticket = self.feed.ticket()?;
-        let rec = HealthRecord {
+        self.commit(&super::Op::HealthReported {
+            tenant_id: tenant_id.to_string(),
             gateway_id: gateway_id.to_string(),
             received_ms: now_ms(),
             health: health.clone(),
-        };
-        let mut k = prefix(gateway_id);
+        })
+        .map(|_| ())
+    }
+
+    /// Writes a health report as number `seq` (see [`super::Op::HealthReported`]).
+    pub(super) fn put_health_at(
+        &self,
+        seq: u64,
+        tenant_id: &str,
+        rec: &HealthRecord,
+    ) -> Result<(), StoreError> {
+        let mut k = prefix(&rec.gateway_id);
         k.extend_from_slice(&u64::try_from(rec.received_ms).unwrap_or(0).to_be_bytes());
         k.push(0);
-        k.extend_from_slice(&ticket.seq.to_be_bytes());
-        put(&self.health, &k, &rec)?;
+        k.extend_from_slice(&seq.to_be_bytes());
+        put(&self.health, &k, rec)?;
         self.feed
-            .record(tenant_id, ticket.seq, Topic::Health, rec.received_ms, &k)
+            .record(tenant_id, seq, Topic::Health, rec.received_ms, &k)
     }
 
     /// One health report by its key (a feed entry's reference).

@@ -78,6 +78,12 @@ pub enum Op {
         id: String,
         cancel: super::CancelRequest,
     },
+    /// A command handed to its gateway's tunnel for the first time (replicas record it, so that
+    /// whether a command may have reached its gateway is decided in the log's order: see
+    /// `only_if_undelivered`). Outcome: the command, or `None` when it had ended.
+    CommandHandedOut {
+        id: String,
+    },
     /// A command ended with `result` (from its gateway, or here), unless it had ended already.
     CommandEnded {
         id: String,
@@ -89,10 +95,21 @@ pub enum Op {
         deliveries: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         received_ms: Option<i64>,
+        /// Ends it only if no `CommandHandedOut` came first (a cancel or a deadline decided
+        /// where the command's tunnel may be on another replica).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        only_if_undelivered: bool,
     },
     /// An event (numbered by the operation).
     Event {
         event: Event,
+    },
+    /// A gateway's health report (numbered by the operation).
+    HealthReported {
+        tenant_id: String,
+        gateway_id: String,
+        received_ms: i64,
+        health: pcg_proto::machines::Health,
     },
 }
 
@@ -157,6 +174,23 @@ pub enum RedeemRefusal {
     Expired(i64),
 }
 
+/// An operation applied: its number and what it did.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub seq: u64,
+    pub outcome: Outcome,
+}
+
+impl Committed {
+    /// The command an operation on a command gave back, if any.
+    pub fn command(self) -> Option<Command> {
+        match self.outcome {
+            Outcome::Command(c) => c.map(|c| *c),
+            _ => None,
+        }
+    }
+}
+
 /// What applying an operation did.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -188,14 +222,16 @@ impl Op {
             Op::IdempotencyClaimed { .. } => "idempotency_claimed",
             Op::CommandSubmitted { .. } => "command_submitted",
             Op::CommandCancelAsked { .. } => "command_cancel_asked",
+            Op::CommandHandedOut { .. } => "command_handed_out",
             Op::CommandEnded { .. } => "command_ended",
             Op::Event { .. } => "event",
+            Op::HealthReported { .. } => "health_reported",
         }
     }
 }
 
 /// An event as the store writes it (numbered when applied).
-pub(super) fn event_of(
+pub fn event_of(
     tenant_id: Option<&str>,
     gateway_id: Option<&str>,
     kind: &str,
@@ -219,9 +255,13 @@ pub(super) fn event_of(
 impl Store {
     /// Applies an operation made here, numbered from the feed (one node: the store is the
     /// log). Written, not flushed.
-    pub fn commit(&self, op: &Op) -> Result<Outcome, StoreError> {
+    pub fn commit(&self, op: &Op) -> Result<Committed, StoreError> {
         let ticket = self.feed.ticket()?;
-        self.apply(ticket.seq, op)
+        let outcome = self.apply(ticket.seq, op)?;
+        Ok(Committed {
+            seq: ticket.seq,
+            outcome,
+        })
     }
 
     /// Applies operation number `seq` (numbers grow in the order operations are applied; a
@@ -327,17 +367,33 @@ impl Store {
                 }
                 return Ok(Outcome::Command(Some(Box::new(c))));
             }
+            Op::CommandHandedOut { id } => {
+                let Some(mut c) = self.command(id)? else {
+                    return Ok(Outcome::Command(None));
+                };
+                if c.state.is_terminal() {
+                    return Ok(Outcome::Command(None));
+                }
+                if c.state == super::CommandState::Queued {
+                    c.state = super::CommandState::Delivered;
+                    put(&self.commands, c.id.as_bytes(), &c)?;
+                }
+                return Ok(Outcome::Command(Some(Box::new(c))));
+            }
             Op::CommandEnded {
                 id,
                 result,
                 completed_ms,
                 deliveries,
                 received_ms,
+                only_if_undelivered,
             } => {
                 let Some(mut c) = self.command(id)? else {
                     return Ok(Outcome::Command(None));
                 };
-                if c.state.is_terminal() {
+                if c.state.is_terminal()
+                    || (*only_if_undelivered && c.state != super::CommandState::Queued)
+                {
                     return Ok(Outcome::Command(None));
                 }
                 c.state = super::CommandState::of_result(result);
@@ -359,6 +415,20 @@ impl Store {
                 return Ok(Outcome::Command(Some(Box::new(c))));
             }
             Op::Event { event } => self.put_event_at(seq, event.clone())?,
+            Op::HealthReported {
+                tenant_id,
+                gateway_id,
+                received_ms,
+                health,
+            } => self.put_health_at(
+                seq,
+                tenant_id,
+                &super::machines::HealthRecord {
+                    gateway_id: gateway_id.clone(),
+                    received_ms: *received_ms,
+                    health: health.clone(),
+                },
+            )?,
         }
         Ok(Outcome::Done)
     }
@@ -556,6 +626,7 @@ mod tests {
             completed_ms: 8,
             deliveries: 1,
             received_ms: Some(6),
+            only_if_undelivered: false,
         }
     }
 

@@ -1,0 +1,462 @@
+//! Two pcg-saas replicas on a real three-node NATS JetStream cluster (Debian `nats-server` 2.9,
+//! mutual TLS on routes and client connections), with real paired `pcg-gateway` daemons:
+//! - what one replica stores the other serves (tenants, API keys, pairing tokens, gateways,
+//!   commands and their results, the feed);
+//! - commands submitted to both replicas alternately while one replica is SIGKILLed (its
+//!   gateways move to the other; it is started again) and one NATS node is stopped and brought
+//!   back: every accepted command is executed exactly once (counted in the gateways' ledgers)
+//!   and has a result on both replicas;
+//! - with two of three NATS nodes down, a submit is refused within a bound, naming the missing
+//!   quorum; once they are back, submits are accepted and run again.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{stream, StreamExt};
+use pcg_e2e::feed::Sse;
+use pcg_e2e::nats::{self, NatsCluster};
+use pcg_e2e::{bin, free_port, test_dir, wait_for, Gw, Saas, SaasOptions};
+
+/// Gateways in the run, and commands submitted.
+const GATEWAYS: usize = 20;
+const COMMANDS: usize = 5_000;
+use serde_json::{json, Value};
+
+/// The cluster's PKI (`pcg-saas cluster init`: internal CA, nodes, replicas `replica1` and
+/// `replica2`, the gateways' CA).
+fn init(pki: &Path) {
+    let out = Command::new(bin("pcg-saas"))
+        .args(["cluster", "init", "--dir"])
+        .arg(pki)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// One replica's start: its own data directory and port; the cluster, the gateways' CA and
+/// every replica's broker URL shared.
+struct ReplicaSpec {
+    dir: PathBuf,
+    port: u16,
+    extra: String,
+}
+
+impl ReplicaSpec {
+    fn new(
+        root: &Path,
+        name: &str,
+        port: u16,
+        pki: &Path,
+        urls: &[String],
+        brokers: &[String],
+    ) -> Self {
+        let extra = format!(
+            "public_broker_urls = {brokers:?}\nca_cert_file = {:?}\nca_key_file = {:?}\n[cluster]\nnats_urls = {urls:?}\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nrequest_timeout_ms = 3000\n",
+            pki.join("gateway-ca.pem"),
+            pki.join("gateway-ca.key"),
+            pki.join("internal-ca.pem"),
+            pki.join(format!("replica-{name}.pem")),
+            pki.join(format!("replica-{name}.key")),
+        );
+        ReplicaSpec {
+            dir: root.join(name),
+            port,
+            extra,
+        }
+    }
+
+    async fn start(&self) -> Saas {
+        Saas::start(
+            &self.dir,
+            SaasOptions {
+                api_listen: Some(format!("127.0.0.1:{}", self.port).parse().unwrap()),
+                extra_toml: self.extra.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+}
+
+/// Tunnels a replica holds, from `/healthz` (0 when it does not answer).
+async fn healthz_tunnels(saas: &Saas) -> u64 {
+    match saas.http.get(format!("{}/healthz", saas.api)).send().await {
+        Ok(r) => r
+            .json::<Value>()
+            .await
+            .ok()
+            .and_then(|v| v["tunnels"].as_u64())
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Submits with an idempotency key to the preferred replica, and on a failed request (a killed
+/// replica, a lost quorum) retries the same key on the other: one command either way.
+async fn submit(
+    replicas: &[Arc<tokio::sync::RwLock<Saas>>; 2],
+    first: usize,
+    key: &str,
+    gw: &str,
+    n: usize,
+) -> String {
+    let started = Instant::now();
+    let mut at = first;
+    loop {
+        let r = {
+            let saas = replicas[at].read().await;
+            saas.call_with(
+                "POST",
+                &format!("/v1/gateways/{gw}/commands"),
+                key,
+                &[("Idempotency-Key", &format!("n-{n}"))],
+                Some(json!({ "kind": "gateway.ledger", "payload": { "n": n } })),
+            )
+            .await
+        };
+        match r {
+            Ok((s, _, v)) if (200..300).contains(&s) => {
+                return v["id"].as_str().unwrap().to_string();
+            }
+            other => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(120),
+                    "submit {n} not accepted within 120 s: {other:?}"
+                );
+                at = 1 - at;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
+    if !nats::available() {
+        return;
+    }
+    let dir = test_dir();
+    let pki = dir.path().join("pki");
+    init(&pki);
+    let mut cluster = NatsCluster::start(&dir.path().join("nats"), &pki).unwrap();
+    cluster.wait_ready(Duration::from_secs(90)).await.unwrap();
+    let urls = cluster.urls();
+
+    // The replicas' ports first: each is told both broker URLs.
+    let ports = [free_port(), free_port()];
+    let brokers: Vec<String> = ports
+        .iter()
+        .map(|p| format!("https://127.0.0.1:{p}"))
+        .collect();
+    let specs = [
+        ReplicaSpec::new(dir.path(), "replica1", ports[0], &pki, &urls, &brokers),
+        ReplicaSpec::new(dir.path(), "replica2", ports[1], &pki, &urls, &brokers),
+    ];
+    let a = specs[0].start().await;
+    let b = specs[1].start().await;
+
+    // What one replica stores, the other serves.
+    let (tenant, key) = a.tenant("t").await.unwrap();
+    let seen = wait_for(
+        "the tenant on the other replica",
+        Duration::from_secs(30),
+        || {
+            let (b, key) = (&b, key.clone());
+            async move {
+                let (s, v) = b.call("GET", "/v1/tenants", &key, None).await.ok()?;
+                (s == 200).then_some(v)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(seen.to_string().contains(&tenant), "{seen}");
+    let (_, other_key) = b.tenant("other").await.unwrap();
+
+    // Gateways paired with tokens of either replica, at either replica (the token names the
+    // replica that made it); each dials a broker chosen at random.
+    let mut gws = Vec::new();
+    for i in 0..GATEWAYS {
+        let maker = if i % 2 == 0 { &a } else { &b };
+        let (_, token) = maker.token(&key, None).await.unwrap();
+        let mut gw = Gw::new(&dir.path().join(format!("gw{i}"))).unwrap();
+        gw.pair(&token).unwrap();
+        gw.start().unwrap();
+        gws.push(gw);
+    }
+    for gw in &gws {
+        gw.wait_tunnel("connected", Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    let ids: Vec<String> = gws.iter().map(|g| g.gateway_id().unwrap()).collect();
+    let (ta, tb) = (healthz_tunnels(&a).await, healthz_tunnels(&b).await);
+    assert_eq!(ta + tb, GATEWAYS as u64, "tunnels: {ta} + {tb}");
+    eprintln!("tunnels at start: replica1 {ta}, replica2 {tb}");
+
+    // A command to each gateway through the replica that does not hold its tunnel, and back.
+    for (i, gw) in ids.iter().enumerate() {
+        let via = if i % 2 == 0 { &a } else { &b };
+        let id = via
+            .submit(&key, gw, "gateway.echo", json!({ "i": i }))
+            .await
+            .unwrap();
+        let other = if i % 2 == 0 { &b } else { &a };
+        let v = other
+            .wait_command(&key, &id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(v["state"], "succeeded", "{v}");
+    }
+    // Another tenant sees none of it.
+    let (s, v) = b
+        .call("GET", "/v1/commands", &other_key, None)
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(v.as_array().map(Vec::len), Some(0), "{v}");
+
+    // The run: commands to both replicas alternately; replica1 killed and started again, one
+    // NATS node stopped and started again, meanwhile.
+    let total = COMMANDS;
+    // A subscriber to the results on replica2, which leaves half way and resumes on replica1
+    // from the last number it saw; another tenant's subscriber, which must see nothing.
+    let mut sub = Sse::open(&b, &key, "topics=results", None).await;
+    let mut other_sub = Sse::open(&b, &other_key, "topics=commands,results,events", None).await;
+    let reader = tokio::spawn(async move {
+        let mut items = Vec::new();
+        while items.len() < total / 2 {
+            let it = sub
+                .next(Duration::from_secs(120))
+                .await
+                .expect("results keep coming");
+            assert_eq!(it.topic, "results", "{it:?}");
+            items.push((
+                it.seq,
+                it.data["id"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+        items
+    });
+    let replicas = [
+        Arc::new(tokio::sync::RwLock::new(a)),
+        Arc::new(tokio::sync::RwLock::new(b)),
+    ];
+    let submitted = Arc::new(AtomicUsize::new(0));
+    let run = {
+        let replicas = replicas.clone();
+        let (key, ids, submitted) = (key.clone(), ids.clone(), submitted.clone());
+        tokio::spawn(async move {
+            stream::iter(0..total)
+                .map(|n| {
+                    let (replicas, key, ids, submitted) = (
+                        replicas.clone(),
+                        key.clone(),
+                        ids.clone(),
+                        submitted.clone(),
+                    );
+                    async move {
+                        let gw = &ids[n % ids.len()];
+                        let id = submit(&replicas, n % 2, &key, gw, n).await;
+                        submitted.fetch_add(1, Ordering::Relaxed);
+                        (n, id)
+                    }
+                })
+                .buffer_unordered(12)
+                .collect::<Vec<_>>()
+                .await
+        })
+    };
+    let at = |k: usize| {
+        let submitted = submitted.clone();
+        move || {
+            let submitted = submitted.clone();
+            async move { (submitted.load(Ordering::Relaxed) >= k).then_some(()) }
+        }
+    };
+    wait_for(
+        "a quarter submitted",
+        Duration::from_secs(120),
+        at(total / 4),
+    )
+    .await
+    .unwrap();
+    let killed_at = Instant::now();
+    replicas[0].write().await.proc.kill();
+    // Its gateways move to the other replica.
+    let moved = wait_for("every tunnel on replica2", Duration::from_secs(120), || {
+        let b = replicas[1].clone();
+        async move { (healthz_tunnels(&*b.read().await).await == GATEWAYS as u64).then_some(()) }
+    })
+    .await;
+    let failover = killed_at.elapsed();
+    moved.unwrap();
+    eprintln!("failover: every tunnel on replica2 {failover:?} after replica1 was killed");
+    wait_for("half submitted", Duration::from_secs(120), at(total / 2))
+        .await
+        .unwrap();
+    cluster.kill(1);
+    {
+        // replica1 comes back on its own data directory while one NATS node is down.
+        let back = specs[0].start().await;
+        *replicas[0].write().await = back;
+    }
+    wait_for(
+        "three quarters submitted",
+        Duration::from_secs(120),
+        at(3 * total / 4),
+    )
+    .await
+    .unwrap();
+    cluster.restart(1).unwrap();
+    // The restarted replica gets its share back: the other asks some gateways to move.
+    let back_at = Instant::now();
+    let spread = wait_for(
+        "tunnels on both replicas again",
+        Duration::from_secs(120),
+        || {
+            let replicas = replicas.clone();
+            async move {
+                let ta = healthz_tunnels(&*replicas[0].read().await).await;
+                let tb = healthz_tunnels(&*replicas[1].read().await).await;
+                (ta + tb == GATEWAYS as u64 && ta.min(tb) >= GATEWAYS as u64 / 2 - 3)
+                    .then_some((ta, tb))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "rebalanced: replica1 {}, replica2 {} tunnels, {:?} after replica1's restart",
+        spread.0,
+        spread.1,
+        back_at.elapsed()
+    );
+    let accepted = run.await.unwrap();
+    assert_eq!(accepted.len(), total);
+    let mut seen = reader.await.unwrap();
+    let last = seen.last().unwrap().0;
+    {
+        let a = replicas[0].read().await;
+        let mut resumed = Sse::open(&a, &key, "topics=results", Some(last)).await;
+        while seen.len() < total {
+            let it = resumed
+                .next(Duration::from_secs(120))
+                .await
+                .expect("results keep coming after the resume");
+            seen.push((
+                it.seq,
+                it.data["id"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "the feed's numbers grow across the resume on the other replica"
+    );
+    let mut once: HashMap<&str, usize> = HashMap::new();
+    for (_, id) in &seen {
+        *once.entry(id.as_str()).or_default() += 1;
+    }
+    for (n, id) in &accepted {
+        assert_eq!(
+            once.get(id.as_str()),
+            Some(&1),
+            "result of command {n} in the feed"
+        );
+    }
+    assert!(
+        other_sub.next(Duration::from_secs(1)).await.is_none(),
+        "another tenant's subscriber sees nothing of this tenant"
+    );
+
+    // Every accepted command has its result on both replicas.
+    for (n, id) in &accepted {
+        for r in &replicas {
+            let v = r
+                .read()
+                .await
+                .wait_command(&key, id, Duration::from_secs(120))
+                .await
+                .unwrap();
+            assert_eq!(v["state"], "succeeded", "command {n}: {v}");
+        }
+    }
+    // Executed exactly once each, counted at the side effect.
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for gw in &gws {
+        for l in gw.ledger_ids() {
+            *counts.entry(l).or_default() += 1;
+        }
+    }
+    for (n, id) in &accepted {
+        assert_eq!(
+            counts.get(id),
+            Some(&1),
+            "command {n} ({id}) ran {:?} times",
+            counts.get(id)
+        );
+    }
+    assert_eq!(
+        counts.len(),
+        total,
+        "the ledgers hold only the run's commands"
+    );
+
+    // Two of three NATS nodes down: a submit is refused, naming the quorum, within a bound; work
+    // accepted before (commands for a gateway that was stopped) completes once they are back.
+    let a = replicas[0].read().await;
+    gws[0].proc.as_mut().unwrap().stop();
+    let mut waiting = Vec::new();
+    for n in 0..5 {
+        waiting.push(
+            a.submit(&key, &ids[0], "gateway.echo", json!({ "n": n }))
+                .await
+                .unwrap(),
+        );
+    }
+    cluster.kill(1);
+    cluster.kill(2);
+    let started = Instant::now();
+    let (s, v) = a
+        .call(
+            "POST",
+            &format!("/v1/gateways/{}/commands", ids[0]),
+            &key,
+            Some(json!({ "kind": "gateway.ledger", "payload": { "n": "late" } })),
+        )
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(s, 503, "{v}");
+    assert!(v.to_string().contains("quorum"), "{v}");
+    assert!(took < Duration::from_secs(30), "refused after {took:?}");
+    gws[0].start().unwrap();
+    cluster.restart(1).unwrap();
+    cluster.restart(2).unwrap();
+    for id in &waiting {
+        let v = a
+            .wait_command(&key, id, Duration::from_secs(120))
+            .await
+            .unwrap();
+        assert_eq!(v["state"], "succeeded", "{v}");
+    }
+    let id = wait_for("a submit accepted again", Duration::from_secs(120), || {
+        let (a, key, gw) = (&a, key.clone(), ids[0].clone());
+        async move { a.submit(&key, &gw, "gateway.echo", json!({})).await.ok() }
+    })
+    .await
+    .unwrap();
+    let v = a
+        .wait_command(&key, &id, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+}
