@@ -82,15 +82,15 @@ impl Commands {
         self.0.lock().expect("commands lock is never poisoned")
     }
 
-    /// Loads every command still pending in the store.
-    pub fn load(store: &Store) -> Result<Commands, StoreError> {
+    /// Loads every command still pending in the store. One node records no deliveries, so
+    /// each may have reached its gateway before the restart; a replica's store has every
+    /// delivery the cluster's log recorded (`deliveries_recorded`).
+    pub fn load(store: &Store, deliveries_recorded: bool) -> Result<Commands, StoreError> {
         let me = Commands::default();
         {
             let mut inner = me.lock();
             for mut c in store.all_pending()? {
-                // Deliveries before the restart are not recorded: it may have reached its
-                // gateway.
-                c.handed_out = true;
+                c.handed_out = !deliveries_recorded || c.state != CommandState::Queued;
                 inner
                     .pending
                     .entry(c.gateway_id.clone())

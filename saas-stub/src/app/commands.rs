@@ -756,7 +756,7 @@ mod tests {
         ));
         assert_eq!(app.commands.pending_count("gw_1"), 1);
         // A restart rebuilds the pending table from the store.
-        let table = Commands::load(&app.store).expect("reload");
+        let table = Commands::load(&app.store, false).expect("reload");
         assert_eq!(
             table
                 .pending("gw_1")
@@ -853,7 +853,7 @@ mod tests {
             .is_terminal());
 
         // The recorded cancel survives a restart; everything pending counts as handed out.
-        let table = Commands::load(&app.store).expect("reload");
+        let table = Commands::load(&app.store, false).expect("reload");
         let pending = table.pending("gw_1");
         let handed = pending
             .iter()

@@ -329,8 +329,21 @@ impl App {
     fn applied(self: &Arc<Self>, op: &Op, done: &Committed, mine: bool) {
         match (op, &done.outcome) {
             (Op::CommandSubmitted { command }, _) => {
-                let mut c = command.clone();
-                c.pending_key = Store::pending_key(&c.gateway_id, done.seq);
+                // As the store has it: an operation applied again (a replica catching up after
+                // a restart) may be about a command that has ended, or been handed out, since.
+                let mut c = match self.store.command(&command.id) {
+                    Ok(Some(stored)) if stored.state.is_terminal() => {
+                        self.commands.finish(&stored);
+                        return;
+                    }
+                    Ok(Some(stored)) => stored,
+                    _ => {
+                        let mut c = command.clone();
+                        c.pending_key = Store::pending_key(&c.gateway_id, done.seq);
+                        c
+                    }
+                };
+                c.handed_out = c.state != crate::store::CommandState::Queued;
                 self.commands.insert(&c);
                 if !mine && self.tunnels.get(&c.gateway_id).is_some() {
                     let app = self.clone();

@@ -129,7 +129,7 @@ pub async fn open(
         )
     })?;
     store.migrate()?;
-    let commands = crate::commands::Commands::load(&store)?;
+    let commands = crate::commands::Commands::load(&store, cfg.cluster.is_some())?;
     let log = match &cfg.cluster {
         None => log::Log::Local,
         Some(c) => {
