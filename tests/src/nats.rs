@@ -210,3 +210,45 @@ impl NatsCluster {
         Ok(())
     }
 }
+
+/// The configuration lines of a pcg-saas replica named `name` (certificate
+/// `<pki>/replica-<name>.pem`) on the cluster at `nats_urls`, signing gateways with the shared
+/// `gateway-ca` of `pki` and handing gateways every replica's broker URL (`brokers`). Goes last
+/// in a configuration: it ends with the `[cluster]` section.
+pub fn replica_toml(pki: &Path, name: &str, nats_urls: &[String], brokers: &[String]) -> String {
+    format!(
+        "public_broker_urls = {brokers:?}\nca_cert_file = {:?}\nca_key_file = {:?}\n[cluster]\nnats_urls = {nats_urls:?}\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nrequest_timeout_ms = 3000\n",
+        pki.join("gateway-ca.pem"),
+        pki.join("gateway-ca.key"),
+        pki.join("internal-ca.pem"),
+        pki.join(format!("replica-{name}.pem")),
+        pki.join(format!("replica-{name}.key")),
+    )
+}
+
+/// `pcg-saas cluster init --dir pki`: the internal CA, the nodes `node1..3`, the replicas
+/// `replica1` and `replica2`, the gateways' CA.
+pub fn init_pki(pki: &Path) -> anyhow::Result<()> {
+    let out = Command::new(crate::bin("pcg-saas"))
+        .args(["cluster", "init", "--dir"])
+        .arg(pki)
+        .output()
+        .context("run pcg-saas cluster init")?;
+    if !out.status.success() {
+        bail!("pcg-saas cluster init failed: {out:?}");
+    }
+    Ok(())
+}
+
+/// Tunnels a pcg-saas holds, from its `/healthz` (0 when it does not answer).
+pub async fn tunnels(saas: &crate::Saas) -> u64 {
+    match saas.http.get(format!("{}/healthz", saas.api)).send().await {
+        Ok(r) => r
+            .json::<Value>()
+            .await
+            .ok()
+            .and_then(|v| v["tunnels"].as_u64())
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}

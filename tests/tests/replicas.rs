@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,23 +20,12 @@ use std::time::{Duration, Instant};
 use futures_util::{stream, StreamExt};
 use pcg_e2e::feed::Sse;
 use pcg_e2e::nats::{self, NatsCluster};
-use pcg_e2e::{bin, free_port, test_dir, wait_for, Gw, Saas, SaasOptions};
+use pcg_e2e::{free_port, test_dir, wait_for, Gw, Saas, SaasOptions};
 
 /// Gateways in the run, and commands submitted.
 const GATEWAYS: usize = 20;
 const COMMANDS: usize = 5_000;
-use serde_json::{json, Value};
-
-/// The cluster's PKI (`pcg-saas cluster init`: internal CA, nodes, replicas `replica1` and
-/// `replica2`, the gateways' CA).
-fn init(pki: &Path) {
-    let out = Command::new(bin("pcg-saas"))
-        .args(["cluster", "init", "--dir"])
-        .arg(pki)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-}
+use serde_json::json;
 
 /// One replica's start: its own data directory and port; the cluster, the gateways' CA and
 /// every replica's broker URL shared.
@@ -56,18 +44,10 @@ impl ReplicaSpec {
         urls: &[String],
         brokers: &[String],
     ) -> Self {
-        let extra = format!(
-            "public_broker_urls = {brokers:?}\nca_cert_file = {:?}\nca_key_file = {:?}\n[cluster]\nnats_urls = {urls:?}\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nrequest_timeout_ms = 3000\n",
-            pki.join("gateway-ca.pem"),
-            pki.join("gateway-ca.key"),
-            pki.join("internal-ca.pem"),
-            pki.join(format!("replica-{name}.pem")),
-            pki.join(format!("replica-{name}.key")),
-        );
         ReplicaSpec {
             dir: root.join(name),
             port,
-            extra,
+            extra: nats::replica_toml(pki, name, urls, brokers),
         }
     }
 
@@ -82,19 +62,6 @@ impl ReplicaSpec {
         )
         .await
         .unwrap()
-    }
-}
-
-/// Tunnels a replica holds, from `/healthz` (0 when it does not answer).
-async fn healthz_tunnels(saas: &Saas) -> u64 {
-    match saas.http.get(format!("{}/healthz", saas.api)).send().await {
-        Ok(r) => r
-            .json::<Value>()
-            .await
-            .ok()
-            .and_then(|v| v["tunnels"].as_u64())
-            .unwrap_or(0),
-        Err(_) => 0,
     }
 }
 
@@ -144,7 +111,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
     }
     let dir = test_dir();
     let pki = dir.path().join("pki");
-    init(&pki);
+    nats::init_pki(&pki).unwrap();
     let mut cluster = NatsCluster::start(&dir.path().join("nats"), &pki).unwrap();
     cluster.wait_ready(Duration::from_secs(90)).await.unwrap();
     let urls = cluster.urls();
@@ -197,7 +164,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
             .unwrap();
     }
     let ids: Vec<String> = gws.iter().map(|g| g.gateway_id().unwrap()).collect();
-    let (ta, tb) = (healthz_tunnels(&a).await, healthz_tunnels(&b).await);
+    let (ta, tb) = (nats::tunnels(&a).await, nats::tunnels(&b).await);
     assert_eq!(ta + tb, GATEWAYS as u64, "tunnels: {ta} + {tb}");
     eprintln!("tunnels at start: replica1 {ta}, replica2 {tb}");
 
@@ -293,7 +260,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
     // Its gateways move to the other replica.
     let moved = wait_for("every tunnel on replica2", Duration::from_secs(120), || {
         let b = replicas[1].clone();
-        async move { (healthz_tunnels(&*b.read().await).await == GATEWAYS as u64).then_some(()) }
+        async move { (nats::tunnels(&*b.read().await).await == GATEWAYS as u64).then_some(()) }
     })
     .await;
     let failover = killed_at.elapsed();
@@ -324,8 +291,8 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
         || {
             let replicas = replicas.clone();
             async move {
-                let ta = healthz_tunnels(&*replicas[0].read().await).await;
-                let tb = healthz_tunnels(&*replicas[1].read().await).await;
+                let ta = nats::tunnels(&*replicas[0].read().await).await;
+                let tb = nats::tunnels(&*replicas[1].read().await).await;
                 (ta + tb == GATEWAYS as u64 && ta.min(tb) >= GATEWAYS as u64 / 2 - 3)
                     .then_some((ta, tb))
             }

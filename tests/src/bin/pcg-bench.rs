@@ -16,6 +16,10 @@
 //! a vCenter and a BMC enrolled) beside `pcgctl status`, and with a silent endpoint — a vCenter,
 //! then the SaaS, whose packets a network namespace's firewall drops (root) — with the default
 //! bounds and with a total bound shorter than the check timeout.
+//! `pcg-bench cluster` runs the same commands through one pcg-saas on sled and through two
+//! replicas on a real three-node NATS JetStream cluster (submitted to each in turn), then kills
+//! one replica and starts it again: the time until every tunnel is on the other replica, and
+//! until the tunnels are spread again.
 //! `pcg-bench watch` measures the watch loop over `--vms` VMs of one vcsim, each declared
 //! (adopted): the gateway's cycle and the requests one cycle costs, beside the same read by
 //! pcg-vsphere alone, govmomi's listing and one `get` per VM (see `pcg_e2e::machines::bench`).
@@ -42,7 +46,8 @@ use sha2::Digest as _;
 struct Args {
     /// `tunnel` (default): 1 and N gateways and idle-tunnel memory; `transports`: direct vs
     /// CONNECT proxy vs WebSocket through a TLS-inspecting proxy, and reconnect after a silent
-    /// drop; `diag`: `pcgctl diag` passing and with a silent endpoint.
+    /// drop; `diag`: `pcgctl diag` passing and with a silent endpoint; `cluster`: one pcg-saas
+    /// on sled vs two replicas on a three-node NATS cluster, then a replica's failover.
     #[arg(default_value = "tunnel")]
     scenario: String,
     /// Commands per scenario.
@@ -195,7 +200,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn run_commands(
-    saas: &Arc<Saas>,
+    saas: &[Arc<Saas>],
     key: &str,
     gws: &[String],
     n: usize,
@@ -205,7 +210,8 @@ async fn run_commands(
     let started = Instant::now();
     let mut lat: Vec<f64> = stream::iter(0..n)
         .map(|i| {
-            let saas = saas.clone();
+            // Several replicas: each takes its turn, and the result is read where it was sent.
+            let saas = saas[i % saas.len()].clone();
             let key = key.to_string();
             let gw = gws[i % gws.len()].clone();
             async move {
@@ -589,10 +595,26 @@ async fn transports(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
         let st = gw.wait_tunnel("connected", Duration::from_secs(60)).await?;
         let id = gw.gateway_id().context("gateway id")?;
         let ids = vec![id];
-        run_commands(&saas, &key, &ids, 200, args.concurrency, "warm-up").await?;
-        let one = run_commands(&saas, &key, &ids, 500, 1, &format!("{label}, 1 in flight")).await?;
+        run_commands(
+            std::slice::from_ref(&saas),
+            &key,
+            &ids,
+            200,
+            args.concurrency,
+            "warm-up",
+        )
+        .await?;
+        let one = run_commands(
+            std::slice::from_ref(&saas),
+            &key,
+            &ids,
+            500,
+            1,
+            &format!("{label}, 1 in flight"),
+        )
+        .await?;
         let many = run_commands(
-            &saas,
+            std::slice::from_ref(&saas),
             &key,
             &ids,
             args.commands,
@@ -934,6 +956,9 @@ async fn main() -> anyhow::Result<()> {
     if args.scenario == "diag" {
         return diag(&args, &root).await;
     }
+    if args.scenario == "cluster" {
+        return cluster(&args, &root).await;
+    }
     if args.scenario == "watch" {
         return pcg_e2e::machines::bench(args.vms, args.cycles, &root, &args.out).await;
     }
@@ -1024,16 +1049,32 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
     let one_root = root.join("one");
     let (mut one, one_ids) = gateways(&saas, &key, &one_root, 1, args.baseline).await?;
     let port = [metrics_port(&one_root)];
-    run_commands(&saas, &key, &one_ids, 200, args.concurrency, "warm-up").await?;
+    run_commands(
+        std::slice::from_ref(&saas),
+        &key,
+        &one_ids,
+        200,
+        args.concurrency,
+        "warm-up",
+    )
+    .await?;
     submitted += 200;
     let light = commands.min(1000);
     let m0 = mark(&saas, &one, &port).await;
-    let f = run_commands(&saas, &key, &one_ids, light, 1, "1 gateway, 1 in flight").await?;
+    let f = run_commands(
+        std::slice::from_ref(&saas),
+        &key,
+        &one_ids,
+        light,
+        1,
+        "1 gateway, 1 in flight",
+    )
+    .await?;
     let m1 = mark(&saas, &one, &port).await;
     rows.push(with_costs(f, &m0, &m1));
     submitted += light;
     let f = run_commands(
-        &saas,
+        std::slice::from_ref(&saas),
         &key,
         &one_ids,
         commands,
@@ -1067,7 +1108,7 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
     let port = [metrics_port(&many_root)];
     let m0 = mark(&saas, &many, &port).await;
     let f = run_commands(
-        &saas,
+        std::slice::from_ref(&saas),
         &key,
         &many_ids,
         commands,
@@ -1203,5 +1244,180 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&out)?)?;
     println!("figures written to {}", args.out.display());
     back?;
+    Ok(())
+}
+
+/// `pcg-bench cluster`: commands through one pcg-saas on sled, then through two replicas on a
+/// three-node NATS cluster (submitted to each in turn), the same gateways' count and load; then
+/// one replica killed (time until every tunnel is on the other) and started again (time until
+/// the tunnels are spread again, and how).
+async fn cluster(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
+    use pcg_e2e::nats::{self, NatsCluster};
+    let (commands, gateways_n, light) = if args.quick {
+        (300, 4, 100)
+    } else {
+        (args.commands, args.gateways, args.commands.min(1000))
+    };
+    let conc = args.concurrency;
+    println!("pcg-bench: binaries from {}", pcg_e2e::bin_dir().display());
+    let mut rows = Vec::new();
+
+    // One pcg-saas on its own store.
+    {
+        let saas = Arc::new(
+            Saas::start(
+                &root.join("sled"),
+                SaasOptions {
+                    heartbeat_ms: Some(5000),
+                    ..Default::default()
+                },
+            )
+            .await?,
+        );
+        let (_, key) = saas.tenant("bench").await?;
+        let (mut gws, ids) =
+            gateways(&saas, &key, &root.join("sled-gws"), gateways_n, false).await?;
+        let one = std::slice::from_ref(&saas);
+        run_commands(one, &key, &ids, 100, conc, "warm-up").await?;
+        rows.push(
+            run_commands(
+                one,
+                &key,
+                &ids,
+                light,
+                1,
+                "one pcg-saas on sled, 1 in flight",
+            )
+            .await?,
+        );
+        rows.push(
+            run_commands(
+                one,
+                &key,
+                &ids,
+                commands,
+                conc,
+                &format!("one pcg-saas on sled, {conc} in flight"),
+            )
+            .await?,
+        );
+        exactly_once(&gws, 100 + light + commands)?;
+        for g in &mut gws {
+            if let Some(p) = g.proc.as_mut() {
+                p.stop();
+            }
+        }
+    }
+
+    // Two replicas on three NATS nodes.
+    let pki = root.join("pki");
+    nats::init_pki(&pki)?;
+    let cluster = NatsCluster::start(&root.join("nats"), &pki)?;
+    cluster.wait_ready(Duration::from_secs(90)).await?;
+    let urls = cluster.urls();
+    let ports = [pcg_e2e::free_port(), pcg_e2e::free_port()];
+    let brokers: Vec<String> = ports
+        .iter()
+        .map(|p| format!("https://127.0.0.1:{p}"))
+        .collect();
+    let start = |i: usize| {
+        let name = format!("replica{}", i + 1);
+        let (dir, extra) = (
+            root.join(&name),
+            nats::replica_toml(&pki, &name, &urls, &brokers),
+        );
+        let listen: std::net::SocketAddr = format!("127.0.0.1:{}", ports[i]).parse().expect("addr");
+        async move {
+            Saas::start(
+                &dir,
+                SaasOptions {
+                    heartbeat_ms: Some(5000),
+                    api_listen: Some(listen),
+                    extra_toml: extra,
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    };
+    let r1 = Arc::new(start(0).await?);
+    let r2 = Arc::new(start(1).await?);
+    let (_, key) = r1.tenant("bench").await?;
+    let (gws, ids) = gateways(&r1, &key, &root.join("cluster-gws"), gateways_n, false).await?;
+    let counts = |a: u64, b: u64| format!("replica1 {a}, replica2 {b}");
+    let at_start = counts(nats::tunnels(&r1).await, nats::tunnels(&r2).await);
+    let both = [r1.clone(), r2.clone()];
+    run_commands(&both, &key, &ids, 100, conc, "warm-up").await?;
+    rows.push(
+        run_commands(
+            &both,
+            &key,
+            &ids,
+            light,
+            1,
+            "two replicas on 3 NATS nodes, 1 in flight",
+        )
+        .await?,
+    );
+    rows.push(
+        run_commands(
+            &both,
+            &key,
+            &ids,
+            commands,
+            conc,
+            &format!("two replicas on 3 NATS nodes, {conc} in flight"),
+        )
+        .await?,
+    );
+    exactly_once(&gws, 100 + light + commands)?;
+    drop(both);
+
+    // Failover: replica1 killed; every tunnel on replica2. Then replica1 again.
+    let before = counts(nats::tunnels(&r1).await, nats::tunnels(&r2).await);
+    let mut r1 = Arc::try_unwrap(r1).map_err(|_| anyhow::anyhow!("replica1 still shared"))?;
+    let killed = Instant::now();
+    r1.proc.kill();
+    drop(r1);
+    let n = gateways_n as u64;
+    pcg_e2e::wait_for("every tunnel on replica2", Duration::from_secs(120), || {
+        let r2 = r2.clone();
+        async move { (nats::tunnels(&r2).await == n).then_some(()) }
+    })
+    .await?;
+    let failover = killed.elapsed();
+    let r1 = start(0).await?;
+    let restarted = Instant::now();
+    let spread = pcg_e2e::wait_for("the tunnels spread again", Duration::from_secs(120), || {
+        let (r1, r2) = (&r1, r2.clone());
+        async move {
+            let (a, b) = (nats::tunnels(r1).await, nats::tunnels(&r2).await);
+            (a + b == n && a.abs_diff(b) <= (n / 10).max(2) + 1).then_some((a, b))
+        }
+    })
+    .await?;
+    let rebalance = restarted.elapsed();
+
+    print_rows(&rows);
+    println!();
+    println!("tunnels per replica: at start {at_start}; before the kill {before}; after the kill all {n} on replica2 in {:.2} s; after replica1's restart {} in {:.1} s", failover.as_secs_f64(), counts(spread.0, spread.1), rebalance.as_secs_f64());
+    let out = json!({
+        "rows": rows.iter().map(|f| json!({
+            "scenario": f.label, "commands": f.commands, "secs": f.secs,
+            "per_sec": f.commands as f64 / f.secs, "p50_ms": f.p50_ms, "p99_ms": f.p99_ms,
+        })).collect::<Vec<_>>(),
+        "gateways": gateways_n,
+        "tunnels_at_start": at_start,
+        "tunnels_before_kill": before,
+        "failover_secs": failover.as_secs_f64(),
+        "tunnels_after_restart": [spread.0, spread.1],
+        "rebalance_secs": rebalance.as_secs_f64(),
+    });
+    if let Some(d) = args.out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&out)?)?;
+    println!("figures written to {}", args.out.display());
+    drop(gws);
     Ok(())
 }
