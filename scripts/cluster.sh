@@ -116,7 +116,7 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 gw=$("$bin/pcgctl" status --json | json 'd["gateway_id"]')
-echo "    gateway $gw connected to $("$bin/pcgctl" status --json | json 'd["broker_endpoint"]')"
+echo "    gateway $gw connected to $("$bin/pcgctl" status --json | json 'd["tunnel"]["broker_endpoint"]')"
 echo "    tunnels: replica1 $(tunnels 17443), replica2 $(tunnels 17444)"
 
 round_trip() { # SUBMIT-TO READ-FROM
