@@ -246,25 +246,27 @@ impl Saas {
             name: "pcg-saas".into(),
             group: false,
         };
-        let info: Value = {
-            let ready = ready.clone();
-            let r = wait_for("pcg-saas ready file", Duration::from_secs(60), || {
-                let ready = ready.clone();
-                async move {
-                    std::fs::read(&ready)
-                        .ok()
-                        .and_then(|b| serde_json::from_slice(&b).ok())
-                }
-            })
-            .await;
-            match r {
-                Ok(v) => v,
-                Err(e) => {
-                    proc.kill();
-                    let log = std::fs::read_to_string(dir.join("saas.log")).unwrap_or_default();
-                    bail!("{e}; saas log:\n{log}");
+        // The ready file, or the process's end (a refusal to start) — whichever comes first.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let info: Value = loop {
+            if let Some(v) = std::fs::read(&ready)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                break v;
+            }
+            let exited = proc.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                proc.kill();
+                let log = std::fs::read_to_string(dir.join("saas.log")).unwrap_or_default();
+                match exited {
+                    Some(st) => {
+                        bail!("pcg-saas exited ({st}) before it was ready; saas log:\n{log}")
+                    }
+                    None => bail!("pcg-saas wrote no ready file within 60 s; saas log:\n{log}"),
                 }
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let ca_file = info["ca_file"]
             .as_str()

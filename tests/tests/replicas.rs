@@ -427,3 +427,63 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
         .unwrap();
     assert_eq!(v["state"], "succeeded", "{v}");
 }
+
+/// A replica whose store has applied more of the log than the cluster's stream holds (the NATS
+/// data was lost, or the data directory belongs to another cluster) refuses to start, saying so,
+/// instead of skipping operations; with an empty data directory it rebuilds its store from the
+/// stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_ahead_of_the_stream_refuses_to_start() {
+    if !nats::available() {
+        return;
+    }
+    let dir = test_dir();
+    let pki = dir.path().join("pki");
+    nats::init_pki(&pki).unwrap();
+    let port = free_port();
+    let brokers = [format!("https://127.0.0.1:{port}")];
+    let first = NatsCluster::start(&dir.path().join("nats-a"), &pki).unwrap();
+    first.wait_ready(Duration::from_secs(90)).await.unwrap();
+    let spec = ReplicaSpec::new(dir.path(), "replica1", port, &pki, &first.urls(), &brokers);
+    let saas = spec.start().await;
+    for i in 0..5 {
+        saas.tenant(&format!("t{i}")).await.unwrap();
+    }
+    drop(saas);
+    drop(first);
+
+    // Another cluster, empty: the same replica's data directory is ahead of its stream.
+    let second = NatsCluster::start(&dir.path().join("nats-b"), &pki).unwrap();
+    second.wait_ready(Duration::from_secs(90)).await.unwrap();
+    let ahead = ReplicaSpec::new(dir.path(), "replica1", port, &pki, &second.urls(), &brokers);
+    let r = Saas::start(
+        &ahead.dir,
+        SaasOptions {
+            api_listen: Some(format!("127.0.0.1:{port}").parse().unwrap()),
+            extra_toml: ahead.extra.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let err = r.err().expect("the replica refuses to start").to_string();
+    assert!(
+        err.contains("lost or reset") && err.contains("empty data_dir"),
+        "{err}"
+    );
+    // An empty data directory on the same cluster: it starts, with that cluster's state.
+    let fresh = ReplicaSpec::new(
+        &dir.path().join("fresh"),
+        "replica1",
+        port,
+        &pki,
+        &second.urls(),
+        &brokers,
+    );
+    let saas = fresh.start().await;
+    let (s, v) = saas
+        .call("GET", "/v1/tenants", &saas.operator_key, None)
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(v.as_array().map(Vec::len), Some(0), "{v}");
+}

@@ -190,9 +190,22 @@ impl App {
 
     /// [`App::authenticate`], and in a replica again after catching up when the key is not
     /// known (it may have just been made on another replica).
+    /// Only a well-formed key whose id this replica does not know makes it catch up: a wrong
+    /// secret or a revoked key costs the cluster nothing.
     pub async fn authenticate_fresh(&self, header: Option<&str>) -> AppResult<super::Caller> {
+        let unknown_here = || {
+            let id = header
+                .and_then(|h| h.trim().split_once(' '))
+                .and_then(|(_, k)| k.trim().strip_prefix("pcgk_"))
+                .and_then(|k| k.split_once('.'))
+                .map(|(id, _)| id)
+                .filter(|id| super::plausible_id(id));
+            id.is_some_and(|id| matches!(self.store.api_key(id), Ok(None)))
+        };
         match self.authenticate(header) {
-            Err(e) if self.log.is_cluster() && e.kind == Kind::Unauthenticated => {
+            Err(e)
+                if self.log.is_cluster() && e.kind == Kind::Unauthenticated && unknown_here() =>
+            {
                 self.catch_up().await?;
                 self.authenticate(header).map_err(|_| e)
             }
@@ -246,6 +259,16 @@ pub async fn follow(app: Arc<App>, caught_up: oneshot::Sender<Result<u64, Cluste
             return;
         }
     };
+    if from > target {
+        // The stream holds less than this store applied: the cluster's data was lost or
+        // reset, or this data directory belongs to another cluster. Following would skip
+        // operations; refuse instead.
+        let _ = caught_up.send(Err(ClusterError::Config(format!(
+            "this replica's store has applied the cluster's log up to operation {from}, but the stream {} ends at {target}: the NATS cluster's data was lost or reset, or this data directory belongs to another cluster; start this replica with an empty data_dir to rebuild its store from the stream",
+            crate::oplog::STREAM
+        ))));
+        return;
+    }
     replica.applied.send_replace(from);
     let mut caught_up = Some(caught_up);
     if from >= target {
