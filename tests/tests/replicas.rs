@@ -109,6 +109,8 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
     if !nats::available() {
         return;
     }
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("{:>7.1} s  {what}", t0.elapsed().as_secs_f64());
     let dir = test_dir();
     let pki = dir.path().join("pki");
     nats::init_pki(&pki).unwrap();
@@ -128,6 +130,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
     ];
     let a = specs[0].start().await;
     let b = specs[1].start().await;
+    phase("NATS cluster and both replicas up");
 
     // What one replica stores, the other serves.
     let (tenant, key) = a.tenant("t").await.unwrap();
@@ -167,6 +170,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
     let (ta, tb) = (nats::tunnels(&a).await, nats::tunnels(&b).await);
     assert_eq!(ta + tb, GATEWAYS as u64, "tunnels: {ta} + {tb}");
     eprintln!("tunnels at start: replica1 {ta}, replica2 {tb}");
+    phase("gateways connected");
 
     // A command to each gateway through the replica that does not hold its tunnel, and back.
     for (i, gw) in ids.iter().enumerate() {
@@ -308,6 +312,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
     );
     let accepted = run.await.unwrap();
     assert_eq!(accepted.len(), total);
+    phase("every command accepted");
     let mut seen = reader.await.unwrap();
     let last = seen.last().unwrap().0;
     {
@@ -344,6 +349,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
         "another tenant's subscriber sees nothing of this tenant"
     );
 
+    phase("the feed checked");
     // Every accepted command has its result on both replicas.
     for (n, id) in &accepted {
         for r in &replicas {
@@ -356,6 +362,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
             assert_eq!(v["state"], "succeeded", "command {n}: {v}");
         }
     }
+    phase("every result read on both replicas");
     // Executed exactly once each, counted at the side effect.
     let mut counts: HashMap<String, usize> = HashMap::new();
     for gw in &gws {
@@ -391,6 +398,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
     }
     cluster.kill(1);
     cluster.kill(2);
+    phase("two NATS nodes down");
     let started = Instant::now();
     let (s, v) = a
         .call(
@@ -408,6 +416,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
     gws[0].start().unwrap();
     cluster.restart(1).unwrap();
     cluster.restart(2).unwrap();
+    phase("the nodes restarted");
     for id in &waiting {
         let v = a
             .wait_command(&key, id, Duration::from_secs(120))
@@ -426,6 +435,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
         .await
         .unwrap();
     assert_eq!(v["state"], "succeeded", "{v}");
+    phase("done");
 }
 
 /// A replica whose store has applied more of the log than the cluster's stream holds (the NATS
