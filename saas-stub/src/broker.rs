@@ -738,31 +738,26 @@ async fn session(
         .filter(|k| crate::app::commands::valid_kind(k))
         .cloned()
         .collect();
-    let _ = app
-        .commit(Op::GatewayChanged {
-            id: gateway_id.clone(),
-            patch: GatewayPatch {
-                version: Some(version.clone()),
-                command_kinds: Some(kinds.clone()),
-                last_connected_ms: Some(now),
-                last_seen_ms: Some(now),
-                ..Default::default()
-            },
-        })
-        .await;
-    let _ = app
-        .event(
-            Some(&tenant_id),
-            Some(&gateway_id),
-            "gateway.connected",
-            format!(
-                "gateway {gateway_id} connected from {} over {} (version {}, clock skew {skew} ms)",
-                peer.remote,
-                peer.transport,
-                printable(&version)
-            ),
-        )
-        .await;
+    gateway_seen(
+        &app,
+        &tenant_id,
+        &gateway_id,
+        GatewayPatch {
+            version: Some(version.clone()),
+            command_kinds: Some(kinds.clone()),
+            last_connected_ms: Some(now),
+            last_seen_ms: Some(now),
+            ..Default::default()
+        },
+        "gateway.connected",
+        format!(
+            "gateway {gateway_id} connected from {} over {} (version {}, clock skew {skew} ms)",
+            peer.remote,
+            peer.transport,
+            printable(&version)
+        ),
+    )
+    .await;
     let welcome = BrokerFrame {
         kind: Some(BKind::Welcome(Welcome {
             tenant_id: tenant_id.clone(),
@@ -846,23 +841,46 @@ async fn session(
     app.tunnels.remove_if(&gateway_id, conn_id);
     app.metrics.tunnel_closes.inc();
     app.metrics.tunnels.set(app.tunnels.count() as i64);
-    let _ = app
+    gateway_seen(
+        &app,
+        &tenant_id,
+        &gateway_id,
+        GatewayPatch {
+            last_seen_ms: Some(now_ms()),
+            ..Default::default()
+        },
+        "gateway.disconnected",
+        format!("gateway {gateway_id} tunnel closed: {reason}"),
+    )
+    .await;
+}
+
+/// Records a tunnel's start or end: the gateway's record and an event. Failures are logged
+/// only: a tunnel does not wait for bookkeeping (a lost quorum is the cluster's to report).
+async fn gateway_seen(
+    app: &App,
+    tenant_id: &str,
+    gateway_id: &str,
+    patch: GatewayPatch,
+    kind: &str,
+    message: String,
+) {
+    let recorded = match app
         .commit(Op::GatewayChanged {
-            id: gateway_id.clone(),
-            patch: GatewayPatch {
-                last_seen_ms: Some(now_ms()),
-                ..Default::default()
-            },
+            id: gateway_id.to_string(),
+            patch,
         })
-        .await;
-    let _ = app
-        .event(
-            Some(&tenant_id),
-            Some(&gateway_id),
-            "gateway.disconnected",
-            format!("gateway {gateway_id} tunnel closed: {reason}"),
-        )
-        .await;
+        .await
+    {
+        Ok(_) => {
+            app.event(Some(tenant_id), Some(gateway_id), kind, message)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = recorded {
+        tracing::warn!(gateway = %gateway_id, "cannot record {kind}: {e}");
+    }
 }
 
 /// What a frame's handling needs of its session beyond the frame.

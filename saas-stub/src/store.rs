@@ -271,6 +271,37 @@ pub struct Command {
     pub handed_out: bool,
 }
 
+impl Command {
+    /// A command just submitted: queued, never delivered, no deadline, no cancel.
+    pub fn queued(
+        id: String,
+        tenant_id: &str,
+        gateway_id: &str,
+        kind: String,
+        payload: serde_json::Value,
+        submitted_ms: i64,
+    ) -> Command {
+        Command {
+            id,
+            tenant_id: tenant_id.to_string(),
+            gateway_id: gateway_id.to_string(),
+            kind,
+            payload,
+            state: CommandState::Queued,
+            submitted_ms,
+            deliveries: 0,
+            received_ms: None,
+            completed_ms: None,
+            result: None,
+            pending_key: Vec::new(),
+            deadline_ms: None,
+            cancel: None,
+            progress: None,
+            handed_out: false,
+        }
+    }
+}
+
 /// A cancel a client asked for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CancelRequest {

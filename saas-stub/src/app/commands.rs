@@ -13,8 +13,8 @@ use serde_json::Value;
 use super::{plausible_id, printable, App, AppError, AppResult, Caller, Kind};
 use crate::commands::CancelOutcome;
 use crate::store::{
-    self, now_ms, CancelRequest, Command, CommandFilter, CommandResult, CommandState, Gateway,
-    IdempotencyRecord, Op, Outcome, Store,
+    self, now_ms, CancelRequest, Command, CommandFilter, CommandResult, Gateway, IdempotencyRecord,
+    Op, Outcome, Store,
 };
 
 /// Longest `Idempotency-Key` accepted.
@@ -248,24 +248,14 @@ impl App {
                 })?;
             seal_secrets(&mut payload, &recipient);
         }
-        let mut cmd = Command {
-            id: store::new_id("cmd", 12),
-            tenant_id: tenant.to_string(),
-            gateway_id: g.id.clone(),
-            kind: req.kind,
+        let mut cmd = Command::queued(
+            store::new_id("cmd", 12),
+            tenant,
+            &g.id,
+            req.kind,
             payload,
-            state: CommandState::Queued,
-            submitted_ms: now_ms(),
-            deliveries: 0,
-            received_ms: None,
-            completed_ms: None,
-            result: None,
-            pending_key: Vec::new(),
-            deadline_ms: None,
-            cancel: None,
-            progress: None,
-            handed_out: false,
-        };
+            now_ms(),
+        );
         cmd.deadline_ms = req.deadline_seconds.map(|d| {
             cmd.submitted_ms
                 .saturating_add(i64::try_from(d).unwrap_or(i64::MAX).saturating_mul(1000))
@@ -669,27 +659,18 @@ impl App {
 mod tests {
     use super::*;
     use crate::commands::Commands;
+    use crate::store::CommandState;
     use std::sync::Arc;
 
     fn cmd(id: &str, tenant: &str, gw: &str, at: i64) -> Command {
-        Command {
-            id: id.into(),
-            tenant_id: tenant.into(),
-            gateway_id: gw.into(),
-            kind: "gateway.echo".into(),
-            payload: serde_json::json!({}),
-            state: CommandState::Queued,
-            submitted_ms: at,
-            deliveries: 0,
-            received_ms: None,
-            completed_ms: None,
-            result: None,
-            pending_key: Vec::new(),
-            deadline_ms: None,
-            cancel: None,
-            progress: None,
-            handed_out: false,
-        }
+        Command::queued(
+            id.into(),
+            tenant,
+            gw,
+            "gateway.echo".into(),
+            serde_json::json!({}),
+            at,
+        )
     }
 
     fn ok() -> CommandResult {

@@ -272,15 +272,12 @@ impl Store {
         match op {
             Op::TenantCreated { tenant } => {
                 put(&self.tenants, tenant.id.as_bytes(), tenant)?;
-                self.put_event_at(
+                self.tenant_event(
                     seq,
-                    event_of(
-                        Some(&tenant.id),
-                        None,
-                        "tenant.created",
-                        format!("tenant {} ({}) created", tenant.id, tenant.name),
-                        tenant.created_ms,
-                    ),
+                    &tenant.id,
+                    "tenant.created",
+                    format!("tenant {} ({}) created", tenant.id, tenant.name),
+                    tenant.created_ms,
                 )?;
             }
             Op::ApiKeyCreated { key } => put(&self.api_keys, key.id.as_bytes(), key)?,
@@ -297,15 +294,12 @@ impl Store {
             }
             Op::TokenCreated { token } => {
                 put(&self.tokens, token.id.as_bytes(), token)?;
-                self.put_event_at(
+                self.tenant_event(
                     seq,
-                    event_of(
-                        Some(&token.tenant_id),
-                        None,
-                        "token.created",
-                        format!("pairing token {} created", token.id),
-                        token.created_ms,
-                    ),
+                    &token.tenant_id,
+                    "token.created",
+                    format!("pairing token {} created", token.id),
+                    token.created_ms,
                 )?;
             }
             Op::TokenRevoked { id, at_ms } => {
@@ -313,15 +307,12 @@ impl Store {
                     if t.state == TokenState::Active {
                         t.state = TokenState::Revoked;
                         put(&self.tokens, id.as_bytes(), &t)?;
-                        self.put_event_at(
+                        self.tenant_event(
                             seq,
-                            event_of(
-                                Some(&t.tenant_id),
-                                None,
-                                "token.revoked",
-                                format!("pairing token {id} revoked"),
-                                *at_ms,
-                            ),
+                            &t.tenant_id,
+                            "token.revoked",
+                            format!("pairing token {id} revoked"),
+                            *at_ms,
                         )?;
                     }
                 }
@@ -431,6 +422,18 @@ impl Store {
             )?,
         }
         Ok(Outcome::Done)
+    }
+
+    /// Writes a tenant's event (about no gateway) as number `seq`.
+    fn tenant_event(
+        &self,
+        seq: u64,
+        tenant_id: &str,
+        kind: &str,
+        message: String,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.put_event_at(seq, event_of(Some(tenant_id), None, kind, message, at_ms))
     }
 
     /// Stores a new command and queues it for its gateway. The pending key is written first: a
@@ -588,24 +591,14 @@ mod tests {
     }
 
     fn command(id: &str) -> Command {
-        Command {
-            id: id.into(),
-            tenant_id: "tn_1".into(),
-            gateway_id: "gw_1".into(),
-            kind: "gateway.echo".into(),
-            payload: serde_json::json!({}),
-            state: CommandState::Queued,
-            submitted_ms: 5,
-            deliveries: 0,
-            received_ms: None,
-            completed_ms: None,
-            result: None,
-            pending_key: Vec::new(),
-            deadline_ms: None,
-            cancel: None,
-            progress: None,
-            handed_out: false,
-        }
+        Command::queued(
+            id.into(),
+            "tn_1",
+            "gw_1",
+            "gateway.echo".into(),
+            serde_json::json!({}),
+            5,
+        )
     }
 
     fn ended(id: &str, ok: bool) -> Op {
