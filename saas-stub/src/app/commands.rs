@@ -509,9 +509,16 @@ impl App {
                 deliveries: c.deliveries,
                 received_ms: c.received_ms,
                 only_if_undelivered: false,
+                record: self.memory_is_the_record(&c),
             })
             .await?;
         Ok(Some(self.ended(id, done.command())?))
+    }
+
+    /// One node's memory holds everything its store has of a command (every change goes
+    /// through both), so the end is written from it; a replica's may lag the log.
+    fn memory_is_the_record(&self, c: &Command) -> Option<Box<Command>> {
+        (!self.log.is_cluster()).then(|| Box::new(c.clone()))
     }
 
     /// Memory after a `CommandEnded` was applied: the command as ended, or (`None`: it had
@@ -545,6 +552,7 @@ impl App {
                     deliveries: 0,
                     received_ms: None,
                     only_if_undelivered: true,
+                    record: None,
                 })
                 .await?;
             return self.ended(id, done.command());
@@ -559,6 +567,7 @@ impl App {
             deliveries: c.deliveries,
             received_ms: c.received_ms,
             only_if_undelivered: false,
+            record: self.memory_is_the_record(&c),
         })
         .await?;
         Ok(Some(c))

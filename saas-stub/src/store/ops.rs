@@ -99,6 +99,11 @@ pub enum Op {
         /// where the command's tunnel may be on another replica).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         only_if_undelivered: bool,
+        /// The command's record as its writer holds it, when the writer's memory is the whole
+        /// truth about it (one node): written as it is, once the pending index says the command
+        /// has not ended, instead of reading the stored record back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        record: Option<Box<Command>>,
     },
     /// An event (numbered by the operation).
     Event {
@@ -378,15 +383,29 @@ impl Store {
                 deliveries,
                 received_ms,
                 only_if_undelivered,
+                record,
             } => {
-                let Some(mut c) = self.command(id)? else {
-                    return Ok(Outcome::Command(None));
+                let mut c = match record {
+                    // The pending index says whether it has ended (the record itself may
+                    // already carry the end its writer decided).
+                    Some(r) if !*only_if_undelivered && r.id == *id => {
+                        if !self.pending.contains_key(r.pending_key.as_slice())? {
+                            return Ok(Outcome::Command(None));
+                        }
+                        (**r).clone()
+                    }
+                    _ => {
+                        let Some(c) = self.command(id)? else {
+                            return Ok(Outcome::Command(None));
+                        };
+                        if c.state.is_terminal()
+                            || (*only_if_undelivered && c.state != super::CommandState::Queued)
+                        {
+                            return Ok(Outcome::Command(None));
+                        }
+                        c
+                    }
                 };
-                if c.state.is_terminal()
-                    || (*only_if_undelivered && c.state != super::CommandState::Queued)
-                {
-                    return Ok(Outcome::Command(None));
-                }
                 c.state = super::CommandState::of_result(result);
                 c.completed_ms = Some(*completed_ms);
                 c.result = Some(result.clone());
@@ -620,6 +639,7 @@ mod tests {
             deliveries: 1,
             received_ms: Some(6),
             only_if_undelivered: false,
+            record: None,
         }
     }
 
@@ -765,6 +785,39 @@ mod tests {
             s.apply(100 + i as u64, op).expect("again");
         }
         assert_eq!(s.all_pending().expect("pending").len(), 1);
+
+        // An end carrying the writer's record (one node) is written from it while the pending
+        // index holds the command, and is nothing once the command has ended.
+        let mut c2 = s.command("c_2").expect("read").expect("c_2");
+        assert_eq!(c2.pending_key, Store::pending_key("gw_1", 107));
+        c2.deliveries = 3;
+        let with_record = |c: &Command| Op::CommandEnded {
+            id: "c_2".into(),
+            result: CommandResult {
+                ok: true,
+                output: serde_json::json!(2),
+                error_class: String::new(),
+                error_message: String::new(),
+                started_ms: 9,
+                finished_ms: 10,
+            },
+            completed_ms: 11,
+            deliveries: 3,
+            received_ms: None,
+            only_if_undelivered: false,
+            record: Some(Box::new(c.clone())),
+        };
+        let first = s.apply(200, &with_record(&c2)).expect("end");
+        assert!(
+            matches!(first, Outcome::Command(Some(ref c)) if c.state == CommandState::Succeeded
+                && c.deliveries == 3 && c.cancel.is_some()),
+            "{first:?}"
+        );
+        assert!(matches!(
+            s.apply(201, &with_record(&c2)).expect("again"),
+            Outcome::Command(None)
+        ));
+        assert!(s.all_pending().expect("pending").is_empty());
         assert_eq!(
             s.token("tok_1")
                 .expect("read")
