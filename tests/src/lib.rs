@@ -761,6 +761,25 @@ pub async fn paired_with(
 
 /// A temporary directory for one test; kept (and its path printed) when `PCG_KEEP_TEST_DIRS`
 /// is set, so logs can be read after a failure.
+/// Files under `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return hits;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            hits.extend(files_containing(&p, needle));
+        } else if let Ok(bytes) = std::fs::read(&p) {
+            if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                hits.push(p);
+            }
+        }
+    }
+    hits
+}
+
 pub fn test_dir() -> tempfile::TempDir {
     let mut d = tempfile::Builder::new()
         .prefix("pcg-e2e-")

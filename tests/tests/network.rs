@@ -25,23 +25,6 @@ fn fails(gw: &Gw, args: &[&str]) -> String {
     err
 }
 
-/// Files under `dir` whose bytes contain `needle`.
-fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
-    let mut hits = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            hits.extend(files_containing(&p, needle));
-        } else if std::fs::read(&p)
-            .map(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
-            .unwrap_or(false)
-        {
-            hits.push(p);
-        }
-    }
-    hits
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_and_pairing_through_a_connect_proxy_on_one_port() {
     let Some(squid) = Squid::start(Kind::Connect) else {
@@ -137,7 +120,7 @@ async fn proxy_credentials_wrong_missing_and_right() {
     );
     // The proxy password is sealed at rest and never logged.
     gw.proc.as_mut().unwrap().stop();
-    let hits = files_containing(&gw.dir, password);
+    let hits = pcg_e2e::files_containing(&gw.dir, password);
     assert!(hits.is_empty(), "proxy password in clear in {hits:?}");
 }
 

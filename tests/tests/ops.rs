@@ -27,22 +27,6 @@ fn unpack(tgz: &Path, into: &Path) {
     assert!(ok, "the bundle is not a tar.gz");
 }
 
-fn files_containing(dir: &Path, needle: &str) -> Vec<std::path::PathBuf> {
-    let mut hits = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            hits.extend(files_containing(&p, needle));
-        } else if std::fs::read(&p)
-            .map(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
-            .unwrap_or(false)
-        {
-            hits.push(p);
-        }
-    }
-    hits
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_support_bundle_holds_no_secret_and_uploads_byte_for_byte() {
     let Some(bmc) = IpmiSim::start() else { return };
@@ -155,7 +139,7 @@ async fn the_support_bundle_holds_no_secret_and_uploads_byte_for_byte() {
         "the daemon's recent logs are missing:\n{logs}"
     );
     for secret in [IPMI_PASSWORD, vc_password, stack.password(), proxy_password] {
-        let hits = files_containing(&unpacked, secret);
+        let hits = pcg_e2e::files_containing(&unpacked, secret);
         assert!(hits.is_empty(), "{secret:?} is in the bundle: {hits:?}");
     }
     // The upload: fetched through the REST API, byte for byte.

@@ -435,6 +435,29 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
         .await
         .unwrap();
     assert_eq!(v["state"], "succeeded", "{v}");
+
+    // A password in a payload reaches neither the cluster's log (the NATS nodes' stores) nor a
+    // replica's store or log in clear: it is sealed to the gateway before it is written.
+    let needle = "replica-secret-0f3a9c";
+    let id = a
+        .submit(
+            &key,
+            &ids[1],
+            "gateway.ledger",
+            json!({ "n": "sealed", "password": needle }),
+        )
+        .await
+        .unwrap();
+    let other = replicas[1].read().await;
+    let v = other
+        .wait_command(&key, &id, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+    for sub in ["nats", "replica1", "replica2"] {
+        let hits = pcg_e2e::files_containing(&dir.path().join(sub), needle);
+        assert!(hits.is_empty(), "the password in clear in {hits:?}");
+    }
     phase("done");
 }
 

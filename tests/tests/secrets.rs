@@ -9,27 +9,8 @@ use std::time::Duration;
 
 use pcg_e2e::peers::{IpmiSim, IPMI_PASSWORD, IPMI_USER};
 use pcg_e2e::vcsim::Vcsim;
-use pcg_e2e::SaasOptions;
+use pcg_e2e::{files_containing, SaasOptions};
 use serde_json::json;
-
-/// Files under `dir` whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
-    let mut hits = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return hits;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            hits.extend(files_containing(&p, needle));
-        } else if let Ok(bytes) = std::fs::read(&p) {
-            if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-                hits.push(p);
-            }
-        }
-    }
-    hits
-}
 
 /// Paths under `dir` that are not owner-only (directories 0700, files 0600).
 fn not_owner_only(dir: &Path) -> Vec<(PathBuf, u32)> {
