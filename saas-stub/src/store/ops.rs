@@ -791,21 +791,22 @@ mod tests {
         let mut c2 = s.command("c_2").expect("read").expect("c_2");
         assert_eq!(c2.pending_key, Store::pending_key("gw_1", 107));
         c2.deliveries = 3;
-        let with_record = |c: &Command| Op::CommandEnded {
-            id: "c_2".into(),
-            result: CommandResult {
-                ok: true,
-                output: serde_json::json!(2),
-                error_class: String::new(),
-                error_message: String::new(),
-                started_ms: 9,
-                finished_ms: 10,
+        let with_record = |c: &Command| match ended("c_2", true) {
+            Op::CommandEnded {
+                id,
+                result,
+                completed_ms,
+                ..
+            } => Op::CommandEnded {
+                id,
+                result,
+                completed_ms,
+                deliveries: 3,
+                received_ms: None,
+                only_if_undelivered: false,
+                record: Some(Box::new(c.clone())),
             },
-            completed_ms: 11,
-            deliveries: 3,
-            received_ms: None,
-            only_if_undelivered: false,
-            record: Some(Box::new(c.clone())),
+            other => other,
         };
         let first = s.apply(200, &with_record(&c2)).expect("end");
         assert!(
