@@ -579,6 +579,15 @@ impl Gw {
         })
     }
 
+    /// A gateway in `dir` (its config also holding `extra_toml`), paired with `token` and its
+    /// daemon started (not waited for).
+    pub fn paired_and_started(dir: &Path, extra_toml: &str, token: &str) -> anyhow::Result<Gw> {
+        let mut gw = Gw::with_config(dir, extra_toml)?;
+        gw.pair(token)?;
+        gw.start()?;
+        Ok(gw)
+    }
+
     pub fn config(&self) -> PathBuf {
         self.dir.join("gateway.toml")
     }
@@ -751,16 +760,12 @@ pub async fn paired_with(
     let saas = Saas::start(&dir.join("saas"), opts).await?;
     let (_tenant, key) = saas.tenant("acme").await?;
     let (_, token) = saas.token(&key, None).await?;
-    let mut gw = Gw::with_config(&dir.join("gw"), gw_toml)?;
-    gw.pair(&token)?;
-    gw.start()?;
+    let gw = Gw::paired_and_started(&dir.join("gw"), gw_toml, &token)?;
     gw.wait_tunnel("connected", Duration::from_secs(20)).await?;
     let id = gw.gateway_id().context("the gateway reports no id")?;
     Ok((saas, gw, key, id))
 }
 
-/// A temporary directory for one test; kept (and its path printed) when `PCG_KEEP_TEST_DIRS`
-/// is set, so logs can be read after a failure.
 /// Files under `dir` whose bytes contain `needle`.
 pub fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     let mut hits = Vec::new();
@@ -780,6 +785,8 @@ pub fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     hits
 }
 
+/// A temporary directory for one test; kept (and its path printed) when `PCG_KEEP_TEST_DIRS`
+/// is set, so logs can be read after a failure.
 pub fn test_dir() -> tempfile::TempDir {
     let mut d = tempfile::Builder::new()
         .prefix("pcg-e2e-")

@@ -286,9 +286,7 @@ async fn replicas_given_one_gateway_ca_sign_with_it() {
     // A gateway pairs with either and works: here with the second one.
     let (_, key) = b.tenant("t").await.unwrap();
     let (_, token) = b.token(&key, None).await.unwrap();
-    let mut gw = Gw::new(&dir.path().join("gw")).unwrap();
-    gw.pair(&token).unwrap();
-    gw.start().unwrap();
+    let gw = Gw::paired_and_started(&dir.path().join("gw"), "", &token).unwrap();
     gw.wait_tunnel("connected", Duration::from_secs(60))
         .await
         .unwrap();

@@ -784,10 +784,7 @@ async fn gateways_given_several_brokers_reach_one_that_answers() {
     let mut gws = Vec::new();
     for i in 0..3 {
         let (_, token) = saas.token(&key, None).await.unwrap();
-        let mut gw = Gw::new(&dir.path().join(format!("gw{i}"))).unwrap();
-        gw.pair(&token).unwrap();
-        gw.start().unwrap();
-        gws.push(gw);
+        gws.push(Gw::paired_and_started(&dir.path().join(format!("gw{i}")), "", &token).unwrap());
     }
     // Whichever URL each picked first, each ends up on the one that answers.
     for gw in &gws {

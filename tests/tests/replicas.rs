@@ -156,10 +156,7 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
     for i in 0..GATEWAYS {
         let maker = if i % 2 == 0 { &a } else { &b };
         let (_, token) = maker.token(&key, None).await.unwrap();
-        let mut gw = Gw::new(&dir.path().join(format!("gw{i}"))).unwrap();
-        gw.pair(&token).unwrap();
-        gw.start().unwrap();
-        gws.push(gw);
+        gws.push(Gw::paired_and_started(&dir.path().join(format!("gw{i}")), "", &token).unwrap());
     }
     for gw in &gws {
         gw.wait_tunnel("connected", Duration::from_secs(60))
@@ -458,6 +455,19 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
         let hits = pcg_e2e::files_containing(&dir.path().join(sub), needle);
         assert!(hits.is_empty(), "the password in clear in {hits:?}");
     }
+    // The gateway opened it (its ledger, the side effect the command asks for, has it) and kept
+    // it nowhere else: not in its journal, its store or its log.
+    let gw1 = &gws[1];
+    let hits = pcg_e2e::files_containing(&gw1.dir, needle);
+    assert!(
+        hits.contains(&gw1.ledger),
+        "the gateway got the password: {hits:?}"
+    );
+    assert_eq!(
+        hits,
+        vec![gw1.ledger.clone()],
+        "the password in clear in {hits:?}"
+    );
     phase("done");
 }
 

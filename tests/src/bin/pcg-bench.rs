@@ -305,10 +305,11 @@ async fn gateways(
         } else {
             String::new()
         };
-        let mut gw = Gw::with_config(&root.join(format!("gw{i}")), &extra)?;
-        gw.pair(&tok)?;
-        gw.start()?;
-        gws.push(gw);
+        gws.push(Gw::paired_and_started(
+            &root.join(format!("gw{i}")),
+            &extra,
+            &tok,
+        )?);
     }
     for gw in &gws {
         gw.wait_tunnel("connected", Duration::from_secs(60)).await?;
