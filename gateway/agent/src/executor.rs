@@ -23,7 +23,6 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::{BufRead, Write as _};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -201,11 +200,11 @@ impl Registry {
             Ok(json!({ "slept_ms": ms }))
         });
         if let Some(path) = ledger {
-            let path = Arc::new(path);
+            let ledger = Arc::new(crate::ledger::Ledger::new(path));
             r.register("gateway.ledger", move |ctx: ExecContext, p: Value| {
-                let path = path.clone();
+                let ledger = ledger.clone();
                 async move {
-                    tokio::task::spawn_blocking(move || ledger_append(&path, &ctx, &p))
+                    tokio::task::spawn_blocking(move || ledger_append(&ledger, &ctx, &p))
                         .await
                         .map_err(|e| ExecError::new("internal", e.to_string()))?
                 }
@@ -215,31 +214,28 @@ impl Registry {
     }
 }
 
-/// `gateway.ledger`: appends `<command id> <payload>` to the ledger file and fsyncs it. On a
-/// recovered execution it first looks for its own line, so a crash between the append and the
-/// journal write does not append twice.
-fn ledger_append(path: &PathBuf, ctx: &ExecContext, payload: &Value) -> Result<Value, ExecError> {
+/// `gateway.ledger`: appends `<command id> <payload>` to the ledger file, durably (the sync
+/// shared with the appends under way). On a recovered execution it first looks for its own
+/// line, so a crash between the append and the journal write does not append twice.
+fn ledger_append(
+    ledger: &crate::ledger::Ledger,
+    ctx: &ExecContext,
+    payload: &Value,
+) -> Result<Value, ExecError> {
     let io = |e: std::io::Error| {
-        ExecError::new("ledger", format!("ledger file {}: {e}", path.display()))
+        ExecError::new(
+            "ledger",
+            format!("ledger file {}: {e}", ledger.path().display()),
+        )
     };
-    if ctx.recovered && path.exists() {
-        let f = std::fs::File::open(path).map_err(io)?;
-        for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
-            let line = line.map_err(io)?;
-            if line.split(' ').next() == Some(ctx.command_id.as_str()) {
-                return Ok(json!({ "line": n + 1, "found_after_restart": true }));
-            }
+    if ctx.recovered {
+        if let Some(n) = ledger.find(&ctx.command_id).map_err(io)? {
+            return Ok(json!({ "line": n, "found_after_restart": true }));
         }
     }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
+    ledger
+        .append(&format!("{} {}", ctx.command_id, payload))
         .map_err(io)?;
-    // One write per line: concurrent appends to an O_APPEND file do not interleave.
-    let line = format!("{} {}\n", ctx.command_id, payload);
-    f.write_all(line.as_bytes()).map_err(io)?;
-    f.sync_data().map_err(io)?;
     Ok(json!({ "appended": true }))
 }
 
@@ -381,7 +377,8 @@ pub fn on_command(
             // durable joins this execution instead of starting one.
             gw.mark_running(&entry.id);
             let (gw, failed) = (gw.clone(), journal_failed.clone());
-            tokio::spawn(async move {
+            // One tracked task waits for the entry to be durable and then runs the execution.
+            gw.exec_tasks.clone().spawn(async move {
                 if let Err(e) = gw.store.flush().await {
                     gw.unmark_running(&entry.id);
                     let _ = failed.try_send(format!("cannot journal command {}: {e}", entry.id));
@@ -395,7 +392,7 @@ pub fn on_command(
                         })),
                     });
                 }
-                execute(gw, entry, false);
+                execution(gw, entry, false).await;
             });
         }
         Some(existing) => match existing.state {
@@ -460,81 +457,83 @@ pub fn spawn_execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
     execute(gw, entry, recovered);
 }
 
-/// Executes an entry already marked running, and records its result.
+/// Executes an entry already marked running, and records its result, in a task of its own.
 fn execute(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
-    let tasks = gw.exec_tasks.clone();
-    tasks.spawn(async move {
-        // Registered by `mark_running`; a missing one (cannot happen) is made here.
-        let exec = match gw.executions.get(&entry.id) {
-            Some(e) => e,
-            None => {
-                gw.mark_running(&entry.id);
-                match gw.executions.get(&entry.id) {
-                    Some(e) => e,
-                    None => return,
-                }
+    gw.exec_tasks.clone().spawn(execution(gw, entry, recovered));
+}
+
+/// Executes an entry already marked running, and records its result.
+async fn execution(gw: Arc<Gateway>, entry: JournalEntry, recovered: bool) {
+    // Registered by `mark_running`; a missing one (cannot happen) is made here.
+    let exec = match gw.executions.get(&entry.id) {
+        Some(e) => e,
+        None => {
+            gw.mark_running(&entry.id);
+            match gw.executions.get(&entry.id) {
+                Some(e) => e,
+                None => return,
             }
-        };
-        // The deadline stops the execution like a cancel, even while it waits for a permit.
-        let deadline = entry.deadline_ms;
-        let stopped = {
-            let exec = exec.clone();
-            async move {
-                match deadline {
-                    Some(d) => tokio::select! {
-                        _ = exec.cancel.cancelled() => {}
-                        _ = tokio::time::sleep(until_unix_ms(d)) => {
-                            exec.stop(Stop::TimedOut { deadline_ms: d });
-                        }
-                    },
-                    None => exec.cancel.cancelled().await,
-                }
-            }
-        };
-        tokio::pin!(stopped);
-        let permit = tokio::select! {
-            biased;
-            _ = &mut stopped => None,
-            p = gw.permits.clone().acquire_owned() => p.ok(),
-        };
-        let started = now_ms();
-        // Past its deadline (on arrival, or while it waited for a permit): checked here, as a
-        // timer already due may not have fired yet.
-        if let Some(d) = deadline.filter(|d| started >= *d) {
-            exec.stop(Stop::TimedOut { deadline_ms: d });
         }
-        let outcome = match permit {
-            Some(_permit) if exec.stopped().is_none() => {
-                run(&gw, &exec, &entry, recovered, &mut stopped).await
-            }
-            // Stopped before it started: never run.
-            _ => Err(stop_error(&exec, None, "it had not started")),
-        };
-        let result = match outcome {
-            Ok(mut output) => StoredResult {
-                // A handler's output never carries a secret back (an echo of a password, a
-                // driver that returns its endpoint): secret-named values are redacted.
-                output: {
-                    pcg_proto::sealed::redact_secrets(&mut output);
-                    output
+    };
+    // The deadline stops the execution like a cancel, even while it waits for a permit.
+    let deadline = entry.deadline_ms;
+    let stopped = {
+        let exec = exec.clone();
+        async move {
+            match deadline {
+                Some(d) => tokio::select! {
+                    _ = exec.cancel.cancelled() => {}
+                    _ = tokio::time::sleep(until_unix_ms(d)) => {
+                        exec.stop(Stop::TimedOut { deadline_ms: d });
+                    }
                 },
-                ok: true,
-                error_class: String::new(),
-                error_message: String::new(),
-                started_ms: started,
-                finished_ms: now_ms(),
+                None => exec.cancel.cancelled().await,
+            }
+        }
+    };
+    tokio::pin!(stopped);
+    let permit = tokio::select! {
+        biased;
+        _ = &mut stopped => None,
+        p = gw.permits.clone().acquire_owned() => p.ok(),
+    };
+    let started = now_ms();
+    // Past its deadline (on arrival, or while it waited for a permit): checked here, as a
+    // timer already due may not have fired yet.
+    if let Some(d) = deadline.filter(|d| started >= *d) {
+        exec.stop(Stop::TimedOut { deadline_ms: d });
+    }
+    let outcome = match permit {
+        Some(_permit) if exec.stopped().is_none() => {
+            run(&gw, &exec, &entry, recovered, &mut stopped).await
+        }
+        // Stopped before it started: never run.
+        _ => Err(stop_error(&exec, None, "it had not started")),
+    };
+    let result = match outcome {
+        Ok(mut output) => StoredResult {
+            // A handler's output never carries a secret back (an echo of a password, a
+            // driver that returns its endpoint): secret-named values are redacted.
+            output: {
+                pcg_proto::sealed::redact_secrets(&mut output);
+                output
             },
-            Err(e) => StoredResult {
-                ok: false,
-                output: Value::Null,
-                error_class: e.class,
-                error_message: e.message,
-                started_ms: started,
-                finished_ms: now_ms(),
-            },
-        };
-        record(&gw, &entry.id, &entry.kind, &result).await;
-    });
+            ok: true,
+            error_class: String::new(),
+            error_message: String::new(),
+            started_ms: started,
+            finished_ms: now_ms(),
+        },
+        Err(e) => StoredResult {
+            ok: false,
+            output: Value::Null,
+            error_class: e.class,
+            error_message: e.message,
+            started_ms: started,
+            finished_ms: now_ms(),
+        },
+    };
+    record(&gw, &entry, &result).await;
 }
 
 /// How long until the Unix time `ms` (zero when it has passed).
@@ -644,11 +643,12 @@ fn stop_error(exec: &Execution, handler: Option<ExecError>, what: &str) -> ExecE
 }
 
 /// Journals a result (done + outbox), retrying until it is durable, then sends it.
-async fn record(gw: &Arc<Gateway>, id: &str, kind: &str, result: &StoredResult) {
+async fn record(gw: &Arc<Gateway>, entry: &JournalEntry, result: &StoredResult) {
+    let (id, kind) = (entry.id.as_str(), entry.kind.as_str());
     // The result must not be lost: retry the write until it is durable.
     let mut delay = std::time::Duration::from_millis(100);
     loop {
-        let r = match gw.store.finish(id, result) {
+        let r = match gw.store.finish(entry, result) {
             Ok(()) => gw.store.flush().await,
             Err(e) => Err(e),
         };

@@ -31,6 +31,7 @@ pub mod diag;
 pub mod endpoints;
 pub mod executions;
 pub mod executor;
+pub mod ledger;
 pub mod metrics;
 pub mod notify;
 pub mod openstack;

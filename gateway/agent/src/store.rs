@@ -145,7 +145,8 @@ pub struct JournalEntry {
     pub state: EntryState,
     pub received_ms: i64,
     pub result: Option<StoredResult>,
-    /// When the broker acknowledged the result.
+    /// When the broker acknowledged the result, in a journal written by an earlier version
+    /// (now kept in a small record of its own: see [`Store::ack`]).
     pub acked_ms: Option<i64>,
     /// When the command must have ended (Unix ms, the SaaS's clock), if it has a deadline: kept
     /// so that a resumed execution still honours it.
@@ -159,6 +160,8 @@ pub struct Store {
     identity: sled::Tree,
     journal: sled::Tree,
     outbox: sled::Tree,
+    /// When the broker acknowledged each result still journaled (id → Unix ms, big-endian).
+    acked: sled::Tree,
     bmcs: sled::Tree,
     /// Operator settings kept in the store (the proxy URL, sealed: it may hold a password).
     settings: sled::Tree,
@@ -214,6 +217,7 @@ impl Store {
             identity: db.open_tree("identity").map_err(sled_err)?,
             journal: db.open_tree("journal").map_err(sled_err)?,
             outbox: db.open_tree("outbox").map_err(sled_err)?,
+            acked: db.open_tree("acked").map_err(sled_err)?,
             bmcs: db.open_tree("bmcs").map_err(sled_err)?,
             settings: db.open_tree("settings").map_err(sled_err)?,
             endpoints: db.open_tree("endpoints").map_err(sled_err)?,
@@ -488,38 +492,52 @@ impl Store {
         Ok(None)
     }
 
-    /// Records a result: the journal entry becomes done and the result enters the outbox.
-    pub fn finish(&self, id: &str, result: &StoredResult) -> Result<(), StoreError> {
-        let mut e = self.entry(id)?.ok_or_else(|| StoreError::Corrupt {
-            what: format!("journal entry {id}"),
-            message: "missing when its execution finished".into(),
-        })?;
-        e.state = EntryState::Done;
-        e.result = Some(result.clone());
+    /// Records a result: the journal entry (as journaled, in the caller's hands) becomes done
+    /// and the result enters the outbox.
+    pub fn finish(&self, e: &JournalEntry, result: &StoredResult) -> Result<(), StoreError> {
+        let done = JournalEntry {
+            state: EntryState::Done,
+            result: Some(result.clone()),
+            ..e.clone()
+        };
         self.journal
             .insert(
-                id.as_bytes(),
-                serde_json::to_vec(&e).expect("entries serialise"),
+                e.id.as_bytes(),
+                serde_json::to_vec(&done).expect("entries serialise"),
             )
             .map_err(self.err())?;
         self.outbox
             .insert(
-                id.as_bytes(),
+                e.id.as_bytes(),
                 serde_json::to_vec(result).expect("results serialise"),
             )
             .map_err(self.err())?;
         Ok(())
     }
 
-    /// The broker stored the result: drop it from the outbox.
+    /// The broker stored the result: drop it from the outbox, and note when (a small record
+    /// beside the entry, which retention reads; the entry itself is not rewritten).
     pub fn ack(&self, id: &str) -> Result<(), StoreError> {
-        self.outbox.remove(id.as_bytes()).map_err(self.err())?;
-        let _ = self.journal.fetch_and_update(id.as_bytes(), |old| {
-            let mut e: JournalEntry = serde_json::from_slice(old?).ok()?;
-            e.acked_ms.get_or_insert(now_ms());
-            Some(serde_json::to_vec(&e).expect("entries serialise"))
-        });
+        if self
+            .outbox
+            .remove(id.as_bytes())
+            .map_err(self.err())?
+            .is_some()
+        {
+            self.acked
+                .insert(id.as_bytes(), &now_ms().to_be_bytes()[..])
+                .map_err(self.err())?;
+        }
         Ok(())
+    }
+
+    /// When the broker acknowledged `id`'s result: the small record, or (a journal written by
+    /// an earlier version) the entry's own field.
+    fn acked_ms(&self, e: &JournalEntry) -> Option<i64> {
+        e.acked_ms.or_else(|| {
+            let v = self.acked.get(e.id.as_bytes()).ok()??;
+            Some(i64::from_be_bytes(v.as_ref().try_into().ok()?))
+        })
     }
 
     pub fn outbox(&self) -> Result<Vec<(String, StoredResult)>, StoreError> {
@@ -570,8 +588,9 @@ impl Store {
         for kv in self.journal.iter() {
             let (k, v) = kv.map_err(self.err())?;
             if let Ok(e) = serde_json::from_slice::<JournalEntry>(&v) {
-                if e.state == EntryState::Done && e.acked_ms.is_some_and(|a| a < cutoff) {
-                    self.journal.remove(k).map_err(self.err())?;
+                if e.state == EntryState::Done && self.acked_ms(&e).is_some_and(|a| a < cutoff) {
+                    self.journal.remove(&k).map_err(self.err())?;
+                    self.acked.remove(&k).map_err(self.err())?;
                     n += 1;
                 }
             }
@@ -650,13 +669,29 @@ mod tests {
             started_ms: 0,
             finished_ms: 0,
         };
-        s.finish("a", &r).expect("finish");
+        s.finish(&entry("a"), &r).expect("finish");
         assert_eq!(s.outbox_depth(), 1);
-        assert_eq!(s.entry("a").expect("get").expect("known").result, Some(r));
+        let done = s.entry("a").expect("get").expect("known");
+        assert_eq!(
+            (done.state, done.result),
+            (EntryState::Done, Some(r.clone()))
+        );
+        // Done but not acknowledged: kept whatever its age.
+        assert_eq!(s.prune(-1).expect("prune"), 0);
         s.ack("a").expect("ack");
+        s.ack("a")
+            .expect("a second acknowledgement changes nothing");
         assert_eq!(s.outbox_depth(), 0);
-        assert_eq!(s.prune(-1).expect("prune"), 1);
+        // A journal of an earlier version: the acknowledgement inside the entry.
+        let mut old = entry("b");
+        old.state = EntryState::Done;
+        old.result = Some(r);
+        old.acked_ms = Some(now_ms());
+        assert!(s.begin(&old).expect("begin").is_none());
+        assert_eq!(s.prune(60_000).expect("prune"), 0, "acknowledged just now");
+        assert_eq!(s.prune(-1).expect("prune"), 2);
         assert!(s.entry("a").expect("get").is_none());
+        assert!(s.entry("b").expect("get").is_none());
     }
 
     #[test]
