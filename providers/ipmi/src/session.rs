@@ -11,6 +11,11 @@
 //! while they answer in-session commands in a few), and a retransmission repeats the same request
 //! (same tag, same console session id); should the BMC still open a second session for it, the
 //! extra answer is aborted (RAKP 3 with an error status) as soon as it arrives.
+//!
+//! Chassis Control (power up, down, cycle, reset) is retransmitted on a timer of its own as well,
+//! learnt from its own answers and never below 1.5 s: a BMC need not recognise a repeated request
+//! (ipmi_sim acts on every copy), so a copy sent while a slow BMC is still acting on the first
+//! could power-cycle a machine twice.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +84,21 @@ impl RttEstimator {
         }
     }
 
+    /// For commands that act on the machine (Chassis Control): a BMC may take a second or more
+    /// to answer them (ipmi_sim runs its chassis program first; a loaded BMC is slow), and BMCs
+    /// are not required to recognise a repeated request, so every early copy risks a second
+    /// power-up, power-down or cycle: 2 s first, then 1.5 – 4 s.
+    const fn action() -> Self {
+        Self {
+            srtt: None,
+            rttvar: Duration::ZERO,
+            initial: Duration::from_secs(2),
+            min: Duration::from_millis(1500),
+            max: Duration::from_secs(4),
+            floor_gap: Duration::from_millis(1000),
+        }
+    }
+
     fn rto(&self) -> Duration {
         match self.srtt {
             Some(s) => (s + (self.rttvar * 4).max(self.floor_gap)).clamp(self.min, self.max),
@@ -106,6 +126,18 @@ impl RttEstimator {
 enum Timer {
     Session,
     OpenSession,
+    Action,
+}
+
+impl Timer {
+    /// The timer of an in-session command: Chassis Control acts on the machine.
+    fn of_command(netfn: u8, cmd: u8) -> Timer {
+        if (netfn, cmd) == (0x00, 0x02) {
+            Timer::Action
+        } else {
+            Timer::Session
+        }
+    }
 }
 
 /// The Open Session request of the current socket, and the session chosen from its answers:
@@ -267,9 +299,10 @@ pub struct Session {
     resolved: Option<LanProtocol>,
     rq_seq: u8,
     tag: u8,
-    /// Retransmission timers: in-session (and RAKP) exchanges, and Open Session.
+    /// Retransmission timers: in-session (and RAKP) exchanges, Open Session, Chassis Control.
     rtt: RttEstimator,
     open_rtt: RttEstimator,
+    action_rtt: RttEstimator,
     stats: Stats,
     /// Extra sessions aborted after their socket was retired (by a lingering task).
     reaped_late: Arc<AtomicU64>,
@@ -365,6 +398,7 @@ impl Session {
             tag: 0,
             rtt: RttEstimator::session(),
             open_rtt: RttEstimator::open_session(),
+            action_rtt: RttEstimator::action(),
             stats: Stats::default(),
             reaped_late: Arc::new(AtomicU64::new(0)),
         })
@@ -488,6 +522,7 @@ impl Session {
         match timer {
             Timer::Session => &mut self.rtt,
             Timer::OpenSession => &mut self.open_rtt,
+            Timer::Action => &mut self.action_rtt,
         }
     }
 
@@ -1230,7 +1265,7 @@ impl Session {
             &operation,
             deadline,
             u32::MAX,
-            Timer::Session,
+            Timer::of_command(netfn, cmd),
             |s| match s.active.as_mut() {
                 Some(a) => a.wrap(&msg),
                 None => Vec::new(),
@@ -1415,5 +1450,26 @@ mod tests {
         }
         assert!(open.rto() > Duration::from_millis(1400), "{:?}", open.rto());
         assert!(open.rto() <= Duration::from_secs(3));
+    }
+
+    #[test]
+    fn chassis_control_waits_longer_than_fast_reads_before_it_is_sent_again() {
+        assert_eq!(Timer::of_command(0x00, 0x02), Timer::Action);
+        assert_eq!(Timer::of_command(0x00, 0x01), Timer::Session);
+        let mut action = RttEstimator::action();
+        assert_eq!(action.rto(), Duration::from_secs(2));
+        // A BMC that answers power writes in a few milliseconds still gets 1.5 s.
+        for _ in 0..20 {
+            action.sample(Duration::from_millis(3));
+        }
+        assert_eq!(action.rto(), Duration::from_millis(1500));
+        // One that took 1.4 s (a loaded ipmi_sim) is given more before a second copy.
+        action.sample(Duration::from_millis(1400));
+        assert!(
+            action.rto() > Duration::from_millis(1500),
+            "{:?}",
+            action.rto()
+        );
+        assert!(action.rto() <= Duration::from_secs(4));
     }
 }
