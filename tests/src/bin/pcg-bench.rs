@@ -113,6 +113,9 @@ struct Figures {
     gw_syncs: f64,
     saas_cpu_ms: f64,
     gw_cpu_ms: f64,
+    /// Context switches per command (SaaS, gateways): every thread's, voluntary or not.
+    saas_switches: f64,
+    gw_switches: f64,
 }
 
 /// CPU time (user + system) of a process so far, ms.
@@ -140,6 +143,25 @@ fn clock_ticks() -> u64 {
     })
 }
 
+/// Context switches of a process so far: the sum over its live threads (a thread that ended
+/// takes its own with it).
+fn switches(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 /// A counter's value in a metrics text (0 when absent, e.g. an older build).
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -154,6 +176,8 @@ struct Mark {
     gw_flushes: f64,
     saas_cpu: f64,
     gw_cpu: f64,
+    saas_switches: f64,
+    gw_switches: f64,
 }
 
 async fn mark(saas: &Saas, gws: &[Gw], metric_ports: &[u16]) -> Mark {
@@ -182,6 +206,12 @@ async fn mark(saas: &Saas, gws: &[Gw], metric_ports: &[u16]) -> Mark {
             .filter_map(|g| g.proc.as_ref())
             .map(|p| cpu_ms(p.pid()))
             .sum(),
+        saas_switches: switches(saas.proc.pid()),
+        gw_switches: gws
+            .iter()
+            .filter_map(|g| g.proc.as_ref())
+            .map(|p| switches(p.pid()))
+            .sum(),
     }
 }
 
@@ -191,6 +221,8 @@ fn with_costs(mut f: Figures, before: &Mark, after: &Mark) -> Figures {
     f.gw_syncs = (after.gw_flushes - before.gw_flushes) / n;
     f.saas_cpu_ms = (after.saas_cpu - before.saas_cpu) / n;
     f.gw_cpu_ms = (after.gw_cpu - before.gw_cpu) / n;
+    f.saas_switches = (after.saas_switches - before.saas_switches) / n;
+    f.gw_switches = (after.gw_switches - before.gw_switches) / n;
     f
 }
 
@@ -246,6 +278,8 @@ async fn run_commands(
         gw_syncs: 0.0,
         saas_cpu_ms: 0.0,
         gw_cpu_ms: 0.0,
+        saas_switches: 0.0,
+        gw_switches: 0.0,
     })
 }
 
@@ -432,6 +466,8 @@ async fn run_batches(
         gw_syncs: 0.0,
         saas_cpu_ms: 0.0,
         gw_cpu_ms: 0.0,
+        saas_switches: 0.0,
+        gw_switches: 0.0,
     }))
 }
 
@@ -968,11 +1004,11 @@ async fn main() -> anyhow::Result<()> {
 
 fn print_rows(rows: &[Figures]) {
     println!();
-    println!("| scenario | commands | wall s | commands/s | p50 ms | p99 ms | SaaS syncs/cmd | gateway syncs/cmd | SaaS CPU ms/cmd | gateway CPU ms/cmd |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| scenario | commands | wall s | commands/s | p50 ms | p99 ms | SaaS syncs/cmd | gateway syncs/cmd | SaaS CPU ms/cmd | gateway CPU ms/cmd | SaaS switches/cmd | gateway switches/cmd |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for f in rows {
         println!(
-            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} |",
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.1} |",
             f.label,
             f.commands,
             f.secs,
@@ -982,7 +1018,9 @@ fn print_rows(rows: &[Figures]) {
             f.saas_syncs,
             f.gw_syncs,
             f.saas_cpu_ms,
-            f.gw_cpu_ms
+            f.gw_cpu_ms,
+            f.saas_switches,
+            f.gw_switches
         );
     }
 }
@@ -1230,6 +1268,7 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
             "commands_per_s": f.commands as f64 / f.secs, "p50_ms": f.p50_ms, "p99_ms": f.p99_ms,
             "saas_syncs_per_command": f.saas_syncs, "gateway_syncs_per_command": f.gw_syncs,
             "saas_cpu_ms_per_command": f.saas_cpu_ms, "gateway_cpu_ms_per_command": f.gw_cpu_ms,
+            "saas_switches_per_command": f.saas_switches, "gateway_switches_per_command": f.gw_switches,
         })).collect::<Vec<_>>(),
         "tunnels": n,
         "tunnels_registered_s": all_in,
