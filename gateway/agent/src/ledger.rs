@@ -24,8 +24,8 @@ struct State {
     /// Lines written so far, and lines known durable (counts since the start).
     written: u64,
     durable: u64,
-    /// A sync is under way, covering lines up to this count.
-    syncing: Option<u64>,
+    /// A sync is under way (its caller wakes the others when it ends).
+    syncing: bool,
     /// Failed syncs, newest last: the lines after `.0` up to `.1` failed with `.2` (a sync
     /// that failed proves nothing for what it covered, whatever a later one says).
     failed: std::collections::VecDeque<(u64, u64, String)>,
@@ -98,14 +98,14 @@ impl Ledger {
             if st.durable >= mine {
                 return Ok(());
             }
-            if st.syncing.is_none() {
+            if !st.syncing {
                 let upto = st.written;
-                st.syncing = Some(upto);
+                st.syncing = true;
                 let file = st.file.clone().unwrap_or_else(|| file.clone());
                 drop(st);
                 let r = file.sync_data();
                 st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                st.syncing = None;
+                st.syncing = false;
                 match r {
                     Ok(()) => st.durable = st.durable.max(upto),
                     Err(e) => {

@@ -518,15 +518,17 @@ impl Store {
     /// The broker stored the result: drop it from the outbox, and note when (a small record
     /// beside the entry, which retention reads; the entry itself is not rewritten).
     pub fn ack(&self, id: &str) -> Result<(), StoreError> {
+        // The note first: a crash between the two writes leaves the result in the outbox (sent
+        // again, acknowledged again), never a done entry that retention cannot see.
         if self
             .outbox
-            .remove(id.as_bytes())
+            .contains_key(id.as_bytes())
             .map_err(self.err())?
-            .is_some()
         {
             self.acked
                 .insert(id.as_bytes(), &now_ms().to_be_bytes()[..])
                 .map_err(self.err())?;
+            self.outbox.remove(id.as_bytes()).map_err(self.err())?;
         }
         Ok(())
     }
