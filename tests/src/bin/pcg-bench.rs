@@ -194,6 +194,11 @@ async fn mark(saas: &Saas, gws: &[Gw], metric_ports: &[u16]) -> Mark {
             );
         }
     }
+    let gw_pids: Vec<u32> = gws
+        .iter()
+        .filter_map(|g| g.proc.as_ref())
+        .map(|p| p.pid())
+        .collect();
     Mark {
         saas_flushes: metric(
             m.as_str().unwrap_or_default(),
@@ -201,17 +206,9 @@ async fn mark(saas: &Saas, gws: &[Gw], metric_ports: &[u16]) -> Mark {
         ),
         gw_flushes,
         saas_cpu: cpu_ms(saas.proc.pid()),
-        gw_cpu: gws
-            .iter()
-            .filter_map(|g| g.proc.as_ref())
-            .map(|p| cpu_ms(p.pid()))
-            .sum(),
+        gw_cpu: gw_pids.iter().map(|&p| cpu_ms(p)).sum(),
         saas_switches: switches(saas.proc.pid()),
-        gw_switches: gws
-            .iter()
-            .filter_map(|g| g.proc.as_ref())
-            .map(|p| switches(p.pid()))
-            .sum(),
+        gw_switches: gw_pids.iter().map(|&p| switches(p)).sum(),
     }
 }
 
