@@ -255,9 +255,8 @@ impl Pending {
     /// low rate would send thousands away for half a minute while the listener idles), slots go
     /// at twice that rate, and the queue is taken to drain in at most half the handshake
     /// timeout (its room is sized so). One that comes back too early costs the listener one line
-    /// of text and gets a later slot. Within 0.25–30 s.
-    fn retry_after_ms(&mut self, timeout: Duration) -> u64 {
-        let now = Instant::now();
+    /// of text and gets a later slot. Within 0.25–30 s of `now`.
+    fn retry_after_ms(&mut self, now: Instant, timeout: Duration) -> u64 {
         let rate = self.rate.max(1_000.0);
         let drain = Duration::from_secs_f64(self.len() as f64 / rate).min(timeout / 2);
         let drained = now + drain;
@@ -392,7 +391,7 @@ pub async fn serve<M, S>(
             );
             while p.len() >= room {
                 if !p.evict() {
-                    busy = Some(p.retry_after_ms(limits.handshake_timeout));
+                    busy = Some(p.retry_after_ms(Instant::now(), limits.handshake_timeout));
                     break;
                 }
                 stats.evicted_handshakes.fetch_add(1, Ordering::Relaxed);
@@ -714,7 +713,9 @@ mod tests {
         for n in 0..4_000u64 {
             p.hello.insert(n, entry(Duration::ZERO));
         }
-        let waits: Vec<u64> = (0..4_000).map(|_| p.retry_after_ms(timeout)).collect();
+        // All asked at one instant (a busy test thread must not make later answers shorter).
+        let now = Instant::now();
+        let waits: Vec<u64> = (0..4_000).map(|_| p.retry_after_ms(now, timeout)).collect();
         let drain_ms = 4_000.0 / rate * 1_000.0;
         assert!(
             (waits[0] as f64 - drain_ms).abs() <= 100.0,
@@ -729,14 +730,14 @@ mod tests {
             "spread over {spread} ms, not {expected}"
         );
         // Never beyond 30 s, however many are refused.
-        let last = (0..200_000).map(|_| p.retry_after_ms(timeout)).last();
+        let last = (0..200_000).map(|_| p.retry_after_ms(now, timeout)).last();
         assert_eq!(last, Some(30_000));
         // Nothing measured yet, a long queue: sent away for at most half the handshake timeout.
         let mut fresh = Pending::default();
         for n in 0..20_000u64 {
             fresh.hello.insert(n, entry(Duration::ZERO));
         }
-        let first = fresh.retry_after_ms(timeout);
+        let first = fresh.retry_after_ms(Instant::now(), timeout);
         assert!((4_900..=5_000).contains(&first), "{first}");
         // A slow machine (20 handshakes/s over the next window): the room falls back.
         p.hello.clear();
