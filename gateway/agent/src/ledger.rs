@@ -101,7 +101,7 @@ impl Ledger {
             if !st.syncing {
                 let upto = st.written;
                 st.syncing = true;
-                let file = st.file.clone().unwrap_or_else(|| file.clone());
+                // Any open handle syncs the file's data: this caller's will do.
                 drop(st);
                 let r = file.sync_data();
                 st = self.state.lock().unwrap_or_else(|p| p.into_inner());

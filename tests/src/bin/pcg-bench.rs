@@ -102,6 +102,7 @@ struct Args {
     feed: bool,
 }
 
+#[derive(Default)]
 struct Figures {
     label: String,
     commands: usize,
@@ -152,12 +153,12 @@ fn switches(pid: u32) -> f64 {
     tasks
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .flat_map(|status| {
+        .map(|status| {
             status
                 .lines()
                 .filter(|l| l.contains("ctxt_switches:"))
                 .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-                .collect::<Vec<_>>()
+                .sum::<f64>()
         })
         .sum()
 }
@@ -271,12 +272,7 @@ async fn run_commands(
         secs,
         p50_ms: pct(&lat, 0.5),
         p99_ms: pct(&lat, 0.99),
-        saas_syncs: 0.0,
-        gw_syncs: 0.0,
-        saas_cpu_ms: 0.0,
-        gw_cpu_ms: 0.0,
-        saas_switches: 0.0,
-        gw_switches: 0.0,
+        ..Default::default()
     })
 }
 
@@ -459,12 +455,7 @@ async fn run_batches(
         secs,
         p50_ms: pct(&lat, 0.5),
         p99_ms: pct(&lat, 0.99),
-        saas_syncs: 0.0,
-        gw_syncs: 0.0,
-        saas_cpu_ms: 0.0,
-        gw_cpu_ms: 0.0,
-        saas_switches: 0.0,
-        gw_switches: 0.0,
+        ..Default::default()
     }))
 }
 
