@@ -112,31 +112,100 @@ pub async fn monitor(port: u16, path: &str) -> Option<Value> {
 }
 
 impl NatsCluster {
-    /// Three nodes with the certificates `nats-node1..3` from `pki`.
-    pub fn start(dir: &Path, pki: &Path) -> anyhow::Result<NatsCluster> {
+    /// Three nodes with the certificates `nats-node1..3` from `pki`, each started and listening
+    /// on all its ports. A port picked free can be taken by another process before nats-server
+    /// binds it (tests run in parallel, and outgoing connections draw from the same range); a
+    /// node that exits before it is ready makes all three start again on fresh ports, up to
+    /// five times.
+    pub async fn start(dir: &Path, pki: &Path) -> anyhow::Result<NatsCluster> {
         std::fs::create_dir_all(dir)?;
-        let ports: Vec<(u16, u16, u16)> = (0..3)
-            .map(|_| (free_port(), free_port(), free_port()))
-            .collect();
-        let routes: Vec<u16> = ports.iter().map(|p| p.1).collect();
-        let mut nodes = Vec::new();
-        for (i, p) in ports.iter().enumerate() {
-            let name = format!("node{}", i + 1);
-            let conf = node_conf(dir, pki, &name, &format!("nats-{name}"), *p, &routes)?;
-            nodes.push(Node {
-                proc: Some(start_server(dir, &name, &conf)?),
-                name,
-                client_port: p.0,
-                route_port: p.1,
-                monitor_port: p.2,
-                conf,
-            });
+        let mut last = String::new();
+        for _ in 0..5 {
+            let ports: Vec<(u16, u16, u16)> = (0..3)
+                .map(|_| (free_port(), free_port(), free_port()))
+                .collect();
+            let routes: Vec<u16> = ports.iter().map(|p| p.1).collect();
+            let mut nodes = Vec::new();
+            for (i, p) in ports.iter().enumerate() {
+                let name = format!("node{}", i + 1);
+                let conf = node_conf(dir, pki, &name, &format!("nats-{name}"), *p, &routes)?;
+                nodes.push(Node {
+                    proc: Some(start_server(dir, &name, &conf)?),
+                    name,
+                    client_port: p.0,
+                    route_port: p.1,
+                    monitor_port: p.2,
+                    conf,
+                });
+            }
+            let mut cluster = NatsCluster {
+                dir: dir.to_path_buf(),
+                pki: pki.to_path_buf(),
+                nodes,
+            };
+            match cluster.wait_listening(Duration::from_secs(60)).await {
+                Ok(()) => return Ok(cluster),
+                Err(e) => last = e.to_string(),
+            }
         }
-        Ok(NatsCluster {
-            dir: dir.to_path_buf(),
-            pki: pki.to_path_buf(),
-            nodes,
+        bail!("the NATS cluster did not start in five tries; the last:\n{last}")
+    }
+
+    /// Waits until every node has logged that it is ready and listens for routes (the route
+    /// listener is bound after "Server is ready"); fails at
+    /// once, with the logs, when one has exited.
+    async fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(gone) = self.exited() {
+                bail!(
+                    "nats-server {gone} exited while starting\n{}",
+                    self.log_tails()
+                );
+            }
+            let ready = self.nodes.iter().all(|n| {
+                std::fs::read_to_string(self.dir.join(format!("{}.log", n.name))).is_ok_and(|l| {
+                    l.contains("Server is ready") && l.contains("Listening for route connections")
+                })
+            });
+            if ready {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for nats-server to listen\n{}",
+                    self.log_tails()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The name of a node started here whose process has exited.
+    fn exited(&mut self) -> Option<String> {
+        self.nodes.iter_mut().find_map(|n| {
+            let p = n.proc.as_mut()?;
+            matches!(p.child.try_wait(), Ok(Some(_))).then(|| n.name.clone())
         })
+    }
+
+    /// The last 15 lines of every node's log.
+    fn log_tails(&self) -> String {
+        let logs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let log = std::fs::read_to_string(self.dir.join(format!("{}.log", n.name)))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                format!(
+                    "--- {} ---\n{}",
+                    n.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
+        logs.join("\n")
     }
 
     /// `tls://127.0.0.1:<port>` of every node.
@@ -175,21 +244,7 @@ impl NatsCluster {
         })
         .await;
         if let Err(e) = r {
-            let logs: Vec<String> = self
-                .nodes
-                .iter()
-                .map(|n| {
-                    let log = std::fs::read_to_string(self.dir.join(format!("{}.log", n.name)))
-                        .unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                    format!(
-                        "--- {} ---\n{}",
-                        n.name,
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    )
-                })
-                .collect();
-            bail!("{e}\n{}", logs.join("\n"));
+            bail!("{e}\n{}", self.log_tails());
         }
         Ok(())
     }

@@ -170,7 +170,9 @@ async fn only_the_internal_ca_gets_in_and_a_missing_quorum_is_named() {
         .mode();
     assert_eq!(mode & 0o077, 0, "the CA key is owner-only");
 
-    let mut cluster = NatsCluster::start(&dir.path().join("nats"), &pki).unwrap();
+    let mut cluster = NatsCluster::start(&dir.path().join("nats"), &pki)
+        .await
+        .unwrap();
     cluster.wait_ready(Duration::from_secs(90)).await.unwrap();
     let urls = cluster.urls();
     let ca = pki.join("internal-ca.pem");

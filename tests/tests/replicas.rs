@@ -114,7 +114,9 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
     let dir = test_dir();
     let pki = dir.path().join("pki");
     nats::init_pki(&pki).unwrap();
-    let mut cluster = NatsCluster::start(&dir.path().join("nats"), &pki).unwrap();
+    let mut cluster = NatsCluster::start(&dir.path().join("nats"), &pki)
+        .await
+        .unwrap();
     cluster.wait_ready(Duration::from_secs(90)).await.unwrap();
     let urls = cluster.urls();
 
@@ -485,7 +487,9 @@ async fn a_replica_ahead_of_the_stream_refuses_to_start() {
     nats::init_pki(&pki).unwrap();
     let port = free_port();
     let brokers = [format!("https://127.0.0.1:{port}")];
-    let first = NatsCluster::start(&dir.path().join("nats-a"), &pki).unwrap();
+    let first = NatsCluster::start(&dir.path().join("nats-a"), &pki)
+        .await
+        .unwrap();
     first.wait_ready(Duration::from_secs(90)).await.unwrap();
     let spec = ReplicaSpec::new(dir.path(), "replica1", port, &pki, &first.urls(), &brokers);
     let saas = spec.start().await;
@@ -496,7 +500,9 @@ async fn a_replica_ahead_of_the_stream_refuses_to_start() {
     drop(first);
 
     // Another cluster, empty: the same replica's data directory is ahead of its stream.
-    let second = NatsCluster::start(&dir.path().join("nats-b"), &pki).unwrap();
+    let second = NatsCluster::start(&dir.path().join("nats-b"), &pki)
+        .await
+        .unwrap();
     second.wait_ready(Duration::from_secs(90)).await.unwrap();
     let ahead = ReplicaSpec::new(dir.path(), "replica1", port, &pki, &second.urls(), &brokers);
     let r = Saas::start(
