@@ -225,3 +225,46 @@ async fn slow_clients_are_cut_off() {
         start.elapsed()
     );
 }
+
+/// HTTP/2 connections start with small buffers (`vendor/h2/PATCHED.md`: 4 KiB to write, 1 KiB
+/// to read, 512 bytes for Huffman decoding) that must grow when a frame needs more: a request
+/// whose header block is 12 KiB (a HEADERS frame read in one piece, Huffman-coded by the
+/// client) and an answer of 130 KiB (DATA frames of the largest size) both pass over h2,
+/// several times on one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_frames_larger_than_the_first_buffers_pass() {
+    let dir = pcg_e2e::test_dir();
+    let saas = Saas::start(&dir.path().join("saas"), SaasOptions::default())
+        .await
+        .unwrap();
+    let pad: String = (0..12 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let committed: serde_json::Value =
+        serde_json::from_str(include_str!("../../saas-stub/openapi.json")).unwrap();
+    let mut tls = pcg_e2e::client_tls(&std::fs::read(&saas.ca_file).unwrap());
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(90))
+        .build()
+        .unwrap();
+    for round in 0..3 {
+        let r = http
+            .get(format!("{}/openapi.json", saas.api))
+            .header("x-pad", &pad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2, "round {round}");
+        assert_eq!(r.status(), 200, "round {round}");
+        let body = r.bytes().await.unwrap();
+        assert!(
+            body.len() > 100 * 1024,
+            "round {round}: {} bytes",
+            body.len()
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc, committed, "round {round}");
+    }
+}
