@@ -738,7 +738,10 @@ async fn session(
         .filter(|k| crate::app::commands::valid_kind(k))
         .cloned()
         .collect();
-    gateway_seen(
+    // The session's rarely taken awaits are boxed: a task's future is as large as its largest
+    // await, for the whole life of the tunnel, and most of that life is spent waiting for a
+    // frame (BENCHMARKS.md, "Memory per idle tunnel").
+    Box::pin(gateway_seen(
         &app,
         &tenant_id,
         &gateway_id,
@@ -756,7 +759,7 @@ async fn session(
             peer.transport,
             printable(&version)
         ),
-    )
+    ))
     .await;
     let welcome = BrokerFrame {
         kind: Some(BKind::Welcome(Welcome {
@@ -776,12 +779,12 @@ async fn session(
     // records it as cancelled (never running it) if it never had it.
     for c in app.commands.pending(&gateway_id) {
         if c.cancel.is_some() {
-            if !send_or_close(&tx, &close, &gateway_id, cancel_frame(&c)).await {
+            if !Box::pin(send_or_close(&tx, &close, &gateway_id, cancel_frame(&c))).await {
                 // Not draining (or gone): the gateway redials and gets the replay again.
                 break;
             }
         } else {
-            deliver(&app, &c).await;
+            Box::pin(deliver(&app, &c)).await;
         }
     }
     if !crate::watch::on_connect(&app, &gateway_id, &tx) {
@@ -805,13 +808,13 @@ async fn session(
                     last_frame = Instant::now();
                     last_seen.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
                     if let Some(GKind::BundleChunk(c)) = frame.kind {
-                        let ack = bundle_chunk(&app, &tenant_id, &gateway_id, &mut uploads, c).await;
+                        let ack = Box::pin(bundle_chunk(&app, &tenant_id, &gateway_id, &mut uploads, c)).await;
                         if tx.try_send(Ok(BrokerFrame { kind: Some(BKind::BundleAck(ack)) })).is_err() {
                             break Closed::Congested;
                         }
                         continue;
                     }
-                    if let Err(e) = handle_frame(&ctx, &tenant_id, &gateway_id, frame, &tx).await {
+                    if let Err(e) = Box::pin(handle_frame(&ctx, &tenant_id, &gateway_id, frame, &tx)).await {
                         break e;
                     }
                 }
@@ -841,7 +844,7 @@ async fn session(
     app.tunnels.remove_if(&gateway_id, conn_id);
     app.metrics.tunnel_closes.inc();
     app.metrics.tunnels.set(app.tunnels.count() as i64);
-    gateway_seen(
+    Box::pin(gateway_seen(
         &app,
         &tenant_id,
         &gateway_id,
@@ -851,7 +854,7 @@ async fn session(
         },
         "gateway.disconnected",
         format!("gateway {gateway_id} tunnel closed: {reason}"),
-    )
+    ))
     .await;
 }
 

@@ -447,12 +447,34 @@ struct Conn {
     _ip: IpSlot,
 }
 
+/// A connection's TLS stream, boxed: see [`Conn::run`].
+type Established = Box<tokio_rustls::server::TlsStream<TcpStream>>;
+
 impl Conn {
+    /// The handshake, then HTTP until the connection ends. A task's future is as large as the
+    /// largest state it can be in, for its whole life, and most connections are long-lived
+    /// idle tunnels: so the handshake's state is boxed and freed when it ends, the stream it
+    /// yields is boxed, and the serving state is boxed, leaving this future a few hundred
+    /// bytes instead of the handshake's and the serving state's sizes side by side
+    /// (BENCHMARKS.md, "Memory per idle tunnel").
     async fn run<S>(self, make: impl FnOnce(ConnInfo) -> S)
     where
         S: ConnService,
         S::Future: Send + 'static,
     {
+        let (name, peer, shutdown) = (self.name, self.peer, self.shutdown.clone());
+        let limits = self.limits.clone();
+        let Some((tls, _permit, _ip)) = Box::pin(self.establish()).await else {
+            return;
+        };
+        let info = ConnInfo::of(peer, &tls, "direct");
+        let svc = make(info);
+        Box::pin(serve_http(name, peer, tls, svc, &limits, &shutdown)).await;
+    }
+
+    /// The TLS handshake and a place in the connection budget; `None` (logged) when either
+    /// fails or the listener stops.
+    async fn establish(self) -> Option<(Established, OwnedSemaphorePermit, IpSlot)> {
         let Conn {
             name,
             tcp,
@@ -482,37 +504,32 @@ impl Conn {
             r = tokio::time::timeout(limits.handshake_timeout, accept) => r,
             _ = cancel.cancelled() => {
                 tracing::debug!(listener = name, %peer, "handshake dropped to make room for a newer one");
-                return;
+                return None;
             }
             _ = shutdown.cancelled() => {
                 pending_remove(&pending, seq, false);
-                return;
+                return None;
             }
         };
         pending_remove(&pending, seq, matches!(handshake, Ok(Ok(_))));
         let tls = match handshake {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => Box::new(s),
             Ok(Err(e)) => {
                 tracing::debug!(listener = name, %peer, "TLS handshake failed: {e}");
-                return;
+                return None;
             }
             Err(_) => {
                 stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(listener = name, %peer, "TLS handshake not completed in time");
-                return;
+                return None;
             }
         };
-        let _permit: OwnedSemaphorePermit = match budget.sem.try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                stats.refused_budget.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(listener = name, %peer, "refused: connection budget exhausted");
-                return;
-            }
+        let Ok(permit) = budget.sem.try_acquire_owned() else {
+            stats.refused_budget.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(listener = name, %peer, "refused: connection budget exhausted");
+            return None;
         };
-        let info = ConnInfo::of(peer, &tls, "direct");
-        let svc = make(info);
-        serve_http(name, peer, tls, svc, &limits, &shutdown).await;
+        Some((tls, permit, _ip))
     }
 }
 
