@@ -454,9 +454,9 @@ impl Conn {
     /// The handshake, then HTTP until the connection ends. A task's future is as large as the
     /// largest state it can be in, for its whole life, and most connections are long-lived
     /// idle tunnels: so the handshake's state is boxed and freed when it ends, the stream it
-    /// yields is boxed, and the serving state is boxed, leaving this future a few hundred
-    /// bytes instead of the handshake's and the serving state's sizes side by side
-    /// (BENCHMARKS.md, "Memory per idle tunnel").
+    /// yields is boxed, and the serving state is boxed, instead of this future holding the
+    /// handshake's states and the serving state side by side (BENCHMARKS.md, "Memory per idle
+    /// tunnel").
     async fn run<S>(self, make: impl FnOnce(ConnInfo) -> S)
     where
         S: ConnService,
