@@ -609,9 +609,15 @@ pub async fn serve_inner<IO>(
 {
     let limits = crate::limits(&app.cfg);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    // Boxed as in `Conn::run`: the handshake's state is freed when it ends, and the stream and
+    // the serving state live apart from this future for the connection's life.
+    let accept = Box::pin(tokio::time::timeout(
+        limits.handshake_timeout,
+        acceptor.accept(io),
+    ));
     let tls = tokio::select! {
-        r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(io)) => match r {
-            Ok(Ok(s)) => s,
+        r = accept => match r {
+            Ok(Ok(s)) => Box::new(s),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, transport, "inner TLS handshake failed: {e}");
                 return;
@@ -625,7 +631,15 @@ pub async fn serve_inner<IO>(
     };
     let info = ConnInfo::of(peer, &tls, transport);
     let svc = crate::with_conn_info(crate::inner_router(app.clone()), info);
-    serve_http(transport, peer, tls, svc, &limits, &app.shutdown).await;
+    Box::pin(serve_http(
+        transport,
+        peer,
+        tls,
+        svc,
+        &limits,
+        &app.shutdown,
+    ))
+    .await;
 }
 
 /// An I/O stream that records when a byte last moved, for the idle timeout.
