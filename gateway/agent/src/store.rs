@@ -11,6 +11,7 @@
 //! so a late redelivery still finds them.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ring::aead;
 use serde::{Deserialize, Serialize};
@@ -171,6 +172,11 @@ pub struct Store {
     watch_actions: sled::Tree,
     watch_events: sled::Tree,
     key: aead::LessSafeKey,
+    /// Entries in `journal` and `outbox`, counted once at open and kept by every write that
+    /// adds or removes one (sled's `len` reads the whole tree; status, metrics and health
+    /// reports ask often, and a journal keeps days of entries).
+    journal_count: AtomicUsize,
+    outbox_count: AtomicUsize,
 }
 
 const IDENTITY_KEY: &[u8] = b"current";
@@ -213,10 +219,14 @@ impl Store {
                 Err(e) => return Err(sled_err(e)),
             }
         };
+        let journal = db.open_tree("journal").map_err(sled_err)?;
+        let outbox = db.open_tree("outbox").map_err(sled_err)?;
         Ok(Store {
             identity: db.open_tree("identity").map_err(sled_err)?,
-            journal: db.open_tree("journal").map_err(sled_err)?,
-            outbox: db.open_tree("outbox").map_err(sled_err)?,
+            journal_count: AtomicUsize::new(journal.len()),
+            outbox_count: AtomicUsize::new(outbox.len()),
+            journal,
+            outbox,
             acked: db.open_tree("acked").map_err(sled_err)?,
             bmcs: db.open_tree("bmcs").map_err(sled_err)?,
             settings: db.open_tree("settings").map_err(sled_err)?,
@@ -460,7 +470,10 @@ impl Store {
             .compare_and_swap(e.id.as_bytes(), None as Option<&[u8]>, Some(bytes))
             .map_err(self.err())?
         {
-            Ok(()) => Ok(None),
+            Ok(()) => {
+                self.journal_count.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
             Err(cas) => match cas.current {
                 Some(v) => {
                     serde_json::from_slice(&v)
@@ -482,12 +495,7 @@ impl Store {
             return Ok(Some(existing));
         }
         if let Some(r) = &e.result {
-            self.outbox
-                .insert(
-                    e.id.as_bytes(),
-                    serde_json::to_vec(r).expect("results serialise"),
-                )
-                .map_err(self.err())?;
+            self.put_outbox(&e.id, r)?;
         }
         Ok(None)
     }
@@ -500,18 +508,31 @@ impl Store {
             result: Some(result.clone()),
             ..e.clone()
         };
-        self.journal
+        let before = self
+            .journal
             .insert(
                 e.id.as_bytes(),
                 serde_json::to_vec(&done).expect("entries serialise"),
             )
             .map_err(self.err())?;
-        self.outbox
+        if before.is_none() {
+            self.journal_count.fetch_add(1, Ordering::Relaxed);
+        }
+        self.put_outbox(&e.id, result)
+    }
+
+    /// Puts `id`'s result into the outbox (counted when it was not there).
+    fn put_outbox(&self, id: &str, result: &StoredResult) -> Result<(), StoreError> {
+        let before = self
+            .outbox
             .insert(
-                e.id.as_bytes(),
+                id.as_bytes(),
                 serde_json::to_vec(result).expect("results serialise"),
             )
             .map_err(self.err())?;
+        if before.is_none() {
+            self.outbox_count.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -528,7 +549,14 @@ impl Store {
             self.acked
                 .insert(id.as_bytes(), &now_ms().to_be_bytes()[..])
                 .map_err(self.err())?;
-            self.outbox.remove(id.as_bytes()).map_err(self.err())?;
+            if self
+                .outbox
+                .remove(id.as_bytes())
+                .map_err(self.err())?
+                .is_some()
+            {
+                self.outbox_count.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -561,12 +589,14 @@ impl Store {
         self.read(&self.outbox, id, || format!("outbox entry {id}"))
     }
 
+    /// Results waiting in the outbox (kept count: no read of the tree).
     pub fn outbox_depth(&self) -> usize {
-        self.outbox.len()
+        self.outbox_count.load(Ordering::Relaxed)
     }
 
+    /// Entries in the journal (kept count: no read of the tree).
     pub fn journal_len(&self) -> usize {
-        self.journal.len()
+        self.journal_count.load(Ordering::Relaxed)
     }
 
     /// Entries still running (after a crash: those whose execution must be resumed).
@@ -591,7 +621,9 @@ impl Store {
             let (k, v) = kv.map_err(self.err())?;
             if let Ok(e) = serde_json::from_slice::<JournalEntry>(&v) {
                 if e.state == EntryState::Done && self.acked_ms(&e).is_some_and(|a| a < cutoff) {
-                    self.journal.remove(&k).map_err(self.err())?;
+                    if self.journal.remove(&k).map_err(self.err())?.is_some() {
+                        self.journal_count.fetch_sub(1, Ordering::Relaxed);
+                    }
                     self.acked.remove(&k).map_err(self.err())?;
                     n += 1;
                 }
@@ -694,6 +726,53 @@ mod tests {
         assert_eq!(s.prune(-1).expect("prune"), 2);
         assert!(s.entry("a").expect("get").is_none());
         assert!(s.entry("b").expect("get").is_none());
+    }
+
+    /// The kept counts follow every write that adds or removes an entry, repeated writes
+    /// included, and agree with a count of the trees themselves, after a reopen too.
+    #[test]
+    fn journal_and_outbox_counts_follow_every_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = StoredResult {
+            ok: true,
+            output: serde_json::json!(1),
+            error_class: String::new(),
+            error_message: String::new(),
+            started_ms: 0,
+            finished_ms: 0,
+        };
+        let counted = |s: &Store| {
+            assert_eq!(s.journal_len(), s.journal.len(), "journal");
+            assert_eq!(s.outbox_depth(), s.outbox.len(), "outbox");
+            (s.journal_len(), s.outbox_depth())
+        };
+        {
+            let s = Store::open(dir.path()).expect("open");
+            assert_eq!(counted(&s), (0, 0));
+            for id in ["a", "b", "c"] {
+                assert!(s.begin(&entry(id)).expect("begin").is_none());
+            }
+            s.begin(&entry("a")).expect("begin").expect("known");
+            assert_eq!(counted(&s), (3, 0));
+            s.finish(&entry("a"), &r).expect("finish");
+            s.finish(&entry("a"), &r).expect("finished again");
+            s.finish(&entry("b"), &r).expect("finish");
+            assert_eq!(counted(&s), (3, 2));
+            let mut cancelled = entry("d");
+            cancelled.state = EntryState::Done;
+            cancelled.result = Some(r.clone());
+            assert!(s.begin_done(&cancelled).expect("begin_done").is_none());
+            assert!(s.begin_done(&cancelled).expect("again").is_some());
+            assert_eq!(counted(&s), (4, 3));
+            s.ack("a").expect("ack");
+            s.ack("a").expect("ack again");
+            s.ack("unknown").expect("ack of nothing");
+            assert_eq!(counted(&s), (4, 2));
+            assert_eq!(s.prune(-1).expect("prune"), 1);
+            assert_eq!(counted(&s), (3, 2));
+        }
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(counted(&s), (3, 2));
     }
 
     #[test]
