@@ -688,6 +688,17 @@ mod tests {
         }
     }
 
+    fn done_ok() -> StoredResult {
+        StoredResult {
+            ok: true,
+            output: serde_json::json!(1),
+            error_class: String::new(),
+            error_message: String::new(),
+            started_ms: 0,
+            finished_ms: 0,
+        }
+    }
+
     #[test]
     fn begin_is_once_per_id() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -695,14 +706,7 @@ mod tests {
         assert!(s.begin(&entry("a")).expect("begin").is_none());
         let again = s.begin(&entry("a")).expect("begin").expect("known");
         assert_eq!(again.state, EntryState::Running);
-        let r = StoredResult {
-            ok: true,
-            output: serde_json::json!(1),
-            error_class: String::new(),
-            error_message: String::new(),
-            started_ms: 0,
-            finished_ms: 0,
-        };
+        let r = done_ok();
         s.finish(&entry("a"), &r).expect("finish");
         assert_eq!(s.outbox_depth(), 1);
         let done = s.entry("a").expect("get").expect("known");
@@ -733,14 +737,7 @@ mod tests {
     #[test]
     fn journal_and_outbox_counts_follow_every_write() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let r = StoredResult {
-            ok: true,
-            output: serde_json::json!(1),
-            error_class: String::new(),
-            error_message: String::new(),
-            started_ms: 0,
-            finished_ms: 0,
-        };
+        let r = done_ok();
         let counted = |s: &Store| {
             assert_eq!(s.journal_len(), s.journal.len(), "journal");
             assert_eq!(s.outbox_depth(), s.outbox.len(), "outbox");
