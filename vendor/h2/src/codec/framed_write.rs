@@ -297,9 +297,9 @@ where
                 v.encode(self.buf.get_mut());
                 tracing::trace!("encoded priority; rem={:?}", self.buf.remaining());
                 */
-                // pcg: upstream's `unimplemented!()`. Unreachable: h2 never sends a PRIORITY
-                // frame (the only one it builds is one it received, never buffered to write).
-                // Dropped rather than panicking (vendor/h2/PATCHED.md).
+                // pcg: upstream panicked here. Unreachable: h2 never sends a PRIORITY frame
+                // (the only one it builds is one it received, never buffered to write).
+                // Dropped with a log line rather than a panic (vendor/h2/PATCHED.md).
                 tracing::debug!("a PRIORITY frame is never sent; dropped");
             }
             Frame::Reset(v) => {
