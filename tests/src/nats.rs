@@ -118,9 +118,11 @@ impl NatsCluster {
     /// node that exits before it is ready makes all three start again on fresh ports, up to
     /// five times.
     pub async fn start(dir: &Path, pki: &Path) -> anyhow::Result<NatsCluster> {
-        std::fs::create_dir_all(dir)?;
         let mut last = String::new();
         for _ in 0..5 {
+            // Each try from an empty directory: no JetStream state of a cluster that never formed.
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::create_dir_all(dir)?;
             let ports: Vec<(u16, u16, u16)> = (0..3)
                 .map(|_| (free_port(), free_port(), free_port()))
                 .collect();
