@@ -203,11 +203,7 @@ impl Registry {
             let ledger = Arc::new(crate::ledger::Ledger::new(path));
             r.register("gateway.ledger", move |ctx: ExecContext, p: Value| {
                 let ledger = ledger.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || ledger_append(&ledger, &ctx, &p))
-                        .await
-                        .map_err(|e| ExecError::new("internal", e.to_string()))?
-                }
+                async move { ledger_append(ledger, &ctx, &p).await }
             });
         }
         r
@@ -217,8 +213,8 @@ impl Registry {
 /// `gateway.ledger`: appends `<command id> <payload>` to the ledger file, durably (the sync
 /// shared with the appends under way). On a recovered execution it first looks for its own
 /// line, so a crash between the append and the journal write does not append twice.
-fn ledger_append(
-    ledger: &crate::ledger::Ledger,
+async fn ledger_append(
+    ledger: Arc<crate::ledger::Ledger>,
     ctx: &ExecContext,
     payload: &Value,
 ) -> Result<Value, ExecError> {
@@ -229,12 +225,19 @@ fn ledger_append(
         )
     };
     if ctx.recovered {
-        if let Some(n) = ledger.find(&ctx.command_id).map_err(io)? {
+        // Reading the whole file blocks: off the runtime's workers (recovery only).
+        let (l, id) = (ledger.clone(), ctx.command_id.clone());
+        let found = tokio::task::spawn_blocking(move || l.find(&id))
+            .await
+            .map_err(|e| ExecError::new("internal", e.to_string()))?
+            .map_err(io)?;
+        if let Some(n) = found {
             return Ok(json!({ "line": n, "found_after_restart": true }));
         }
     }
     ledger
-        .append(&format!("{} {}", ctx.command_id, payload))
+        .append(format!("{} {}", ctx.command_id, payload))
+        .await
         .map_err(io)?;
     Ok(json!({ "appended": true }))
 }
