@@ -107,8 +107,23 @@ impl App {
             ));
         }
         let mut out = Vec::with_capacity(items.len());
+        // A batch usually names one gateway: its record is read once, not once per item (it
+        // was 6% of pcg-saas's CPU in batches), and stands for the whole request, as a single
+        // read at its start would.
+        let mut last: Option<Gateway> = None;
         for req in items {
-            out.push(self.stage(caller, req).await);
+            let g = match last.take() {
+                Some(g) if g.id == req.gateway_id => Ok(g),
+                _ => self.submit_gateway(caller, req.gateway_id).await,
+            };
+            out.push(match g {
+                Ok(g) => {
+                    let r = self.stage_for(caller, &g, req).await;
+                    last = Some(g);
+                    r
+                }
+                Err(e) => Err(e),
+            });
         }
         if out.iter().any(|r| r.as_ref().is_ok_and(|s| !s.replayed)) {
             self.store.flush().await?;
@@ -132,15 +147,31 @@ impl App {
     /// Checks, seals and writes a command (not yet flushed); or finds the command its
     /// idempotency key already made (`replayed`, durable).
     async fn stage(&self, caller: &Caller, req: Submit<'_>) -> AppResult<Submitted> {
+        let g = self.submit_gateway(caller, req.gateway_id).await?;
+        self.stage_for(caller, &g, req).await
+    }
+
+    /// The caller's gateway a command is submitted to.
+    async fn submit_gateway(&self, caller: &Caller, id: &str) -> AppResult<Gateway> {
         let tenant = caller.tenant()?;
-        let g = match self.tenant_gateway(tenant, req.gateway_id) {
+        match self.tenant_gateway(tenant, id) {
             Err(e) if self.log.is_cluster() && e.kind == Kind::NotFound => {
                 // It may have just been paired on another replica.
                 self.catch_up().await?;
-                self.tenant_gateway(tenant, req.gateway_id)?
+                self.tenant_gateway(tenant, id)
             }
-            r => r?,
-        };
+            r => r,
+        }
+    }
+
+    /// [`Self::stage`] for the gateway `g` (the caller's, as `submit_gateway` found it).
+    async fn stage_for(
+        &self,
+        caller: &Caller,
+        g: &Gateway,
+        req: Submit<'_>,
+    ) -> AppResult<Submitted> {
+        let tenant = caller.tenant()?;
         if let Some(k) = &req.idempotency_key {
             if k.is_empty()
                 || k.len() > MAX_IDEMPOTENCY_KEY
