@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::FutureExt as _;
 use pcg_proto::v1::gateway_frame::Kind as GKind;
 use pcg_proto::v1::{Command, CommandReceived, CommandResult, GatewayFrame};
 use serde_json::{json, Value};
@@ -577,12 +578,24 @@ async fn run(
         cancel: exec.cancel.clone(),
         execution: exec.clone(),
     };
-    // Its own task: a panicking handler fails its command instead of the gateway, and an
-    // abandoned one is dropped wherever it was.
-    let mut handler = tokio::spawn(h.execute(ctx, payload));
-    let joined = |r: Result<Result<Value, ExecError>, tokio::task::JoinError>| match r {
+    // Polled in this task behind `catch_unwind`: a panicking handler fails its command instead
+    // of the gateway, and an abandoned one is dropped wherever it was. (A task of its own did
+    // the same for the cost of a spawn and a wake-up per command.)
+    let handler = std::panic::AssertUnwindSafe(h.execute(ctx, payload)).catch_unwind();
+    tokio::pin!(handler);
+    let joined = |r: Result<Result<Value, ExecError>, Box<dyn std::any::Any + Send>>| match r {
         Ok(r) => r,
-        Err(e) => Err(ExecError::new("internal", format!("handler failed: {e}"))),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(ExecError::new(
+                "internal",
+                format!("the handler of {} panicked: {what}", entry.kind),
+            ))
+        }
     };
     tokio::select! {
         r = &mut handler => {
@@ -602,7 +615,6 @@ async fn run(
                 Err(e) => Err(stop_error(exec, Some(e), "")),
             };
         }
-        handler.abort();
         return Err(stop_error(
             exec,
             None,
@@ -613,7 +625,6 @@ async fn run(
             ),
         ));
     }
-    handler.abort();
     Err(stop_error(
         exec,
         None,

@@ -482,7 +482,28 @@ mod tests {
                 Ok(json!({}))
             },
         );
+        registry.register(
+            "test.panic",
+            |_ctx: executor::ExecContext, _p: serde_json::Value| async move {
+                tokio::task::yield_now().await;
+                panic!("the handler gave up");
+            },
+        );
         Arc::new(Gateway::new(cfg, store, registry))
+    }
+
+    /// The journaled result of `id`, once it has one.
+    async fn result_of(gw: &Gateway, id: &str) -> store::StoredResult {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Some(r) = gw.store.entry(id).expect("read").and_then(|e| e.result) {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{id} has a result in time"))
     }
 
     fn start(gw: &Arc<Gateway>, id: &str, kind: &str, payload: serde_json::Value) {
@@ -553,22 +574,41 @@ mod tests {
         // Cancelling a running one stops it.
         start(&gw, "c_2", "gateway.sleep", json!({ "ms": 60000 }));
         executor::on_cancel(&gw, "c_2", "stop");
-        let r = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                if let Some(r) = gw.store.entry("c_2").expect("read").and_then(|e| e.result) {
-                    return r;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("cancelled in time");
+        let r = result_of(&gw, "c_2").await;
         assert_eq!(r.error_class, "cancelled");
         assert!(
             r.error_message.starts_with("cancelled: stop"),
             "{}",
             r.error_message
         );
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_fails_its_command_and_the_gateway_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = gateway(dir.path(), 300);
+        start(&gw, "c_panic", "test.panic", json!({}));
+        let r = result_of(&gw, "c_panic").await;
+        assert!(!r.ok);
+        assert_eq!(r.error_class, "internal");
+        assert!(
+            r.error_message
+                .contains("the handler of test.panic panicked: the handler gave up"),
+            "{}",
+            r.error_message
+        );
+        // Unmarked once the result is durable, just after the journal shows it.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while !gw.executions.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("nothing left running");
+        start(&gw, "c_echo", "gateway.echo", json!({ "a": 1 }));
+        let r = result_of(&gw, "c_echo").await;
+        assert!(r.ok, "{}", r.error_message);
+        assert_eq!(r.output, json!({ "echo": { "a": 1 } }));
     }
 
     #[tokio::test]
