@@ -6,12 +6,17 @@
 //!
 //! The journal is what makes commands take effect exactly once: an id is written (and flushed)
 //! before the gateway acts on it, its result is written (and flushed) before it is sent, and an
-//! id that is already known is never executed again. The outbox holds results until the broker
-//! acknowledges them. Done entries are kept for `journal_retention_hours` after acknowledgement
+//! id that is already known is never executed again. The outbox is the done entries the broker
+//! has not acknowledged: an acknowledgement is a small record in `acked`, and the ids without one
+//! are kept in memory (found by one pass over the journal at open), so that a result costs one
+//! write and its acknowledgement one more (a tree of its own for the outbox cost two writes
+//! more per command). Done entries are kept for `journal_retention_hours` after acknowledgement
 //! so a late redelivery still finds them.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use ring::aead;
 use serde::{Deserialize, Serialize};
@@ -160,9 +165,10 @@ pub struct Store {
     commit: pcg_durable::GroupCommit,
     identity: sled::Tree,
     journal: sled::Tree,
-    outbox: sled::Tree,
     /// When the broker acknowledged each result still journaled (id → Unix ms, big-endian).
     acked: sled::Tree,
+    /// The outbox: done entries without an acknowledgement, in id order.
+    unacked: Mutex<BTreeSet<String>>,
     bmcs: sled::Tree,
     /// Operator settings kept in the store (the proxy URL, sealed: it may hold a password).
     settings: sled::Tree,
@@ -172,11 +178,10 @@ pub struct Store {
     watch_actions: sled::Tree,
     watch_events: sled::Tree,
     key: aead::LessSafeKey,
-    /// Entries in `journal` and `outbox`, counted once at open and kept by every write that
-    /// adds or removes one (sled's `len` reads the whole tree; status, metrics and health
-    /// reports ask often, and a journal keeps days of entries).
+    /// Entries in `journal`, counted once at open and kept by every write that adds or removes
+    /// one (sled's `len` reads the whole tree; status, metrics and health reports ask often,
+    /// and a journal keeps days of entries).
     journal_count: AtomicUsize,
-    outbox_count: AtomicUsize,
 }
 
 const IDENTITY_KEY: &[u8] = b"current";
@@ -220,14 +225,16 @@ impl Store {
             }
         };
         let journal = db.open_tree("journal").map_err(sled_err)?;
-        let outbox = db.open_tree("outbox").map_err(sled_err)?;
+        let acked = db.open_tree("acked").map_err(sled_err)?;
+        // The outbox of earlier versions (id → result), emptied into the journal.
+        migrate_outbox(&journal, &db.open_tree("outbox").map_err(sled_err)?).map_err(&sled_err)?;
+        let (journal_len, unacked) = scan_journal(&journal, &acked).map_err(&sled_err)?;
         Ok(Store {
             identity: db.open_tree("identity").map_err(sled_err)?,
-            journal_count: AtomicUsize::new(journal.len()),
-            outbox_count: AtomicUsize::new(outbox.len()),
+            journal_count: AtomicUsize::new(journal_len),
+            unacked: Mutex::new(unacked),
             journal,
-            outbox,
-            acked: db.open_tree("acked").map_err(sled_err)?,
+            acked,
             bmcs: db.open_tree("bmcs").map_err(sled_err)?,
             settings: db.open_tree("settings").map_err(sled_err)?,
             endpoints: db.open_tree("endpoints").map_err(sled_err)?,
@@ -494,10 +501,14 @@ impl Store {
         if let Some(existing) = self.begin(e)? {
             return Ok(Some(existing));
         }
-        if let Some(r) = &e.result {
-            self.put_outbox(&e.id, r)?;
+        if e.state == EntryState::Done && e.result.is_some() {
+            self.outbox_set().insert(e.id.clone());
         }
         Ok(None)
+    }
+
+    fn outbox_set(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.unacked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a result: the journal entry (as journaled, in the caller's hands) becomes done
@@ -518,45 +529,24 @@ impl Store {
         if before.is_none() {
             self.journal_count.fetch_add(1, Ordering::Relaxed);
         }
-        self.put_outbox(&e.id, result)
-    }
-
-    /// Puts `id`'s result into the outbox (counted when it was not there).
-    fn put_outbox(&self, id: &str, result: &StoredResult) -> Result<(), StoreError> {
-        let before = self
-            .outbox
-            .insert(
-                id.as_bytes(),
-                serde_json::to_vec(result).expect("results serialise"),
-            )
-            .map_err(self.err())?;
-        if before.is_none() {
-            self.outbox_count.fetch_add(1, Ordering::Relaxed);
-        }
+        self.outbox_set().insert(e.id.clone());
         Ok(())
     }
 
-    /// The broker stored the result: drop it from the outbox, and note when (a small record
-    /// beside the entry, which retention reads; the entry itself is not rewritten).
+    /// The broker stored the result: note when (a small record beside the entry, which takes
+    /// it out of the outbox and which retention reads; the entry itself is not rewritten).
+    /// Not flushed: an acknowledgement lost in a crash only sends the result once more.
     pub fn ack(&self, id: &str) -> Result<(), StoreError> {
-        // The note first: a crash between the two writes leaves the result in the outbox (sent
-        // again, acknowledged again), never a done entry that retention cannot see.
-        if self
-            .outbox
-            .contains_key(id.as_bytes())
-            .map_err(self.err())?
+        if !self.outbox_set().remove(id) {
+            return Ok(()); // acknowledged before, or never in the outbox
+        }
+        if let Err(e) = self
+            .acked
+            .insert(id.as_bytes(), &now_ms().to_be_bytes()[..])
         {
-            self.acked
-                .insert(id.as_bytes(), &now_ms().to_be_bytes()[..])
-                .map_err(self.err())?;
-            if self
-                .outbox
-                .remove(id.as_bytes())
-                .map_err(self.err())?
-                .is_some()
-            {
-                self.outbox_count.fetch_sub(1, Ordering::Relaxed);
-            }
+            // Still waiting for an acknowledgement that sticks.
+            self.outbox_set().insert(id.to_string());
+            return Err(self.err()(e));
         }
         Ok(())
     }
@@ -570,28 +560,29 @@ impl Store {
         })
     }
 
+    /// The results waiting for an acknowledgement, in id order.
     pub fn outbox(&self) -> Result<Vec<(String, StoredResult)>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.outbox.iter() {
-            let (k, v) = kv.map_err(self.err())?;
-            let id = String::from_utf8_lossy(&k).into_owned();
-            let r = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                what: format!("outbox entry {id}"),
-                message: e.to_string(),
-            })?;
-            out.push((id, r));
+        let ids: Vec<String> = self.outbox_set().iter().cloned().collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(r) = self.outbox_result(&id)? {
+                out.push((id, r));
+            }
         }
         Ok(out)
     }
 
     /// The result of `id` waiting in the outbox, if it is still there (not acknowledged).
     pub fn outbox_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError> {
-        self.read(&self.outbox, id, || format!("outbox entry {id}"))
+        if !self.outbox_set().contains(id) {
+            return Ok(None);
+        }
+        Ok(self.entry(id)?.and_then(|e| e.result))
     }
 
-    /// Results waiting in the outbox (kept count: no read of the tree).
+    /// Results waiting in the outbox (kept in memory: no read of the store).
     pub fn outbox_depth(&self) -> usize {
-        self.outbox_count.load(Ordering::Relaxed)
+        self.outbox_set().len()
     }
 
     /// Entries in the journal (kept count: no read of the tree).
@@ -631,6 +622,97 @@ impl Store {
         }
         Ok(n)
     }
+}
+
+/// Moves the outbox of an earlier version (a tree of results) into the journal: each result
+/// becomes (or already is) its done entry's, and leaves the tree, which stays empty. A crash
+/// part-way leaves the rest for the next open. Flushed before anything reads the journal.
+fn migrate_outbox(journal: &sled::Tree, legacy: &sled::Tree) -> Result<(), sled::Error> {
+    let mut moved = false;
+    for kv in legacy.iter() {
+        let (k, v) = kv?;
+        if let Ok(result) = serde_json::from_slice::<StoredResult>(&v) {
+            let id = String::from_utf8_lossy(&k).into_owned();
+            let mut e = match journal.get(&k)? {
+                Some(j) => serde_json::from_slice::<JournalEntry>(&j).ok(),
+                None => None,
+            }
+            .unwrap_or_else(|| JournalEntry {
+                id,
+                kind: String::new(),
+                payload: serde_json::json!({}),
+                state: EntryState::Done,
+                received_ms: now_ms(),
+                result: None,
+                acked_ms: None,
+                deadline_ms: None,
+            });
+            if e.state != EntryState::Done || e.result.is_none() || e.acked_ms.is_some() {
+                e.state = EntryState::Done;
+                e.result = Some(result);
+                e.acked_ms = None;
+                journal.insert(&k, serde_json::to_vec(&e).expect("entries serialise"))?;
+            }
+        }
+        legacy.remove(&k)?;
+        moved = true;
+    }
+    if moved {
+        journal.flush()?;
+    }
+    Ok(())
+}
+
+/// One pass over the journal at open: how many entries it holds, and which done ones have no
+/// acknowledgement (the outbox). The journal and `acked` are both in id order, so they are read
+/// side by side; only an entry without an acknowledgement record is decoded.
+fn scan_journal(
+    journal: &sled::Tree,
+    acked: &sled::Tree,
+) -> Result<(usize, BTreeSet<String>), sled::Error> {
+    /// The fields the scan needs (serde skips the rest).
+    #[derive(Deserialize)]
+    struct Head {
+        state: EntryState,
+        #[serde(default)]
+        result: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        acked_ms: Option<i64>,
+    }
+    let mut n = 0;
+    let mut unacked = BTreeSet::new();
+    let mut acks = acked.iter().keys().peekable();
+    for kv in journal.iter() {
+        let (k, v) = kv?;
+        n += 1;
+        let mut has_ack = false;
+        loop {
+            match acks.peek() {
+                Some(Ok(a)) if a.as_ref() < k.as_ref() => {
+                    acks.next();
+                }
+                Some(Ok(a)) => {
+                    has_ack = a.as_ref() == k.as_ref();
+                    break;
+                }
+                Some(Err(_)) => {
+                    if let Some(Err(e)) = acks.next() {
+                        return Err(e);
+                    }
+                }
+                None => break,
+            }
+        }
+        if has_ack {
+            continue;
+        }
+        if let Ok(h) = serde_json::from_slice::<Head>(&v) {
+            if h.state == EntryState::Done && h.result.is_some() && h.acked_ms.is_none() {
+                unacked.insert(String::from_utf8_lossy(&k).into_owned());
+            }
+        }
+    }
+    Ok((n, unacked))
 }
 
 fn load_or_create_key(path: &Path) -> Result<aead::LessSafeKey, StoreError> {
@@ -740,7 +822,16 @@ mod tests {
         let r = done_ok();
         let counted = |s: &Store| {
             assert_eq!(s.journal_len(), s.journal.len(), "journal");
-            assert_eq!(s.outbox_depth(), s.outbox.len(), "outbox");
+            // The outbox by its definition: done entries, read whole, with no acknowledgement.
+            let unacked = s
+                .journal
+                .iter()
+                .values()
+                .map(|v| serde_json::from_slice::<JournalEntry>(&v.expect("read")).expect("entry"))
+                .filter(|e| e.state == EntryState::Done && s.acked_ms(e).is_none())
+                .count();
+            assert_eq!(s.outbox_depth(), unacked, "outbox");
+            assert_eq!(s.outbox().expect("outbox").len(), unacked, "outbox results");
             (s.journal_len(), s.outbox_depth())
         };
         {
@@ -770,6 +861,87 @@ mod tests {
         }
         let s = Store::open(dir.path()).expect("reopen");
         assert_eq!(counted(&s), (3, 2));
+    }
+
+    /// A store of an earlier version kept unacknowledged results in a tree of their own: at
+    /// open they are the journal's and the outbox still holds them; acknowledged ones stay out.
+    #[test]
+    fn an_outbox_of_an_earlier_version_is_moved_into_the_journal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = done_ok();
+        {
+            // Written as that version wrote: a done entry and its result in the outbox tree;
+            // one acknowledged in the entry; one acknowledged with a record; a running one;
+            // a result whose entry is running (a crash between its two writes).
+            let db = sled::open(dir.path().join("db")).expect("sled");
+            let journal = db.open_tree("journal").expect("journal");
+            let outbox = db.open_tree("outbox").expect("outbox");
+            let acked = db.open_tree("acked").expect("acked");
+            let put = |e: &JournalEntry| {
+                journal
+                    .insert(e.id.as_bytes(), serde_json::to_vec(e).expect("json"))
+                    .expect("put");
+            };
+            let done = |id: &str| JournalEntry {
+                state: EntryState::Done,
+                result: Some(r.clone()),
+                ..entry(id)
+            };
+            put(&done("waiting"));
+            outbox
+                .insert("waiting", serde_json::to_vec(&r).expect("json"))
+                .expect("outbox");
+            put(&JournalEntry {
+                acked_ms: Some(now_ms()),
+                ..done("acked-in-entry")
+            });
+            put(&done("acked-record"));
+            acked
+                .insert("acked-record", &now_ms().to_be_bytes()[..])
+                .expect("acked");
+            put(&entry("running"));
+            put(&entry("half"));
+            outbox
+                .insert("half", serde_json::to_vec(&r).expect("json"))
+                .expect("outbox");
+            db.flush().expect("flush");
+        }
+        for _ in 0..2 {
+            let s = Store::open(dir.path()).expect("open");
+            let ids: Vec<String> = s
+                .outbox()
+                .expect("outbox")
+                .into_iter()
+                .map(|(id, got)| {
+                    assert_eq!(got, r, "{id}");
+                    id
+                })
+                .collect();
+            assert_eq!(ids, ["half", "waiting"]);
+            assert_eq!(s.journal_len(), 5);
+            let half = s.entry("half").expect("read").expect("journaled");
+            assert_eq!(
+                (half.state, half.result),
+                (EntryState::Done, Some(r.clone()))
+            );
+            assert_eq!(s.running().expect("running").len(), 1);
+        }
+        // The store's flusher thread lets go of the database a moment after the store.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let db = loop {
+            match sled::open(dir.path().join("db")) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("could not acquire lock"), "{e}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("sled: {e}"),
+            }
+        };
+        assert!(
+            db.open_tree("outbox").expect("outbox").is_empty(),
+            "emptied"
+        );
     }
 
     #[test]
