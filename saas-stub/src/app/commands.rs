@@ -107,9 +107,8 @@ impl App {
             ));
         }
         let mut out = Vec::with_capacity(items.len());
-        // A batch usually names one gateway: its record is read once, not once per item (it
-        // was 6% of pcg-saas's CPU in batches), and stands for the whole request, as a single
-        // read at its start would.
+        // A batch usually names one gateway: its record is read and decoded once, not once per
+        // item, and stands for the whole request, as a single read at its start would.
         let mut last: Option<Gateway> = None;
         for req in items {
             let g = match last.take() {
