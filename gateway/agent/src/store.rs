@@ -8,9 +8,10 @@
 //! before the gateway acts on it, its result is written (and flushed) before it is sent, and an
 //! id that is already known is never executed again. The outbox is the done entries the broker
 //! has not acknowledged: an acknowledgement is a small record in `acked`, and the ids without one
-//! are kept in memory (found by one pass over the journal at open), so that a result costs one
-//! write and its acknowledgement one more (a tree of its own for the outbox cost two writes
-//! more per command). Done entries are kept for `journal_retention_hours` after acknowledgement
+//! are kept in memory, with those of the entries still running (both found by one pass over the
+//! journal at open), so that a result costs one write and its acknowledgement one more (a tree
+//! of its own for the outbox cost two writes more per command), and neither the outbox nor the
+//! running entries need a read of the whole journal. Done entries are kept for `journal_retention_hours` after acknowledgement
 //! so a late redelivery still finds them.
 
 use std::collections::BTreeSet;
@@ -167,8 +168,8 @@ pub struct Store {
     journal: sled::Tree,
     /// When the broker acknowledged each result still journaled (id → Unix ms, big-endian).
     acked: sled::Tree,
-    /// The outbox: done entries without an acknowledgement, in id order.
-    unacked: Mutex<BTreeSet<String>>,
+    /// The ids of entries still running and of the outbox (done, not acknowledged).
+    ids: Mutex<Ids>,
     bmcs: sled::Tree,
     /// Operator settings kept in the store (the proxy URL, sealed: it may hold a password).
     settings: sled::Tree,
@@ -228,11 +229,11 @@ impl Store {
         let acked = db.open_tree("acked").map_err(sled_err)?;
         // The outbox of earlier versions (id → result), emptied into the journal.
         migrate_outbox(&journal, &db.open_tree("outbox").map_err(sled_err)?).map_err(&sled_err)?;
-        let (journal_len, unacked) = scan_journal(&journal, &acked).map_err(&sled_err)?;
+        let (journal_len, ids) = scan_journal(&journal, &acked).map_err(&sled_err)?;
         Ok(Store {
             identity: db.open_tree("identity").map_err(sled_err)?,
             journal_count: AtomicUsize::new(journal_len),
-            unacked: Mutex::new(unacked),
+            ids: Mutex::new(ids),
             journal,
             acked,
             bmcs: db.open_tree("bmcs").map_err(sled_err)?,
@@ -479,6 +480,7 @@ impl Store {
         {
             Ok(()) => {
                 self.journal_count.fetch_add(1, Ordering::Relaxed);
+                self.ids().note(e);
                 Ok(None)
             }
             Err(cas) => match cas.current {
@@ -498,17 +500,11 @@ impl Store {
     /// Journals an id as already done (a command cancelled before it was delivered or run),
     /// its result into the outbox. Returns the existing entry instead when the id is known.
     pub fn begin_done(&self, e: &JournalEntry) -> Result<Option<JournalEntry>, StoreError> {
-        if let Some(existing) = self.begin(e)? {
-            return Ok(Some(existing));
-        }
-        if e.state == EntryState::Done && e.result.is_some() {
-            self.outbox_set().insert(e.id.clone());
-        }
-        Ok(None)
+        self.begin(e)
     }
 
-    fn outbox_set(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
-        self.unacked.lock().unwrap_or_else(|p| p.into_inner())
+    fn ids(&self) -> std::sync::MutexGuard<'_, Ids> {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a result: the journal entry (as journaled, in the caller's hands) becomes done
@@ -529,7 +525,9 @@ impl Store {
         if before.is_none() {
             self.journal_count.fetch_add(1, Ordering::Relaxed);
         }
-        self.outbox_set().insert(e.id.clone());
+        let mut ids = self.ids();
+        ids.running.remove(&e.id);
+        ids.unacked.insert(e.id.clone());
         Ok(())
     }
 
@@ -537,7 +535,7 @@ impl Store {
     /// it out of the outbox and which retention reads; the entry itself is not rewritten).
     /// Not flushed: an acknowledgement lost in a crash only sends the result once more.
     pub fn ack(&self, id: &str) -> Result<(), StoreError> {
-        if !self.outbox_set().remove(id) {
+        if !self.ids().unacked.remove(id) {
             return Ok(()); // acknowledged before, or never in the outbox
         }
         if let Err(e) = self
@@ -545,7 +543,7 @@ impl Store {
             .insert(id.as_bytes(), &now_ms().to_be_bytes()[..])
         {
             // Still waiting for an acknowledgement that sticks.
-            self.outbox_set().insert(id.to_string());
+            self.ids().unacked.insert(id.to_string());
             return Err(self.err()(e));
         }
         Ok(())
@@ -562,7 +560,7 @@ impl Store {
 
     /// The results waiting for an acknowledgement, in id order.
     pub fn outbox(&self) -> Result<Vec<(String, StoredResult)>, StoreError> {
-        let ids: Vec<String> = self.outbox_set().iter().cloned().collect();
+        let ids: Vec<String> = self.ids().unacked.iter().cloned().collect();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(r) = self.outbox_result(&id)? {
@@ -574,7 +572,7 @@ impl Store {
 
     /// The result of `id` waiting in the outbox, if it is still there (not acknowledged).
     pub fn outbox_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError> {
-        if !self.outbox_set().contains(id) {
+        if !self.ids().unacked.contains(id) {
             return Ok(None);
         }
         Ok(self.entry(id)?.and_then(|e| e.result))
@@ -582,7 +580,7 @@ impl Store {
 
     /// Results waiting in the outbox (kept in memory: no read of the store).
     pub fn outbox_depth(&self) -> usize {
-        self.outbox_set().len()
+        self.ids().unacked.len()
     }
 
     /// Entries in the journal (kept count: no read of the tree).
@@ -591,14 +589,13 @@ impl Store {
     }
 
     /// Entries still running (after a crash: those whose execution must be resumed).
+    /// (Kept in memory like the outbox: only those entries are read.)
     pub fn running(&self) -> Result<Vec<JournalEntry>, StoreError> {
-        let mut out = Vec::new();
-        for v in self.journal.iter().values() {
-            let v = v.map_err(self.err())?;
-            if let Ok(e) = serde_json::from_slice::<JournalEntry>(&v) {
-                if e.state == EntryState::Running {
-                    out.push(e);
-                }
+        let ids: Vec<String> = self.ids().running.iter().cloned().collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(e) = self.entry(&id)?.filter(|e| e.state == EntryState::Running) {
+                out.push(e);
             }
         }
         Ok(out)
@@ -663,13 +660,38 @@ fn migrate_outbox(journal: &sled::Tree, legacy: &sled::Tree) -> Result<(), sled:
     Ok(())
 }
 
-/// One pass over the journal at open: how many entries it holds, and which done ones have no
-/// acknowledgement (the outbox). The journal and `acked` are both in id order, so they are read
+/// The journal entries the store keeps track of in memory, by id.
+#[derive(Default)]
+struct Ids {
+    /// Entries still running (after a crash: those whose execution must be resumed).
+    running: BTreeSet<String>,
+    /// Done entries without an acknowledgement: the outbox.
+    unacked: BTreeSet<String>,
+}
+
+impl Ids {
+    /// A new entry, or one read at open: `acked_ms` is an earlier version's acknowledgement.
+    fn note(&mut self, e: &JournalEntry) {
+        self.note_state(&e.id, e.state, e.result.is_some(), e.acked_ms.is_some());
+    }
+
+    fn note_state(&mut self, id: &str, state: EntryState, has_result: bool, acked: bool) {
+        match state {
+            EntryState::Running => {
+                self.running.insert(id.to_string());
+            }
+            EntryState::Done if has_result && !acked => {
+                self.unacked.insert(id.to_string());
+            }
+            EntryState::Done => {}
+        }
+    }
+}
+
+/// One pass over the journal at open: how many entries it holds, which are still running, and
+/// which done ones have no acknowledgement (the outbox). The journal and `acked` are both in id order, so they are read
 /// side by side; only an entry without an acknowledgement record is decoded.
-fn scan_journal(
-    journal: &sled::Tree,
-    acked: &sled::Tree,
-) -> Result<(usize, BTreeSet<String>), sled::Error> {
+fn scan_journal(journal: &sled::Tree, acked: &sled::Tree) -> Result<(usize, Ids), sled::Error> {
     /// The fields the scan needs (serde skips the rest).
     #[derive(Deserialize)]
     struct Head {
@@ -680,7 +702,7 @@ fn scan_journal(
         acked_ms: Option<i64>,
     }
     let mut n = 0;
-    let mut unacked = BTreeSet::new();
+    let mut ids = Ids::default();
     let mut acks = acked.iter().keys().peekable();
     for kv in journal.iter() {
         let (k, v) = kv?;
@@ -707,12 +729,15 @@ fn scan_journal(
             continue;
         }
         if let Ok(h) = serde_json::from_slice::<Head>(&v) {
-            if h.state == EntryState::Done && h.result.is_some() && h.acked_ms.is_none() {
-                unacked.insert(String::from_utf8_lossy(&k).into_owned());
-            }
+            ids.note_state(
+                &String::from_utf8_lossy(&k),
+                h.state,
+                h.result.is_some(),
+                h.acked_ms.is_some(),
+            );
         }
     }
-    Ok((n, unacked))
+    Ok((n, ids))
 }
 
 fn load_or_create_key(path: &Path) -> Result<aead::LessSafeKey, StoreError> {
@@ -814,10 +839,11 @@ mod tests {
         assert!(s.entry("b").expect("get").is_none());
     }
 
-    /// The kept counts follow every write that adds or removes an entry, repeated writes
-    /// included, and agree with a count of the trees themselves, after a reopen too.
+    /// The kept count, outbox and running entries follow every write that adds, finishes,
+    /// acknowledges or removes an entry, repeated writes included, and agree with the trees
+    /// read whole, after a reopen too.
     #[test]
-    fn journal_and_outbox_counts_follow_every_write() {
+    fn journal_count_outbox_and_running_follow_every_write() {
         let dir = tempfile::tempdir().expect("tempdir");
         let r = done_ok();
         let counted = |s: &Store| {
@@ -832,6 +858,21 @@ mod tests {
                 .count();
             assert_eq!(s.outbox_depth(), unacked, "outbox");
             assert_eq!(s.outbox().expect("outbox").len(), unacked, "outbox results");
+            let running: Vec<String> = s
+                .journal
+                .iter()
+                .values()
+                .map(|v| serde_json::from_slice::<JournalEntry>(&v.expect("read")).expect("entry"))
+                .filter(|e| e.state == EntryState::Running)
+                .map(|e| e.id)
+                .collect();
+            let kept: Vec<String> = s
+                .running()
+                .expect("running")
+                .into_iter()
+                .map(|e| e.id)
+                .collect();
+            assert_eq!(kept, running, "running");
             (s.journal_len(), s.outbox_depth())
         };
         {
