@@ -11,8 +11,8 @@
 //! are kept in memory, with those of the entries still running (both found by one pass over the
 //! journal at open), so that a result costs one write and its acknowledgement one more (a tree
 //! of its own for the outbox cost two writes more per command), and neither the outbox nor the
-//! running entries need a read of the whole journal. Done entries are kept for `journal_retention_hours` after acknowledgement
-//! so a late redelivery still finds them.
+//! running entries need a read of the whole journal. Done entries are kept for
+//! `journal_retention_hours` after acknowledgement so a late redelivery still finds them.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -628,28 +628,35 @@ fn migrate_outbox(journal: &sled::Tree, legacy: &sled::Tree) -> Result<(), sled:
     let mut moved = false;
     for kv in legacy.iter() {
         let (k, v) = kv?;
-        if let Ok(result) = serde_json::from_slice::<StoredResult>(&v) {
-            let id = String::from_utf8_lossy(&k).into_owned();
-            let mut e = match journal.get(&k)? {
-                Some(j) => serde_json::from_slice::<JournalEntry>(&j).ok(),
-                None => None,
+        let id = String::from_utf8_lossy(&k).into_owned();
+        match serde_json::from_slice::<StoredResult>(&v) {
+            Ok(result) => {
+                let mut e = match journal.get(&k)? {
+                    Some(j) => serde_json::from_slice::<JournalEntry>(&j).ok(),
+                    None => None,
+                }
+                .unwrap_or_else(|| JournalEntry {
+                    id,
+                    kind: String::new(),
+                    payload: serde_json::json!({}),
+                    state: EntryState::Done,
+                    received_ms: now_ms(),
+                    result: None,
+                    acked_ms: None,
+                    deadline_ms: None,
+                });
+                if e.state != EntryState::Done || e.result.is_none() || e.acked_ms.is_some() {
+                    e.state = EntryState::Done;
+                    e.result = Some(result);
+                    e.acked_ms = None;
+                    journal.insert(&k, serde_json::to_vec(&e).expect("entries serialise"))?;
+                }
             }
-            .unwrap_or_else(|| JournalEntry {
-                id,
-                kind: String::new(),
-                payload: serde_json::json!({}),
-                state: EntryState::Done,
-                received_ms: now_ms(),
-                result: None,
-                acked_ms: None,
-                deadline_ms: None,
-            });
-            if e.state != EntryState::Done || e.result.is_none() || e.acked_ms.is_some() {
-                e.state = EntryState::Done;
-                e.result = Some(result);
-                e.acked_ms = None;
-                journal.insert(&k, serde_json::to_vec(&e).expect("entries serialise"))?;
-            }
+            // Unreadable: the earlier version could not have sent it either.
+            Err(e) => tracing::error!(
+                command = %id,
+                "the outbox of an earlier version holds an unreadable result, dropped: {e}"
+            ),
         }
         legacy.remove(&k)?;
         moved = true;
@@ -945,6 +952,8 @@ mod tests {
             outbox
                 .insert("half", serde_json::to_vec(&r).expect("json"))
                 .expect("outbox");
+            // Unreadable: dropped (that version could not send it either).
+            outbox.insert("bad", &b"{not json"[..]).expect("outbox");
             db.flush().expect("flush");
         }
         for _ in 0..2 {
