@@ -212,19 +212,7 @@ impl Store {
             tracing::warn!(path = %p.display(), "cannot make owner-only: {e}");
         }
         let key = load_or_create_key(&dir.join("secret.key"))?;
-        let deadline = std::time::Instant::now() + wait;
-        let db = loop {
-            match sled::Config::new().path(&path).open() {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                    if std::time::Instant::now() >= deadline {
-                        return Err(StoreError::InUse { path: path.clone() });
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => return Err(sled_err(e)),
-            }
-        };
+        let db = open_db(&path, wait)?;
         let journal = db.open_tree("journal").map_err(sled_err)?;
         let acked = db.open_tree("acked").map_err(sled_err)?;
         // The outbox of earlier versions (id → result), emptied into the journal.
@@ -621,6 +609,31 @@ impl Store {
     }
 }
 
+/// Opens the sled database at `path`, waiting up to `wait` while another process holds it
+/// ([`StoreError::InUse`] after that).
+fn open_db(path: &Path, wait: std::time::Duration) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::InUse {
+                        path: path.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(source) => {
+                return Err(StoreError::Sled {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
 /// Moves the outbox of an earlier version (a tree of results) into the journal: each result
 /// becomes (or already is) its done entry's, and leaves the tree, which stays empty. A crash
 /// part-way leaves the rest for the next open. Flushed before anything reads the journal.
@@ -696,8 +709,9 @@ impl Ids {
 }
 
 /// One pass over the journal at open: how many entries it holds, which are still running, and
-/// which done ones have no acknowledgement (the outbox). The journal and `acked` are both in id order, so they are read
-/// side by side; only an entry without an acknowledgement record is decoded.
+/// which done ones have no acknowledgement (the outbox). The journal and `acked` are both in id
+/// order, so they are read side by side; only an entry without an acknowledgement record is
+/// decoded.
 fn scan_journal(journal: &sled::Tree, acked: &sled::Tree) -> Result<(usize, Ids), sled::Error> {
     /// The fields the scan needs (serde skips the rest).
     #[derive(Deserialize)]
@@ -855,21 +869,22 @@ mod tests {
         let r = done_ok();
         let counted = |s: &Store| {
             assert_eq!(s.journal_len(), s.journal.len(), "journal");
-            // The outbox by its definition: done entries, read whole, with no acknowledgement.
-            let unacked = s
+            // The outbox and the running entries by their definitions, the journal read whole:
+            // done entries with no acknowledgement, and entries still running.
+            let entries: Vec<JournalEntry> = s
                 .journal
                 .iter()
                 .values()
-                .map(|v| serde_json::from_slice::<JournalEntry>(&v.expect("read")).expect("entry"))
+                .map(|v| serde_json::from_slice(&v.expect("read")).expect("entry"))
+                .collect();
+            let unacked = entries
+                .iter()
                 .filter(|e| e.state == EntryState::Done && s.acked_ms(e).is_none())
                 .count();
             assert_eq!(s.outbox_depth(), unacked, "outbox");
             assert_eq!(s.outbox().expect("outbox").len(), unacked, "outbox results");
-            let running: Vec<String> = s
-                .journal
-                .iter()
-                .values()
-                .map(|v| serde_json::from_slice::<JournalEntry>(&v.expect("read")).expect("entry"))
+            let running: Vec<String> = entries
+                .into_iter()
                 .filter(|e| e.state == EntryState::Running)
                 .map(|e| e.id)
                 .collect();
@@ -977,17 +992,7 @@ mod tests {
             assert_eq!(s.running().expect("running").len(), 1);
         }
         // The store's flusher thread lets go of the database a moment after the store.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let db = loop {
-            match sled::open(dir.path().join("db")) {
-                Ok(db) => break db,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    assert!(e.to_string().contains("could not acquire lock"), "{e}");
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => panic!("sled: {e}"),
-            }
-        };
+        let db = open_db(&dir.path().join("db"), std::time::Duration::from_secs(30)).expect("db");
         assert!(
             db.open_tree("outbox").expect("outbox").is_empty(),
             "emptied"
