@@ -725,7 +725,7 @@ pub fn on_cancel(gw: &Arc<Gateway>, id: &str, reason: &str) {
         acked_ms: None,
         deadline_ms: None,
     };
-    match gw.store.begin_done(&tombstone) {
+    match gw.store.begin(&tombstone) {
         Err(e) => tracing::error!(command = %id, "cannot journal a cancel: {e}"),
         Ok(None) => {
             let gw = gw.clone();

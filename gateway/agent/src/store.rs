@@ -457,8 +457,9 @@ impl Store {
         self.read(&self.journal, id, || format!("journal entry {id}"))
     }
 
-    /// Journals a new command as running. Returns the existing entry instead when the id is
-    /// already known (atomically: two deliveries racing cannot both insert).
+    /// Journals a new command: running, or already done (a command cancelled before it was
+    /// delivered or run: its result is then in the outbox). Returns the existing entry instead
+    /// when the id is already known (atomically: two deliveries racing cannot both insert).
     pub fn begin(&self, e: &JournalEntry) -> Result<Option<JournalEntry>, StoreError> {
         let bytes = serde_json::to_vec(e).expect("entries serialise");
         match self
@@ -483,12 +484,6 @@ impl Store {
                 None => Ok(None),
             },
         }
-    }
-
-    /// Journals an id as already done (a command cancelled before it was delivered or run),
-    /// its result into the outbox. Returns the existing entry instead when the id is known.
-    pub fn begin_done(&self, e: &JournalEntry) -> Result<Option<JournalEntry>, StoreError> {
-        self.begin(e)
     }
 
     fn ids(&self) -> std::sync::MutexGuard<'_, Ids> {
@@ -912,8 +907,8 @@ mod tests {
             let mut cancelled = entry("d");
             cancelled.state = EntryState::Done;
             cancelled.result = Some(r.clone());
-            assert!(s.begin_done(&cancelled).expect("begin_done").is_none());
-            assert!(s.begin_done(&cancelled).expect("again").is_some());
+            assert!(s.begin(&cancelled).expect("begin done").is_none());
+            assert!(s.begin(&cancelled).expect("again").is_some());
             assert_eq!(counted(&s), (4, 3));
             s.ack("a").expect("ack");
             s.ack("a").expect("ack again");
