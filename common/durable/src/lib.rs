@@ -5,7 +5,8 @@
 //! Why not `Tree::flush_async`: concurrent `flush_async` calls deadlock in sled 0.34 (sled issue
 //! 1308, fixed only on its unreleased main branch); pcg-saas hung here within seconds under
 //! 16 concurrent submissions, with every sled I/O thread parked in `make_stable`. One flush at a
-//! time avoids it, and batching the waiters keeps throughput.
+//! time avoids it, and batching the waiters keeps throughput. The thread is a [`Batches`], which
+//! serves any such group commit.
 //!
 //! [`fs`] keeps data directories owner-only.
 
@@ -16,36 +17,77 @@ use std::thread;
 
 use tokio::sync::oneshot;
 
-type Reply = oneshot::Sender<Result<(), sled::Error>>;
+type Request<T, R> = (T, oneshot::Sender<R>);
+
+/// A thread that takes every request queued while it was busy, handles them as one batch, and
+/// gives each the batch's answer: group commit for whatever makes writes durable (sled's flush
+/// here, an append-only file's write and `fdatasync` in the gateway's ledger). Cloning shares
+/// the thread; it ends when every handle is dropped.
+pub struct Batches<T, R> {
+    tx: mpsc::Sender<Request<T, R>>,
+}
+
+impl<T, R> Clone for Batches<T, R> {
+    fn clone(&self) -> Self {
+        Batches {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static, R: Clone + Send + 'static> Batches<T, R> {
+    /// Starts the thread `name`, which runs `handle` once per batch.
+    pub fn start(name: &str, mut handle: impl FnMut(&[T]) -> R + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel::<Request<T, R>>();
+        thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let (items, answers): (Vec<T>, Vec<oneshot::Sender<R>>) =
+                        std::iter::once(first).chain(rx.try_iter()).unzip();
+                    let r = handle(&items);
+                    for a in answers {
+                        let _ = a.send(r.clone());
+                    }
+                }
+            })
+            .unwrap_or_else(|e| panic!("the {name} thread starts: {e}"));
+        Batches { tx }
+    }
+
+    /// Queues `item` and waits for its batch's answer (`None`: the thread has stopped).
+    pub async fn ask(&self, item: T) -> Option<R> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send((item, tx)).ok()?;
+        rx.await.ok()
+    }
+
+    /// Blocking variant, for code outside an async runtime.
+    pub fn ask_blocking(&self, item: T) -> Option<R> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send((item, tx)).ok()?;
+        rx.blocking_recv().ok()
+    }
+}
 
 /// Handle to the flusher thread of one sled database. Cloning shares the thread.
 #[derive(Clone)]
 pub struct GroupCommit {
-    tx: mpsc::Sender<Reply>,
+    flusher: Batches<(), Result<(), sled::Error>>,
     flushes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl GroupCommit {
     /// Starts the flusher thread for `db`. It ends when every handle is dropped.
     pub fn new(db: sled::Db) -> GroupCommit {
-        let (tx, rx) = mpsc::channel::<Reply>();
         let flushes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = flushes.clone();
-        thread::Builder::new()
-            .name("pcg-flush".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut waiters = vec![first];
-                    waiters.extend(rx.try_iter());
-                    let r = db.flush().map(|_| ());
-                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    for w in waiters {
-                        let _ = w.send(r.clone());
-                    }
-                }
-            })
-            .expect("the flusher thread starts");
-        GroupCommit { tx, flushes }
+        let flusher = Batches::start("pcg-flush", move |_: &[()]| {
+            let r = db.flush().map(|_| ());
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            r
+        });
+        GroupCommit { flusher, flushes }
     }
 
     /// Synchronous flushes done so far (each may have served many waiters).
@@ -55,16 +97,14 @@ impl GroupCommit {
 
     /// Waits until everything written before this call is durable.
     pub async fn flush(&self) -> Result<(), sled::Error> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(tx).map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+        self.flusher.ask(()).await.unwrap_or_else(|| Err(closed()))
     }
 
     /// Blocking variant, for code outside an async runtime.
     pub fn flush_blocking(&self) -> Result<(), sled::Error> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(tx).map_err(|_| closed())?;
-        rx.blocking_recv().map_err(|_| closed())?
+        self.flusher
+            .ask_blocking(())
+            .unwrap_or_else(|| Err(closed()))
     }
 }
 
@@ -75,6 +115,34 @@ fn closed() -> sled::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_item_is_handled_once_and_answered_with_its_batch() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let handled = seen.clone();
+        let b = Batches::start("test-batches", move |items: &[u32]| {
+            handled.lock().expect("lock").extend_from_slice(items);
+            items.len()
+        });
+        let tasks: Vec<_> = (0u32..300)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move { b.ask(i).await.expect("answered") })
+            })
+            .collect();
+        for t in tasks {
+            let n = t.await.expect("task");
+            assert!((1..=300).contains(&n), "a batch of {n}");
+        }
+        let mut seen = seen.lock().expect("lock").clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0u32..300).collect::<Vec<_>>(), "each item once");
+        // Outside the runtime, as a blocking caller would be.
+        let alone = std::thread::spawn(move || b.ask_blocking(7))
+            .join()
+            .expect("thread");
+        assert_eq!(alone, Some(1), "alone, a batch of one");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_concurrent_flushes_all_complete() {

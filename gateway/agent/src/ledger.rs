@@ -1,7 +1,8 @@
 //! The `gateway.ledger` command's file: one line `<command id> <payload>` per execution, each
 //! durable before the command reports it appended.
 //!
-//! One thread, `pcg-ledger`, owns the file and does every write and `fdatasync` (group commit):
+//! One thread, `pcg-ledger` (a [`pcg_durable::Batches`], as the stores' flushers are), owns the
+//! file and does every write and `fdatasync` (group commit):
 //! an append hands its line over and waits (asynchronously) for the answer; the thread takes
 //! every line queued up, writes them in one `write` and syncs once. With 64 commands in flight
 //! that is one write and one sync for many lines, and no blocking thread per command (an
@@ -13,12 +14,8 @@
 
 use std::io::{BufRead, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
-use tokio::sync::oneshot;
-
-/// A line to append and where to answer.
-type Request = (String, oneshot::Sender<Answer>);
+use pcg_durable::Batches;
 
 /// What became of a batch: the kind of error (kept for callers that tell them apart) and what
 /// failed.
@@ -27,20 +24,33 @@ type Answer = Result<(), (std::io::ErrorKind, String)>;
 /// The ledger file, shared by every execution of `gateway.ledger`.
 pub struct Ledger {
     path: PathBuf,
-    tx: mpsc::Sender<Request>,
+    writer: Batches<String, Answer>,
 }
 
 impl Ledger {
     /// Starts the ledger's thread (it ends when the ledger is dropped). The file is created at
     /// the first append.
     pub fn new(path: PathBuf) -> Ledger {
-        let (tx, rx) = mpsc::channel::<Request>();
-        let file = path.clone();
-        std::thread::Builder::new()
-            .name("pcg-ledger".into())
-            .spawn(move || writer(&file, &rx))
-            .expect("the ledger thread starts");
-        Ledger { path, tx }
+        let mut file = None;
+        let mut bytes = Vec::new();
+        let at = path.clone();
+        let writer = Batches::start("pcg-ledger", move |lines: &[String]| {
+            bytes.clear();
+            for line in lines {
+                bytes.extend_from_slice(line.as_bytes());
+                bytes.push(b'\n');
+            }
+            let r = write_and_sync(&at, &mut file, &bytes);
+            if r.is_err() {
+                // What this handle had written is in doubt: the next batch opens the file anew.
+                file = None;
+            }
+            if bytes.capacity() > 1 << 20 {
+                bytes = Vec::new();
+            }
+            r
+        });
+        Ledger { path, writer }
     }
 
     pub fn path(&self) -> &Path {
@@ -64,38 +74,11 @@ impl Ledger {
 
     /// Appends `line` (newline added) and returns once it is durable.
     pub async fn append(&self, line: String) -> std::io::Result<()> {
-        let (tx, rx) = oneshot::channel();
-        let stopped = || std::io::Error::other("the ledger's writer thread has stopped");
-        self.tx.send((line, tx)).map_err(|_| stopped())?;
-        rx.await
-            .map_err(|_| stopped())?
+        self.writer
+            .ask(line)
+            .await
+            .ok_or_else(|| std::io::Error::other("the ledger's writer thread has stopped"))?
             .map_err(|(kind, e)| std::io::Error::new(kind, e))
-    }
-}
-
-/// The ledger thread: takes every line queued, writes them at once, syncs, answers them all.
-fn writer(path: &Path, rx: &mpsc::Receiver<Request>) {
-    let mut file: Option<std::fs::File> = None;
-    let mut bytes = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter());
-        bytes.clear();
-        for (line, _) in &batch {
-            bytes.extend_from_slice(line.as_bytes());
-            bytes.push(b'\n');
-        }
-        let r = write_and_sync(path, &mut file, &bytes);
-        if r.is_err() {
-            // Whatever this handle had written is in doubt: the next batch opens the file anew.
-            file = None;
-        }
-        for (_, answer) in batch {
-            let _ = answer.send(r.clone());
-        }
-        if bytes.capacity() > 1 << 20 {
-            bytes = Vec::new();
-        }
     }
 }
 
