@@ -278,6 +278,9 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
         let back = specs[0].start().await;
         *replicas[0].write().await = back;
     }
+    // A subscriber on the restarted replica, from now on: it sees what the replica applies after
+    // its restart (the feed's numbers there are the log's, not its store's own counter).
+    let mut live = Sse::open(&*replicas[0].read().await, &key, "topics=results", None).await;
     wait_for(
         "three quarters submitted",
         Duration::from_secs(120),
@@ -312,6 +315,11 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
     let accepted = run.await.unwrap();
     assert_eq!(accepted.len(), total);
     phase("every command accepted");
+    let first = live
+        .next(Duration::from_secs(120))
+        .await
+        .expect("the restarted replica's feed carries the results it applies after its restart");
+    assert_eq!(first.topic, "results", "{first:?}");
     let mut seen = reader.await.unwrap();
     let last = seen.last().unwrap().0;
     {

@@ -269,6 +269,7 @@ pub async fn follow(app: Arc<App>, caught_up: oneshot::Sender<Result<u64, Cluste
         ))));
         return;
     }
+    app.store.feed.numbered_by_log(from);
     replica.applied.send_replace(from);
     let mut caught_up = Some(caught_up);
     if from >= target {

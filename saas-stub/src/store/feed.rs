@@ -226,6 +226,17 @@ impl Feed {
         self.made_durable(seq);
     }
 
+    /// This store is a replica's copy of a cluster's log, applied up to operation `applied`:
+    /// its feed is numbered by the log, not by the store's own counter, so the horizon is the
+    /// last operation applied. (A reopened store's counter jumps ahead of anything it handed
+    /// out — sled adds twice its persistence interval on recovery — far past the log's
+    /// numbers; a horizon left there would hide every operation applied after a restart.)
+    /// Called before the replica applies anything or serves a subscriber.
+    pub fn numbered_by_log(&self, applied: u64) {
+        self.lock().last = applied;
+        self.durable.send_replace(applied);
+    }
+
     /// The durable horizon, and its changes.
     pub fn horizon(&self) -> watch::Receiver<u64> {
         self.durable.subscribe()
@@ -411,5 +422,39 @@ mod tests {
             1
         );
         assert!(feed.ticket().expect("ticket").seq > last);
+    }
+
+    #[test]
+    fn a_replica_reopened_reads_its_feed_by_the_logs_numbers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::Config::new().path(dir.path()).open().expect("open");
+            let feed = Feed::open(&db).expect("feed");
+            feed.numbered_by_log(0);
+            for seq in 1..=3 {
+                feed.record("t", seq, Topic::Results, 1, b"c")
+                    .expect("record");
+                feed.applied(seq);
+            }
+            assert_eq!(feed.durable(), 3);
+            db.flush().expect("flush");
+        }
+        let db = sled::Config::new().path(dir.path()).open().expect("open");
+        let feed = Feed::open(&db).expect("feed");
+        // Left to the store's counter, the horizon would be far past the log's numbers.
+        assert!(feed.durable() > 1_000_000, "{}", feed.durable());
+        feed.numbered_by_log(3);
+        assert_eq!((feed.durable(), feed.visible()), (3, 3));
+        let mut rx = feed.horizon();
+        rx.borrow_and_update();
+        feed.record("t", 4, Topic::Results, 1, b"d")
+            .expect("record");
+        feed.applied(4);
+        assert_eq!(*rx.borrow_and_update(), 4);
+        let got = feed.read("t", 3, feed.durable(), 10).expect("read");
+        assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4]);
+        // A flush publishes what was applied, nothing beyond.
+        feed.made_durable(feed.visible());
+        assert_eq!(feed.durable(), 4);
     }
 }
