@@ -9,8 +9,8 @@
 //! earlier version wrote and synced on tokio's blocking pool, one thread per line waiting on a
 //! condition variable, and the hand-offs cost more than the sync). The file stays open between
 //! lines. A failed write or sync fails every line of its batch (a sync that failed proves
-//! nothing for what it covered, whatever a later one says), and the file is opened again for
-//! the next batch.
+//! nothing for what it covered, whatever a later one says), the file is cut back to where the
+//! batch began (a full disk leaves no half batch behind) and opened again for the next batch.
 
 use std::io::{BufRead, Write as _};
 use std::path::{Path, PathBuf};
@@ -94,11 +94,23 @@ fn write_and_sync(path: &Path, file: &mut Option<std::fs::File>, bytes: &[u8]) -
                 .map_err(failed(""))?,
         ),
     };
+    // Where the batch starts: a batch that fails is cut off there, so the file never keeps a
+    // line whose command was told it failed (a full disk can take half a batch; a failed sync
+    // leaves what it covered to chance).
+    let start = f.metadata().map_err(failed(""))?.len();
     // One write for the whole batch (the file is opened for appending): lines never
     // interleave.
-    f.write_all(bytes).map_err(failed(""))?;
-    f.sync_data()
-        .map_err(failed("cannot make the line durable: "))
+    let r = f.write_all(bytes).map_err(failed("")).and_then(|()| {
+        f.sync_data()
+            .map_err(failed("cannot make the line durable: "))
+    });
+    if r.is_err() {
+        let cut = f.set_len(start).and_then(|()| f.sync_data());
+        if let Err(e) = cut {
+            tracing::error!(ledger = %path.display(), "a failed batch of the ledger could not be cut off at byte {start}: {e}; its lines may stay in the file although their commands failed");
+        }
+    }
+    r
 }
 
 #[cfg(test)]
@@ -164,5 +176,71 @@ mod tests {
         std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
         ledger.append("b {}".into()).await.expect("append");
         assert_eq!(std::fs::read_to_string(path).expect("read"), "b {}\n");
+    }
+
+    /// A full disk in the middle of a batch, made real with the file size limit
+    /// (`RLIMIT_FSIZE`): the limit applies to a whole process, so the writing happens in a
+    /// child process of this test binary, which runs this test again with the variable set. The
+    /// child starts with `SIGXFSZ` ignored (set by `sh`, kept across `exec`): past the limit a
+    /// write then fails with `EFBIG` instead of the process being killed.
+    #[test]
+    fn a_batch_cut_short_by_a_full_disk_leaves_no_line_of_it() {
+        const CHILD: &str = "PCG_LEDGER_FULL_DISK_DIR";
+        if let Some(dir) = std::env::var_os(CHILD) {
+            full_disk_in_this_process(Path::new(&dir));
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = std::process::Command::new("sh")
+            .args(["-c", "trap '' XFSZ; exec \"$0\" \"$@\""])
+            .arg(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "ledger::tests::a_batch_cut_short_by_a_full_disk_leaves_no_line_of_it",
+                "--nocapture",
+            ])
+            .env(CHILD, dir.path())
+            .output()
+            .expect("run the child");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{said}");
+        assert!(said.contains("1 passed"), "the child ran the test: {said}");
+        let text = std::fs::read_to_string(dir.path().join("ledger")).expect("read");
+        assert_eq!(text, "a {}\nc {}\n");
+    }
+
+    fn full_disk_in_this_process(dir: &Path) {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let limit = |bytes: Option<u64>| {
+            let mut l = getrlimit(Resource::Fsize);
+            l.current = match (bytes, l.maximum) {
+                (Some(b), Some(max)) => Some(b.min(max)),
+                (b, max) => b.or(max),
+            };
+            setrlimit(Resource::Fsize, l).expect("set the file size limit");
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let ledger = Ledger::new(dir.join("ledger"));
+            ledger.append("a {}".into()).await.expect("first line");
+            limit(Some(4096));
+            // Half of it fits: the write stops at the limit.
+            let big = format!("b {}", "x".repeat(8192));
+            let e = ledger.append(big).await.expect_err("past the limit");
+            assert_eq!(e.kind(), std::io::ErrorKind::FileTooLarge, "{e}");
+            assert_eq!(
+                std::fs::read_to_string(ledger.path()).expect("read"),
+                "a {}\n",
+                "the failed batch is cut off"
+            );
+            limit(None);
+            ledger.append("c {}".into()).await.expect("room again");
+        });
     }
 }
