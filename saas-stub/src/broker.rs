@@ -797,9 +797,18 @@ async fn session(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut uploads: HashMap<String, Upload> = HashMap::new();
+    let (results, received) = mpsc::channel(RESULTS_UNACKNOWLEDGED);
+    app.tasks.spawn(acknowledge(
+        app.clone(),
+        gateway_id.clone(),
+        tx.clone(),
+        close.clone(),
+        received,
+    ));
     let ctx = SessionCtx {
         app: app.clone(),
         close: close.clone(),
+        results,
     };
     let reason = loop {
         tokio::select! {
@@ -891,6 +900,76 @@ struct SessionCtx {
     app: Arc<App>,
     /// Closes the session (a result that cannot be stored or acknowledged).
     close: Arc<Notify>,
+    /// Results received, to the session's [`acknowledge`] task.
+    results: mpsc::Sender<Received>,
+}
+
+/// Results a tunnel has received and not yet acknowledged, beyond which its reading waits.
+const RESULTS_UNACKNOWLEDGED: usize = 4096;
+
+/// A result received on a tunnel, for its acknowledgement.
+struct Received {
+    command_id: String,
+    /// To record first (a replica's write goes through the cluster's log, which the tunnel's
+    /// reading does not wait for); `None`: recorded already (one node writes it inline).
+    to_record: Option<CommandResult>,
+}
+
+/// Acknowledges a tunnel's results once they are durable, without holding up its reading: it
+/// takes every result received since its last round, records those still to record (a
+/// replica's, concurrently), makes them durable with one flush (which joins the group commit of
+/// every other write under way), wakes whoever waits for them and sends the acknowledgements.
+/// A result the store cannot keep is not acknowledged, and the tunnel is closed: the gateway
+/// sends it again. An acknowledgement waits for room behind the commands being delivered (a
+/// burst fills the queue for a while), as a delivery does; a tunnel that takes nothing for
+/// [`DELIVERY_WAIT`] is closed, and the gateway redials and sends its results again. Ends when
+/// the session does, after the results it had received (their waiters are still woken).
+async fn acknowledge(
+    app: Arc<App>,
+    gateway_id: String,
+    tx: Tx,
+    close: Arc<Notify>,
+    mut received: mpsc::Receiver<Received>,
+) {
+    let mut round = Vec::new();
+    let mut sending = true;
+    while received.recv_many(&mut round, RESULTS_UNACKNOWLEDGED).await > 0 {
+        let records = round.iter_mut().filter_map(|r| {
+            let result = r.to_record.take()?;
+            let (app, gateway_id) = (&app, &gateway_id);
+            Some(async move {
+                record_result(app, gateway_id, &r.command_id, result)
+                    .await
+                    .map_err(|e| (r.command_id.clone(), e))
+            })
+        });
+        for done in futures_util::future::join_all(records).await {
+            if let Err((command, e)) = done {
+                tracing::error!(%command, "cannot record a result: {e}; closing the tunnel so the gateway sends it again");
+                close.notify_one();
+                return;
+            }
+        }
+        if let Err(e) = app.store.flush().await {
+            tracing::error!(gateway = %gateway_id, "cannot make {} results durable: {e}; closing the tunnel so the gateway sends them again", round.len());
+            close.notify_one();
+            return;
+        }
+        // Whoever waits for them first: an acknowledgement may wait for room in the tunnel.
+        for r in &round {
+            app.waiters.notify(&r.command_id);
+        }
+        for r in round.drain(..) {
+            if sending {
+                let ack = BrokerFrame {
+                    kind: Some(BKind::ResultAck(ResultAck {
+                        command_id: r.command_id,
+                    })),
+                };
+                sending = send_or_close(&tx, &close, &gateway_id, ack).await;
+            }
+        }
+    }
 }
 
 /// Records a gateway's result for a command, and counts it.
@@ -967,46 +1046,25 @@ async fn handle_frame(
             };
             // One node records the result here (a write to memory and the store, no wait); a
             // replica's write goes through the cluster's log, which this tunnel's reading does
-            // not wait for: it is recorded in the task below.
-            let inline = !app.log.is_cluster();
-            if inline {
-                if let Err(e) = record_result(app, gateway_id, &r.command_id, result.clone()).await
-                {
+            // not wait for: its acknowledger records it.
+            let to_record = if app.log.is_cluster() {
+                Some(result)
+            } else {
+                if let Err(e) = record_result(app, gateway_id, &r.command_id, result).await {
                     return Err(Closed::Store {
                         command: r.command_id,
                         message: e.to_string(),
                     });
                 }
-            }
-            // Acknowledged once durable, without holding up this tunnel's reading: the flush
-            // joins the group commit of every other write under way. A result the store cannot
-            // keep is not acknowledged, and the tunnel is closed: the gateway sends it again.
-            // The acknowledgement waits for room behind the commands being delivered (a burst
-            // fills the queue for a while), as a delivery does; a tunnel that takes nothing
-            // for DELIVERY_WAIT is closed, and the gateway redials and sends the result again.
-            let (app2, tx2, close2) = (session.app.clone(), tx.clone(), session.close.clone());
-            let gateway_id = gateway_id.to_string();
-            session.app.tasks.spawn(async move {
-                if !inline {
-                    if let Err(e) = record_result(&app2, &gateway_id, &r.command_id, result).await {
-                        tracing::error!(command = %r.command_id, "cannot record a result: {e}; closing the tunnel so the gateway sends it again");
-                        close2.notify_one();
-                        return;
-                    }
-                }
-                if let Err(e) = app2.store.flush().await {
-                    tracing::error!(command = %r.command_id, "cannot make a result durable: {e}");
-                    close2.notify_one();
-                    return;
-                }
-                app2.waiters.notify(&r.command_id);
-                let ack = BrokerFrame {
-                    kind: Some(BKind::ResultAck(ResultAck {
-                        command_id: r.command_id,
-                    })),
-                };
-                send_or_close(&tx2, &close2, &gateway_id, ack).await;
-            });
+                None
+            };
+            let received = Received {
+                command_id: r.command_id,
+                to_record,
+            };
+            // Waits only when the acknowledger is this far behind; it ends only after the
+            // session's reading (or after it closed the tunnel, which ends the reading too).
+            let _ = session.results.send(received).await;
         }
         Some(GKind::Renew(r)) => {
             let answer = match app.ca.sign_gateway(

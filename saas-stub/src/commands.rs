@@ -39,7 +39,7 @@ struct Inner {
 
 impl Inner {
     /// Ends a command in memory: out of the pending queue, into the finished bound.
-    fn finish(&mut self, c: &Command) {
+    fn finish(&mut self, c: Command) {
         if let Some(p) = self.pending.get_mut(&c.gateway_id) {
             p.remove(&c.pending_key);
             if p.is_empty() {
@@ -49,8 +49,8 @@ impl Inner {
         if let Some(d) = c.deadline_ms {
             self.deadlines.remove(&(d, c.id.clone()));
         }
-        self.by_id.insert(c.id.clone(), c.clone());
         self.finished.push_back(c.id.clone());
+        self.by_id.insert(c.id.clone(), c);
         while self.finished.len() > FINISHED_CACHE {
             if let Some(old) = self.finished.pop_front() {
                 self.by_id.remove(&old);
@@ -193,7 +193,7 @@ impl Commands {
             c.progress = m.progress.clone();
             c.handed_out = m.handed_out;
         }
-        inner.finish(&c);
+        inner.finish(c);
     }
 
     /// Records in memory that a command was handed to a tunnel (a replica learned it from the
@@ -231,7 +231,7 @@ impl Commands {
         c.completed_ms = Some(now_ms());
         c.result = Some(result);
         let c = c.clone();
-        inner.finish(&c);
+        inner.finish(c.clone());
         Some(c)
     }
 

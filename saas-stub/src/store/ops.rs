@@ -262,7 +262,7 @@ impl Store {
     /// log). Written, not flushed.
     pub fn commit(&self, op: &Op) -> Result<Committed, StoreError> {
         let ticket = self.feed.ticket()?;
-        let outcome = self.apply(ticket.seq, op)?;
+        let outcome = self.apply_once(ticket.seq, op, true)?;
         Ok(Committed {
             seq: ticket.seq,
             outcome,
@@ -274,6 +274,13 @@ impl Store {
     /// not flushed. Applying an operation again (after a crash between its writes and the
     /// record of how far the log was applied) leaves the same state.
     pub fn apply(&self, seq: u64, op: &Op) -> Result<Outcome, StoreError> {
+        self.apply_once(seq, op, false)
+    }
+
+    /// [`Store::apply`]; `fresh`: the operation was made here and is applied this once (one
+    /// node's [`Store::commit`]), so what only a second application could find is not looked
+    /// for (a new command's id, 12 random bytes, is not stored yet).
+    fn apply_once(&self, seq: u64, op: &Op, fresh: bool) -> Result<Outcome, StoreError> {
         match op {
             Op::TenantCreated { tenant } => {
                 put(&self.tenants, tenant.id.as_bytes(), tenant)?;
@@ -349,7 +356,7 @@ impl Store {
                     .apply_claim(tenant_id, key, record, *window_ms)
                     .map(Outcome::Claimed)
             }
-            Op::CommandSubmitted { command } => self.apply_submit(seq, command)?,
+            Op::CommandSubmitted { command } => self.apply_submit(seq, command, fresh)?,
             Op::CommandCancelAsked { id, cancel } => {
                 let Some(mut c) = self.command(id)? else {
                     return Ok(Outcome::Command(None));
@@ -459,8 +466,8 @@ impl Store {
     /// pending key whose command record is missing is skipped, so a crash between the writes
     /// (before anything was acknowledged) leaves nothing half-visible. The tenant index (newest
     /// first) lets lists stop after `limit` instead of reading everything.
-    fn apply_submit(&self, seq: u64, command: &Command) -> Result<(), StoreError> {
-        if self.commands.contains_key(command.id.as_bytes())? {
+    fn apply_submit(&self, seq: u64, command: &Command, fresh: bool) -> Result<(), StoreError> {
+        if !fresh && self.commands.contains_key(command.id.as_bytes())? {
             return Ok(()); // applied before
         }
         let mut cmd = command.clone();
