@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 
-use crate::{free_port, log_file, wait_for, Proc};
+use crate::{free_port, log_file, Proc};
 
 /// One node's ports and files.
 pub struct Node {
@@ -224,31 +224,58 @@ impl NatsCluster {
     }
 
     /// Waits until every running node has a route to every other running node and JetStream
-    /// has a metadata leader.
-    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
-        let running: Vec<&Node> = self.nodes.iter().filter(|n| n.proc.is_some()).collect();
-        let want = running.len().saturating_sub(1);
-        let r = wait_for("the NATS cluster to form", timeout, || {
-            let ports: Vec<u16> = running.iter().map(|n| n.monitor_port).collect();
-            async move {
-                for p in ports {
-                    let routes = monitor(p, "routez").await?;
-                    if routes["num_routes"].as_u64()? < want as u64 {
-                        return None;
-                    }
-                    let js = monitor(p, "jsz").await?;
-                    js["meta_cluster"]["leader"]
-                        .as_str()
-                        .filter(|l| !l.is_empty())?;
-                }
-                Some(())
+    /// has a metadata leader. Fails at once, with the logs, when a node started here has
+    /// exited (a restarted node whose port was taken meanwhile, say) instead of waiting out
+    /// `timeout` for a cluster that cannot form.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let want = self
+            .nodes
+            .iter()
+            .filter(|n| n.proc.is_some())
+            .count()
+            .saturating_sub(1) as u64;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(gone) = self.exited() {
+                bail!(
+                    "nats-server {gone} exited while the cluster was forming\n{}",
+                    self.log_tails()
+                );
             }
-        })
-        .await;
-        if let Err(e) = r {
-            bail!("{e}\n{}", self.log_tails());
+            let ports: Vec<u16> = self
+                .nodes
+                .iter()
+                .filter(|n| n.proc.is_some())
+                .map(|n| n.monitor_port)
+                .collect();
+            let mut formed = true;
+            for p in ports {
+                let routed = monitor(p, "routez")
+                    .await
+                    .and_then(|r| r["num_routes"].as_u64())
+                    .is_some_and(|n| n >= want);
+                let led = routed
+                    && monitor(p, "jsz").await.is_some_and(|js| {
+                        js["meta_cluster"]["leader"]
+                            .as_str()
+                            .is_some_and(|l| !l.is_empty())
+                    });
+                if !led {
+                    formed = false;
+                    break;
+                }
+            }
+            if formed {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for the NATS cluster to form\n{}",
+                    self.log_tails()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(())
     }
 
     /// Stops node `i` (SIGKILL), keeping its state for a restart.

@@ -53,7 +53,7 @@ async fn start() -> Option<Env> {
     )
     .unwrap();
     let started = Instant::now();
-    let cluster = NatsCluster::start(&dir.path().join("nats"), &pki)
+    let mut cluster = NatsCluster::start(&dir.path().join("nats"), &pki)
         .await
         .unwrap();
     cluster.wait_ready(Duration::from_secs(90)).await.unwrap();

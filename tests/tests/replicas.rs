@@ -495,7 +495,7 @@ async fn a_replica_ahead_of_the_stream_refuses_to_start() {
     nats::init_pki(&pki).unwrap();
     let port = free_port();
     let brokers = [format!("https://127.0.0.1:{port}")];
-    let first = NatsCluster::start(&dir.path().join("nats-a"), &pki)
+    let mut first = NatsCluster::start(&dir.path().join("nats-a"), &pki)
         .await
         .unwrap();
     first.wait_ready(Duration::from_secs(90)).await.unwrap();
@@ -508,7 +508,7 @@ async fn a_replica_ahead_of_the_stream_refuses_to_start() {
     drop(first);
 
     // Another cluster, empty: the same replica's data directory is ahead of its stream.
-    let second = NatsCluster::start(&dir.path().join("nats-b"), &pki)
+    let mut second = NatsCluster::start(&dir.path().join("nats-b"), &pki)
         .await
         .unwrap();
     second.wait_ready(Duration::from_secs(90)).await.unwrap();

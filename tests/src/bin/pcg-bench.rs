@@ -1340,7 +1340,7 @@ async fn cluster(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
     // Two replicas on three NATS nodes.
     let pki = root.join("pki");
     nats::init_pki(&pki)?;
-    let cluster = NatsCluster::start(&root.join("nats"), &pki).await?;
+    let mut cluster = NatsCluster::start(&root.join("nats"), &pki).await?;
     cluster.wait_ready(Duration::from_secs(90)).await?;
     let urls = cluster.urls();
     let ports = [pcg_e2e::free_port(), pcg_e2e::free_port()];
