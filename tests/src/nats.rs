@@ -154,32 +154,51 @@ impl NatsCluster {
     }
 
     /// Waits until every node has logged that it is ready and listens for routes (the route
-    /// listener is bound after "Server is ready"); fails at
-    /// once, with the logs, when one has exited.
+    /// listener is bound after "Server is ready").
     async fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let logs: Vec<PathBuf> = self
+            .nodes
+            .iter()
+            .map(|n| self.dir.join(format!("{}.log", n.name)))
+            .collect();
+        self.wait_nodes("nats-server to listen", timeout, || {
+            let ready = logs.iter().all(|log| {
+                std::fs::read_to_string(log).is_ok_and(|l| {
+                    l.contains("Server is ready") && l.contains("Listening for route connections")
+                })
+            });
+            async move { ready }
+        })
+        .await
+    }
+
+    /// Polls `ready` until it holds; fails at once, with the nodes' logs, when a node started
+    /// here has exited (a port taken before it bound it, say) instead of waiting out `timeout`
+    /// for nodes that cannot come.
+    async fn wait_nodes<Fut: std::future::Future<Output = bool>>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> Fut,
+    ) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(gone) = self.exited() {
                 bail!(
-                    "nats-server {gone} exited while starting\n{}",
+                    "nats-server {gone} exited while waiting for {what}\n{}",
                     self.log_tails()
                 );
             }
-            let ready = self.nodes.iter().all(|n| {
-                std::fs::read_to_string(self.dir.join(format!("{}.log", n.name))).is_ok_and(|l| {
-                    l.contains("Server is ready") && l.contains("Listening for route connections")
-                })
-            });
-            if ready {
+            if ready().await {
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
                 bail!(
-                    "timed out after {timeout:?} waiting for nats-server to listen\n{}",
+                    "timed out after {timeout:?} waiting for {what}\n{}",
                     self.log_tails()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -224,58 +243,37 @@ impl NatsCluster {
     }
 
     /// Waits until every running node has a route to every other running node and JetStream
-    /// has a metadata leader. Fails at once, with the logs, when a node started here has
-    /// exited (a restarted node whose port was taken meanwhile, say) instead of waiting out
-    /// `timeout` for a cluster that cannot form.
+    /// has a metadata leader; fails at once when a node started here has exited.
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let want = self
+        let ports: Vec<u16> = self
             .nodes
             .iter()
             .filter(|n| n.proc.is_some())
-            .count()
-            .saturating_sub(1) as u64;
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(gone) = self.exited() {
-                bail!(
-                    "nats-server {gone} exited while the cluster was forming\n{}",
-                    self.log_tails()
-                );
-            }
-            let ports: Vec<u16> = self
-                .nodes
-                .iter()
-                .filter(|n| n.proc.is_some())
-                .map(|n| n.monitor_port)
-                .collect();
-            let mut formed = true;
-            for p in ports {
-                let routed = monitor(p, "routez")
-                    .await
-                    .and_then(|r| r["num_routes"].as_u64())
-                    .is_some_and(|n| n >= want);
-                let led = routed
-                    && monitor(p, "jsz").await.is_some_and(|js| {
-                        js["meta_cluster"]["leader"]
-                            .as_str()
-                            .is_some_and(|l| !l.is_empty())
-                    });
-                if !led {
-                    formed = false;
-                    break;
+            .map(|n| n.monitor_port)
+            .collect();
+        let want = ports.len().saturating_sub(1) as u64;
+        self.wait_nodes("the NATS cluster to form", timeout, || {
+            let ports = ports.clone();
+            async move {
+                for p in ports {
+                    let routed = monitor(p, "routez")
+                        .await
+                        .and_then(|r| r["num_routes"].as_u64())
+                        .is_some_and(|n| n >= want);
+                    let led = routed
+                        && monitor(p, "jsz").await.is_some_and(|js| {
+                            js["meta_cluster"]["leader"]
+                                .as_str()
+                                .is_some_and(|l| !l.is_empty())
+                        });
+                    if !led {
+                        return false;
+                    }
                 }
+                true
             }
-            if formed {
-                return Ok(());
-            }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "timed out after {timeout:?} waiting for the NATS cluster to form\n{}",
-                    self.log_tails()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// Stops node `i` (SIGKILL), keeping its state for a restart.

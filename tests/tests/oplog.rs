@@ -441,3 +441,25 @@ async fn following_after_n_starts_at_n_plus_one() {
     assert_eq!(at_end.await.unwrap(), (21, "op-21".to_string()));
     assert_eq!(ahead.await.unwrap(), (25, "op-25".to_string()));
 }
+
+/// The harness's wait for the cluster names a node that has exited, with the nodes' logs, at
+/// once instead of running out its bound for a cluster that cannot form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_exits_is_named_at_once_by_the_clusters_wait() {
+    let Some(mut env) = start().await else {
+        return;
+    };
+    env.cluster.nodes[1]
+        .proc
+        .as_mut()
+        .expect("node2 runs")
+        .kill();
+    let e = env
+        .cluster
+        .wait_ready(Duration::from_secs(90))
+        .await
+        .expect_err("node2 is gone")
+        .to_string();
+    assert!(e.contains("nats-server node2 exited"), "{e}");
+    assert!(e.contains("--- node2 ---"), "with the logs: {e}");
+}
