@@ -101,6 +101,9 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("corrupt record in tree {tree}: {message}")]
     Corrupt { tree: &'static str, message: String },
+    /// A replica's feed takes its numbers from the cluster's log only.
+    #[error("this replica numbers its feed by the cluster's log, and this record is not an operation of the log; replicas do not keep it in this version of pcg-saas")]
+    OutsideTheLog,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -171,13 +171,6 @@ fn event(app: &App, tenant_id: &str, gateway_id: &str, mut ev: MachineEvent) {
         tracing::warn!(gateway = %gateway_id, kind = %printable(&ev.kind), "malformed machine event ignored");
         return;
     }
-    if app.log.is_cluster() {
-        // Declared machines are not shared between replicas (refused when declared), and an
-        // event numbered here would not be in the cluster's log: its number, from this store's
-        // own counter, would not be the log's.
-        tracing::warn!(gateway = %gateway_id, kind = %ev.kind, "machine event dropped: declared machines and their events are not kept by replicas in this version of pcg-saas");
-        return;
-    }
     // A gateway speaks for its own machines only (a deleted one is no longer stored).
     let machine = app.store.machine(&ev.machine_id).ok().flatten();
     if machine.as_ref().is_some_and(|m| m.gateway_id != gateway_id) {

@@ -86,6 +86,8 @@ struct Numbers {
     in_flight: BTreeSet<u64>,
     /// The highest allocated.
     last: u64,
+    /// A replica's: its numbers are the cluster log's, none is allocated here.
+    by_log: bool,
 }
 
 /// The feed's index and its sequence numbers (one per store).
@@ -176,6 +178,7 @@ impl Feed {
             numbers: Mutex::new(Numbers {
                 in_flight: BTreeSet::new(),
                 last: start,
+                by_log: false,
             }),
             durable,
             written: Notify::new(),
@@ -187,9 +190,14 @@ impl Feed {
         self.numbers.lock().expect("feed lock is never poisoned")
     }
 
-    /// A new sequence number, held in flight until the ticket is dropped.
+    /// A new sequence number, held in flight until the ticket is dropped. Refused on a
+    /// replica ([`Feed::numbered_by_log`]): a number from the store's own counter would not be
+    /// the log's.
     pub fn ticket(&self) -> Result<Ticket<'_>, StoreError> {
         let mut n = self.lock();
+        if n.by_log {
+            return Err(StoreError::OutsideTheLog);
+        }
         let seq = self.db.generate_id()?;
         n.in_flight.insert(seq);
         n.last = n.last.max(seq);
@@ -231,9 +239,14 @@ impl Feed {
     /// last operation applied. (A reopened store's counter jumps ahead of anything it handed
     /// out — sled adds twice its persistence interval on recovery — far past the log's
     /// numbers; a horizon left there would hide every operation applied after a restart.)
-    /// Called before the replica applies anything or serves a subscriber.
+    /// Called before the replica applies anything or serves a subscriber; from then on no
+    /// number is allocated here ([`Feed::ticket`] refuses).
     pub fn numbered_by_log(&self, applied: u64) {
-        self.lock().last = applied;
+        {
+            let mut n = self.lock();
+            n.last = applied;
+            n.by_log = true;
+        }
         self.durable.send_replace(applied);
     }
 
@@ -456,5 +469,8 @@ mod tests {
         // A flush publishes what was applied, nothing beyond.
         feed.made_durable(feed.visible());
         assert_eq!(feed.durable(), 4);
+        // Nothing is numbered here any more: a record outside the log is refused.
+        assert!(matches!(feed.ticket(), Err(StoreError::OutsideTheLog)));
+        assert_eq!(feed.visible(), 4);
     }
 }
