@@ -40,6 +40,13 @@ struct Inner {
 impl Inner {
     /// Ends a command in memory: out of the pending queue, into the finished bound.
     fn finish(&mut self, c: Command) {
+        self.ended(&c);
+        self.by_id.insert(c.id.clone(), c);
+    }
+
+    /// [`Inner::finish`] for a command already ended in `by_id`: takes it out of the pending
+    /// queue and the deadlines, and counts it in the finished bound.
+    fn ended(&mut self, c: &Command) {
         if let Some(p) = self.pending.get_mut(&c.gateway_id) {
             p.remove(&c.pending_key);
             if p.is_empty() {
@@ -50,7 +57,6 @@ impl Inner {
             self.deadlines.remove(&(d, c.id.clone()));
         }
         self.finished.push_back(c.id.clone());
-        self.by_id.insert(c.id.clone(), c);
         while self.finished.len() > FINISHED_CACHE {
             if let Some(old) = self.finished.pop_front() {
                 self.by_id.remove(&old);
@@ -231,7 +237,7 @@ impl Commands {
         c.completed_ms = Some(now_ms());
         c.result = Some(result);
         let c = c.clone();
-        inner.finish(c.clone());
+        inner.ended(&c);
         Some(c)
     }
 
