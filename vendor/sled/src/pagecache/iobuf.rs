@@ -1158,13 +1158,7 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
             // (pcg) A thread making the log stable waits for this buffer anyway: it writes it
             // itself instead of handing it to the I/O pool and sleeping until a pool thread
             // wakes it.
-            if let Err(e) = iobufs.write_to_log(iobuf) {
-                error!("hit error while writing iobuf with lsn {}: {:?}", lsn, e);
-                iobufs.config.set_global_error(e);
-                let intervals = iobufs.intervals.lock();
-                drop(intervals);
-                let _notified = iobufs.interval_updated.notify_all();
-            }
+            write_or_fail(iobufs, iobuf, lsn);
             return Ok(());
         }
         trace!(
@@ -1173,26 +1167,8 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
         );
         let iobufs = iobufs.clone();
         let iobuf = iobuf.clone();
-        let _result = threadpool::spawn(move || {
-            if let Err(e) = iobufs.write_to_log(&iobuf) {
-                error!(
-                    "hit error while writing iobuf with lsn {}: {:?}",
-                    lsn, e
-                );
-
-                // store error before notifying so that waiting threads will see
-                // it
-                iobufs.config.set_global_error(e);
-
-                let intervals = iobufs.intervals.lock();
-
-                // having held the mutex makes this linearized
-                // with the notify below.
-                drop(intervals);
-
-                let _notified = iobufs.interval_updated.notify_all();
-            }
-        })?;
+        let _result =
+            threadpool::spawn(move || write_or_fail(&iobufs, &iobuf, lsn))?;
 
         #[cfg(feature = "event_log")]
         _result.wait();
@@ -1200,6 +1176,27 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
         Ok(())
     } else {
         Ok(())
+    }
+}
+
+/// Writes a sealed buffer to the log; a failure becomes the global error, and every thread
+/// waiting for the log to become stable is woken to see it. (pcg: one function for the I/O
+/// pool's write and a flushing thread's own.)
+fn write_or_fail(iobufs: &IoBufs, iobuf: &IoBuf, lsn: Lsn) {
+    if let Err(e) = iobufs.write_to_log(iobuf) {
+        error!("hit error while writing iobuf with lsn {}: {:?}", lsn, e);
+
+        // store error before notifying so that waiting threads will see
+        // it
+        iobufs.config.set_global_error(e);
+
+        let intervals = iobufs.intervals.lock();
+
+        // having held the mutex makes this linearized
+        // with the notify below.
+        drop(intervals);
+
+        let _notified = iobufs.interval_updated.notify_all();
     }
 }
 
