@@ -167,6 +167,40 @@ impl Commands {
         }
     }
 
+    /// Takes back an end [`Commands::end_undelivered`] decided whose operation could not be
+    /// written: the command is queued again, in its place in its gateway's queue (nothing
+    /// handed it out meanwhile: an ended command is not delivered).
+    pub fn reopen_undelivered(&self, store: &Store, id: &str) {
+        let mut inner = self.lock();
+        let mut c = match inner.by_id.remove(id) {
+            Some(c) => c,
+            // Out of memory already (as many ends since): the store has it as it was.
+            None => match store.command(id) {
+                Ok(Some(c)) => c,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::error!(command = %id, "cannot read a command back to take its end back: {e}");
+                    return;
+                }
+            },
+        };
+        c.state = CommandState::Queued;
+        c.result = None;
+        c.completed_ms = None;
+        if let Some(at) = inner.finished.iter().rposition(|f| *f == c.id) {
+            inner.finished.remove(at);
+        }
+        inner
+            .pending
+            .entry(c.gateway_id.clone())
+            .or_default()
+            .insert(c.pending_key.clone(), c.id.clone());
+        if let Some(d) = c.deadline_ms {
+            inner.deadlines.insert((d, c.id.clone()));
+        }
+        inner.by_id.insert(c.id.clone(), c);
+    }
+
     /// Where a result of `gateway_id` for command `id` stands: `None`, not a command of this
     /// gateway; `Some(None)`, it has ended (a redelivered result); `Some(Some(c))`, it waits for
     /// this result.
@@ -332,6 +366,54 @@ impl Commands {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn result(ok: bool) -> CommandResult {
+        CommandResult {
+            ok,
+            output: serde_json::Value::Null,
+            error_class: if ok { String::new() } else { "failed".into() },
+            error_message: String::new(),
+            started_ms: 1,
+            finished_ms: 2,
+        }
+    }
+
+    /// An end decided in memory for a command never handed out, taken back (its operation
+    /// could not be written), leaves the command queued in its place with its deadline, as it
+    /// was: delivered next, not shown ended.
+    #[test]
+    fn an_undelivered_end_taken_back_leaves_the_command_queued_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let commands = Commands::default();
+        for (i, id) in ["c_1", "c_2"].into_iter().enumerate() {
+            let mut c = Command::queued(id.into(), "tn_1", "gw_1", "k".into(), json!({}), 1);
+            c.pending_key = Store::pending_key("gw_1", i as u64);
+            c.deadline_ms = Some(1_000);
+            commands.insert(&c);
+        }
+        let ids = |v: Vec<Command>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
+        let ended = commands
+            .end_undelivered("c_1", result(false))
+            .expect("never handed out");
+        assert_eq!(ended.state, CommandState::Failed);
+        assert!(commands.end_undelivered("c_1", result(false)).is_none());
+        assert!(commands.delivered("c_1").is_none());
+        assert_eq!(ids(commands.pending("gw_1")), vec!["c_2"]);
+
+        commands.reopen_undelivered(&store, "c_1");
+        assert_eq!(ids(commands.pending("gw_1")), vec!["c_1", "c_2"]);
+        let back = commands.cached("c_1").expect("in memory");
+        assert_eq!(back.state, CommandState::Queued);
+        assert!(back.result.is_none() && back.completed_ms.is_none());
+        assert_eq!(commands.due(1_000), vec!["c_1", "c_2"]);
+        assert_eq!(commands.lock().finished.len(), 0);
+        assert_eq!(
+            commands.delivered("c_1").expect("delivered now").state,
+            CommandState::Delivered
+        );
+    }
 
     #[test]
     fn events_are_listed_per_tenant_and_pruned_by_age() {

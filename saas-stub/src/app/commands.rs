@@ -590,16 +590,23 @@ impl App {
         let Some(c) = self.commands.end_undelivered(id, result) else {
             return Ok(None);
         };
-        self.commit(Op::CommandEnded {
-            id: c.id.clone(),
-            result: c.result.clone().expect("an ended command has a result"),
-            completed_ms: c.completed_ms.unwrap_or_else(now_ms),
-            deliveries: c.deliveries,
-            received_ms: c.received_ms,
-            only_if_undelivered: false,
-            record: self.memory_is_the_record(&c),
-        })
-        .await?;
+        let written = self
+            .commit(Op::CommandEnded {
+                id: c.id.clone(),
+                result: c.result.clone().expect("an ended command has a result"),
+                completed_ms: c.completed_ms.unwrap_or_else(now_ms),
+                deliveries: c.deliveries,
+                received_ms: c.received_ms,
+                only_if_undelivered: false,
+                record: self.memory_is_the_record(&c),
+            })
+            .await;
+        if let Err(e) = written {
+            // Not ended after all: memory must not show an end the store does not have (nor
+            // keep the command from its gateway until a restart).
+            self.commands.reopen_undelivered(&self.store, id);
+            return Err(e);
+        }
         Ok(Some(c))
     }
 
