@@ -147,3 +147,85 @@ async fn ipmi_power_through_the_tunnel() {
     .await;
     assert_eq!(v["result"]["error_class"], "unsupported", "{v}");
 }
+
+/// A power cycle found running after a restart of the gateway (journaled, no result: the
+/// gateway died while it ran) is not repeated: it ends `interrupted`, saying what it was and the
+/// power state the BMC reports now, and the BMC is asked for no power change. The gateway's
+/// death mid-command is made by journaling the command as running while the gateway is stopped
+/// (a kill cannot be timed between the journal and the BMC's answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_cycle_found_running_after_a_restart_is_not_repeated() {
+    let Some(bmc) = IpmiSim::start() else { return };
+    let dir = pcg_e2e::test_dir();
+    let (saas, mut gw, key, gw_id) = pcg_e2e::paired(dir.path(), SaasOptions::default())
+        .await
+        .unwrap();
+    let wait = |id: String| {
+        let (saas, key) = (&saas, &key);
+        async move {
+            saas.wait_command(key, &id, Duration::from_secs(60))
+                .await
+                .unwrap()
+        }
+    };
+    let endpoint = json!({
+        "address": format!("127.0.0.1:{}", bmc.port),
+        "user": IPMI_USER,
+        "password": IPMI_PASSWORD,
+        "timeout_ms": 3000,
+    });
+    for (kind, payload) in [
+        (
+            "baremetal.enrol",
+            json!({"name": "node1", "protocol": "ipmi", "endpoint": endpoint}),
+        ),
+        ("baremetal.power", json!({"bmc": "node1", "action": "on"})),
+    ] {
+        let id = saas.submit(&key, &gw_id, kind, payload).await.unwrap();
+        let v = wait(id).await;
+        assert_eq!(v["state"], "succeeded", "{v}");
+    }
+
+    gw.proc.as_mut().unwrap().stop();
+    let payload = json!({"bmc": "node1", "action": "cycle"});
+    let id = saas
+        .submit(&key, &gw_id, "baremetal.power", payload.clone())
+        .await
+        .unwrap();
+    {
+        let store = pcg_gateway::store::Store::open(&gw.dir.join("data")).unwrap();
+        let entry = pcg_gateway::store::JournalEntry {
+            id: id.clone(),
+            kind: "baremetal.power".into(),
+            payload,
+            state: pcg_gateway::store::EntryState::Running,
+            received_ms: pcg_gateway::store::now_ms(),
+            result: None,
+            acked_ms: None,
+            deadline_ms: None,
+        };
+        assert!(store.begin(&entry).unwrap().is_none());
+        store.flush().await.unwrap();
+    }
+    let power_writes = |log: &str| log.lines().filter(|l| l.contains(" set power")).count();
+    let before = power_writes(&bmc.actions());
+
+    gw.start().unwrap();
+    let v = wait(id).await;
+    assert_eq!(v["state"], "failed", "{v}");
+    assert_eq!(v["result"]["error_class"], "interrupted", "{v}");
+    let msg = v["result"]["error_message"].as_str().unwrap();
+    for part in [
+        "baremetal.power on BMC \"node1\"",
+        "not repeated",
+        "now: power state \"on\"",
+        "send it again",
+    ] {
+        assert!(msg.contains(part), "{part:?} in {msg}");
+    }
+    assert_eq!(power_writes(&bmc.actions()), before, "{}", bmc.actions());
+    assert!(bmc
+        .ipmitool(&["chassis", "power", "status"])
+        .unwrap()
+        .contains("is on"));
+}

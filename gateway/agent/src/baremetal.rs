@@ -55,29 +55,25 @@ pub fn restore(svc: &BareMetalService, store: &Store) {
     }
 }
 
-async fn interrupted(svc: &BareMetalService, cmd: &BareMetalCommand) -> ExecError {
-    let system = cmd.system().cloned();
-    let mut current = "unknown".to_string();
-    if let Ok(driver) = svc.driver(cmd.bmc()) {
-        let system = system.or_else(|| {
-            driver
-                .capabilities()
-                .and_then(|c| c.default_system().map(str::to_owned))
-        });
-        if let Some(system) = system {
-            if let Ok(state) = driver.power_state(&system).await {
-                current = serde_json::to_string(&state).unwrap_or_default();
-            }
+/// The power state of the system a command is for (its BMC's default system when it names
+/// none: asked of the BMC when the driver does not know its systems yet, as after a restart);
+/// `None` when it cannot be read.
+async fn power_now(svc: &BareMetalService, cmd: &BareMetalCommand) -> Option<String> {
+    let read = async {
+        let driver = svc.driver(cmd.bmc())?;
+        let system = pcg_provider::command::system_of(&*driver, cmd.system()).await?;
+        driver.power_state(&system).await
+    };
+    match read.await {
+        Ok(state) => Some(format!(
+            "power state {}",
+            serde_json::to_string(&state).unwrap_or_default()
+        )),
+        Err(e) => {
+            tracing::warn!(bmc = %cmd.bmc(), "cannot read the power state of an interrupted command's machine: {e}");
+            None
         }
     }
-    ExecError::new(
-        "interrupted",
-        format!(
-            "the gateway restarted while this {} was running on BMC {:?}; it may or may not have taken effect, so it is not repeated (current power state: {current}); send it again if needed",
-            cmd.kind(),
-            cmd.bmc()
-        ),
-    )
 }
 
 async fn handle(ctx: ExecContext, payload: Value) -> Result<Value, ExecError> {
@@ -91,8 +87,12 @@ async fn handle(ctx: ExecContext, payload: Value) -> Result<Value, ExecError> {
                 format!("{} is not a bare-metal command", ctx.kind),
             )
         })?;
-    if ctx.recovered && cmd.repeats_an_effect() {
-        return Err(interrupted(&svc, &cmd).await);
+    if cmd.repeats_an_effect() {
+        ctx.not_repeated(
+            &format!("{} on BMC {:?}", cmd.kind(), cmd.bmc()),
+            power_now(&svc, &cmd),
+        )
+        .await?;
     }
     let progress = ctx.progress_sink();
     let out = svc.handle_with(&ctx.kind, payload, &progress).await.map_err(|e| {

@@ -10,7 +10,10 @@
 //! A redelivered id gets the stored result (done) or joins the execution under way (running).
 //! After a crash, entries still running are executed again with `recovered = true`: a handler
 //! whose side effect is not naturally idempotent must look for the mark it left (a vSphere
-//! extraConfig key, Nova metadata, the ledger line) before acting again.
+//! extraConfig key, Nova metadata, the ledger line) before acting again; one whose effect leaves
+//! no mark and cannot be told apart from its absence (a power cycle, a reset, a reboot) ends
+//! `interrupted` instead, with the state found now ([`ExecContext::not_repeated`], the one rule
+//! the vSphere, OpenStack and bare-metal handlers share).
 //!
 //! **Stopping an execution** ([`crate::executions`]): a cancel from the SaaS, the command's
 //! deadline, or a stopping gateway fires the execution's token. A handler registered with
@@ -89,6 +92,28 @@ impl ExecContext {
     /// Reports progress of this command to the SaaS (rate-limited; the latest report wins).
     pub fn progress(&self, p: &pcg_provider::TaskProgress) {
         crate::executions::report(&self.gateway, &self.command_id, &self.execution, p);
+    }
+
+    /// The rule for an effect that cannot be told apart from its absence afterwards (a power
+    /// cycle, a reset, a reboot): found running after a restart, it is not repeated. On a
+    /// recovered execution this ends the command `interrupted`, naming `what` it was doing and
+    /// the state `now` reads (`None`: unknown), so that the operator decides whether to send it
+    /// again; on a first execution it lets it run. The drivers say which commands it covers.
+    pub async fn not_repeated(
+        &self,
+        what: &str,
+        now: impl Future<Output = Option<String>>,
+    ) -> Result<(), ExecError> {
+        if !self.recovered {
+            return Ok(());
+        }
+        let now = now.await.unwrap_or_else(|| "unknown".into());
+        Err(ExecError::new(
+            "interrupted",
+            format!(
+                "the gateway restarted while this {what} was running; it may or may not have taken effect, so it is not repeated (now: {now}); send it again if needed"
+            ),
+        ))
     }
 
     /// A progress sink for a driver (`pcg_provider::ProgressSink`) that reports to the SaaS.

@@ -74,19 +74,18 @@ async fn handle(
         })?;
     let cloud = entry(&ctx, cmd.cloud())?;
     let os = service.client(&cloud).await.map_err(ExecError::from)?;
-    if ctx.recovered && cmd.repeats_an_effect() {
-        let status = match &cmd {
-            Command::Power(p) => os.get(&p.server).await.ok().map(|s| s.status),
-            _ => None,
-        };
-        return Err(ExecError::new(
-            "interrupted",
-            format!(
-                "the gateway restarted while this {} was running; it may or may not have taken effect, so it is not repeated (server status now: {}); send it again if needed",
-                ctx.kind,
-                status.unwrap_or_else(|| "unknown".into())
-            ),
-        ));
+    if cmd.repeats_an_effect() {
+        ctx.not_repeated(&ctx.kind, async {
+            match &cmd {
+                Command::Power(p) => os
+                    .get(&p.server)
+                    .await
+                    .ok()
+                    .map(|s| format!("server {} is {}", p.server, s.status)),
+                _ => None,
+            }
+        })
+        .await?;
     }
     let r = command::execute(&os, &ctx.command_id, &cmd).await;
     if let Err(e) = &r {

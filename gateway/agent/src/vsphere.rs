@@ -71,19 +71,15 @@ async fn handle(
         return Ok(out);
     }
     if let VsphereCommand::Power(p) = &cmd {
-        if ctx.recovered && matches!(p.action, PowerAction::Reset | PowerAction::Cycle) {
-            let current = driver
-                .get(&p.id)
-                .await
-                .map(|vm| format!("{:?}", vm.power))
-                .unwrap_or_else(|_| "unknown".into());
-            return Err(ExecError::new(
-                "interrupted",
-                format!(
-                    "the gateway restarted while this {:?} of VM {} was running; it may or may not have taken effect, so it is not repeated (current power state: {current}); send it again if needed",
-                    p.action, p.id
-                ),
-            ));
+        if matches!(p.action, PowerAction::Reset | PowerAction::Cycle) {
+            ctx.not_repeated(&format!("{:?} of VM {}", p.action, p.id), async {
+                driver
+                    .get(&p.id)
+                    .await
+                    .ok()
+                    .map(|vm| format!("power state {:?}", vm.power))
+            })
+            .await?;
         }
     }
     let progress = ctx.progress_sink();

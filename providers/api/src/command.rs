@@ -381,7 +381,7 @@ impl BareMetalCommand {
 }
 
 /// Resolves the system id: the one named, else the BMC's default system (enrolling if needed).
-async fn system_of(driver: &dyn BareMetal, named: Option<&String>) -> Result<String> {
+pub async fn system_of(driver: &dyn BareMetal, named: Option<&String>) -> Result<String> {
     if let Some(s) = named {
         return Ok(s.clone());
     }
