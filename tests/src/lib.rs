@@ -554,6 +554,32 @@ pub struct Gw {
     pub env: Vec<(String, String)>,
 }
 
+/// Journals command `id` as running in the store of a stopped gateway, as if the gateway had
+/// died while executing it (fault injection: a kill cannot be timed between the journal and a
+/// provider's answer). Started again, the gateway executes it as recovered.
+pub async fn journal_as_running(
+    gw: &Gw,
+    id: &str,
+    kind: &str,
+    payload: serde_json::Value,
+) -> anyhow::Result<()> {
+    use pcg_gateway::store::{now_ms, EntryState, JournalEntry, Store};
+    let store = Store::open(&gw.dir.join("data"))?;
+    let entry = JournalEntry {
+        id: id.into(),
+        kind: kind.into(),
+        payload,
+        state: EntryState::Running,
+        received_ms: now_ms(),
+        result: None,
+        acked_ms: None,
+        deadline_ms: None,
+    };
+    anyhow::ensure!(store.begin(&entry)?.is_none(), "{id} was journaled already");
+    store.flush().await?;
+    Ok(())
+}
+
 impl Gw {
     pub fn new(dir: &Path) -> anyhow::Result<Gw> {
         Self::with_config(dir, "")

@@ -192,21 +192,9 @@ async fn a_power_cycle_found_running_after_a_restart_is_not_repeated() {
         .submit(&key, &gw_id, "baremetal.power", payload.clone())
         .await
         .unwrap();
-    {
-        let store = pcg_gateway::store::Store::open(&gw.dir.join("data")).unwrap();
-        let entry = pcg_gateway::store::JournalEntry {
-            id: id.clone(),
-            kind: "baremetal.power".into(),
-            payload,
-            state: pcg_gateway::store::EntryState::Running,
-            received_ms: pcg_gateway::store::now_ms(),
-            result: None,
-            acked_ms: None,
-            deadline_ms: None,
-        };
-        assert!(store.begin(&entry).unwrap().is_none());
-        store.flush().await.unwrap();
-    }
+    pcg_e2e::journal_as_running(&gw, &id, "baremetal.power", payload)
+        .await
+        .unwrap();
     let power_writes = |log: &str| log.lines().filter(|l| l.contains(" set power")).count();
     let before = power_writes(&bmc.actions());
 

@@ -73,11 +73,12 @@ async fn handle(
     if let VsphereCommand::Power(p) = &cmd {
         if matches!(p.action, PowerAction::Reset | PowerAction::Cycle) {
             ctx.not_repeated(&format!("{:?} of VM {}", p.action, p.id), async {
-                driver
-                    .get(&p.id)
-                    .await
-                    .ok()
-                    .map(|vm| format!("power state {:?}", vm.power))
+                driver.get(&p.id).await.ok().map(|vm| {
+                    format!(
+                        "power state {}",
+                        serde_json::to_string(&vm.power).unwrap_or_default()
+                    )
+                })
             })
             .await?;
         }
