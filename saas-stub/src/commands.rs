@@ -38,6 +38,19 @@ struct Inner {
 }
 
 impl Inner {
+    /// A command without a result, in memory: in its gateway's queue and, with a deadline, in
+    /// the deadlines.
+    fn queue(&mut self, c: Command) {
+        self.pending
+            .entry(c.gateway_id.clone())
+            .or_default()
+            .insert(c.pending_key.clone(), c.id.clone());
+        if let Some(d) = c.deadline_ms {
+            self.deadlines.insert((d, c.id.clone()));
+        }
+        self.by_id.insert(c.id.clone(), c);
+    }
+
     /// Ends a command in memory: out of the pending queue, into the finished bound.
     fn finish(&mut self, c: Command) {
         self.ended(&c);
@@ -97,15 +110,7 @@ impl Commands {
             let mut inner = me.lock();
             for mut c in store.all_pending()? {
                 c.handed_out = !deliveries_recorded || c.state != CommandState::Queued;
-                inner
-                    .pending
-                    .entry(c.gateway_id.clone())
-                    .or_default()
-                    .insert(c.pending_key.clone(), c.id.clone());
-                if let Some(d) = c.deadline_ms {
-                    inner.deadlines.insert((d, c.id.clone()));
-                }
-                inner.by_id.insert(c.id.clone(), c);
+                inner.queue(c);
             }
         }
         Ok(me)
@@ -117,15 +122,7 @@ impl Commands {
         if inner.by_id.contains_key(&cmd.id) {
             return;
         }
-        inner
-            .pending
-            .entry(cmd.gateway_id.clone())
-            .or_default()
-            .insert(cmd.pending_key.clone(), cmd.id.clone());
-        if let Some(d) = cmd.deadline_ms {
-            inner.deadlines.insert((d, cmd.id.clone()));
-        }
-        inner.by_id.insert(cmd.id.clone(), cmd.clone());
+        inner.queue(cmd.clone());
     }
 
     /// One command, from memory or else from the store.
@@ -190,15 +187,7 @@ impl Commands {
         if let Some(at) = inner.finished.iter().rposition(|f| *f == c.id) {
             inner.finished.remove(at);
         }
-        inner
-            .pending
-            .entry(c.gateway_id.clone())
-            .or_default()
-            .insert(c.pending_key.clone(), c.id.clone());
-        if let Some(d) = c.deadline_ms {
-            inner.deadlines.insert((d, c.id.clone()));
-        }
-        inner.by_id.insert(c.id.clone(), c);
+        inner.queue(c);
     }
 
     /// Where a result of `gateway_id` for command `id` stands: `None`, not a command of this

@@ -554,30 +554,40 @@ pub struct Gw {
     pub env: Vec<(String, String)>,
 }
 
-/// Journals command `id` as running in the store of a stopped gateway, as if the gateway had
-/// died while executing it (fault injection: a kill cannot be timed between the journal and a
-/// provider's answer). Started again, the gateway executes it as recovered.
-pub async fn journal_as_running(
-    gw: &Gw,
-    id: &str,
+/// Submits a command while `gw` is stopped and journals it there as running, as if the gateway
+/// had died while executing it (fault injection: a kill cannot be timed between the journal and
+/// a provider's answer); then starts the gateway, which executes it as recovered, and returns
+/// the command as the SaaS has it once it ended.
+pub async fn resumed_after_a_restart(
+    saas: &Saas,
+    gw: &mut Gw,
+    key: &str,
+    gw_id: &str,
     kind: &str,
     payload: serde_json::Value,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<serde_json::Value> {
     use pcg_gateway::store::{now_ms, EntryState, JournalEntry, Store};
-    let store = Store::open(&gw.dir.join("data"))?;
-    let entry = JournalEntry {
-        id: id.into(),
-        kind: kind.into(),
-        payload,
-        state: EntryState::Running,
-        received_ms: now_ms(),
-        result: None,
-        acked_ms: None,
-        deadline_ms: None,
-    };
-    anyhow::ensure!(store.begin(&entry)?.is_none(), "{id} was journaled already");
-    store.flush().await?;
-    Ok(())
+    if let Some(p) = gw.proc.as_mut() {
+        p.stop();
+    }
+    let id = saas.submit(key, gw_id, kind, payload.clone()).await?;
+    {
+        let store = Store::open(&gw.dir.join("data"))?;
+        let entry = JournalEntry {
+            id: id.clone(),
+            kind: kind.into(),
+            payload,
+            state: EntryState::Running,
+            received_ms: now_ms(),
+            result: None,
+            acked_ms: None,
+            deadline_ms: None,
+        };
+        anyhow::ensure!(store.begin(&entry)?.is_none(), "{id} was journaled already");
+        store.flush().await?;
+    }
+    gw.start()?;
+    saas.wait_command(key, &id, Duration::from_secs(200)).await
 }
 
 impl Gw {

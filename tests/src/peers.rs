@@ -99,6 +99,17 @@ impl IpmiSim {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The endpoint of a `baremetal.enrol` for this BMC (its user and password), answers
+    /// awaited up to `timeout_ms`.
+    pub fn endpoint(&self, timeout_ms: u64) -> serde_json::Value {
+        serde_json::json!({
+            "address": format!("127.0.0.1:{}", self.port),
+            "user": IPMI_USER,
+            "password": IPMI_PASSWORD,
+            "timeout_ms": timeout_ms,
+        })
+    }
+
     /// What the BMC was asked to do (the chassis-control program's log).
     pub fn actions(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("chassis/actions.log")).unwrap_or_default()

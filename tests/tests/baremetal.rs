@@ -27,12 +27,7 @@ async fn ipmi_power_through_the_tunnel() {
                 .unwrap()
         }
     };
-    let endpoint = json!({
-        "address": format!("127.0.0.1:{}", bmc.port),
-        "user": IPMI_USER,
-        "password": IPMI_PASSWORD,
-        "timeout_ms": 3000,
-    });
+    let endpoint = bmc.endpoint(3000);
 
     // A wrong password is an auth error naming the BMC and the user, and enrols nothing.
     let mut wrong = endpoint.clone();
@@ -168,12 +163,7 @@ async fn a_power_cycle_found_running_after_a_restart_is_not_repeated() {
                 .unwrap()
         }
     };
-    let endpoint = json!({
-        "address": format!("127.0.0.1:{}", bmc.port),
-        "user": IPMI_USER,
-        "password": IPMI_PASSWORD,
-        "timeout_ms": 3000,
-    });
+    let endpoint = bmc.endpoint(3000);
     for (kind, payload) in [
         (
             "baremetal.enrol",
@@ -186,20 +176,18 @@ async fn a_power_cycle_found_running_after_a_restart_is_not_repeated() {
         assert_eq!(v["state"], "succeeded", "{v}");
     }
 
-    gw.proc.as_mut().unwrap().stop();
-    let payload = json!({"bmc": "node1", "action": "cycle"});
-    let id = saas
-        .submit(&key, &gw_id, "baremetal.power", payload.clone())
-        .await
-        .unwrap();
-    pcg_e2e::journal_as_running(&gw, &id, "baremetal.power", payload)
-        .await
-        .unwrap();
     let power_writes = |log: &str| log.lines().filter(|l| l.contains(" set power")).count();
     let before = power_writes(&bmc.actions());
-
-    gw.start().unwrap();
-    let v = wait(id).await;
+    let v = pcg_e2e::resumed_after_a_restart(
+        &saas,
+        &mut gw,
+        &key,
+        &gw_id,
+        "baremetal.power",
+        json!({"bmc": "node1", "action": "cycle"}),
+    )
+    .await
+    .unwrap();
     assert_eq!(v["state"], "failed", "{v}");
     assert_eq!(v["result"]["error_class"], "interrupted", "{v}");
     let msg = v["result"]["error_message"].as_str().unwrap();

@@ -220,20 +220,16 @@ async fn openstack_cloud_enrolled_by_name_survives_a_restart_and_its_password_st
 
     // A reboot found running after a restart (journaled, no result, while the gateway was
     // stopped) is not repeated: `interrupted`, with the server's status now.
-    gw.proc.as_mut().unwrap().stop();
-    let payload = json!({"cloud": lab, "server": id, "action": "reset"});
-    let reboot = saas
-        .submit(&key, &gw_id, "openstack.power", payload.clone())
-        .await
-        .unwrap();
-    pcg_e2e::journal_as_running(&gw, &reboot, "openstack.power", payload)
-        .await
-        .unwrap();
-    gw.start().unwrap();
-    let v = saas
-        .wait_command(&key, &reboot, Duration::from_secs(200))
-        .await
-        .unwrap();
+    let v = pcg_e2e::resumed_after_a_restart(
+        &saas,
+        &mut gw,
+        &key,
+        &gw_id,
+        "openstack.power",
+        json!({"cloud": lab, "server": id, "action": "reset"}),
+    )
+    .await
+    .unwrap();
     assert_eq!(v["result"]["error_class"], "interrupted", "{v}");
     let msg = v["result"]["error_message"].as_str().unwrap();
     assert!(

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pcg_e2e::peers::{IpmiSim, IPMI_PASSWORD, IPMI_USER};
+use pcg_e2e::peers::{IpmiSim, IPMI_PASSWORD};
 use pcg_e2e::vcsim::Vcsim;
 use pcg_e2e::{files_containing, SaasOptions};
 use serde_json::json;
@@ -65,12 +65,7 @@ async fn passwords_never_reach_a_store_or_a_log_in_clear() {
                 .unwrap()
         }
     };
-    let endpoint = json!({
-        "address": format!("127.0.0.1:{}", bmc.port),
-        "user": IPMI_USER,
-        "password": IPMI_PASSWORD,
-        "timeout_ms": 5000,
-    });
+    let endpoint = bmc.endpoint(5000);
     let v = run(
         "baremetal.enrol",
         json!({"name": "node1", "protocol": "ipmi", "endpoint": endpoint}),

@@ -276,20 +276,16 @@ async fn vsphere_endpoint_enrolled_by_name_survives_a_restart_and_its_password_s
     )
     .await;
     assert_eq!(v["result"]["output"]["power"], "on", "{v}");
-    gw.proc.as_mut().unwrap().stop();
-    let payload = json!({"endpoint": "lab", "id": id, "action": "reset"});
-    let reset = saas
-        .submit(&key, &gw_id, "vsphere.power", payload.clone())
-        .await
-        .unwrap();
-    pcg_e2e::journal_as_running(&gw, &reset, "vsphere.power", payload)
-        .await
-        .unwrap();
-    gw.start().unwrap();
-    let v = saas
-        .wait_command(&key, &reset, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let v = pcg_e2e::resumed_after_a_restart(
+        &saas,
+        &mut gw,
+        &key,
+        &gw_id,
+        "vsphere.power",
+        json!({"endpoint": "lab", "id": id, "action": "reset"}),
+    )
+    .await
+    .unwrap();
     assert_eq!(v["result"]["error_class"], "interrupted", "{v}");
     let msg = v["result"]["error_message"].as_str().unwrap();
     assert!(
