@@ -489,6 +489,25 @@ impl Saas {
         Ok(v["id"].as_str().unwrap_or_default().to_string())
     }
 
+    /// Submits a command and waits for its result in the same request
+    /// (`?wait_seconds=`); returns the command as the answer has it.
+    pub async fn submit_waiting(
+        &self,
+        key: &str,
+        gw: &str,
+        kind: &str,
+        payload: Value,
+        wait_seconds: u64,
+    ) -> anyhow::Result<Value> {
+        self.ok(
+            "POST",
+            &format!("/v1/gateways/{gw}/commands?wait_seconds={wait_seconds}"),
+            key,
+            Some(json!({ "kind": kind, "payload": payload })),
+        )
+        .await
+    }
+
     /// Waits (long-polling) until the command is terminal; returns its view.
     pub async fn wait_command(
         &self,

@@ -48,6 +48,37 @@ async fn thousand_commands_round_trip() {
     let skew = v["result"]["output"]["clock_unix_ms"].as_i64().unwrap() - time_ms();
     assert!(skew.abs() < 60_000);
 
+    // Submitted and answered in one request: the 201 carries the result.
+    let v = saas
+        .submit_waiting(
+            &key,
+            &gw_id,
+            "gateway.echo",
+            json!({"text": "one request"}),
+            30,
+        )
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["result"]["output"]["echo"]["text"], "one request", "{v}");
+    // A wait that ends first answers the command as it stands; it finishes all the same.
+    let v = saas
+        .submit_waiting(&key, &gw_id, "gateway.sleep", json!({"ms": 3000}), 1)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            v["state"].as_str(),
+            Some("queued" | "delivered" | "received")
+        ),
+        "{v}"
+    );
+    let v = saas
+        .wait_command(&key, v["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+
     let started = Instant::now();
     let results: Vec<(usize, serde_json::Value)> = stream::iter(0..1000usize)
         .map(|n| {

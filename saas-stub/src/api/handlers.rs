@@ -206,11 +206,19 @@ pub async fn revoke_gateway(
 /// The idempotency header of `POST /v1/gateways/{id}/commands`.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SubmitQuery {
+    /// Wait up to this many seconds (at most 60) for the command to finish before answering:
+    /// the answer is then the finished command, or the command as it stands when the wait ends.
+    pub wait_seconds: Option<u64>,
+}
+
 #[utoipa::path(post, path = "/v1/gateways/{id}/commands",
-    params(("id" = String, Path),
+    params(("id" = String, Path), SubmitQuery,
            ("Idempotency-Key" = Option<String>, Header, description = "Makes the submit safe to retry: the same key with the same body returns the command the first request made (with `Idempotent-Replayed: true`); with a different body, 422. Keys are remembered per tenant for `idempotency_window_secs` (default 24 h).")),
     request_body = SubmitCommandRequest,
-    responses((status = 201, body = CommandView), (status = 400, body = ErrorBody),
+    responses((status = 201, description = "Created: the command (with `wait_seconds`, as it stands when it finished or the wait ended)", body = CommandView), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
               (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("api_key" = [])))]
@@ -218,6 +226,7 @@ pub async fn submit_command(
     State(app): State<Arc<App>>,
     caller: Caller,
     PathId(id): PathId,
+    Q(q): Q<SubmitQuery>,
     headers: HeaderMap,
     Body(req): Body<SubmitCommandRequest>,
 ) -> ApiResult<impl IntoResponse> {
@@ -250,11 +259,21 @@ pub async fn submit_command(
     if done.replayed {
         h.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    Ok((
-        StatusCode::CREATED,
-        h,
-        Json(CommandView::from(&done.command)),
-    ))
+    // Submitted and durable: a failure of the wait is not the submit's, so the command as
+    // stored is the answer then.
+    let wait = Duration::from_secs(q.wait_seconds.unwrap_or(0).min(60));
+    let command = if wait.is_zero() || done.command.state.is_terminal() {
+        done.command
+    } else {
+        match app.get_command(&caller, &done.command.id, wait).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(command = %done.command.id, "the wait of a submit ended early: {e}");
+                done.command
+            }
+        }
+    };
+    Ok((StatusCode::CREATED, h, Json(CommandView::from(&command))))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
