@@ -229,27 +229,25 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// How a scenario's client asks for a command and its result.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pattern {
+    /// A submit, then a long-polled `GET /v1/commands/{id}`.
+    SubmitThenGet,
+    /// A submit with `?wait_seconds=`, whose answer carries the result (a long-polled GET only
+    /// if the wait ended first).
+    OneRequest,
+}
+
+/// Runs `n` `gateway.ledger` commands, `conc` in flight, over `gws` round robin (and `saas` in
+/// turn), checking each result; their figures.
 async fn run_commands(
     saas: &[Arc<Saas>],
     key: &str,
     gws: &[String],
-    n: usize,
-    conc: usize,
+    (n, conc): (usize, usize),
     label: &str,
-) -> anyhow::Result<Figures> {
-    run_commands_as(saas, key, gws, n, conc, label, false).await
-}
-
-/// [`run_commands`]; `one_request`: each command submitted with `?wait_seconds=` so that the
-/// submit's answer carries its result (a long-polled GET only if the wait ended first).
-async fn run_commands_as(
-    saas: &[Arc<Saas>],
-    key: &str,
-    gws: &[String],
-    n: usize,
-    conc: usize,
-    label: &str,
-    one_request: bool,
+    pattern: Pattern,
 ) -> anyhow::Result<Figures> {
     let started = Instant::now();
     let mut lat: Vec<f64> = stream::iter(0..n)
@@ -261,7 +259,7 @@ async fn run_commands_as(
             async move {
                 let t = Instant::now();
                 let payload = json!({ "i": i });
-                let v = if one_request {
+                let v = if pattern == Pattern::OneRequest {
                     let v = saas
                         .submit_waiting(&key, &gw, "gateway.ledger", payload, 60)
                         .await?;
@@ -650,27 +648,27 @@ async fn transports(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
             std::slice::from_ref(&saas),
             &key,
             &ids,
-            200,
-            args.concurrency,
+            (200, args.concurrency),
             "warm-up",
+            Pattern::SubmitThenGet,
         )
         .await?;
         let one = run_commands(
             std::slice::from_ref(&saas),
             &key,
             &ids,
-            500,
-            1,
+            (500, 1),
             &format!("{label}, 1 in flight"),
+            Pattern::SubmitThenGet,
         )
         .await?;
         let many = run_commands(
             std::slice::from_ref(&saas),
             &key,
             &ids,
-            args.commands,
-            args.concurrency,
+            (args.commands, args.concurrency),
             &format!("{label}, {} in flight", args.concurrency),
+            Pattern::SubmitThenGet,
         )
         .await?;
         println!("{label}: transport {}", st["tunnel"]["transport"]);
@@ -1106,9 +1104,9 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
         std::slice::from_ref(&saas),
         &key,
         &one_ids,
-        200,
-        args.concurrency,
+        (200, args.concurrency),
         "warm-up",
+        Pattern::SubmitThenGet,
     )
     .await?;
     submitted += 200;
@@ -1118,9 +1116,9 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
         std::slice::from_ref(&saas),
         &key,
         &one_ids,
-        light,
-        1,
+        (light, 1),
         "1 gateway, 1 in flight",
+        Pattern::SubmitThenGet,
     )
     .await?;
     let m1 = mark(&saas, &one, &port).await;
@@ -1130,9 +1128,9 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
         std::slice::from_ref(&saas),
         &key,
         &one_ids,
-        commands,
-        args.concurrency,
+        (commands, args.concurrency),
         &format!("1 gateway, {} in flight", args.concurrency),
+        Pattern::SubmitThenGet,
     )
     .await?;
     let mut m2 = mark(&saas, &one, &port).await;
@@ -1141,17 +1139,16 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
     // The same, each command submitted and answered in one request (`?wait_seconds=`; an
     // older build has no wait on submit).
     if !args.baseline {
-        let f = run_commands_as(
+        let f = run_commands(
             std::slice::from_ref(&saas),
             &key,
             &one_ids,
-            commands,
-            args.concurrency,
+            (commands, args.concurrency),
             &format!(
                 "1 gateway, {} in flight, one request each",
                 args.concurrency
             ),
-            true,
+            Pattern::OneRequest,
         )
         .await?;
         let m = mark(&saas, &one, &port).await;
@@ -1185,9 +1182,9 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
         std::slice::from_ref(&saas),
         &key,
         &many_ids,
-        commands,
-        args.concurrency,
+        (commands, args.concurrency),
         &format!("{gateways_n} gateways, {} in flight", args.concurrency),
+        Pattern::SubmitThenGet,
     )
     .await?;
     let many_done = Instant::now();
@@ -1353,15 +1350,23 @@ async fn cluster(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
         let (mut gws, ids) =
             gateways(&saas, &key, &root.join("sled-gws"), gateways_n, false).await?;
         let one = std::slice::from_ref(&saas);
-        run_commands(one, &key, &ids, 100, conc, "warm-up").await?;
+        run_commands(
+            one,
+            &key,
+            &ids,
+            (100, conc),
+            "warm-up",
+            Pattern::SubmitThenGet,
+        )
+        .await?;
         rows.push(
             run_commands(
                 one,
                 &key,
                 &ids,
-                light,
-                1,
+                (light, 1),
                 "one pcg-saas on sled, 1 in flight",
+                Pattern::SubmitThenGet,
             )
             .await?,
         );
@@ -1370,9 +1375,9 @@ async fn cluster(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
                 one,
                 &key,
                 &ids,
-                commands,
-                conc,
+                (commands, conc),
                 &format!("one pcg-saas on sled, {conc} in flight"),
+                Pattern::SubmitThenGet,
             )
             .await?,
         );
@@ -1422,15 +1427,23 @@ async fn cluster(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
     let counts = |a: u64, b: u64| format!("replica1 {a}, replica2 {b}");
     let at_start = counts(nats::tunnels(&r1).await, nats::tunnels(&r2).await);
     let both = [r1.clone(), r2.clone()];
-    run_commands(&both, &key, &ids, 100, conc, "warm-up").await?;
+    run_commands(
+        &both,
+        &key,
+        &ids,
+        (100, conc),
+        "warm-up",
+        Pattern::SubmitThenGet,
+    )
+    .await?;
     rows.push(
         run_commands(
             &both,
             &key,
             &ids,
-            light,
-            1,
+            (light, 1),
             "two replicas on 3 NATS nodes, 1 in flight",
+            Pattern::SubmitThenGet,
         )
         .await?,
     );
@@ -1439,9 +1452,9 @@ async fn cluster(args: &Args, root: &std::path::Path) -> anyhow::Result<()> {
             &both,
             &key,
             &ids,
-            commands,
-            conc,
+            (commands, conc),
             &format!("two replicas on 3 NATS nodes, {conc} in flight"),
+            Pattern::SubmitThenGet,
         )
         .await?,
     );
