@@ -419,6 +419,18 @@ mod tests {
                 StatusCode::BAD_REQUEST,
                 "invalid_query",
             ),
+            // A submit whose wait is malformed is refused before anything is submitted.
+            (
+                http::Request::builder()
+                    .method("POST")
+                    .uri("/v1/gateways/x/commands?wait_seconds=soon")
+                    .header("authorization", &bearer)
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(r#"{"kind": "gateway.echo"}"#))
+                    .expect("request"),
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+            ),
             (
                 get("/v1/commands/%FF%FE", Some(&bearer)),
                 StatusCode::BAD_REQUEST,
