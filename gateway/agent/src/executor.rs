@@ -4,8 +4,14 @@
 //! The order of events for one command id:
 //! 1. journal the id as running and flush (a second delivery now finds it);
 //! 2. tell the broker it was received, and execute;
-//! 3. write the result to the journal and the outbox, flush, and send it;
+//! 3. write the result to the journal and the outbox, send it, and flush;
 //! 4. on the broker's acknowledgement, drop it from the outbox.
+//!
+//! Step 3 sends before its flush has finished: the broker stores the result durably before it
+//! acknowledges it or shows it to anyone, so this side's flush is not on the command's path. A
+//! crash before it is durable here leaves the entry running, as a crash just before the write
+//! would: the restarted gateway resumes it as recovered (below), which finds its mark or ends
+//! `interrupted`, and the broker keeps the result it stored first (a command ends once).
 //!
 //! A redelivered id gets the stored result (done) or joins the execution under way (running).
 //! After a crash, entries still running are executed again with `recovered = true`: a handler
@@ -681,24 +687,22 @@ fn stop_error(exec: &Execution, handler: Option<ExecError>, what: &str) -> ExecE
     ExecError::new(stop.class(), message)
 }
 
-/// Journals a result (done + outbox), retrying until it is durable, then sends it.
+/// Journals a result (done + outbox) and sends it, then makes it durable here, retrying until it
+/// is. The send does not wait for this side's flush (see the module's order of events): the
+/// entry is written first, so an acknowledgement that comes back before the flush finds it in
+/// the outbox, and a redelivery finds it done.
 async fn record(gw: &Arc<Gateway>, entry: &JournalEntry, result: &StoredResult) {
     let (id, kind) = (entry.id.as_str(), entry.kind.as_str());
-    // The result must not be lost: retry the write until it is durable.
+    // The result must not be lost: retry the write, then the flush, until it is durable.
     let mut delay = std::time::Duration::from_millis(100);
-    loop {
-        let r = match gw.store.finish(entry, result) {
-            Ok(()) => gw.store.flush().await,
-            Err(e) => Err(e),
-        };
-        match r {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::error!(command = %id, "cannot record result, retrying: {e}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(10));
-            }
-        }
+    let mut retry = |what: &str, e: crate::store::StoreError| {
+        tracing::error!(command = %id, "cannot {what} result, retrying: {e}");
+        let wait = delay;
+        delay = (delay * 2).min(std::time::Duration::from_secs(10));
+        tokio::time::sleep(wait)
+    };
+    while let Err(e) = gw.store.finish(entry, result) {
+        retry("record", e).await;
     }
     gw.unmark_running(id);
     gw.metrics.command(
@@ -711,6 +715,9 @@ async fn record(gw: &Arc<Gateway>, entry: &JournalEntry, result: &StoredResult) 
         (result.finished_ms - result.started_ms).max(0) as f64 / 1000.0,
     );
     send_result(gw, id, result);
+    while let Err(e) = gw.store.flush().await {
+        retry("make durable the", e).await;
+    }
 }
 
 /// A cancel from the SaaS. A running execution is stopped; a finished command keeps its result

@@ -611,6 +611,47 @@ mod tests {
         assert_eq!(r.output, json!({ "echo": { "a": 1 } }));
     }
 
+    /// A result goes to the broker before this side's flush of it has finished (the broker
+    /// makes it durable before anything depends on it); an acknowledgement that comes back
+    /// meanwhile finds it in the outbox; once the flush runs, both are durable.
+    #[tokio::test]
+    async fn a_result_is_sent_without_waiting_for_its_flush() {
+        use pcg_proto::v1::gateway_frame::Kind;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = gateway(dir.path(), 300);
+        let (tx, mut rx) = mpsc::channel(8);
+        gw.set_outbound(tx);
+        let held = gw.store.held_flushes.write().await;
+        let flushes = gw.store.flushes();
+        start(&gw, "c_echo", "gateway.echo", json!({ "a": 1 }));
+        let frame = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("the result is sent while its flush waits")
+            .expect("a frame");
+        let Some(Kind::Result(r)) = frame.kind else {
+            panic!("a result frame, got {frame:?}");
+        };
+        assert_eq!(r.command_id, "c_echo");
+        assert!(r.ok, "{}", r.error_message);
+        assert_eq!(gw.store.outbox_depth(), 1);
+        assert_eq!(gw.store.flushes(), flushes, "nothing flushed yet");
+        assert_eq!(gw.exec_tasks.len(), 1, "the execution waits for its flush");
+        gw.store.ack("c_echo").expect("ack");
+        assert_eq!(gw.store.outbox_depth(), 0);
+        drop(held);
+        gw.exec_tasks.close();
+        tokio::time::timeout(Duration::from_secs(30), gw.exec_tasks.wait())
+            .await
+            .expect("the execution ends once its flush is done");
+        assert!(gw.store.flushes() > flushes);
+        drop(gw);
+        let store = store::Store::open(dir.path()).expect("reopen");
+        let e = store.entry("c_echo").expect("read").expect("journaled");
+        assert_eq!(e.state, EntryState::Done);
+        assert!(e.result.expect("result").ok);
+        assert!(store.outbox().expect("outbox").is_empty(), "acknowledged");
+    }
+
     #[tokio::test]
     async fn a_supervised_task_that_panics_is_restarted() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -183,6 +183,10 @@ pub struct Store {
     /// one (sled's `len` reads the whole tree; status, metrics and health reports ask often,
     /// and a journal keeps days of entries).
     journal_count: AtomicUsize,
+    /// Tests only: while a test holds it for writing, flushes wait (to show what does not wait
+    /// for them).
+    #[cfg(test)]
+    pub(crate) held_flushes: tokio::sync::RwLock<()>,
 }
 
 const IDENTITY_KEY: &[u8] = b"current";
@@ -233,6 +237,8 @@ impl Store {
             commit: pcg_durable::GroupCommit::new(db.clone()),
             key,
             path,
+            #[cfg(test)]
+            held_flushes: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -267,6 +273,8 @@ impl Store {
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        let _open = self.held_flushes.read().await;
         self.commit.flush().await.map_err(self.err())?;
         Ok(())
     }
