@@ -166,18 +166,19 @@ impl Commands {
 
     /// Takes back an end [`Commands::end_undelivered`] decided whose operation could not be
     /// written: the command is queued again, in its place in its gateway's queue (nothing
-    /// handed it out meanwhile: an ended command is not delivered).
-    pub fn reopen_undelivered(&self, store: &Store, id: &str) {
+    /// handed it out meanwhile: an ended command is not delivered). Returns it as queued, for
+    /// its tunnel.
+    pub fn reopen_undelivered(&self, store: &Store, id: &str) -> Option<Command> {
         let mut inner = self.lock();
         let mut c = match inner.by_id.remove(id) {
             Some(c) => c,
             // Out of memory already (as many ends since): the store has it as it was.
             None => match store.command(id) {
                 Ok(Some(c)) => c,
-                Ok(None) => return,
+                Ok(None) => return None,
                 Err(e) => {
                     tracing::error!(command = %id, "cannot read a command back to take its end back: {e}");
-                    return;
+                    return None;
                 }
             },
         };
@@ -187,7 +188,8 @@ impl Commands {
         if let Some(at) = inner.finished.iter().rposition(|f| *f == c.id) {
             inner.finished.remove(at);
         }
-        inner.queue(c);
+        inner.queue(c.clone());
+        Some(c)
     }
 
     /// Where a result of `gateway_id` for command `id` stands: `None`, not a command of this
@@ -391,7 +393,11 @@ mod tests {
         assert!(commands.delivered("c_1").is_none());
         assert_eq!(ids(commands.pending("gw_1")), vec!["c_2"]);
 
-        commands.reopen_undelivered(&store, "c_1");
+        let queued = commands
+            .reopen_undelivered(&store, "c_1")
+            .expect("queued again, for its tunnel");
+        assert_eq!(queued.id, "c_1");
+        assert_eq!(queued.state, CommandState::Queued);
         assert_eq!(ids(commands.pending("gw_1")), vec!["c_1", "c_2"]);
         let back = commands.cached("c_1").expect("in memory");
         assert_eq!(back.state, CommandState::Queued);

@@ -138,6 +138,12 @@ impl App {
     /// A stored, durable command: counted and handed to its gateway's tunnel.
     fn queued(self: &std::sync::Arc<Self>, cmd: &Command) {
         self.metrics.commands_submitted.inc();
+        self.hand_out(cmd);
+    }
+
+    /// Hands a queued command to its gateway's tunnel, if it is up (else the tunnel takes it
+    /// when it next connects).
+    fn hand_out(self: &std::sync::Arc<Self>, cmd: &Command) {
         let (app, queued) = (self.clone(), cmd.clone());
         self.tasks
             .spawn(async move { crate::broker::deliver(&app, &queued).await });
@@ -488,7 +494,7 @@ impl App {
 
     /// Ends, as `timed_out`, the commands past their deadline that were never handed to a
     /// tunnel (see [`crate::commands::Commands::expire`]). Run every half second.
-    pub async fn expire_deadlines(&self) -> AppResult<()> {
+    pub async fn expire_deadlines(self: &std::sync::Arc<Self>) -> AppResult<()> {
         let now = now_ms();
         let mut ended = Vec::new();
         for id in self.commands.due(now) {
@@ -572,7 +578,11 @@ impl App {
     /// ended already or may have reached its gateway. One node decides it in memory, under the
     /// lock a delivery takes; a replica by the log's order (a `CommandHandedOut` from any
     /// replica before it, and it is not ended here).
-    async fn end_undelivered(&self, id: &str, result: CommandResult) -> AppResult<Option<Command>> {
+    async fn end_undelivered(
+        self: &std::sync::Arc<Self>,
+        id: &str,
+        result: CommandResult,
+    ) -> AppResult<Option<Command>> {
         if self.log.is_cluster() {
             let done = self
                 .commit(Op::CommandEnded {
@@ -602,16 +612,23 @@ impl App {
             })
             .await;
         if let Err(e) = written {
-            // Not ended after all: memory must not show an end the store does not have (nor
-            // keep the command from its gateway until a restart).
-            self.commands.reopen_undelivered(&self.store, id);
+            // Not ended after all: memory must not show an end the store does not have, nor
+            // keep the command from its gateway (a tunnel up now takes it now).
+            if let Some(queued) = self.commands.reopen_undelivered(&self.store, id) {
+                self.hand_out(&queued);
+            }
             return Err(e);
         }
         Ok(Some(c))
     }
 
     /// A cancel for command `id` of `tenant_id` (see [`CancelOutcome`]).
-    async fn cancel(&self, id: &str, tenant_id: &str, reason: &str) -> AppResult<CancelOutcome> {
+    async fn cancel(
+        self: &std::sync::Arc<Self>,
+        id: &str,
+        tenant_id: &str,
+        reason: &str,
+    ) -> AppResult<CancelOutcome> {
         let Some(c) = self
             .commands
             .get(&self.store, id)?
