@@ -797,18 +797,10 @@ async fn session(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut uploads: HashMap<String, Upload> = HashMap::new();
-    let (results, received) = mpsc::channel(RESULTS_UNACKNOWLEDGED);
-    app.tasks.spawn(acknowledge(
-        app.clone(),
-        gateway_id.clone(),
-        tx.clone(),
-        close.clone(),
-        received,
-    ));
     let ctx = SessionCtx {
         app: app.clone(),
         close: close.clone(),
-        results,
+        results: std::sync::OnceLock::new(),
     };
     let reason = loop {
         tokio::select! {
@@ -900,8 +892,26 @@ struct SessionCtx {
     app: Arc<App>,
     /// Closes the session (a result that cannot be stored or acknowledged).
     close: Arc<Notify>,
-    /// Results received, to the session's [`acknowledge`] task.
-    results: mpsc::Sender<Received>,
+    /// Results received, to the session's [`acknowledge`] task; the channel and the task are
+    /// made with the tunnel's first result (an idle tunnel holds neither: about 7 KiB each).
+    results: std::sync::OnceLock<mpsc::Sender<Received>>,
+}
+
+impl SessionCtx {
+    /// The way to the session's acknowledging task, started with the first result.
+    fn results(&self, gateway_id: &str, tx: &Tx) -> &mpsc::Sender<Received> {
+        self.results.get_or_init(|| {
+            let (results, received) = mpsc::channel(RESULTS_UNACKNOWLEDGED);
+            self.app.tasks.spawn(acknowledge(
+                self.app.clone(),
+                gateway_id.to_string(),
+                tx.clone(),
+                self.close.clone(),
+                received,
+            ));
+            results
+        })
+    }
 }
 
 /// Results a tunnel has received and not yet acknowledged, beyond which its reading waits.
@@ -1064,7 +1074,7 @@ async fn handle_frame(
             };
             // Waits only when the acknowledger is this far behind; it ends only after the
             // session's reading (or after it closed the tunnel, which ends the reading too).
-            let _ = session.results.send(received).await;
+            let _ = session.results(gateway_id, tx).send(received).await;
         }
         Some(GKind::Renew(r)) => {
             let answer = match app.ca.sign_gateway(
