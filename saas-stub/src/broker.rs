@@ -893,7 +893,7 @@ struct SessionCtx {
     /// Closes the session (a result that cannot be stored or acknowledged).
     close: Arc<Notify>,
     /// Results received, to the session's [`acknowledge`] task; the channel and the task are
-    /// made with the tunnel's first result (an idle tunnel holds neither: about 7 KiB each).
+    /// made with the tunnel's first result (an idle tunnel holds neither: together about 7 KiB).
     results: std::sync::OnceLock<mpsc::Sender<Received>>,
 }
 
