@@ -9,6 +9,7 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod cmdlog;
 pub mod feed;
 pub mod machines;
 pub mod ops;
@@ -99,6 +100,12 @@ fn ct_eq(a: &str, b: &str) -> bool {
 pub enum StoreError {
     #[error("storage failure: {0}; check the data directory's disk space and permissions")]
     Sled(#[from] sled::Error),
+    #[error("cannot {action} the command log at {}: {source}; check the data directory's disk space and permissions", path.display())]
+    Log {
+        action: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("corrupt record in tree {tree}: {message}")]
     Corrupt { tree: &'static str, message: String },
     /// A replica's feed takes its numbers from the cluster's log only.
@@ -256,8 +263,12 @@ pub struct Command {
     pub received_ms: Option<i64>,
     pub completed_ms: Option<i64>,
     pub result: Option<CommandResult>,
-    /// Key of this command in the pending tree while it has no result.
+    /// Its place in its gateway's queue: gateway id, 0, and the number of the operation that
+    /// submitted it (also its `commands` entry in the tenant's feed).
     pub pending_key: Vec<u8>,
+    /// The number of the operation that ended it (its `results` entry in the tenant's feed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_seq: Option<u64>,
     /// When it must have ended (Unix ms), if the client gave a deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<i64>,
@@ -297,6 +308,7 @@ impl Command {
             completed_ms: None,
             result: None,
             pending_key: Vec::new(),
+            ended_seq: None,
             deadline_ms: None,
             cancel: None,
             progress: None,
@@ -396,13 +408,12 @@ pub struct Store {
     api_keys: sled::Tree,
     tokens: sled::Tree,
     gateways: sled::Tree,
-    commands: sled::Tree,
-    pending: sled::Tree,
+    /// Commands: their records in an append-only log, their indexes in memory.
+    commands: std::sync::Arc<cmdlog::CmdLog>,
     events: sled::Tree,
     idempotency: sled::Tree,
     bundles: sled::Tree,
     bundle_data: sled::Tree,
-    cmd_by_tenant: sled::Tree,
     events_by_tenant: sled::Tree,
     /// Declared machines by id, their index by gateway, the ids of recorded `machine.*` events,
     /// and the gateways' health history (see [`machines`]).
@@ -453,18 +464,18 @@ fn all<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> Result<Vec
 impl Store {
     pub fn open(path: &std::path::Path) -> Result<Store, StoreError> {
         let db = sled::Config::new().path(path).open()?;
+        let commands = std::sync::Arc::new(Self::open_commands(&db, path)?);
+        let synced = commands.clone();
         Ok(Store {
             tenants: db.open_tree("tenants")?,
             api_keys: db.open_tree("api_keys")?,
             tokens: db.open_tree("tokens")?,
             gateways: db.open_tree("gateways")?,
-            commands: db.open_tree("commands")?,
-            pending: db.open_tree("pending")?,
+            commands,
             events: db.open_tree("events")?,
             idempotency: db.open_tree("idempotency")?,
             bundles: db.open_tree("bundles")?,
             bundle_data: db.open_tree("bundle_data")?,
-            cmd_by_tenant: db.open_tree("cmd_by_tenant")?,
             events_by_tenant: db.open_tree("events_by_tenant")?,
             machines: db.open_tree("machines")?,
             machines_by_gateway: db.open_tree("machines_by_gateway")?,
@@ -472,25 +483,67 @@ impl Store {
             health: db.open_tree("health")?,
             key_cache: Default::default(),
             feed: std::sync::Arc::new(Feed::open(&db)?),
-            commit: pcg_durable::GroupCommit::new(db.clone()),
+            commit: pcg_durable::GroupCommit::with_first(db.clone(), move || {
+                synced
+                    .sync()
+                    .map_err(|e| sled::Error::Io(std::io::Error::other(e.to_string())))
+            }),
             db,
         })
     }
 
-    /// Builds the indexes an older store lacks (commands and events by tenant).
-    pub fn migrate(&self) -> Result<(), StoreError> {
-        if self.cmd_by_tenant.is_empty() && !self.commands.is_empty() {
-            for v in self.commands.iter().values() {
+    /// Opens the command log (`cmdlog` in the store's directory). A store written by a version
+    /// that kept commands in sled (trees `commands`, `pending`, `cmd_by_tenant`) has them
+    /// copied into a new log first: written and synced as `cmdlog.new`, renamed, and only then
+    /// are the trees emptied, so a stop at any point leaves either the trees or the whole log.
+    fn open_commands(db: &sled::Db, path: &std::path::Path) -> Result<cmdlog::CmdLog, StoreError> {
+        let dir = path.join("cmdlog");
+        let old = db.open_tree("commands")?;
+        if !dir.exists() {
+            let new = path.join("cmdlog.new");
+            if new.exists() {
+                std::fs::remove_dir_all(&new).map_err(|source| StoreError::Log {
+                    action: "remove the unfinished copy of",
+                    path: new.clone(),
+                    source,
+                })?;
+            }
+            let log = cmdlog::CmdLog::open(&new)?;
+            for v in old.iter().values() {
                 let c: Command = serde_json::from_slice(&v?).map_err(|e| StoreError::Corrupt {
                     tree: "commands",
                     message: e.to_string(),
                 })?;
-                self.cmd_by_tenant.insert(
-                    Self::tenant_index_key(&c.tenant_id, c.submitted_ms, &c.id),
-                    c.gateway_id.as_bytes(),
-                )?;
+                log.put(&c)?;
             }
+            log.sync()?;
+            drop(log);
+            let renamed = std::fs::rename(&new, &dir)
+                .and_then(|()| std::fs::File::open(path).and_then(|d| d.sync_all()));
+            renamed.map_err(|source| StoreError::Log {
+                action: "put in place",
+                path: dir.clone(),
+                source,
+            })?;
         }
+        let log = cmdlog::CmdLog::open(&dir)?;
+        let had_old = !old.is_empty();
+        drop(old);
+        if had_old {
+            tracing::info!(
+                commands = log.count(),
+                "commands moved from the sled trees to the command log"
+            );
+            for name in ["commands", "pending", "cmd_by_tenant"] {
+                db.drop_tree(name)?;
+            }
+            db.flush()?;
+        }
+        Ok(log)
+    }
+
+    /// Builds the indexes an older store lacks (events by tenant).
+    pub fn migrate(&self) -> Result<(), StoreError> {
         if self.events_by_tenant.is_empty() && !self.events.is_empty() {
             for v in self.events.iter().values() {
                 if let Ok(e) = serde_json::from_slice::<Event>(&v?) {
@@ -641,79 +694,29 @@ impl Store {
 
     // --- commands --------------------------------------------------------------------------
 
-    /// `tenant \0 (u64::MAX - submitted_ms) \0 id`: a tenant's commands, newest first.
-    fn tenant_index_key(tenant_id: &str, submitted_ms: i64, id: &str) -> Vec<u8> {
-        let mut k = tenant_id.as_bytes().to_vec();
-        k.push(0);
-        k.extend_from_slice(&(u64::MAX - u64::try_from(submitted_ms).unwrap_or(0)).to_be_bytes());
-        k.push(0);
-        k.extend_from_slice(id.as_bytes());
-        k
-    }
-
     pub fn command(&self, id: &str) -> Result<Option<Command>, StoreError> {
-        get(&self.commands, "commands", id.as_bytes())
+        self.commands.get(id)
     }
 
     /// Every command still waiting for a result (at start, to rebuild the in-memory table).
     pub fn all_pending(&self) -> Result<Vec<Command>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.pending.iter() {
-            let (_, id) = kv?;
-            if let Some(c) = get::<Command>(&self.commands, "commands", &id)? {
-                if !c.state.is_terminal() {
-                    out.push(c);
-                }
-            }
-        }
-        Ok(out)
+        self.commands.pending()
     }
 
-    /// Ids of a tenant's commands, newest first, starting after `after` (an index key).
-    pub fn tenant_command_ids(
-        &self,
-        tenant_id: &str,
-    ) -> impl Iterator<Item = Result<String, StoreError>> + '_ {
-        let mut prefix = tenant_id.as_bytes().to_vec();
-        prefix.push(0);
-        let skip = prefix.len() + 8 + 1;
-        self.cmd_by_tenant.scan_prefix(prefix).keys().map(move |k| {
-            let k = k?;
-            Ok(String::from_utf8_lossy(&k[skip.min(k.len())..]).into_owned())
-        })
+    /// Ids of a tenant's commands, newest first.
+    pub fn tenant_command_ids(&self, tenant_id: &str) -> impl Iterator<Item = String> + '_ {
+        self.commands.tenant_ids(tenant_id)
     }
 
     /// Deletes finished commands submitted before `cutoff_ms`; returns their ids.
     pub fn prune_commands(&self, cutoff_ms: i64) -> Result<Vec<String>, StoreError> {
-        let mut gone = Vec::new();
-        let mut tenants: Vec<String> = self.tenants()?.into_iter().map(|t| t.id).collect();
-        tenants.sort();
-        for t in tenants {
-            let mut prefix = t.as_bytes().to_vec();
-            prefix.push(0);
-            // Oldest first: the index runs newest first.
-            for kv in self.cmd_by_tenant.scan_prefix(&prefix).rev() {
-                let (k, _) = kv?;
-                let at = k
-                    .get(prefix.len()..prefix.len() + 8)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(|b| u64::MAX - u64::from_be_bytes(b))
-                    .unwrap_or(u64::MAX);
-                if i64::try_from(at).unwrap_or(i64::MAX) >= cutoff_ms {
-                    break;
-                }
-                let id = String::from_utf8_lossy(&k[prefix.len() + 9..]).into_owned();
-                match self.command(&id)? {
-                    Some(c) if !c.state.is_terminal() => continue, // still pending: kept
-                    _ => {
-                        self.commands.remove(id.as_bytes())?;
-                        self.cmd_by_tenant.remove(&k)?;
-                        gone.push(id);
-                    }
-                }
-            }
-        }
-        Ok(gone)
+        let tenants: Vec<String> = self.tenants()?.into_iter().map(|t| t.id).collect();
+        self.commands.prune(&tenants, cutoff_ms)
+    }
+
+    /// Files of the command log (its segments).
+    pub fn command_segments(&self) -> usize {
+        self.commands.segments()
     }
 
     // --- idempotency keys ------------------------------------------------------------------
@@ -835,7 +838,34 @@ impl Store {
 
     /// Deletes feed entries older than `cutoff_ms`; returns how many.
     pub fn prune_feed(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
-        self.feed.prune(cutoff_ms)
+        let (n, through) = self.commands.prune_feed(cutoff_ms);
+        for (tenant, seq) in through {
+            self.feed.mark_pruned(&tenant, seq)?;
+        }
+        Ok(n + self.feed.prune(cutoff_ms)?)
+    }
+
+    /// `tenant_id`'s feed entries after `after` up to `upto`, oldest first, at most `limit`: those
+    /// of events and health reports (sled's feed tree; and commands' entries written by versions
+    /// before the command log) merged with those of commands (the command log's memory).
+    pub fn feed_read(
+        &self,
+        tenant_id: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<feed::Entry>, StoreError> {
+        let mut entries = self.feed.read(tenant_id, after, upto, limit)?;
+        let commands = self.commands.feed_read(tenant_id, after, upto, limit);
+        if !commands.is_empty() {
+            entries.extend(commands);
+            entries.sort_by_key(|e| e.seq);
+            // A command queued before its store moved to the command log has its entry in
+            // both: a number is one operation's.
+            entries.dedup_by_key(|e| e.seq);
+            entries.truncate(limit);
+        }
+        Ok(entries)
     }
 
     fn event_index_key(tenant_id: &str, seq: u64) -> Vec<u8> {

@@ -80,10 +80,19 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// Starts the flusher thread for `db`. It ends when every handle is dropped.
     pub fn new(db: sled::Db) -> GroupCommit {
+        Self::with_first(db, || Ok(()))
+    }
+
+    /// The same, making something else durable first in each flush (an append-only file kept
+    /// beside the database): `first` fails the flush if it fails.
+    pub fn with_first(
+        db: sled::Db,
+        mut first: impl FnMut() -> Result<(), sled::Error> + Send + 'static,
+    ) -> GroupCommit {
         let flushes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = flushes.clone();
         let flusher = Batches::start("pcg-flush", move |_: &[()]| {
-            let r = db.flush().map(|_| ());
+            let r = first().and_then(|()| db.flush().map(|_| ()));
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             r
         });

@@ -203,8 +203,10 @@ impl Subscription {
 
     /// Reads the next page up to `horizon` into the queue.
     fn fill(&mut self, horizon: u64) -> AppResult<()> {
-        let feed = &self.app.store.feed;
-        let entries = feed.read(&self.tenant_id, self.cursor, horizon, PAGE)?;
+        let entries = self
+            .app
+            .store
+            .feed_read(&self.tenant_id, self.cursor, horizon, PAGE)?;
         let whole = entries.len() < PAGE;
         for e in entries {
             self.cursor = e.seq;

@@ -347,14 +347,21 @@ impl Feed {
             }
         }
         for (tenant, seq) in through {
-            self.pruned.fetch_and_update(tenant, |old| {
-                let old = old
-                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
-                    .map_or(0, u64::from_be_bytes);
-                Some(old.max(seq).to_be_bytes().to_vec())
-            })?;
+            self.mark_pruned(&String::from_utf8_lossy(&tenant), seq)?;
         }
         Ok(n)
+    }
+
+    /// Records that retention removed `tenant_id`'s entries up to `seq` (kept elsewhere: the
+    /// command log's).
+    pub(super) fn mark_pruned(&self, tenant_id: &str, seq: u64) -> Result<(), StoreError> {
+        self.pruned.fetch_and_update(tenant_id.as_bytes(), |old| {
+            let old = old
+                .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                .map_or(0, u64::from_be_bytes);
+            Some(old.max(seq).to_be_bytes().to_vec())
+        })?;
+        Ok(())
     }
 }
 

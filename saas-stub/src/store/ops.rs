@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ct_eq, get, put, ApiKey, Command, CommandResult, Event, Gateway, IdempotencyRecord, Store,
-    StoreError, Tenant, TokenRecord, TokenState, Topic,
+    StoreError, Tenant, TokenRecord, TokenState,
 };
 
 /// A change to the shared state.
@@ -366,7 +366,7 @@ impl Store {
                 }
                 if c.cancel.is_none() {
                     c.cancel = Some(cancel.clone());
-                    put(&self.commands, c.id.as_bytes(), &c)?;
+                    self.commands.put(&c)?;
                 }
                 return Ok(Outcome::Command(Some(Box::new(c))));
             }
@@ -379,7 +379,7 @@ impl Store {
                 }
                 if c.state == super::CommandState::Queued {
                     c.state = super::CommandState::Delivered;
-                    put(&self.commands, c.id.as_bytes(), &c)?;
+                    self.commands.put(&c)?;
                 }
                 return Ok(Outcome::Command(Some(Box::new(c))));
             }
@@ -396,7 +396,7 @@ impl Store {
                     // The pending index says whether it has ended (the record itself may
                     // already carry the end its writer decided).
                     Some(r) if !*only_if_undelivered && r.id == *id => {
-                        if !self.pending.contains_key(r.pending_key.as_slice())? {
+                        if !self.commands.is_pending(id) {
                             return Ok(Outcome::Command(None));
                         }
                         (**r).clone()
@@ -420,15 +420,9 @@ impl Store {
                 if c.received_ms.is_none() {
                     c.received_ms = *received_ms;
                 }
-                put(&self.commands, c.id.as_bytes(), &c)?;
-                self.pending.remove(c.pending_key.as_slice())?;
-                self.feed.record(
-                    &c.tenant_id,
-                    seq,
-                    Topic::Results,
-                    *completed_ms,
-                    c.id.as_bytes(),
-                )?;
+                c.ended_seq = Some(seq);
+                // Its `results` entry in the feed is the command log's (`ended_seq`).
+                self.commands.put(&c)?;
                 return Ok(Outcome::Command(Some(Box::new(c))));
             }
             Op::Event { event } => self.put_event_at(seq, event.clone())?,
@@ -467,25 +461,13 @@ impl Store {
     /// (before anything was acknowledged) leaves nothing half-visible. The tenant index (newest
     /// first) lets lists stop after `limit` instead of reading everything.
     fn apply_submit(&self, seq: u64, command: &Command, fresh: bool) -> Result<(), StoreError> {
-        if !fresh && self.commands.contains_key(command.id.as_bytes())? {
+        if !fresh && self.commands.contains(&command.id) {
             return Ok(()); // applied before
         }
         let mut cmd = command.clone();
         cmd.pending_key = Self::pending_key(&cmd.gateway_id, seq);
-        self.pending
-            .insert(cmd.pending_key.as_slice(), cmd.id.as_bytes())?;
-        put(&self.commands, cmd.id.as_bytes(), &cmd)?;
-        self.cmd_by_tenant.insert(
-            Self::tenant_index_key(&cmd.tenant_id, cmd.submitted_ms, &cmd.id),
-            cmd.gateway_id.as_bytes(),
-        )?;
-        self.feed.record(
-            &cmd.tenant_id,
-            seq,
-            Topic::Commands,
-            cmd.submitted_ms,
-            cmd.id.as_bytes(),
-        )
+        // Its `commands` entry in the feed is the command log's (`pending_key`).
+        self.commands.put(&cmd)
     }
 
     /// `gateway \0 seq`: a gateway's pending commands in the order they were submitted.
@@ -838,5 +820,64 @@ mod tests {
             s.command("c_1").expect("read").expect("c_1").state,
             CommandState::Succeeded
         );
+    }
+
+    /// A store written when commands lived in sled trees opens with them in the command log,
+    /// the trees emptied, and a copy left unfinished by a stop is made again.
+    #[test]
+    fn commands_kept_in_sled_trees_move_to_the_command_log() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let db = sled::open(dir.path()).expect("sled");
+            let commands = db.open_tree("commands").expect("tree");
+            let pending = db.open_tree("pending").expect("tree");
+            for (i, id) in ["c_old_1", "c_old_2"].into_iter().enumerate() {
+                let mut c = command(id);
+                c.pending_key = Store::pending_key("gw_1", i as u64 + 1);
+                if i == 1 {
+                    c.state = CommandState::Succeeded;
+                } else {
+                    pending
+                        .insert(&c.pending_key, id.as_bytes())
+                        .expect("pending");
+                }
+                commands
+                    .insert(id, serde_json::to_vec(&c).expect("json"))
+                    .expect("insert");
+            }
+            db.flush().expect("flush");
+        }
+        // A copy a stop interrupted is thrown away and made again.
+        std::fs::create_dir(dir.path().join("cmdlog.new")).expect("dir");
+        std::fs::write(dir.path().join("cmdlog.new/00000001.log"), b"partial").expect("write");
+        for _ in 0..2 {
+            // The previous store's flusher thread lets go of sled's lock as it ends.
+            let started = std::time::Instant::now();
+            let s = loop {
+                match Store::open(dir.path()) {
+                    Ok(s) => break s,
+                    Err(e) if started.elapsed() < std::time::Duration::from_secs(30) => {
+                        let _ = e;
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("open: {e}"),
+                }
+            };
+            let pending: Vec<String> = s
+                .all_pending()
+                .expect("pending")
+                .into_iter()
+                .map(|c| c.id)
+                .collect();
+            assert_eq!(pending, ["c_old_1"]);
+            assert_eq!(
+                s.command("c_old_2").expect("read").expect("kept").state,
+                CommandState::Succeeded
+            );
+            assert_eq!(s.tenant_command_ids("tn_1").count(), 2);
+            assert!(s.db.open_tree("commands").expect("tree").is_empty());
+            assert!(s.db.open_tree("pending").expect("tree").is_empty());
+        }
+        assert!(!dir.path().join("cmdlog.new").exists());
     }
 }
