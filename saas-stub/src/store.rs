@@ -423,6 +423,8 @@ pub struct Store {
     health: sled::Tree,
     /// The tenants' feed and the sequence numbers of everything it points at.
     pub feed: std::sync::Arc<Feed>,
+    /// A replica's last operation applied (see [`Store::set_applied`]).
+    applied: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// API keys read so far (revocations update it), so a request is not a store read.
     key_cache: std::sync::RwLock<std::collections::HashMap<String, ApiKey>>,
 }
@@ -461,11 +463,15 @@ fn all<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> Result<Vec
         .collect()
 }
 
+/// sled's key of the last operation of the cluster's log a replica's store holds.
+const APPLIED_KEY: &[u8] = b"__pcg_applied_seq";
+
 impl Store {
     pub fn open(path: &std::path::Path) -> Result<Store, StoreError> {
         let db = sled::Config::new().path(path).open()?;
         let commands = std::sync::Arc::new(Self::open_commands(&db, path)?);
         let synced = commands.clone();
+        let applied = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         Ok(Store {
             tenants: db.open_tree("tenants")?,
             api_keys: db.open_tree("api_keys")?,
@@ -483,13 +489,66 @@ impl Store {
             health: db.open_tree("health")?,
             key_cache: Default::default(),
             feed: std::sync::Arc::new(Feed::open(&db)?),
-            commit: pcg_durable::GroupCommit::with_first(db.clone(), move || {
-                synced
-                    .sync()
-                    .map_err(|e| sled::Error::Io(std::io::Error::other(e.to_string())))
-            }),
+            commit: pcg_durable::GroupCommit::with(Self::flusher(
+                db.clone(),
+                synced,
+                applied.clone(),
+            )),
+            applied,
             db,
         })
+    }
+
+    /// One flush of the store: sled's, then the command log's (a command's record never
+    /// reaches the disk before what it depends on in sled, its idempotency key's claim); then,
+    /// on a replica, the number of the last operation of the cluster's log applied before the
+    /// flush began is written (made durable by the next flush: never ahead of what it counts).
+    fn flusher(
+        db: sled::Db,
+        log: std::sync::Arc<cmdlog::CmdLog>,
+        applied: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> impl FnMut() -> Result<(), sled::Error> + Send + 'static {
+        let mut recorded = 0;
+        move || {
+            let through = applied.load(std::sync::atomic::Ordering::Acquire);
+            db.flush()?;
+            log.sync().map_err(|e| match e {
+                StoreError::Log {
+                    action,
+                    path,
+                    source,
+                } => sled::Error::Io(std::io::Error::new(
+                    source.kind(),
+                    format!(
+                        "cannot {action} the command log at {}: {source}",
+                        path.display()
+                    ),
+                )),
+                e => sled::Error::Io(std::io::Error::other(e.to_string())),
+            })?;
+            if through > recorded {
+                db.insert(APPLIED_KEY, &through.to_be_bytes())?;
+                recorded = through;
+            }
+            Ok(())
+        }
+    }
+
+    /// A replica applied operation `seq` of the cluster's log (its writes are made): the
+    /// number is recorded by the flushes that follow ([`Store::applied_seq`] after a restart).
+    pub fn set_applied(&self, seq: u64) {
+        self.applied
+            .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The last operation of the cluster's log this store holds, as recorded (0: none).
+    pub fn applied_seq(&self) -> u64 {
+        self.db
+            .get(APPLIED_KEY)
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes)
     }
 
     /// Opens the command log (`cmdlog` in the store's directory). A store written by a version
@@ -527,16 +586,38 @@ impl Store {
             })?;
         }
         let log = cmdlog::CmdLog::open(&dir)?;
-        let had_old = !old.is_empty();
+        // Left by a stop after the rename (the same commands), or written by an earlier
+        // version started on this store since: what the log lacks is added.
+        let mut added = 0;
+        for v in old.iter().values() {
+            let c: Command = serde_json::from_slice(&v?).map_err(|e| StoreError::Corrupt {
+                tree: "commands",
+                message: e.to_string(),
+            })?;
+            if !log.contains(&c.id) {
+                log.put(&c)?;
+                added += 1;
+            }
+        }
+        log.sync()?;
         drop(old);
-        if had_old {
+        let names = ["commands", "pending", "cmd_by_tenant"];
+        let mut dropped = false;
+        for name in names {
+            let held = db
+                .tree_names()
+                .iter()
+                .any(|t| t.as_ref() == name.as_bytes());
+            if held && !db.open_tree(name)?.is_empty() {
+                dropped |= db.drop_tree(name)?;
+            }
+        }
+        if dropped {
             tracing::info!(
                 commands = log.count(),
+                added,
                 "commands moved from the sled trees to the command log"
             );
-            for name in ["commands", "pending", "cmd_by_tenant"] {
-                db.drop_tree(name)?;
-            }
             db.flush()?;
         }
         Ok(log)
@@ -576,16 +657,6 @@ impl Store {
         let horizon = self.feed.visible();
         self.commit.flush().await?;
         self.feed.made_durable(horizon);
-        Ok(())
-    }
-
-    /// A value of the store's own bookkeeping (not flushed by itself).
-    pub fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get(key)?.map(|v| v.to_vec()))
-    }
-
-    pub fn set_meta(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.db.insert(key, value)?;
         Ok(())
     }
 
@@ -838,10 +909,11 @@ impl Store {
 
     /// Deletes feed entries older than `cutoff_ms`; returns how many.
     pub fn prune_feed(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
-        let (n, through) = self.commands.prune_feed(cutoff_ms);
-        for (tenant, seq) in through {
+        // Marked first: a subscriber resuming from before them is told of the gap.
+        for (tenant, seq) in self.commands.feed_older_than(cutoff_ms) {
             self.feed.mark_pruned(&tenant, seq)?;
         }
+        let n = self.commands.prune_feed(cutoff_ms);
         Ok(n + self.feed.prune(cutoff_ms)?)
     }
 

@@ -80,19 +80,18 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// Starts the flusher thread for `db`. It ends when every handle is dropped.
     pub fn new(db: sled::Db) -> GroupCommit {
-        Self::with_first(db, || Ok(()))
+        Self::with(move || db.flush().map(|_| ()))
     }
 
-    /// The same, making something else durable first in each flush (an append-only file kept
-    /// beside the database): `first` fails the flush if it fails.
-    pub fn with_first(
-        db: sled::Db,
-        mut first: impl FnMut() -> Result<(), sled::Error> + Send + 'static,
+    /// The same around a flush of its own (sled's and whatever is kept beside it, in the order
+    /// their records depend on each other).
+    pub fn with(
+        mut flush: impl FnMut() -> Result<(), sled::Error> + Send + 'static,
     ) -> GroupCommit {
         let flushes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = flushes.clone();
         let flusher = Batches::start("pcg-flush", move |_: &[()]| {
-            let r = first().and_then(|()| db.flush().map(|_| ()));
+            let r = flush();
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             r
         });

@@ -58,7 +58,10 @@ pub struct Replica {
 pub const OPEN_WITHIN: Duration = Duration::from_secs(60);
 
 /// Key (in the store's default tree) of the last operation applied.
-const APPLIED_KEY: &[u8] = b"__pcg_applied_seq";
+/// How long the cluster's log may pause before what was applied is flushed, and how long it
+/// may go unflushed while operations keep coming.
+const FLUSH_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Replica {
     /// Connects and opens the cluster's log. While JetStream has no quorum (a node restarting,
@@ -251,7 +254,7 @@ pub async fn follow(app: Arc<App>, caught_up: oneshot::Sender<Result<u64, Cluste
     let Some(replica) = app.log.replica() else {
         return;
     };
-    let from = applied_seq(&app.store);
+    let from = app.store.applied_seq();
     let target = match replica.log.last_seq().await {
         Ok(t) => t,
         Err(e) => {
@@ -278,10 +281,26 @@ pub async fn follow(app: Arc<App>, caught_up: oneshot::Sender<Result<u64, Cluste
         }
     }
     let mut ops = Box::pin(replica.log.follow(from));
+    // Operations applied since the store's last flush: the command log's records reach the
+    // disk, and the number applied is recorded, only at a flush; one is made once the log
+    // pauses, and at least every second while operations keep coming.
+    let mut unflushed = false;
+    let mut flushed_at = tokio::time::Instant::now();
     loop {
         let item = tokio::select! {
             item = ops.next() => item,
-            _ = app.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(FLUSH_PAUSE), if unflushed => {
+                flush_applied(&app.store).await;
+                unflushed = false;
+                flushed_at = tokio::time::Instant::now();
+                continue;
+            }
+            _ = app.shutdown.cancelled() => {
+                if unflushed {
+                    flush_applied(&app.store).await;
+                }
+                return;
+            }
         };
         let (seq, payload) = match item {
             Some(Ok(x)) => x,
@@ -302,7 +321,9 @@ pub async fn follow(app: Arc<App>, caught_up: oneshot::Sender<Result<u64, Cluste
                     seq,
                     "operation {seq} of the cluster's log is unreadable and is skipped: {e}"
                 );
-                record_applied(&app.store, replica, seq);
+                app.store.set_applied(seq);
+                replica.applied.send_replace(seq);
+                unflushed = true;
                 continue;
             }
         };
@@ -319,7 +340,14 @@ pub async fn follow(app: Arc<App>, caught_up: oneshot::Sender<Result<u64, Cluste
         let committed = Committed { seq, outcome };
         let waiter = replica.waiting().remove(&env.id);
         app.applied(&env.op, &committed, waiter.is_some());
-        record_applied(&app.store, replica, seq);
+        app.store.set_applied(seq);
+        replica.applied.send_replace(seq);
+        unflushed = true;
+        if flushed_at.elapsed() >= FLUSH_EVERY {
+            flush_applied(&app.store).await;
+            unflushed = false;
+            flushed_at = tokio::time::Instant::now();
+        }
         if let Some(tx) = waiter {
             let _ = tx.send(committed);
         }
@@ -331,20 +359,11 @@ pub async fn follow(app: Arc<App>, caught_up: oneshot::Sender<Result<u64, Cluste
     }
 }
 
-fn applied_seq(store: &Store) -> u64 {
-    store
-        .meta(APPLIED_KEY)
-        .ok()
-        .flatten()
-        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-        .map_or(0, u64::from_be_bytes)
-}
-
-fn record_applied(store: &Store, replica: &Replica, seq: u64) {
-    if let Err(e) = store.set_meta(APPLIED_KEY, &seq.to_be_bytes()) {
-        tracing::warn!(seq, "cannot record how far the log was applied: {e} (a restart applies again from further back; nothing is lost)");
+/// Flushes the store (which records how far the cluster's log was applied).
+async fn flush_applied(store: &Store) {
+    if let Err(e) = store.flush().await {
+        tracing::warn!("cannot flush this replica's store: {e} (a restart applies the cluster's log again from further back; nothing is lost)");
     }
-    replica.applied.send_replace(seq);
 }
 
 impl App {

@@ -2,28 +2,35 @@
 //!
 //! Every change to a command appends its whole record (`put`) to the log's current segment;
 //! retention appends the ids it drops (`forget`). Nothing is rewritten in place. Memory holds,
-//! per command, where its latest record is and the keys of its two indexes (a tenant's commands
-//! newest first; the commands still waiting for a result, in the order they were queued), about
-//! 250 bytes, not the record. Opening the log reads every segment once to rebuild them.
+//! per command, where its latest record is, the keys of its two indexes (a tenant's commands
+//! newest first; the commands still waiting for a result, in the order they were queued) and
+//! its entries in its tenant's feed: about 400 bytes, not the record. Opening the log reads
+//! every segment once to rebuild them.
 //!
-//! Why not sled, as the rest of the store: a command touched six sled keys on one node (its
-//! record twice, the pending and tenant indexes, their removal), and sled's cost per key
-//! (walking its tree, splitting nodes, rewriting pages, writing them out) was the largest
-//! single share of pcg-saas's CPU per command (BENCHMARKS.md, "Commands as an append-only
-//! log").
+//! Why not sled, as the rest of the store: a command touched eight sled keys on one node (its
+//! record twice, the pending and tenant indexes, two feed entries, the lookups), and sled's cost
+//! per key (walking its tree, splitting nodes, rewriting pages, writing them out) was the
+//! largest single share of pcg-saas's CPU per command (BENCHMARKS.md, "Commands as an
+//! append-only log").
 //!
-//! On disk: `cmdlog/NNNNNNNN.log` segments of up to [`SEGMENT_BYTES`] each, a frame per record:
-//! its length (u32, little endian), the CRC-32 of its payload (u32), the payload (JSON). A frame
-//! cut short or damaged at the end of the last segment (a write a power loss interrupted, which
-//! nobody was told was durable) is cut off when the log opens; anywhere else it is an error that
-//! names the file and the offset.
+//! On disk: `cmdlog/NNNNNNNN.log` segments of about [`SEGMENT_BYTES`] each, a frame per record:
+//! its length (u32, little endian), the CRC-32 of its payload (u32), the payload (JSON).
 //!
-//! Writes go to the segment file at once (the page cache survives a crash of the process);
-//! [`CmdLog::sync`] makes them durable (the store's group commit calls it before sled's flush).
+//! Appends stay in memory (the current segment's tail) until [`CmdLog::sync`], which the
+//! store's group commit calls after sled's flush: what sled holds that a command depends on (an
+//! idempotency key's claim) is never behind the command. A sync writes the tail, syncs the file,
+//! and closes the segment once it is full: the next one is created only after it is synced, so
+//! only the last segment can end in a write a power loss interrupted. Such an end (a record cut
+//! short, or zeros where the file grew) is cut off when the log opens; a damaged record anywhere
+//! else is an error that names the file and the offset. A sync that fails leaves the log
+//! refusing every later sync: what the kernel dropped after a failed `fdatasync` cannot be told
+//! apart from what it kept.
+//!
 //! Segments are deleted from the oldest only, so a `forget` is never deleted before the records
-//! it forgets: the oldest segment goes once nothing in it is live, and when no more than a
-//! quarter of its records are live (commands still pending or kept by retention) those are
-//! copied to the current segment first.
+//! it forgets, and never before everything written is synced: the oldest segment goes once
+//! nothing in it is live; when no more than a quarter of its records are live (commands still
+//! pending or kept by retention), or the whole log holds more than twice what is live, its live
+//! records are copied forward first.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -37,11 +44,11 @@ use serde::{Deserialize, Serialize};
 use super::feed::{Entry, Topic};
 use super::{Command, StoreError};
 
-/// Size at which a segment is closed and the next begun.
+/// Size past which a sync closes the segment and begins the next.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 const HEADER: usize = 8;
-/// Bytes appended that are written to the file without waiting for a sync.
-const TAIL_BYTES: usize = 256 << 10;
+/// A range of the tenant index.
+type KeyRange = (Bound<Box<[u8]>>, Bound<Box<[u8]>>);
 /// Ids per `forget` record.
 const FORGET_CHUNK: usize = 1024;
 
@@ -79,11 +86,12 @@ struct FeedRef {
 struct Segment {
     file: Arc<File>,
     path: PathBuf,
-    /// Bytes written.
+    /// Bytes appended (the current segment's include its tail).
     len: u64,
-    /// Records in it, and how many of them are their command's latest.
+    /// Records in it; how many of them are their command's latest, and their bytes.
     records: u64,
     live: u64,
+    live_bytes: u64,
 }
 
 struct Inner {
@@ -95,16 +103,16 @@ struct Inner {
     feed: HashMap<Box<str>, BTreeMap<u64, FeedRef>>,
     segments: BTreeMap<u32, Segment>,
     current: u32,
-    /// Closed segments and a new directory entry not yet made durable.
-    unsynced: Vec<Arc<File>>,
+    /// A new segment's directory entry not yet made durable.
     dir_unsynced: bool,
     /// Appends so far, and how many of them the last sync covered.
     appended: u64,
     synced: u64,
-    /// The current segment's bytes not yet written to its file (written by the next sync, or
-    /// once they pass [`TAIL_BYTES`]), and how many bytes of it the file holds.
+    /// The current segment's bytes not yet written to its file, and how many its file holds.
     tail: Vec<u8>,
     on_file: u64,
+    /// Set by a sync that failed: every later one refuses.
+    failed: Option<String>,
 }
 
 /// The commands' log (one per store).
@@ -128,7 +136,7 @@ fn corrupt(path: &Path, off: u64, what: &str) -> StoreError {
     StoreError::Corrupt {
         tree: "commands",
         message: format!(
-            "{}: {what} at byte {off}; restore the data directory from a backup, or move this file away to start without the commands it holds",
+            "{}: {what} at byte {off}; restore the data directory from a backup, or cut the file there (truncate -s {off} FILE) to start without the records after it",
             path.display()
         ),
     }
@@ -158,6 +166,25 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 
 fn segment_name(n: u32) -> String {
     format!("{n:08}.log")
+}
+
+/// What is wrong with the frame at `off` of `bytes`, if anything, and whether it is the end a
+/// write a power loss interrupted leaves (the frame runs past the end of the file, or
+/// everything from it on is zeros: a file that grew before its data was written).
+fn damage(bytes: &[u8], off: usize) -> Option<(&'static str, bool)> {
+    let Some(head) = bytes.get(off..off + HEADER) else {
+        return Some(("a record cut short", true));
+    };
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+    let Some(payload) = bytes.get(off + HEADER..off + HEADER + len) else {
+        return Some(("a record cut short", true));
+    };
+    if crc32fast::hash(payload) != crc {
+        let torn = bytes[off..].iter().all(|b| *b == 0);
+        return Some(("a damaged record (checksum)", torn));
+    }
+    None
 }
 
 impl CmdLog {
@@ -190,12 +217,12 @@ impl CmdLog {
             feed: HashMap::new(),
             segments: BTreeMap::new(),
             current: 0,
-            unsynced: Vec::new(),
             dir_unsynced: false,
             appended: 0,
             synced: 0,
             tail: Vec::new(),
             on_file: 0,
+            failed: None,
         };
         let last = numbers.last().copied();
         for n in numbers {
@@ -206,7 +233,6 @@ impl CmdLog {
                 .open(&path)
                 .map_err(io_err("open", &path))?;
             let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
-            let mut off = 0usize;
             inner.segments.insert(
                 n,
                 Segment {
@@ -215,67 +241,88 @@ impl CmdLog {
                     len: 0,
                     records: 0,
                     live: 0,
+                    live_bytes: 0,
                 },
             );
-            let damage = loop {
-                if off == bytes.len() {
-                    break None;
+            let mut off = 0usize;
+            while off < bytes.len() {
+                if let Some((what, torn)) = damage(&bytes, off) {
+                    if !torn || Some(n) != last {
+                        return Err(corrupt(&path, off as u64, what));
+                    }
+                    tracing::warn!(
+                        path = %path.display(),
+                        offset = off,
+                        "the command log ends in {what}, a write a stop interrupted before it was durable: cut off there"
+                    );
+                    let seg = inner.segment(n);
+                    seg.file
+                        .set_len(off as u64)
+                        .and_then(|_| seg.file.sync_data())
+                        .map_err(io_err("truncate", &path))?;
+                    break;
                 }
-                let Some(head) = bytes.get(off..off + HEADER) else {
-                    break Some("a record cut short");
-                };
-                let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-                let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
-                let Some(payload) = bytes.get(off + HEADER..off + HEADER + len) else {
-                    break Some("a record cut short");
-                };
-                if crc32fast::hash(payload) != crc {
-                    break Some("a damaged record (checksum)");
-                }
-                let Ok(rec) = serde_json::from_slice::<Rec>(payload) else {
-                    break Some("an unreadable record");
-                };
-                match rec {
-                    Rec::Put(c) => inner.index(&c, n, off as u64, len as u32),
-                    Rec::Forget(ids) => {
+                let len = u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes"));
+                let payload = &bytes[off + HEADER..off + HEADER + len as usize];
+                match serde_json::from_slice::<Rec>(payload) {
+                    Ok(Rec::Put(c)) => inner.index(&c, n, off as u64, len),
+                    Ok(Rec::Forget(ids)) => {
                         for id in ids {
                             inner.forget(&id);
                         }
                     }
+                    // Zeros pass the checksum (an empty payload's is 0): the end of a file
+                    // that grew before its data was written.
+                    Err(_) if Some(n) == last && bytes[off..].iter().all(|b| *b == 0) => {
+                        tracing::warn!(
+                            path = %path.display(),
+                            offset = off,
+                            "the command log ends in zeros, a write a stop interrupted before it was durable: cut off there"
+                        );
+                        let seg = inner.segment(n);
+                        seg.file
+                            .set_len(off as u64)
+                            .and_then(|_| seg.file.sync_data())
+                            .map_err(io_err("truncate", &path))?;
+                        break;
+                    }
+                    Err(_) => return Err(corrupt(&path, off as u64, "an unreadable record")),
                 }
                 inner.segment(n).records += 1;
-                off += HEADER + len;
-            };
-            if let Some(what) = damage {
-                if Some(n) != last {
-                    return Err(corrupt(&path, off as u64, what));
-                }
-                tracing::warn!(
-                    path = %path.display(),
-                    offset = off,
-                    "the command log ends in {what}, a write a stop interrupted before it was durable: cut off there"
-                );
-                let seg = inner.segment(n);
-                seg.file
-                    .set_len(off as u64)
-                    .and_then(|_| seg.file.sync_data())
-                    .map_err(io_err("truncate", &path))?;
+                off += HEADER + len as usize;
             }
             inner.segment(n).len = off as u64;
             inner.current = n;
             inner.on_file = off as u64;
         }
-        let log = CmdLog {
+        if last.is_none() {
+            let path = dir.join(segment_name(1));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io_err("create", &path))?;
+            inner.segments.insert(
+                1,
+                Segment {
+                    file: Arc::new(file),
+                    path,
+                    len: 0,
+                    records: 0,
+                    live: 0,
+                    live_bytes: 0,
+                },
+            );
+            inner.current = 1;
+            inner.dir_unsynced = true;
+        }
+        Ok(CmdLog {
             dir: dir.to_path_buf(),
             segment_bytes,
             inner: Mutex::new(inner),
             syncing: Mutex::new(()),
-        };
-        if last.is_none() {
-            let mut inner = log.lock();
-            log.begin_segment(&mut inner, 1)?;
-        }
-        Ok(log)
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -284,34 +331,39 @@ impl CmdLog {
             .expect("the command log's lock is never poisoned")
     }
 
-    fn begin_segment(&self, inner: &mut Inner, n: u32) -> Result<(), StoreError> {
-        let path = self.dir.join(segment_name(n));
+    /// Closes the current segment once it is full: syncs it (with what was appended since the
+    /// sync that found it full), then begins the next. A failure leaves the current segment
+    /// open, to be closed by a later sync.
+    fn rotate_if_full(&self, inner: &mut Inner) -> Result<(), StoreError> {
+        let n = inner.current;
+        if inner.segment(n).len < self.segment_bytes {
+            return Ok(());
+        }
+        Self::write_out(inner)?;
+        let seg = inner.segment(n);
+        seg.file.sync_data().map_err(io_err("sync", &seg.path))?;
+        let path = self.dir.join(segment_name(n + 1));
+        // Nothing else makes files with numbers past the current one: one left by a rotation
+        // that failed part way holds nothing.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .open(&path)
             .map_err(io_err("create", &path))?;
-        Self::write_out(inner)?;
-        if let Some(old) = inner.segments.get(&inner.current) {
-            // A write that failed part way may have left bytes past its end: only the last
-            // segment may end in them.
-            old.file
-                .set_len(old.len)
-                .map_err(io_err("close", &old.path))?;
-            inner.unsynced.push(old.file.clone());
-        }
         inner.segments.insert(
-            n,
+            n + 1,
             Segment {
                 file: Arc::new(file),
                 path,
                 len: 0,
                 records: 0,
                 live: 0,
+                live_bytes: 0,
             },
         );
-        inner.current = n;
+        inner.current = n + 1;
         inner.on_file = 0;
         inner.dir_unsynced = true;
         Ok(())
@@ -334,16 +386,8 @@ impl CmdLog {
         Ok(())
     }
 
-    /// Appends a framed payload to the current segment; returns where it went.
-    fn append(&self, inner: &mut Inner, framed: &[u8]) -> Result<(u32, u64), StoreError> {
-        let full = inner
-            .segments
-            .get(&inner.current)
-            .is_some_and(|s| s.len > 0 && s.len + framed.len() as u64 > self.segment_bytes);
-        if full {
-            let next = inner.current + 1;
-            self.begin_segment(inner, next)?;
-        }
+    /// Appends a framed payload to the current segment's tail; returns where it went.
+    fn append(inner: &mut Inner, framed: &[u8]) -> (u32, u64) {
         let n = inner.current;
         let seg = inner.segment(n);
         let off = seg.len;
@@ -351,23 +395,22 @@ impl CmdLog {
         seg.records += 1;
         inner.tail.extend_from_slice(framed);
         inner.appended += 1;
-        if inner.tail.len() >= TAIL_BYTES {
-            // Not an error of this append: the next sync tries again and fails if it must.
-            if let Err(e) = Self::write_out(inner) {
-                tracing::warn!("{e}");
-            }
-        }
-        Ok((n, off))
+        (n, off)
     }
 
-    /// Writes `c` as its command's latest record (written, not synced).
-    pub fn put(&self, c: &Command) -> Result<(), StoreError> {
+    /// Writes `c` as its command's latest record (not yet written to disk: [`CmdLog::sync`]).
+    /// A record that has not ended does not replace one that has: returns whether it was
+    /// written.
+    pub fn put(&self, c: &Command) -> Result<bool, StoreError> {
         let payload = serde_json::to_vec(&RecRef::Put(c)).expect("records serialise");
         let framed = frame(&payload);
         let mut inner = self.lock();
-        let (seg, off) = self.append(&mut inner, &framed)?;
+        if !c.state.is_terminal() && inner.by_id.get(&c.id).is_some_and(|s| s.terminal) {
+            return Ok(false);
+        }
+        let (seg, off) = Self::append(&mut inner, &framed);
         inner.index(c, seg, off, payload.len() as u32);
-        Ok(())
+        Ok(true)
     }
 
     /// Whether a record of `id` is held.
@@ -442,12 +485,19 @@ impl CmdLog {
         Ok(out)
     }
 
+    /// `tenant_id`'s part of the tenant index: from `tenant \0` to `tenant \1`.
+    fn tenant_range(tenant_id: &str) -> KeyRange {
+        let mut from = tenant_id.as_bytes().to_vec();
+        from.push(0);
+        let mut to = from.clone();
+        *to.last_mut().expect("one byte") = 1;
+        (Bound::Included(from.into()), Bound::Excluded(to.into()))
+    }
+
     /// Ids of `tenant_id`'s commands, newest first (read from the index a page at a time).
     pub fn tenant_ids<'a>(&'a self, tenant_id: &str) -> impl Iterator<Item = String> + 'a {
-        let mut prefix = tenant_id.as_bytes().to_vec();
-        prefix.push(0);
-        let skip = prefix.len() + 8 + 1;
-        let mut from: Bound<Box<[u8]>> = Bound::Included(prefix.clone().into_boxed_slice());
+        let skip = tenant_id.len() + 1 + 8 + 1;
+        let (mut from, to) = Self::tenant_range(tenant_id);
         let mut page: std::vec::IntoIter<Box<[u8]>> = Vec::new().into_iter();
         let mut done = false;
         std::iter::from_fn(move || loop {
@@ -460,8 +510,7 @@ impl CmdLog {
             let keys: Vec<Box<[u8]>> = self
                 .lock()
                 .by_tenant
-                .range((from.clone(), Bound::Unbounded))
-                .take_while(|k| k.starts_with(&prefix))
+                .range((from.clone(), to.clone()))
                 .take(256)
                 .cloned()
                 .collect();
@@ -474,32 +523,24 @@ impl CmdLog {
     }
 
     /// Drops `tenants`' ended commands submitted before `cutoff_ms` (from memory at once, from
-    /// disk as their segments go) and returns their ids. The forgetting is written, not synced.
+    /// disk as their segments go) and returns their ids. The forgetting is appended, not synced.
     pub fn prune(&self, tenants: &[String], cutoff_ms: i64) -> Result<Vec<String>, StoreError> {
         let mut gone = Vec::new();
         {
             let inner = self.lock();
             for t in tenants {
-                let mut prefix = t.as_bytes().to_vec();
-                prefix.push(0);
-                let start: Box<[u8]> = prefix.clone().into_boxed_slice();
+                let at_of = t.len() + 1;
                 // Oldest first: the index runs newest first.
-                let in_tenant = inner
-                    .by_tenant
-                    .range((Bound::Included(start), Bound::Unbounded))
-                    .take_while(|k| k.starts_with(&prefix));
-                let mut keys: Vec<&Box<[u8]>> = in_tenant.collect();
-                keys.reverse();
-                for k in keys {
+                for k in inner.by_tenant.range(Self::tenant_range(t)).rev() {
                     let at = k
-                        .get(prefix.len()..prefix.len() + 8)
+                        .get(at_of..at_of + 8)
                         .and_then(|b| <[u8; 8]>::try_from(b).ok())
                         .map(|b| u64::MAX - u64::from_be_bytes(b))
                         .unwrap_or(u64::MAX);
                     if i64::try_from(at).unwrap_or(i64::MAX) >= cutoff_ms {
                         break;
                     }
-                    let id = String::from_utf8_lossy(&k[prefix.len() + 9..]).into_owned();
+                    let id = String::from_utf8_lossy(&k[(at_of + 9).min(k.len())..]).into_owned();
                     if inner.by_id.get(&id).is_some_and(|s| s.terminal) {
                         gone.push(id);
                     }
@@ -510,7 +551,7 @@ impl CmdLog {
             let payload = serde_json::to_vec(&RecRef::Forget(chunk)).expect("records serialise");
             let framed = frame(&payload);
             let mut inner = self.lock();
-            self.append(&mut inner, &framed)?;
+            Self::append(&mut inner, &framed);
             for id in chunk {
                 inner.forget(id);
             }
@@ -536,7 +577,11 @@ impl CmdLog {
                 let (live, records) = (seg.live, seg.records);
                 let (file, path) = (seg.file.clone(), seg.path.clone());
                 if live > 0 {
-                    if live * 4 > records {
+                    let (all, all_live) = inner
+                        .segments
+                        .values()
+                        .fold((0, 0), |(a, l), s| (a + s.len, l + s.live_bytes));
+                    if live * 4 > records && all_live * 2 >= all {
                         break;
                     }
                     let moving: Vec<(String, u64, u32)> = inner
@@ -547,7 +592,7 @@ impl CmdLog {
                         .collect();
                     for (id, off, len) in moving {
                         let framed = Self::read_raw(&file, &path, off, len)?;
-                        let (to, at) = self.append(&mut inner, &framed)?;
+                        let (to, at) = Self::append(&mut inner, &framed);
                         inner.moved(&id, to, at);
                     }
                 }
@@ -556,11 +601,12 @@ impl CmdLog {
             self.sync()?;
             let mut inner = self.lock();
             // Only the current segment takes records: a closed one's live count cannot grow.
-            if inner.segments.first_key_value().map(|(&n, s)| (n, s.live)) != Some((head, 0)) {
+            if inner.segments.first_key_value().map(|(&n, s)| (n, s.live)) != Some((head, 0))
+                || head == inner.current
+            {
                 break;
             }
             let seg = inner.segments.remove(&head).expect("the head segment");
-            inner.unsynced.retain(|f| !Arc::ptr_eq(f, &seg.file));
             std::fs::remove_file(&seg.path).map_err(io_err("delete", &seg.path))?;
             inner.dir_unsynced = true;
             deleted += 1;
@@ -571,46 +617,51 @@ impl CmdLog {
         Ok(deleted)
     }
 
-    /// Makes everything written before this call durable.
+    /// Makes everything appended before this call durable.
     pub fn sync(&self) -> Result<(), StoreError> {
-        // One at a time: a sync that found no closed segment to sync must not return before
-        // another one, which took them, has synced them.
+        // One at a time: a sync that finds nothing to do must not return while another one is
+        // still making the same appends durable.
         let _one = self
             .syncing
             .lock()
             .expect("the sync lock is never poisoned");
-        let (files, current, dir, upto) = {
+        let (file, path, dir, upto) = {
             let mut inner = self.lock();
-            if inner.appended == inner.synced && inner.unsynced.is_empty() && !inner.dir_unsynced {
-                return Ok(()); // nothing written since the last sync
+            if let Some(why) = &inner.failed {
+                return Err(StoreError::Log {
+                    action: "sync",
+                    path: self.dir.clone(),
+                    source: std::io::Error::other(format!(
+                        "an earlier sync failed ({why}), and what it held cannot be known to be on disk; restart pcg-saas"
+                    )),
+                });
+            }
+            if inner.appended == inner.synced && !inner.dir_unsynced {
+                return Ok(()); // nothing appended since the last sync
             }
             let upto = inner.appended;
             Self::write_out(&mut inner)?;
-            let files = std::mem::take(&mut inner.unsynced);
             let n = inner.current;
-            let current = inner.segment(n).file.clone();
             let dir = std::mem::take(&mut inner.dir_unsynced);
-            (files, current, dir, upto)
+            let seg = inner.segments.get(&n).expect("the current segment");
+            (seg.file.clone(), seg.path.clone(), dir, upto)
         };
-        let mut done = Ok(());
-        for f in files.iter().chain(std::iter::once(&current)) {
-            done = f.sync_data();
-            if done.is_err() {
-                break;
-            }
-        }
+        let mut done = file.sync_data().map_err(io_err("sync", &path));
         if done.is_ok() && dir {
-            done = File::open(&self.dir).and_then(|d| d.sync_all());
-        }
-        if let Err(e) = done {
-            // Tried again by the next sync.
-            let mut inner = self.lock();
-            inner.unsynced.extend(files);
-            inner.dir_unsynced |= dir;
-            return Err(io_err("sync", &self.dir)(e));
+            done = File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("sync", &self.dir));
         }
         let mut inner = self.lock();
+        if let Err(e) = done {
+            inner.failed = Some(e.to_string());
+            return Err(e);
+        }
         inner.synced = inner.synced.max(upto);
+        if let Err(e) = self.rotate_if_full(&mut inner) {
+            // The sync itself is done; the segment is closed by a later one.
+            tracing::warn!("cannot begin the command log's next segment: {e}");
+        }
         Ok(())
     }
 
@@ -639,29 +690,35 @@ impl CmdLog {
             .collect()
     }
 
-    /// Drops the feed entries older than `cutoff_ms`; returns how many, and per tenant the
-    /// highest number dropped.
-    pub fn prune_feed(&self, cutoff_ms: i64) -> (usize, Vec<(String, u64)>) {
+    /// Per tenant, the highest number of the feed entries older than `cutoff_ms` (what
+    /// [`CmdLog::prune_feed`] would drop).
+    pub fn feed_older_than(&self, cutoff_ms: i64) -> Vec<(String, u64)> {
+        let inner = self.lock();
+        inner
+            .feed
+            .iter()
+            .filter_map(|(tenant, entries)| {
+                let highest = entries
+                    .iter()
+                    .filter(|(_, f)| f.at_ms < cutoff_ms)
+                    .map(|(&seq, _)| seq)
+                    .max()?;
+                Some((tenant.to_string(), highest))
+            })
+            .collect()
+    }
+
+    /// Drops the feed entries older than `cutoff_ms`; returns how many.
+    pub fn prune_feed(&self, cutoff_ms: i64) -> usize {
         let mut inner = self.lock();
         let mut n = 0;
-        let mut through = Vec::new();
-        inner.feed.retain(|tenant, entries| {
+        inner.feed.retain(|_, entries| {
             let before = entries.len();
-            let mut highest = None;
-            entries.retain(|&seq, f| {
-                let keep = f.at_ms >= cutoff_ms;
-                if !keep {
-                    highest = highest.max(Some(seq));
-                }
-                keep
-            });
+            entries.retain(|_, f| f.at_ms >= cutoff_ms);
             n += before - entries.len();
-            if let Some(seq) = highest {
-                through.push((tenant.to_string(), seq));
-            }
             !entries.is_empty()
         });
-        (n, through)
+        n
     }
 
     /// Segment files on disk (for tests and the size of the data directory).
@@ -670,28 +727,30 @@ impl CmdLog {
     }
 }
 
-impl Drop for CmdLog {
-    /// What the tail holds goes to the file (not synced: a stop by `kill -9` would lose it, and
-    /// nobody was told it was durable).
-    fn drop(&mut self) {
-        if let Ok(mut inner) = self.inner.lock() {
-            if let Err(e) = Self::write_out(&mut inner) {
-                tracing::warn!("{e}");
-            }
-        }
-    }
-}
-
 impl Inner {
     fn segment(&mut self, n: u32) -> &mut Segment {
         self.segments.get_mut(&n).expect("an open segment")
+    }
+
+    /// A record of `len` bytes at segment `seg` stops or starts being its command's latest.
+    fn count_live(&mut self, seg: u32, len: u32, live: bool) {
+        if let Some(s) = self.segments.get_mut(&seg) {
+            let bytes = HEADER as u64 + u64::from(len);
+            if live {
+                s.live += 1;
+                s.live_bytes += bytes;
+            } else {
+                s.live = s.live.saturating_sub(1);
+                s.live_bytes = s.live_bytes.saturating_sub(bytes);
+            }
+        }
     }
 
     /// Records that `c`'s latest record is `len` bytes at `off` of segment `seg`.
     fn index(&mut self, c: &Command, seg: u32, off: u64, len: u32) {
         let terminal = c.state.is_terminal();
         if let Some(old) = self.by_id.get_mut(&c.id) {
-            let was = old.seg;
+            let (was, was_len) = (old.seg, old.len);
             old.seg = seg;
             old.off = off;
             old.len = len;
@@ -701,9 +760,7 @@ impl Inner {
                 self.pending.remove(&key);
             }
             old.terminal |= terminal;
-            if let Some(s) = self.segments.get_mut(&was) {
-                s.live = s.live.saturating_sub(1);
-            }
+            self.count_live(was, was_len, false);
             if ended {
                 self.feed_entry(c, true);
             }
@@ -733,7 +790,7 @@ impl Inner {
                 },
             );
         }
-        self.segment(seg).live += 1;
+        self.count_live(seg, len, true);
     }
 
     /// `c`'s `commands` entry (numbered by its queue key), or its `results` one (numbered by
@@ -777,13 +834,11 @@ impl Inner {
         let Some(s) = self.by_id.get_mut(id) else {
             return;
         };
-        let was = s.seg;
+        let (was, len) = (s.seg, s.len);
         s.seg = seg;
         s.off = off;
-        if let Some(w) = self.segments.get_mut(&was) {
-            w.live = w.live.saturating_sub(1);
-        }
-        self.segment(seg).live += 1;
+        self.count_live(was, len, false);
+        self.count_live(seg, len, true);
     }
 
     fn forget(&mut self, id: &str) {
@@ -794,9 +849,7 @@ impl Inner {
         if !s.terminal {
             self.pending.remove(&s.pending_key);
         }
-        if let Some(seg) = self.segments.get_mut(&s.seg) {
-            seg.live = seg.live.saturating_sub(1);
-        }
+        self.count_live(s.seg, s.len, false);
     }
 }
 
@@ -882,6 +935,7 @@ mod tests {
             let log = CmdLog::open(dir.path()).expect("open");
             log.put(&cmd("c_1", "tn_1", 1, 1)).expect("put");
             log.put(&cmd("c_2", "tn_1", 2, 2)).expect("put");
+            log.sync().expect("sync");
         }
         let seg = dir.path().join(segment_name(1));
         let full = std::fs::metadata(&seg).expect("meta").len();
@@ -897,10 +951,33 @@ mod tests {
             assert!(log.get("c_2").expect("read").is_none());
             log.put(&cmd("c_3", "tn_1", 3, 3))
                 .expect("appends after the cut");
+            log.put(&cmd("c_4", "tn_1", 4, 4)).expect("put");
+            log.sync().expect("sync");
         }
         let log = CmdLog::open(dir.path()).expect("reopen");
-        assert_eq!(log.count(), 2);
+        assert_eq!(log.count(), 3);
         drop(log);
+
+        // Zeros where the file grew (its size reached the disk, its data did not): cut off.
+        let good = std::fs::metadata(&seg).expect("meta").len();
+        let mut bytes = std::fs::read(&seg).expect("read");
+        bytes.extend_from_slice(&[0u8; 100]);
+        std::fs::write(&seg, &bytes).expect("zeros");
+        assert_eq!(CmdLog::open(dir.path()).expect("zeros cut off").count(), 3);
+        assert_eq!(std::fs::metadata(&seg).expect("meta").len(), good);
+
+        // A damaged record with good ones after it, even in the last segment: refused.
+        let mut bytes = std::fs::read(&seg).expect("read");
+        let first = u32::from_le_bytes(bytes[..4].try_into().expect("4")) as usize;
+        bytes[HEADER + first + HEADER + 2] ^= 0xff; // the second record's payload
+        std::fs::write(&seg, &bytes).expect("damage");
+        let msg = CmdLog::open(dir.path()).err().expect("refused").to_string();
+        assert!(
+            msg.contains("checksum") && msg.contains("truncate -s"),
+            "{msg}"
+        );
+        bytes[HEADER + first + HEADER + 2] ^= 0xff;
+        std::fs::write(&seg, &bytes).expect("mend");
 
         // Damage inside a segment that is not the last: refused, naming the file.
         std::fs::write(dir.path().join(segment_name(2)), b"").expect("a later segment");
@@ -919,12 +996,14 @@ mod tests {
     fn old_segments_go_once_nothing_in_them_is_live_and_live_records_are_copied_forward() {
         let dir = tempfile::tempdir().expect("dir");
         let log = CmdLog::open_sized(dir.path(), 4096).expect("open");
-        // One that stays pending from the first segment, then many that end.
+        // One that stays pending from the first segment, then many that end (a sync after
+        // each, as the store's flushes do: a sync closes a full segment).
         log.put(&cmd("c_keep", "tn_1", 1, 0)).expect("put");
         for i in 1..200u64 {
             let c = cmd(&format!("c_{i}"), "tn_1", 1 + i as i64, i);
             log.put(&c).expect("put");
             log.put(&ended(c)).expect("end");
+            log.sync().expect("sync");
         }
         let before = log.segments();
         assert!(before > 10, "{before} segments");
@@ -994,9 +1073,9 @@ mod tests {
             "rebuilt from the records"
         );
         // The feed's retention: c_1's entries (submitted at 100, ended at 101) go.
-        let (n, through) = log.prune_feed(150);
-        assert_eq!(n, 2);
-        assert_eq!(through, [("tn_1".to_string(), 4)]);
+        assert_eq!(log.feed_older_than(150), [("tn_1".to_string(), 4)]);
+        assert_eq!(log.prune_feed(150), 2);
+        assert!(log.feed_older_than(150).is_empty());
         assert_eq!(
             seqs(log.feed_read("tn_1", 0, 10, 10)),
             [(2, Topic::Commands, "c_2".into())]
@@ -1005,5 +1084,22 @@ mod tests {
             log.get("c_1").expect("read").is_some(),
             "the command itself stays"
         );
+    }
+
+    #[test]
+    fn a_record_that_has_not_ended_does_not_replace_one_that_has() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = CmdLog::open(dir.path()).expect("open");
+        let c = cmd("c_1", "tn_1", 1, 1);
+        assert!(log.put(&c).expect("put"));
+        assert!(log.put(&ended(c.clone())).expect("end"));
+        let mut late = c;
+        late.state = CommandState::Delivered;
+        assert!(!log.put(&late).expect("refused"));
+        assert_eq!(
+            log.get("c_1").expect("read").expect("held").state,
+            CommandState::Succeeded
+        );
+        assert!(log.pending().expect("pending").is_empty());
     }
 }

@@ -366,7 +366,9 @@ impl Store {
                 }
                 if c.cancel.is_none() {
                     c.cancel = Some(cancel.clone());
-                    self.commands.put(&c)?;
+                    if !self.commands.put(&c)? {
+                        return Ok(Outcome::Command(None)); // it ended meanwhile
+                    }
                 }
                 return Ok(Outcome::Command(Some(Box::new(c))));
             }
@@ -379,7 +381,9 @@ impl Store {
                 }
                 if c.state == super::CommandState::Queued {
                     c.state = super::CommandState::Delivered;
-                    self.commands.put(&c)?;
+                    if !self.commands.put(&c)? {
+                        return Ok(Outcome::Command(None)); // it ended meanwhile
+                    }
                 }
                 return Ok(Outcome::Command(Some(Box::new(c))));
             }
@@ -467,7 +471,7 @@ impl Store {
         let mut cmd = command.clone();
         cmd.pending_key = Self::pending_key(&cmd.gateway_id, seq);
         // Its `commands` entry in the feed is the command log's (`pending_key`).
-        self.commands.put(&cmd)
+        self.commands.put(&cmd).map(|_| ())
     }
 
     /// `gateway \0 seq`: a gateway's pending commands in the order they were submitted.
