@@ -177,6 +177,10 @@ fn damage(bytes: &[u8], off: usize) -> Option<(&'static str, bool)> {
     };
     let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+    if len == 0 {
+        // No record is empty; zeros pass the checksum (an empty payload's is 0).
+        return Some(("an empty record", bytes[off..].iter().all(|b| *b == 0)));
+    }
     let Some(payload) = bytes.get(off + HEADER..off + HEADER + len) else {
         return Some(("a record cut short", true));
     };
@@ -270,21 +274,6 @@ impl CmdLog {
                         for id in ids {
                             inner.forget(&id);
                         }
-                    }
-                    // Zeros pass the checksum (an empty payload's is 0): the end of a file
-                    // that grew before its data was written.
-                    Err(_) if Some(n) == last && bytes[off..].iter().all(|b| *b == 0) => {
-                        tracing::warn!(
-                            path = %path.display(),
-                            offset = off,
-                            "the command log ends in zeros, a write a stop interrupted before it was durable: cut off there"
-                        );
-                        let seg = inner.segment(n);
-                        seg.file
-                            .set_len(off as u64)
-                            .and_then(|_| seg.file.sync_data())
-                            .map_err(io_err("truncate", &path))?;
-                        break;
                     }
                     Err(_) => return Err(corrupt(&path, off as u64, "an unreadable record")),
                 }
