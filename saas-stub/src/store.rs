@@ -1,6 +1,6 @@
-//! Durable state of pcg-saas on sled: tenants, API keys, pairing tokens, gateways, commands (with
-//! a per-gateway pending queue), events, and declared machines with the gateways' health
-//! history ([`machines`]).
+//! Durable state of pcg-saas: on sled, tenants, API keys, pairing tokens, gateways, events, and
+//! declared machines with the gateways' health history ([`machines`]); commands (with a
+//! per-gateway pending queue) in an append-only log beside it (`cmdlog`).
 //!
 //! Secrets (API keys, token secrets) are stored as SHA-256 hashes: they are 256-bit random values,
 //! so a fast hash is enough and a slow password hash would only cost latency. Anything a peer is

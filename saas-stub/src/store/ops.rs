@@ -460,10 +460,9 @@ impl Store {
         self.put_event_at(seq, event_of(Some(tenant_id), None, kind, message, at_ms))
     }
 
-    /// Stores a new command and queues it for its gateway. The pending key is written first: a
-    /// pending key whose command record is missing is skipped, so a crash between the writes
-    /// (before anything was acknowledged) leaves nothing half-visible. The tenant index (newest
-    /// first) lets lists stop after `limit` instead of reading everything.
+    /// Stores a new command and queues it for its gateway: one record appended to the command
+    /// log, whose memory indexes it by tenant (newest first, so lists stop after `limit`), in
+    /// its gateway's queue (by `seq`) and in the tenant's feed.
     fn apply_submit(&self, seq: u64, command: &Command, fresh: bool) -> Result<(), StoreError> {
         if !fresh && self.commands.contains(&command.id) {
             return Ok(()); // applied before
