@@ -553,41 +553,23 @@ impl Store {
 
     /// Opens the command log (`cmdlog` in the store's directory). A store written by a version
     /// that kept commands in sled (trees `commands`, `pending`, `cmd_by_tenant`) has them
-    /// copied into a new log first: written and synced as `cmdlog.new`, renamed, and only then
-    /// are the trees emptied, so a stop at any point leaves either the trees or the whole log.
+    /// copied into the log, synced, and only then the trees dropped; commands an older version
+    /// wrote into the trees since are added the same way.
     fn open_commands(db: &sled::Db, path: &std::path::Path) -> Result<cmdlog::CmdLog, StoreError> {
-        let dir = path.join("cmdlog");
-        let old = db.open_tree("commands")?;
-        if !dir.exists() {
-            let new = path.join("cmdlog.new");
-            if new.exists() {
-                std::fs::remove_dir_all(&new).map_err(|source| StoreError::Log {
-                    action: "remove the unfinished copy of",
-                    path: new.clone(),
-                    source,
-                })?;
-            }
-            let log = cmdlog::CmdLog::open(&new)?;
-            for v in old.iter().values() {
-                let c: Command = serde_json::from_slice(&v?).map_err(|e| StoreError::Corrupt {
-                    tree: "commands",
-                    message: e.to_string(),
-                })?;
-                log.put(&c)?;
-            }
-            log.sync()?;
-            drop(log);
-            let renamed = std::fs::rename(&new, &dir)
-                .and_then(|()| std::fs::File::open(path).and_then(|d| d.sync_all()));
-            renamed.map_err(|source| StoreError::Log {
-                action: "put in place",
-                path: dir.clone(),
+        // A copy an earlier version of this migration left unfinished (it copied into
+        // `cmdlog.new`, then renamed it): the trees still hold everything.
+        let new = path.join("cmdlog.new");
+        if new.exists() {
+            std::fs::remove_dir_all(&new).map_err(|source| StoreError::Log {
+                action: "remove the unfinished copy of",
+                path: new.clone(),
                 source,
             })?;
         }
-        let log = cmdlog::CmdLog::open(&dir)?;
-        // Left by a stop after the rename (the same commands), or written by an earlier
-        // version started on this store since: what the log lacks is added.
+        let log = cmdlog::CmdLog::open(&path.join("cmdlog"))?;
+        let old = db.open_tree("commands")?;
+        // What the log lacks is added, and the trees are dropped only once the log is synced:
+        // a stop at any point leaves the trees to copy from again at the next start.
         let mut added = 0;
         for v in old.iter().values() {
             let c: Command = serde_json::from_slice(&v?).map_err(|e| StoreError::Corrupt {
