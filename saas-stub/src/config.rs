@@ -64,7 +64,9 @@ pub struct Config {
     pub event_retention_days: u64,
     /// Time a client has to complete the TLS handshake, milliseconds.
     pub tls_handshake_timeout_ms: u64,
-    /// Time an HTTP/1.1 client has to send a request's headers, milliseconds.
+    /// Time an HTTP/1.1 client has to send a request's headers, milliseconds. On a kept-alive
+    /// connection it counts from the end of the previous response (hyper's header read timeout),
+    /// so it also bounds how long an HTTP/1.1 connection may sit idle between requests.
     pub header_timeout_ms: u64,
     /// A connection that moves no byte for this long is closed, seconds.
     pub idle_timeout_secs: u64,

@@ -12,7 +12,11 @@
 //!   ([`ConnBudget`]) sized below `RLIMIT_NOFILE`; past it new connections are closed at once
 //!   while the established ones are served;
 //! - send headers forever (`header_read_timeout`) or sit idle forever (`idle_timeout`: no byte
-//!   either way for that long closes the connection; tunnels heartbeat well within it).
+//!   either way for that long closes the connection; tunnels heartbeat well within it). On
+//!   HTTP/1.1 hyper starts the header timeout as soon as the previous response is written, so a
+//!   kept-alive HTTP/1.1 connection idle for the header timeout is closed; a client that reuses
+//!   it at that instant sees the connection reset, so clients should keep idle HTTP/1.1
+//!   connections for less than the header timeout (the test harness keeps them 4 s).
 //!
 //! Every accepted socket gets `TCP_NODELAY`: request/response and tunnel frames are small, and
 //! Nagle's algorithm would hold each one for a delayed ACK.

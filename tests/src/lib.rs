@@ -275,6 +275,9 @@ impl Saas {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(client_tls(&ca))
             .pool_max_idle_per_host(64)
+            // The SaaS closes an HTTP/1.1 connection idle for its header timeout (10 s): a
+            // connection reused at that instant is reset. Idle ones are dropped well before.
+            .pool_idle_timeout(Duration::from_secs(4))
             .timeout(Duration::from_secs(90))
             .build()?;
         Ok(Saas {
