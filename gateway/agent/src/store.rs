@@ -7,17 +7,21 @@
 //! The journal is what makes commands take effect exactly once: an id is written (and flushed)
 //! before the gateway acts on it, its result is written (and flushed) before it is sent, and an
 //! id that is already known is never executed again. The outbox is the done entries the broker
-//! has not acknowledged: an acknowledgement is a small record in `acked`, and the ids without one
-//! are kept in memory, with those of the entries still running (both found by one pass over the
-//! journal at open), so that a result costs one write and its acknowledgement one more (a tree
-//! of its own for the outbox cost two writes more per command), and neither the outbox nor the
-//! running entries need a read of the whole journal. Done entries are kept for
-//! `journal_retention_hours` after acknowledgement so a late redelivery still finds them.
+//! has not acknowledged. The ids without an acknowledgement are kept in memory, with those of
+//! the entries still running (both found by one pass over the journal at open), so that neither
+//! the outbox nor the running entries need a read of the whole journal. Acknowledgements are
+//! gathered in memory and written as one record per batch in `acks` (the time, then the ids),
+//! at the next flush, pruning or close: a result costs one write, and its acknowledgement a
+//! share of one (an acknowledgement lost in a crash only sends its result once more, which the
+//! broker acknowledges again). Done entries are kept for `journal_retention_hours` after their
+//! acknowledgement so that a late redelivery still finds them; pruning walks the oldest batches
+//! and removes their entries, without reading the journal. (Earlier versions wrote one record
+//! per acknowledgement in `acked`, or the time inside the entry; both are still read.)
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ring::aead;
 use serde::{Deserialize, Serialize};
@@ -166,7 +170,10 @@ pub struct Store {
     commit: pcg_durable::GroupCommit,
     identity: sled::Tree,
     journal: sled::Tree,
-    /// When the broker acknowledged each result still journaled (id → Unix ms, big-endian).
+    /// Acknowledgements, a batch per record, and those not written yet ([`Acks`]).
+    acks: Arc<Acks>,
+    /// When the broker acknowledged each result, one record per id (id → Unix ms, big-endian),
+    /// as earlier versions wrote them; pruning empties it.
     acked: sled::Tree,
     /// The ids of entries still running and of the outbox (done, not acknowledged).
     ids: Mutex<Ids>,
@@ -219,14 +226,28 @@ impl Store {
         let db = open_db(&path, wait)?;
         let journal = db.open_tree("journal").map_err(sled_err)?;
         let acked = db.open_tree("acked").map_err(sled_err)?;
+        let acks = Arc::new(Acks {
+            tree: db.open_tree("acks").map_err(sled_err)?,
+            db: db.clone(),
+            pending: Mutex::new(Vec::new()),
+        });
         // The outbox of earlier versions (id → result), emptied into the journal.
         migrate_outbox(&journal, &db.open_tree("outbox").map_err(sled_err)?).map_err(&sled_err)?;
-        let (journal_len, ids) = scan_journal(&journal, &acked).map_err(&sled_err)?;
+        let (journal_len, ids) = scan_journal(&journal, &acked, &acks).map_err(&sled_err)?;
+        // Every flush first writes the acknowledgements gathered since the last one.
+        let commit = {
+            let acks = acks.clone();
+            pcg_durable::GroupCommit::with(move || {
+                acks.write()?;
+                acks.db.flush().map(|_| ())
+            })
+        };
         Ok(Store {
             identity: db.open_tree("identity").map_err(sled_err)?,
             journal_count: AtomicUsize::new(journal_len),
             ids: Mutex::new(ids),
             journal,
+            acks,
             acked,
             bmcs: db.open_tree("bmcs").map_err(sled_err)?,
             settings: db.open_tree("settings").map_err(sled_err)?,
@@ -234,7 +255,7 @@ impl Store {
             machines: db.open_tree("machines").map_err(sled_err)?,
             watch_actions: db.open_tree("watch_actions").map_err(sled_err)?,
             watch_events: db.open_tree("watch_events").map_err(sled_err)?,
-            commit: pcg_durable::GroupCommit::new(db.clone()),
+            commit,
             key,
             path,
             #[cfg(test)]
@@ -522,31 +543,14 @@ impl Store {
         Ok(())
     }
 
-    /// The broker stored the result: note when (a small record beside the entry, which takes
-    /// it out of the outbox and which retention reads; the entry itself is not rewritten).
-    /// Not flushed: an acknowledgement lost in a crash only sends the result once more.
-    pub fn ack(&self, id: &str) -> Result<(), StoreError> {
-        if !self.ids().unacked.remove(id) {
-            return Ok(()); // acknowledged before, or never in the outbox
+    /// The broker stored the result: it leaves the outbox, and joins the acknowledgements
+    /// written with the next flush as one batch (the entry itself is not rewritten). Not
+    /// flushed: an acknowledgement lost in a crash only sends the result once more.
+    pub fn ack(&self, id: &str) {
+        if self.ids().unacked.remove(id) {
+            self.acks.gather(id);
         }
-        if let Err(e) = self
-            .acked
-            .insert(id.as_bytes(), &now_ms().to_be_bytes()[..])
-        {
-            // Still waiting for an acknowledgement that sticks.
-            self.ids().unacked.insert(id.to_string());
-            return Err(self.err()(e));
-        }
-        Ok(())
-    }
-
-    /// When the broker acknowledged `id`'s result: the small record, or (a journal written by
-    /// an earlier version) the entry's own field.
-    fn acked_ms(&self, e: &JournalEntry) -> Option<i64> {
-        e.acked_ms.or_else(|| {
-            let v = self.acked.get(e.id.as_bytes()).ok()??;
-            Some(i64::from_be_bytes(v.as_ref().try_into().ok()?))
-        })
+        // Otherwise acknowledged before, or never in the outbox.
     }
 
     /// The results waiting for an acknowledgement, in id order.
@@ -592,23 +596,123 @@ impl Store {
         Ok(out)
     }
 
-    /// Forgets done entries acknowledged more than `retention_ms` ago; returns how many.
+    /// Forgets done entries acknowledged more than `retention_ms` ago; returns how many. Reads
+    /// the acknowledgement batches older than that (and the records of earlier versions), not
+    /// the journal.
     pub fn prune(&self, retention_ms: i64) -> Result<usize, StoreError> {
         let cutoff = now_ms() - retention_ms;
+        self.acks.write().map_err(self.err())?;
         let mut n = 0;
-        for kv in self.journal.iter() {
+        let mut forget = |id: &[u8]| -> Result<(), StoreError> {
+            if self.journal.remove(id).map_err(self.err())?.is_some() {
+                self.journal_count.fetch_sub(1, Ordering::Relaxed);
+                n += 1;
+            }
+            Ok(())
+        };
+        for kv in self.acks.tree.iter() {
             let (k, v) = kv.map_err(self.err())?;
-            if let Ok(e) = serde_json::from_slice::<JournalEntry>(&v) {
-                if e.state == EntryState::Done && self.acked_ms(&e).is_some_and(|a| a < cutoff) {
-                    if self.journal.remove(&k).map_err(self.err())?.is_some() {
-                        self.journal_count.fetch_sub(1, Ordering::Relaxed);
-                    }
-                    self.acked.remove(&k).map_err(self.err())?;
-                    n += 1;
-                }
+            if Acks::batch_ms(&k) >= cutoff {
+                break; // batches are in time order
+            }
+            for id in Acks::ids(&v) {
+                forget(id.as_bytes())?;
+            }
+            self.acks.tree.remove(&k).map_err(self.err())?;
+        }
+        for kv in self.acked.iter() {
+            let (k, v) = kv.map_err(self.err())?;
+            let at = v
+                .as_ref()
+                .try_into()
+                .map(i64::from_be_bytes)
+                .unwrap_or(i64::MIN);
+            if at < cutoff {
+                forget(&k)?;
+                self.acked.remove(&k).map_err(self.err())?;
             }
         }
         Ok(n)
+    }
+
+    /// Whether `id`'s result was acknowledged (written or not yet), for tests.
+    #[cfg(test)]
+    fn acknowledged(&self, id: &str) -> bool {
+        let batched = self
+            .acks
+            .tree
+            .iter()
+            .values()
+            .any(|v| Acks::ids(&v.expect("read")).iter().any(|i| i == id));
+        batched
+            || self.acks.lock().iter().any(|i| i == id)
+            || self.acked.contains_key(id).expect("read")
+    }
+}
+
+impl Drop for Store {
+    /// What was acknowledged since the last flush is written (sled flushes when it closes).
+    fn drop(&mut self) {
+        if let Err(e) = self.acks.write() {
+            tracing::warn!(
+                "cannot write the last acknowledgements (their results will be sent again): {e}"
+            );
+        }
+    }
+}
+
+/// Acknowledgements of results, written in batches: one record per batch in the `acks` tree,
+/// keyed by the time it was written (Unix ms, big-endian) and a number sled hands out (unique
+/// over restarts), so that the tree is in time order; its value is the ids as a JSON array.
+struct Acks {
+    tree: sled::Tree,
+    db: sled::Db,
+    /// Acknowledged, not written yet.
+    pending: Mutex<Vec<String>>,
+}
+
+impl Acks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn gather(&self, id: &str) {
+        self.lock().push(id.to_string());
+    }
+
+    /// Writes what was gathered as one batch (not flushed); on failure it stays gathered.
+    fn write(&self) -> Result<(), sled::Error> {
+        let ids = std::mem::take(&mut *self.lock());
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let r = self.db.generate_id().and_then(|n| {
+            let mut key = Vec::with_capacity(16);
+            key.extend_from_slice(&now_ms().to_be_bytes());
+            key.extend_from_slice(&n.to_be_bytes());
+            self.tree
+                .insert(key, serde_json::to_vec(&ids).expect("ids serialise"))
+                .map(|_| ())
+        });
+        if r.is_err() {
+            self.lock().extend(ids);
+        }
+        r
+    }
+
+    /// When a batch was written, from its key.
+    fn batch_ms(key: &[u8]) -> i64 {
+        key.get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(i64::MIN, i64::from_be_bytes)
+    }
+
+    /// The ids of a batch (none if it does not decode: those results are sent again).
+    fn ids(value: &[u8]) -> Vec<String> {
+        serde_json::from_slice(value).unwrap_or_else(|e| {
+            tracing::warn!("an unreadable batch of acknowledgements, ignored: {e}");
+            Vec::new()
+        })
     }
 }
 
@@ -713,9 +817,14 @@ impl Ids {
 
 /// One pass over the journal at open: how many entries it holds, which are still running, and
 /// which done ones have no acknowledgement (the outbox). The journal and `acked` are both in id
-/// order, so they are read side by side; only an entry without an acknowledgement record is
-/// decoded.
-fn scan_journal(journal: &sled::Tree, acked: &sled::Tree) -> Result<(usize, Ids), sled::Error> {
+/// order, so they are read side by side; the ids of the batches in `acks` are gathered first;
+/// only an entry without an acknowledgement is decoded. An acknowledgement inside an entry (the
+/// oldest versions) becomes a record of `acked`, where pruning finds it.
+fn scan_journal(
+    journal: &sled::Tree,
+    acked: &sled::Tree,
+    acks: &Acks,
+) -> Result<(usize, Ids), sled::Error> {
     /// The fields the scan needs (serde skips the rest).
     #[derive(Deserialize)]
     struct Head {
@@ -725,14 +834,18 @@ fn scan_journal(journal: &sled::Tree, acked: &sled::Tree) -> Result<(usize, Ids)
         #[serde(default)]
         acked_ms: Option<i64>,
     }
+    let mut batched = HashSet::new();
+    for v in acks.tree.iter().values() {
+        batched.extend(Acks::ids(&v?));
+    }
     let mut n = 0;
     let mut ids = Ids::default();
     let mut acks = acked.iter().keys().peekable();
     for kv in journal.iter() {
         let (k, v) = kv?;
         n += 1;
-        let mut has_ack = false;
-        loop {
+        let mut has_ack = batched.contains(String::from_utf8_lossy(&k).as_ref());
+        while !has_ack {
             match acks.peek() {
                 Some(Ok(a)) if a.as_ref() < k.as_ref() => {
                     acks.next();
@@ -753,6 +866,9 @@ fn scan_journal(journal: &sled::Tree, acked: &sled::Tree) -> Result<(usize, Ids)
             continue;
         }
         if let Ok(h) = serde_json::from_slice::<Head>(&v) {
+            if let Some(at) = h.acked_ms {
+                acked.insert(&k, &at.to_be_bytes()[..])?;
+            }
             ids.note_state(
                 &String::from_utf8_lossy(&k),
                 h.state,
@@ -847,20 +963,98 @@ mod tests {
         );
         // Done but not acknowledged: kept whatever its age.
         assert_eq!(s.prune(-1).expect("prune"), 0);
-        s.ack("a").expect("ack");
-        s.ack("a")
-            .expect("a second acknowledgement changes nothing");
+        s.ack("a");
+        s.ack("a"); // a second acknowledgement changes nothing
         assert_eq!(s.outbox_depth(), 0);
-        // A journal of an earlier version: the acknowledgement inside the entry.
-        let mut old = entry("b");
-        old.state = EntryState::Done;
-        old.result = Some(r);
-        old.acked_ms = Some(now_ms());
-        assert!(s.begin(&old).expect("begin").is_none());
         assert_eq!(s.prune(60_000).expect("prune"), 0, "acknowledged just now");
-        assert_eq!(s.prune(-1).expect("prune"), 2);
+        assert_eq!(s.prune(-1).expect("prune"), 1);
         assert!(s.entry("a").expect("get").is_none());
+        assert_eq!(
+            s.prune(-1).expect("prune"),
+            0,
+            "each entry is forgotten once"
+        );
+    }
+
+    /// Acknowledgements of earlier versions: a record per id in `acked`, or the time inside the
+    /// entry. At open neither entry is in the outbox; pruning forgets both once they are old
+    /// enough, and empties `acked`.
+    #[test]
+    fn acknowledgements_of_earlier_versions_are_read_and_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = now_ms() - 1_000;
+        {
+            let s = Store::open(dir.path()).expect("open");
+            let mut b = entry("b");
+            b.state = EntryState::Done;
+            b.result = Some(done_ok());
+            let mut c = b.clone();
+            c.id = "c".into();
+            c.acked_ms = Some(at);
+            let mut d = b.clone();
+            d.id = "d".into();
+            for e in [&b, &c, &d] {
+                s.journal
+                    .insert(e.id.as_bytes(), serde_json::to_vec(e).expect("json"))
+                    .expect("insert");
+            }
+            s.acked.insert("b", &at.to_be_bytes()[..]).expect("insert");
+        }
+        let s = Store::open(dir.path()).expect("reopen");
+        let outbox: Vec<String> = s
+            .outbox()
+            .expect("outbox")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(outbox, ["d"], "b and c were acknowledged");
+        assert_eq!(
+            s.prune(60_000).expect("prune"),
+            0,
+            "acknowledged a second ago"
+        );
+        assert_eq!(s.prune(0).expect("prune"), 2);
         assert!(s.entry("b").expect("get").is_none());
+        assert!(s.entry("c").expect("get").is_none());
+        assert!(
+            s.entry("d").expect("get").is_some(),
+            "not acknowledged: kept"
+        );
+        assert!(s.acked.is_empty());
+    }
+
+    /// Acknowledgements are written as one batch by the next flush, or when the store closes;
+    /// those written survive a reopen (the results stay out of the outbox), and the batch goes
+    /// with its entries when they are pruned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acknowledgements_are_written_in_batches_by_a_flush_or_the_close() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            for id in ["a", "b", "c", "d"] {
+                s.begin(&entry(id)).expect("begin");
+                s.finish(&entry(id), &done_ok()).expect("finish");
+            }
+            s.ack("a");
+            s.ack("b");
+            assert!(s.acks.tree.is_empty(), "gathered, not written");
+            s.flush().await.expect("flush");
+            assert_eq!(s.acks.tree.len(), 1, "one batch");
+            assert!(s.acks.lock().is_empty());
+            s.ack("c");
+        }
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(s.acks.tree.len(), 2, "the close wrote the last one");
+        let outbox: Vec<String> = s
+            .outbox()
+            .expect("outbox")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(outbox, ["d"]);
+        assert_eq!(s.prune(-1).expect("prune"), 3);
+        assert!(s.acks.tree.is_empty());
+        assert_eq!(s.journal_len(), 1);
     }
 
     /// The kept count, outbox and running entries follow every write that adds, finishes,
@@ -882,7 +1076,7 @@ mod tests {
                 .collect();
             let unacked = entries
                 .iter()
-                .filter(|e| e.state == EntryState::Done && s.acked_ms(e).is_none())
+                .filter(|e| e.state == EntryState::Done && !s.acknowledged(&e.id))
                 .count();
             assert_eq!(s.outbox_depth(), unacked, "outbox");
             assert_eq!(s.outbox().expect("outbox").len(), unacked, "outbox results");
@@ -918,9 +1112,9 @@ mod tests {
             assert!(s.begin(&cancelled).expect("begin done").is_none());
             assert!(s.begin(&cancelled).expect("again").is_some());
             assert_eq!(counted(&s), (4, 3));
-            s.ack("a").expect("ack");
-            s.ack("a").expect("ack again");
-            s.ack("unknown").expect("ack of nothing");
+            s.ack("a");
+            s.ack("a"); // again
+            s.ack("unknown"); // of nothing
             assert_eq!(counted(&s), (4, 2));
             assert_eq!(s.prune(-1).expect("prune"), 1);
             assert_eq!(counted(&s), (3, 2));

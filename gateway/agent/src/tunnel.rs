@@ -497,11 +497,7 @@ async fn session(
                                 return retry(format!("cannot journal a command: {e}"));
                             }
                         }
-                        Some(BKind::ResultAck(a)) => {
-                            if let Err(e) = gw.store.ack(&a.command_id) {
-                                tracing::warn!("cannot drop acknowledged result: {e}");
-                            }
-                        }
+                        Some(BKind::ResultAck(a)) => gw.store.ack(&a.command_id),
                         Some(BKind::Heartbeat(h)) => {
                             let now = now_ms();
                             gw.set_tunnel(|t| {
