@@ -196,7 +196,11 @@ pub async fn serve(
                     _ = t.tick() => {}
                     _ = app2.shutdown.cancelled() => return,
                 }
-                app2.prune();
+                // Off the runtime's threads: a pass over a large store takes a while.
+                let app3 = app2.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || app3.prune()).await {
+                    tracing::warn!("a retention pass stopped: {e}");
+                }
             }
         });
     }

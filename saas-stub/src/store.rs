@@ -901,7 +901,9 @@ impl Store {
 
     /// `tenant_id`'s feed entries after `after` up to `upto`, oldest first, at most `limit`: those
     /// of events and health reports (sled's feed tree; and commands' entries written by versions
-    /// before the command log) merged with those of commands (the command log's memory).
+    /// before the command log) merged with those of commands (the command log's memory). None
+    /// at or below what retention removed: after a restart the command log's memory holds its
+    /// commands' entries again until the first retention pass.
     pub fn feed_read(
         &self,
         tenant_id: &str,
@@ -909,6 +911,7 @@ impl Store {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<feed::Entry>, StoreError> {
+        let after = after.max(self.feed.pruned_through(tenant_id)?);
         let mut entries = self.feed.read(tenant_id, after, upto, limit)?;
         let commands = self.commands.feed_read(tenant_id, after, upto, limit);
         if !commands.is_empty() {

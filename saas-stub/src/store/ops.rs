@@ -601,6 +601,21 @@ mod tests {
         }
     }
 
+    /// Opens the store in `dir` once the previous one's flusher thread has let go of sled's
+    /// lock (it ends shortly after the store is dropped), within 30 s.
+    fn reopen(dir: &std::path::Path) -> Store {
+        let started = std::time::Instant::now();
+        loop {
+            match Store::open(dir) {
+                Ok(s) => return s,
+                Err(_) if started.elapsed() < std::time::Duration::from_secs(30) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("open: {e}"),
+            }
+        }
+    }
+
     fn command(id: &str) -> Command {
         Command::queued(
             id.into(),
@@ -825,6 +840,44 @@ mod tests {
         );
     }
 
+    /// The feed's retention holds over a restart: the command log's memory has its commands'
+    /// entries again after a reopen, but none at or below what retention removed is read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn feed_entries_removed_by_retention_stay_out_after_a_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        let read = |s: &Store| -> Vec<u64> {
+            s.feed_read("tn_1", 0, u64::MAX, 100)
+                .expect("read")
+                .into_iter()
+                .map(|e| e.seq)
+                .collect()
+        };
+        {
+            let s = Store::open(dir.path()).expect("open");
+            for (seq, op) in [
+                (
+                    1,
+                    Op::CommandSubmitted {
+                        command: command("c_1"),
+                    },
+                ),
+                (2, ended("c_1", true)),
+            ] {
+                s.apply(seq, &op).expect("apply");
+            }
+            assert_eq!(read(&s), [1, 2]);
+            assert_eq!(s.prune_feed(i64::MAX).expect("prune"), 2);
+            assert!(read(&s).is_empty());
+            s.flush().await.expect("flush");
+        }
+        let s = Store::open(dir.path()).expect("reopen");
+        assert!(
+            s.command("c_1").expect("read").is_some(),
+            "the command stays"
+        );
+        assert!(read(&s).is_empty(), "{:?}", read(&s));
+    }
+
     /// A store written when commands lived in sled trees opens with them in the command log,
     /// the trees emptied, and a copy left unfinished by a stop is made again.
     #[test]
@@ -855,17 +908,7 @@ mod tests {
         std::fs::write(dir.path().join("cmdlog.new/00000001.log"), b"partial").expect("write");
         for _ in 0..2 {
             // The previous store's flusher thread lets go of sled's lock as it ends.
-            let started = std::time::Instant::now();
-            let s = loop {
-                match Store::open(dir.path()) {
-                    Ok(s) => break s,
-                    Err(e) if started.elapsed() < std::time::Duration::from_secs(30) => {
-                        let _ = e;
-                        std::thread::sleep(std::time::Duration::from_millis(20));
-                    }
-                    Err(e) => panic!("open: {e}"),
-                }
-            };
+            let s = reopen(dir.path());
             let pending: Vec<String> = s
                 .all_pending()
                 .expect("pending")
