@@ -935,6 +935,11 @@ mod tests {
         }
     }
 
+    fn outbox_ids(s: &Store) -> Vec<String> {
+        let outbox = s.outbox().expect("outbox");
+        outbox.into_iter().map(|(id, _)| id).collect()
+    }
+
     fn done_ok() -> StoredResult {
         StoredResult {
             ok: true,
@@ -1001,12 +1006,7 @@ mod tests {
             s.acked.insert("b", &at.to_be_bytes()[..]).expect("insert");
         }
         let s = Store::open(dir.path()).expect("reopen");
-        let outbox: Vec<String> = s
-            .outbox()
-            .expect("outbox")
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let outbox = outbox_ids(&s);
         assert_eq!(outbox, ["d"], "b and c were acknowledged");
         assert_eq!(
             s.prune(60_000).expect("prune"),
@@ -1045,12 +1045,7 @@ mod tests {
         }
         let s = Store::open(dir.path()).expect("reopen");
         assert_eq!(s.acks.tree.len(), 2, "the close wrote the last one");
-        let outbox: Vec<String> = s
-            .outbox()
-            .expect("outbox")
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let outbox = outbox_ids(&s);
         assert_eq!(outbox, ["d"]);
         assert_eq!(s.prune(-1).expect("prune"), 3);
         assert!(s.acks.tree.is_empty());
