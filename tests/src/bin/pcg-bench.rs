@@ -237,6 +237,48 @@ enum Pattern {
     /// A submit with `?wait_seconds=`, whose answer carries the result (a long-polled GET only
     /// if the wait ended first).
     OneRequest,
+    /// The same over HTTP/2 (ALPN `h2`, as clients that offer it get): every request on one
+    /// connection, where the others use HTTP/1.1, a connection per request in flight.
+    OneRequestH2,
+}
+
+/// A REST client that offers only HTTP/2 (ALPN `h2`).
+fn h2_client(saas: &Saas) -> anyhow::Result<reqwest::Client> {
+    let mut tls = pcg_e2e::client_tls(&std::fs::read(&saas.ca_file)?);
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(90))
+        .build()?)
+}
+
+/// `POST /v1/gateways/{gw}/commands?wait_seconds=` with `http`; the answer (fails unless 2xx
+/// and HTTP/2).
+async fn submit_waiting_h2(
+    http: &reqwest::Client,
+    saas: &Saas,
+    key: &str,
+    gw: &str,
+    payload: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let resp = http
+        .post(format!(
+            "{}/v1/gateways/{gw}/commands?wait_seconds=60",
+            saas.api
+        ))
+        .bearer_auth(key)
+        .json(&json!({ "kind": "gateway.ledger", "payload": payload }))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        resp.version() == reqwest::Version::HTTP_2,
+        "answered over {:?}, not HTTP/2",
+        resp.version()
+    );
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await?;
+    anyhow::ensure!(status.is_success(), "submit answered {status}: {v}");
+    Ok(v)
 }
 
 /// Runs `n` `gateway.ledger` commands, `conc` in flight, over `gws` round robin (and `saas` in
@@ -249,6 +291,10 @@ async fn run_commands(
     label: &str,
     pattern: Pattern,
 ) -> anyhow::Result<Figures> {
+    let h2 = match pattern {
+        Pattern::OneRequestH2 => Some(h2_client(&saas[0])?),
+        _ => None,
+    };
     let started = Instant::now();
     let mut lat: Vec<f64> = stream::iter(0..n)
         .map(|i| {
@@ -256,13 +302,18 @@ async fn run_commands(
             let saas = saas[i % saas.len()].clone();
             let key = key.to_string();
             let gw = gws[i % gws.len()].clone();
+            let h2 = h2.clone();
             async move {
                 let t = Instant::now();
                 let payload = json!({ "i": i });
-                let v = if pattern == Pattern::OneRequest {
-                    let v = saas
-                        .submit_waiting(&key, &gw, "gateway.ledger", payload, 60)
-                        .await?;
+                let v = if pattern != Pattern::SubmitThenGet {
+                    let v = match &h2 {
+                        Some(http) => submit_waiting_h2(http, &saas, &key, &gw, payload).await?,
+                        None => {
+                            saas.submit_waiting(&key, &gw, "gateway.ledger", payload, 60)
+                                .await?
+                        }
+                    };
                     match v["state"].as_str() {
                         Some("succeeded" | "failed" | "cancelled" | "timed_out") => v,
                         _ => {
@@ -1149,6 +1200,22 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
                 args.concurrency
             ),
             Pattern::OneRequest,
+        )
+        .await?;
+        let m = mark(&saas, &one, &port).await;
+        rows.push(with_costs(f, &m2, &m));
+        m2 = m;
+        submitted += commands;
+        let f = run_commands(
+            std::slice::from_ref(&saas),
+            &key,
+            &one_ids,
+            (commands, args.concurrency),
+            &format!(
+                "1 gateway, {} in flight, one request each, HTTP/2",
+                args.concurrency
+            ),
+            Pattern::OneRequestH2,
         )
         .await?;
         let m = mark(&saas, &one, &port).await;
