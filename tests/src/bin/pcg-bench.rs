@@ -1190,38 +1190,28 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
     // The same, each command submitted and answered in one request (`?wait_seconds=`; an
     // older build has no wait on submit).
     if !args.baseline {
-        let f = run_commands(
-            std::slice::from_ref(&saas),
-            &key,
-            &one_ids,
-            (commands, args.concurrency),
-            &format!(
-                "1 gateway, {} in flight, one request each",
+        for (pattern, over) in [
+            (Pattern::OneRequest, ""),
+            (Pattern::OneRequestH2, ", HTTP/2"),
+        ] {
+            let label = format!(
+                "1 gateway, {} in flight, one request each{over}",
                 args.concurrency
-            ),
-            Pattern::OneRequest,
-        )
-        .await?;
-        let m = mark(&saas, &one, &port).await;
-        rows.push(with_costs(f, &m2, &m));
-        m2 = m;
-        submitted += commands;
-        let f = run_commands(
-            std::slice::from_ref(&saas),
-            &key,
-            &one_ids,
-            (commands, args.concurrency),
-            &format!(
-                "1 gateway, {} in flight, one request each, HTTP/2",
-                args.concurrency
-            ),
-            Pattern::OneRequestH2,
-        )
-        .await?;
-        let m = mark(&saas, &one, &port).await;
-        rows.push(with_costs(f, &m2, &m));
-        m2 = m;
-        submitted += commands;
+            );
+            let f = run_commands(
+                std::slice::from_ref(&saas),
+                &key,
+                &one_ids,
+                (commands, args.concurrency),
+                &label,
+                pattern,
+            )
+            .await?;
+            let m = mark(&saas, &one, &port).await;
+            rows.push(with_costs(f, &m2, &m));
+            m2 = m;
+            submitted += commands;
+        }
     }
     if batch_n > 0 {
         match run_batches(&saas, &key, &one_ids[0], batch_n, args.batch_size, 8).await? {
