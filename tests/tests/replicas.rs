@@ -326,10 +326,33 @@ async fn two_replicas_share_everything_and_lose_nothing_when_one_is_killed() {
         let a = replicas[0].read().await;
         let mut resumed = Sse::open(&a, &key, "topics=results", Some(last)).await;
         while seen.len() < total {
-            let it = resumed
-                .next(Duration::from_secs(120))
-                .await
-                .expect("results keep coming after the resume");
+            let Some(it) = resumed.next(Duration::from_secs(120)).await else {
+                // Say what is missing: commands that did not end, or results one feed lacks.
+                let got: std::collections::HashSet<&str> =
+                    seen.iter().map(|(_, id)| id.as_str()).collect();
+                let mut missing = Vec::new();
+                for (_, id) in accepted.iter().filter(|(_, id)| !got.contains(id.as_str())) {
+                    if missing.len() == 5 {
+                        break;
+                    }
+                    let path = format!("/v1/commands/{id}");
+                    let on_a = a
+                        .call("GET", &path, &key, None)
+                        .await
+                        .map(|(_, v)| v["state"].clone());
+                    let on_b = replicas[1]
+                        .read()
+                        .await
+                        .call("GET", &path, &key, None)
+                        .await
+                        .map(|(_, v)| v["state"].clone());
+                    missing.push(format!("{id}: replica1 {on_a:?}, replica2 {on_b:?}"));
+                }
+                panic!(
+                    "results keep coming after the resume: none for 120 s with {} of {total} seen, resumed after {last}; missing (up to 5): {missing:#?}",
+                    seen.len()
+                );
+            };
             seen.push((
                 it.seq,
                 it.data["id"].as_str().unwrap_or_default().to_string(),
