@@ -237,17 +237,7 @@ impl CmdLog {
                 .open(&path)
                 .map_err(io_err("open", &path))?;
             let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
-            inner.segments.insert(
-                n,
-                Segment {
-                    file: Arc::new(file),
-                    path: path.clone(),
-                    len: 0,
-                    records: 0,
-                    live: 0,
-                    live_bytes: 0,
-                },
-            );
+            inner.segments.insert(n, Segment::new(file, path.clone()));
             let mut off = 0usize;
             while off < bytes.len() {
                 if let Some((what, torn)) = damage(&bytes, off) {
@@ -292,17 +282,7 @@ impl CmdLog {
                 .create_new(true)
                 .open(&path)
                 .map_err(io_err("create", &path))?;
-            inner.segments.insert(
-                1,
-                Segment {
-                    file: Arc::new(file),
-                    path,
-                    len: 0,
-                    records: 0,
-                    live: 0,
-                    live_bytes: 0,
-                },
-            );
+            inner.segments.insert(1, Segment::new(file, path));
             inner.current = 1;
             inner.dir_unsynced = true;
         }
@@ -341,17 +321,7 @@ impl CmdLog {
             .truncate(true)
             .open(&path)
             .map_err(io_err("create", &path))?;
-        inner.segments.insert(
-            n + 1,
-            Segment {
-                file: Arc::new(file),
-                path,
-                len: 0,
-                records: 0,
-                live: 0,
-                live_bytes: 0,
-            },
-        );
+        inner.segments.insert(n + 1, Segment::new(file, path));
         inner.current = n + 1;
         inner.on_file = 0;
         inner.dir_unsynced = true;
@@ -713,6 +683,20 @@ impl CmdLog {
     /// Segment files on disk (for tests and the size of the data directory).
     pub fn segments(&self) -> usize {
         self.lock().segments.len()
+    }
+}
+
+impl Segment {
+    /// A segment's bookkeeping before any of its records is counted.
+    fn new(file: File, path: PathBuf) -> Segment {
+        Segment {
+            file: Arc::new(file),
+            path,
+            len: 0,
+            records: 0,
+            live: 0,
+            live_bytes: 0,
+        }
     }
 }
 
