@@ -57,7 +57,6 @@ pub struct Replica {
 /// How long a starting replica waits for the cluster's quorum.
 pub const OPEN_WITHIN: Duration = Duration::from_secs(60);
 
-/// Key (in the store's default tree) of the last operation applied.
 /// How long the cluster's log may pause before what was applied is flushed, and how long it
 /// may go unflushed while operations keep coming.
 const FLUSH_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
