@@ -106,6 +106,8 @@ pub enum StoreError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("the command log: {0}")]
+    CommandLog(#[from] pcg_durable::seglog::LogError),
     #[error("corrupt record in tree {tree}: {message}")]
     Corrupt { tree: &'static str, message: String },
     /// A replica's feed takes its numbers from the cluster's log only.
@@ -512,19 +514,14 @@ impl Store {
         move || {
             let through = applied.load(std::sync::atomic::Ordering::Acquire);
             db.flush()?;
-            log.sync().map_err(|e| match e {
-                StoreError::Log {
-                    action,
-                    path,
-                    source,
-                } => sled::Error::Io(std::io::Error::new(
-                    source.kind(),
-                    format!(
-                        "cannot {action} the command log at {}: {source}",
-                        path.display()
-                    ),
-                )),
-                e => sled::Error::Io(std::io::Error::other(e.to_string())),
+            log.sync().map_err(|e| {
+                let kind = match &e {
+                    StoreError::CommandLog(pcg_durable::seglog::LogError::Io { source, .. }) => {
+                        source.kind()
+                    }
+                    _ => std::io::ErrorKind::Other,
+                };
+                sled::Error::Io(std::io::Error::new(kind, e.to_string()))
             })?;
             if through > recorded {
                 db.insert(APPLIED_KEY, &through.to_be_bytes())?;

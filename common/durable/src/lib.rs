@@ -8,9 +8,11 @@
 //! time avoids it, and batching the waiters keeps throughput. The thread is a [`Batches`], which
 //! serves any such group commit.
 //!
-//! [`fs`] keeps data directories owner-only.
+//! [`fs`] keeps data directories owner-only; [`seglog`] is an append-only log of records in
+//! segment files, indexed in memory by its owner.
 
 pub mod fs;
+pub mod seglog;
 
 use std::sync::mpsc;
 use std::thread;
@@ -70,11 +72,23 @@ impl<T: Send + 'static, R: Clone + Send + 'static> Batches<T, R> {
     }
 }
 
-/// Handle to the flusher thread of one sled database. Cloning shares the thread.
-#[derive(Clone)]
-pub struct GroupCommit {
-    flusher: Batches<(), Result<(), sled::Error>>,
+/// Handle to the flusher thread of one store: sled's flush by default, or whatever the store
+/// makes durable with it (`E`: what a flush fails with, cloned for every waiter). Cloning shares
+/// the thread.
+pub struct GroupCommit<E = sled::Error> {
+    flusher: Batches<(), Result<(), E>>,
     flushes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stopped: fn() -> E,
+}
+
+impl<E> Clone for GroupCommit<E> {
+    fn clone(&self) -> Self {
+        GroupCommit {
+            flusher: self.flusher.clone(),
+            flushes: self.flushes.clone(),
+            stopped: self.stopped,
+        }
+    }
 }
 
 impl GroupCommit {
@@ -85,9 +99,20 @@ impl GroupCommit {
 
     /// The same around a flush of its own (sled's and whatever is kept beside it, in the order
     /// their records depend on each other).
-    pub fn with(
-        mut flush: impl FnMut() -> Result<(), sled::Error> + Send + 'static,
-    ) -> GroupCommit {
+    pub fn with(flush: impl FnMut() -> Result<(), sled::Error> + Send + 'static) -> GroupCommit {
+        GroupCommit::with_error(flush, || {
+            sled::Error::ReportableBug("the sled flusher thread has stopped".into())
+        })
+    }
+}
+
+impl<E: Clone + Send + 'static> GroupCommit<E> {
+    /// A flush that fails with `E`; `stopped` is the error of a flush asked of a thread that
+    /// has stopped.
+    pub fn with_error(
+        mut flush: impl FnMut() -> Result<(), E> + Send + 'static,
+        stopped: fn() -> E,
+    ) -> GroupCommit<E> {
         let flushes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = flushes.clone();
         let flusher = Batches::start("pcg-flush", move |_: &[()]| {
@@ -95,7 +120,11 @@ impl GroupCommit {
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             r
         });
-        GroupCommit { flusher, flushes }
+        GroupCommit {
+            flusher,
+            flushes,
+            stopped,
+        }
     }
 
     /// Synchronous flushes done so far (each may have served many waiters).
@@ -104,20 +133,19 @@ impl GroupCommit {
     }
 
     /// Waits until everything written before this call is durable.
-    pub async fn flush(&self) -> Result<(), sled::Error> {
-        self.flusher.ask(()).await.unwrap_or_else(|| Err(closed()))
+    pub async fn flush(&self) -> Result<(), E> {
+        self.flusher
+            .ask(())
+            .await
+            .unwrap_or_else(|| Err((self.stopped)()))
     }
 
     /// Blocking variant, for code outside an async runtime.
-    pub fn flush_blocking(&self) -> Result<(), sled::Error> {
+    pub fn flush_blocking(&self) -> Result<(), E> {
         self.flusher
             .ask_blocking(())
-            .unwrap_or_else(|| Err(closed()))
+            .unwrap_or_else(|| Err((self.stopped)()))
     }
-}
-
-fn closed() -> sled::Error {
-    sled::Error::ReportableBug("the sled flusher thread has stopped".into())
 }
 
 #[cfg(test)]

@@ -1,11 +1,11 @@
-//! Commands as an append-only log, their indexes in memory.
+//! Commands as an append-only log ([`pcg_durable::seglog`]), their indexes in memory.
 //!
-//! Every change to a command appends its whole record (`put`) to the log's current segment;
-//! retention appends the ids it drops (`forget`). Nothing is rewritten in place. Memory holds,
-//! per command, where its latest record is, the keys of its two indexes (a tenant's commands
-//! newest first; the commands still waiting for a result, in the order they were queued) and
-//! its entries in its tenant's feed: about 400 bytes, not the record. Opening the log reads
-//! every segment once to rebuild them.
+//! Every change to a command appends its whole record (`put`) to the log; retention appends
+//! the ids it drops (`forget`). Nothing is rewritten in place. Memory holds, per command, where
+//! its latest record is, the keys of its two indexes (a tenant's commands newest first; the
+//! commands still waiting for a result, in the order they were queued) and its entries in its
+//! tenant's feed: about 400 bytes, not the record. Opening the log reads every segment once to
+//! rebuild them.
 //!
 //! Why not sled, as the rest of the store: a command touched eight sled keys on one node (its
 //! record twice, the pending and tenant indexes, two feed entries, the lookups), and sled's cost
@@ -13,40 +13,24 @@
 //! largest single share of pcg-saas's CPU per command (BENCHMARKS.md, "Commands as an
 //! append-only log").
 //!
-//! On disk: `cmdlog/NNNNNNNN.log` segments of about [`SEGMENT_BYTES`] each, a frame per record:
-//! its length (u32, little endian), the CRC-32 of its payload (u32), the payload (JSON).
-//!
-//! Appends stay in memory (the current segment's tail) until [`CmdLog::sync`], which the
-//! store's group commit calls after sled's flush: what sled holds that a command depends on (an
-//! idempotency key's claim) is never behind the command. A sync writes the tail, syncs the file,
-//! and closes the segment once it is full: the next one is created only after it is synced, so
-//! only the last segment can end in a write a power loss interrupted. Such an end (a record cut
-//! short, or zeros where the file grew) is cut off when the log opens; a damaged record anywhere
-//! else is an error that names the file and the offset. A sync that fails leaves the log
-//! refusing every later sync: what the kernel dropped after a failed `fdatasync` cannot be told
-//! apart from what it kept.
-//!
-//! Segments are deleted from the oldest only, so a `forget` is never deleted before the records
-//! it forgets, and never before everything written is synced: the oldest segment goes once
-//! nothing in it is live; when no more than a quarter of its records are live (commands still
-//! pending or kept by retention), or the whole log holds more than twice what is live, its live
-//! records are copied forward first.
+//! On disk: `cmdlog/NNNNNNNN.log` segments (frames, torn ends, failed syncs and the deletion
+//! of old segments: [`pcg_durable::seglog`]). Appends stay in memory until [`CmdLog::sync`],
+//! which the store's group commit calls after sled's flush: what sled holds that a command
+//! depends on (an idempotency key's claim) is never behind the command. A record is live while
+//! it is its command's latest and the command is kept (pending, or kept by retention).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::{File, OpenOptions};
 use std::ops::Bound;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::Path;
 
+use pcg_durable::seglog::{self, Loc, Log, Segments};
 use serde::{Deserialize, Serialize};
 
 use super::feed::{Entry, Topic};
 use super::{Command, StoreError};
 
 /// Size past which a sync closes the segment and begins the next.
-pub const SEGMENT_BYTES: u64 = 64 << 20;
-const HEADER: usize = 8;
+pub const SEGMENT_BYTES: u64 = seglog::SEGMENT_BYTES;
 /// A range of the tenant index.
 type KeyRange = (Bound<Box<[u8]>>, Bound<Box<[u8]>>);
 /// Ids per `forget` record.
@@ -68,9 +52,7 @@ enum Rec {
 
 /// Where a command's latest record is, and its index keys.
 struct Slot {
-    seg: u32,
-    off: u64,
-    len: u32,
+    at: Loc,
     terminal: bool,
     tenant_key: Box<[u8]>,
     pending_key: Box<[u8]>,
@@ -83,63 +65,20 @@ struct FeedRef {
     id: Box<str>,
 }
 
-struct Segment {
-    file: Arc<File>,
-    path: PathBuf,
-    /// Bytes appended (the current segment's include its tail).
-    len: u64,
-    /// Records in it; how many of them are their command's latest, and their bytes.
-    records: u64,
-    live: u64,
-    live_bytes: u64,
-}
-
-struct Inner {
+/// The log's index: every command's latest record, by id, by tenant, pending, in the feed.
+#[derive(Default)]
+struct Commands {
     by_id: HashMap<String, Slot>,
     by_tenant: BTreeSet<Box<[u8]>>,
     pending: BTreeMap<Box<[u8]>, String>,
     /// Per tenant, the feed entries of its commands by sequence number (kept until the feed's
     /// retention drops them: [`CmdLog::prune_feed`]).
     feed: HashMap<Box<str>, BTreeMap<u64, FeedRef>>,
-    segments: BTreeMap<u32, Segment>,
-    current: u32,
-    /// A new segment's directory entry not yet made durable.
-    dir_unsynced: bool,
-    /// Appends so far, and how many of them the last sync covered.
-    appended: u64,
-    synced: u64,
-    /// The current segment's bytes not yet written to its file, and how many its file holds.
-    tail: Vec<u8>,
-    on_file: u64,
-    /// Set by a sync that failed: every later one refuses.
-    failed: Option<String>,
 }
 
 /// The commands' log (one per store).
 pub struct CmdLog {
-    dir: PathBuf,
-    segment_bytes: u64,
-    inner: Mutex<Inner>,
-    syncing: Mutex<()>,
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
-    let path = path.to_path_buf();
-    move |source| StoreError::Log {
-        action,
-        path,
-        source,
-    }
-}
-
-fn corrupt(path: &Path, off: u64, what: &str) -> StoreError {
-    StoreError::Corrupt {
-        tree: "commands",
-        message: format!(
-            "{}: {what} at byte {off}; restore the data directory from a backup, or cut the file there (truncate -s {off} FILE) to start without the records after it",
-            path.display()
-        ),
-    }
+    log: Log<Commands>,
 }
 
 /// `tenant \0 (u64::MAX - submitted_ms) \0 id`: a tenant's commands, newest first.
@@ -152,43 +91,35 @@ pub fn tenant_key(tenant_id: &str, submitted_ms: i64, id: &str) -> Vec<u8> {
     k
 }
 
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(HEADER + payload.len());
-    f.extend_from_slice(
-        &u32::try_from(payload.len())
-            .unwrap_or(u32::MAX)
-            .to_le_bytes(),
-    );
-    f.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    f.extend_from_slice(payload);
-    f
-}
+impl seglog::Index for Commands {
+    type Key = String;
 
-fn segment_name(n: u32) -> String {
-    format!("{n:08}.log")
-}
+    fn replay(&mut self, segs: &mut Segments, at: Loc, payload: &[u8]) -> Result<(), String> {
+        match serde_json::from_slice::<Rec>(payload) {
+            Ok(Rec::Put(c)) => self.index(segs, &c, at),
+            Ok(Rec::Forget(ids)) => {
+                for id in ids {
+                    self.forget(segs, &id);
+                }
+            }
+            Err(_) => return Err("an unreadable record".into()),
+        }
+        Ok(())
+    }
 
-/// What is wrong with the frame at `off` of `bytes`, if anything, and whether it is the end a
-/// write a power loss interrupted leaves (the frame runs past the end of the file, or
-/// everything from it on is zeros: a file that grew before its data was written).
-fn damage(bytes: &[u8], off: usize) -> Option<(&'static str, bool)> {
-    let Some(head) = bytes.get(off..off + HEADER) else {
-        return Some(("a record cut short", true));
-    };
-    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
-    if len == 0 {
-        // No record is empty; zeros pass the checksum (an empty payload's is 0).
-        return Some(("an empty record", bytes[off..].iter().all(|b| *b == 0)));
+    fn live_in(&self, seg: u32) -> Vec<(String, Loc)> {
+        self.by_id
+            .iter()
+            .filter(|(_, s)| s.at.seg == seg)
+            .map(|(id, s)| (id.clone(), s.at))
+            .collect()
     }
-    let Some(payload) = bytes.get(off + HEADER..off + HEADER + len) else {
-        return Some(("a record cut short", true));
-    };
-    if crc32fast::hash(payload) != crc {
-        let torn = bytes[off..].iter().all(|b| *b == 0);
-        return Some(("a damaged record (checksum)", torn));
+
+    fn moved(&mut self, id: &String, to: Loc) {
+        if let Some(s) = self.by_id.get_mut(id) {
+            s.at = to;
+        }
     }
-    None
 }
 
 impl CmdLog {
@@ -198,163 +129,8 @@ impl CmdLog {
     }
 
     pub(crate) fn open_sized(dir: &Path, segment_bytes: u64) -> Result<CmdLog, StoreError> {
-        pcg_durable::fs::private_dir(dir).map_err(io_err("create", dir))?;
-        let mut numbers = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(io_err("read", dir))? {
-            let entry = entry.map_err(io_err("read", dir))?;
-            let name = entry.file_name();
-            let Some(n) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".log"))
-                .filter(|n| n.len() == 8)
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            numbers.push(n);
-        }
-        numbers.sort_unstable();
-        let mut inner = Inner {
-            by_id: HashMap::new(),
-            by_tenant: BTreeSet::new(),
-            pending: BTreeMap::new(),
-            feed: HashMap::new(),
-            segments: BTreeMap::new(),
-            current: 0,
-            dir_unsynced: false,
-            appended: 0,
-            synced: 0,
-            tail: Vec::new(),
-            on_file: 0,
-            failed: None,
-        };
-        let last = numbers.last().copied();
-        for n in numbers {
-            let path = dir.join(segment_name(n));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(io_err("open", &path))?;
-            let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
-            inner.segments.insert(n, Segment::new(file, path.clone()));
-            let mut off = 0usize;
-            while off < bytes.len() {
-                if let Some((what, torn)) = damage(&bytes, off) {
-                    if !torn || Some(n) != last {
-                        return Err(corrupt(&path, off as u64, what));
-                    }
-                    tracing::warn!(
-                        path = %path.display(),
-                        offset = off,
-                        "the command log ends in {what}, a write a stop interrupted before it was durable: cut off there"
-                    );
-                    let seg = inner.segment(n);
-                    seg.file
-                        .set_len(off as u64)
-                        .and_then(|_| seg.file.sync_data())
-                        .map_err(io_err("truncate", &path))?;
-                    break;
-                }
-                let len = u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes"));
-                let payload = &bytes[off + HEADER..off + HEADER + len as usize];
-                match serde_json::from_slice::<Rec>(payload) {
-                    Ok(Rec::Put(c)) => inner.index(&c, n, off as u64, len),
-                    Ok(Rec::Forget(ids)) => {
-                        for id in ids {
-                            inner.forget(&id);
-                        }
-                    }
-                    Err(_) => return Err(corrupt(&path, off as u64, "an unreadable record")),
-                }
-                inner.segment(n).records += 1;
-                off += HEADER + len as usize;
-            }
-            inner.segment(n).len = off as u64;
-            inner.current = n;
-            inner.on_file = off as u64;
-        }
-        if last.is_none() {
-            let path = dir.join(segment_name(1));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(io_err("create", &path))?;
-            inner.segments.insert(1, Segment::new(file, path));
-            inner.current = 1;
-            inner.dir_unsynced = true;
-        }
-        Ok(CmdLog {
-            dir: dir.to_path_buf(),
-            segment_bytes,
-            inner: Mutex::new(inner),
-            syncing: Mutex::new(()),
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .expect("the command log's lock is never poisoned")
-    }
-
-    /// Closes the current segment once it is full: syncs it (with what was appended since the
-    /// sync that found it full), then begins the next. A failure leaves the current segment
-    /// open, to be closed by a later sync.
-    fn rotate_if_full(&self, inner: &mut Inner) -> Result<(), StoreError> {
-        let n = inner.current;
-        if inner.segment(n).len < self.segment_bytes {
-            return Ok(());
-        }
-        Self::write_out(inner)?;
-        let seg = inner.segment(n);
-        seg.file.sync_data().map_err(io_err("sync", &seg.path))?;
-        let path = self.dir.join(segment_name(n + 1));
-        // Nothing else makes files with numbers past the current one: one left by a rotation
-        // that failed part way holds nothing.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(io_err("create", &path))?;
-        inner.segments.insert(n + 1, Segment::new(file, path));
-        inner.current = n + 1;
-        inner.on_file = 0;
-        inner.dir_unsynced = true;
-        Ok(())
-    }
-
-    /// Writes the current segment's tail to its file. A write that fails part way is written
-    /// over by the next attempt, which starts where the file's good bytes end.
-    fn write_out(inner: &mut Inner) -> Result<(), StoreError> {
-        if inner.tail.is_empty() {
-            return Ok(());
-        }
-        let n = inner.current;
-        let at = inner.on_file;
-        let seg = inner.segments.get(&n).expect("the current segment is open");
-        seg.file
-            .write_all_at(&inner.tail, at)
-            .map_err(io_err("write", &seg.path))?;
-        inner.on_file += inner.tail.len() as u64;
-        inner.tail.clear();
-        Ok(())
-    }
-
-    /// Appends a framed payload to the current segment's tail; returns where it went.
-    fn append(inner: &mut Inner, framed: &[u8]) -> (u32, u64) {
-        let n = inner.current;
-        let seg = inner.segment(n);
-        let off = seg.len;
-        seg.len += framed.len() as u64;
-        seg.records += 1;
-        inner.tail.extend_from_slice(framed);
-        inner.appended += 1;
-        (n, off)
+        let log = Log::open(dir, segment_bytes, "pcg-saas", Commands::default())?;
+        Ok(CmdLog { log })
     }
 
     /// Writes `c` as its command's latest record (not yet written to disk: [`CmdLog::sync`]).
@@ -362,77 +138,63 @@ impl CmdLog {
     /// written.
     pub fn put(&self, c: &Command) -> Result<bool, StoreError> {
         let payload = serde_json::to_vec(&RecRef::Put(c)).expect("records serialise");
-        let framed = frame(&payload);
-        let mut inner = self.lock();
-        if !c.state.is_terminal() && inner.by_id.get(&c.id).is_some_and(|s| s.terminal) {
+        let mut st = self.log.lock();
+        let st = &mut *st;
+        if !c.state.is_terminal() && st.index.by_id.get(&c.id).is_some_and(|s| s.terminal) {
             return Ok(false);
         }
-        let (seg, off) = Self::append(&mut inner, &framed);
-        inner.index(c, seg, off, payload.len() as u32);
+        let at = st.segs.append(&payload);
+        st.index.index(&mut st.segs, c, at);
         Ok(true)
     }
 
     /// Whether a record of `id` is held.
     pub fn contains(&self, id: &str) -> bool {
-        self.lock().by_id.contains_key(id)
+        self.log.lock().index.by_id.contains_key(id)
     }
 
     /// Whether `id` is held and has not ended.
     pub fn is_pending(&self, id: &str) -> bool {
-        self.lock().by_id.get(id).is_some_and(|s| !s.terminal)
+        self.log
+            .lock()
+            .index
+            .by_id
+            .get(id)
+            .is_some_and(|s| !s.terminal)
     }
 
     /// Commands held (ended or not).
     pub fn count(&self) -> usize {
-        self.lock().by_id.len()
+        self.log.lock().index.by_id.len()
     }
 
     /// `id`'s latest record.
     pub fn get(&self, id: &str) -> Result<Option<Command>, StoreError> {
-        let (file, path, off, len) = {
-            let inner = self.lock();
-            let Some(s) = inner.by_id.get(id) else {
+        let (reader, at) = {
+            let st = self.log.lock();
+            let Some(s) = st.index.by_id.get(id) else {
                 return Ok(None);
             };
-            let seg = inner
-                .segments
-                .get(&s.seg)
-                .expect("a slot's segment is open");
-            if s.seg == inner.current && s.off >= inner.on_file {
-                // Still in the tail.
-                let from = (s.off - inner.on_file) as usize;
-                let payload = inner.tail[from + HEADER..from + HEADER + s.len as usize].to_vec();
-                let (path, off) = (seg.path.clone(), s.off);
-                drop(inner);
-                return Self::decode(&payload, &path, off).map(Some);
-            }
-            (seg.file.clone(), seg.path.clone(), s.off, s.len)
+            (st.segs.reader(s.at), s.at)
         };
-        let framed = Self::read_raw(&file, &path, off, len)?;
-        Self::decode(&framed[HEADER..], &path, off).map(Some)
-    }
-
-    fn read_raw(file: &File, path: &Path, off: u64, len: u32) -> Result<Vec<u8>, StoreError> {
-        let mut buf = vec![0u8; HEADER + len as usize];
-        file.read_exact_at(&mut buf, off)
-            .map_err(io_err("read", path))?;
-        let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
-        if crc32fast::hash(&buf[HEADER..]) != crc {
-            return Err(corrupt(path, off, "a damaged record (checksum)"));
-        }
-        Ok(buf)
-    }
-
-    fn decode(payload: &[u8], path: &Path, off: u64) -> Result<Command, StoreError> {
-        match serde_json::from_slice::<Rec>(payload) {
-            Ok(Rec::Put(c)) => Ok(*c),
-            _ => Err(corrupt(path, off, "not a command's record")),
+        let payload = reader.read()?;
+        match serde_json::from_slice::<Rec>(&payload) {
+            Ok(Rec::Put(c)) => Ok(Some(*c)),
+            _ => Err(StoreError::Corrupt {
+                tree: "commands",
+                message: format!(
+                    "{}: not a command's record at byte {} of segment {}",
+                    self.log.dir().display(),
+                    at.off,
+                    seglog::segment_name(at.seg)
+                ),
+            }),
         }
     }
 
     /// Every command still waiting for a result, in the order they were queued.
     pub fn pending(&self) -> Result<Vec<Command>, StoreError> {
-        let ids: Vec<String> = self.lock().pending.values().cloned().collect();
+        let ids: Vec<String> = self.log.lock().index.pending.values().cloned().collect();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(c) = self.get(&id)? {
@@ -467,7 +229,9 @@ impl CmdLog {
                 return None;
             }
             let keys: Vec<Box<[u8]>> = self
+                .log
                 .lock()
+                .index
                 .by_tenant
                 .range((from.clone(), to.clone()))
                 .take(256)
@@ -486,11 +250,11 @@ impl CmdLog {
     pub fn prune(&self, tenants: &[String], cutoff_ms: i64) -> Result<Vec<String>, StoreError> {
         let mut gone = Vec::new();
         {
-            let inner = self.lock();
+            let st = self.log.lock();
             for t in tenants {
                 let at_of = t.len() + 1;
                 // Oldest first: the index runs newest first.
-                for k in inner.by_tenant.range(Self::tenant_range(t)).rev() {
+                for k in st.index.by_tenant.range(Self::tenant_range(t)).rev() {
                     let at = k
                         .get(at_of..at_of + 8)
                         .and_then(|b| <[u8; 8]>::try_from(b).ok())
@@ -500,7 +264,7 @@ impl CmdLog {
                         break;
                     }
                     let id = String::from_utf8_lossy(&k[(at_of + 9).min(k.len())..]).into_owned();
-                    if inner.by_id.get(&id).is_some_and(|s| s.terminal) {
+                    if st.index.by_id.get(&id).is_some_and(|s| s.terminal) {
                         gone.push(id);
                     }
                 }
@@ -508,11 +272,11 @@ impl CmdLog {
         }
         for chunk in gone.chunks(FORGET_CHUNK) {
             let payload = serde_json::to_vec(&RecRef::Forget(chunk)).expect("records serialise");
-            let framed = frame(&payload);
-            let mut inner = self.lock();
-            Self::append(&mut inner, &framed);
+            let mut st = self.log.lock();
+            let st = &mut *st;
+            st.segs.append(&payload);
             for id in chunk {
-                inner.forget(id);
+                st.index.forget(&mut st.segs, id);
             }
         }
         self.compact()?;
@@ -520,108 +284,13 @@ impl CmdLog {
     }
 
     /// Deletes the oldest segments that hold nothing live, copying forward what little is.
-    /// Nothing is deleted before everything written so far is durable: the records that made a
-    /// deleted one stale (a command's end, its forgetting) must not be lost with it.
     pub fn compact(&self) -> Result<usize, StoreError> {
-        let mut deleted = 0;
-        loop {
-            let head = {
-                let mut inner = self.lock();
-                let Some((&head, seg)) = inner.segments.first_key_value() else {
-                    break;
-                };
-                if head == inner.current {
-                    break;
-                }
-                let (live, records) = (seg.live, seg.records);
-                let (file, path) = (seg.file.clone(), seg.path.clone());
-                if live > 0 {
-                    let (all, all_live) = inner
-                        .segments
-                        .values()
-                        .fold((0, 0), |(a, l), s| (a + s.len, l + s.live_bytes));
-                    if live * 4 > records && all_live * 2 >= all {
-                        break;
-                    }
-                    let moving: Vec<(String, u64, u32)> = inner
-                        .by_id
-                        .iter()
-                        .filter(|(_, s)| s.seg == head)
-                        .map(|(id, s)| (id.clone(), s.off, s.len))
-                        .collect();
-                    for (id, off, len) in moving {
-                        let framed = Self::read_raw(&file, &path, off, len)?;
-                        let (to, at) = Self::append(&mut inner, &framed);
-                        inner.moved(&id, to, at);
-                    }
-                }
-                head
-            };
-            self.sync()?;
-            let mut inner = self.lock();
-            // Only the current segment takes records: a closed one's live count cannot grow.
-            if inner.segments.first_key_value().map(|(&n, s)| (n, s.live)) != Some((head, 0))
-                || head == inner.current
-            {
-                break;
-            }
-            let seg = inner.segments.remove(&head).expect("the head segment");
-            std::fs::remove_file(&seg.path).map_err(io_err("delete", &seg.path))?;
-            inner.dir_unsynced = true;
-            deleted += 1;
-        }
-        if deleted > 0 {
-            self.sync()?;
-        }
-        Ok(deleted)
+        Ok(self.log.compact()?)
     }
 
     /// Makes everything appended before this call durable.
     pub fn sync(&self) -> Result<(), StoreError> {
-        // One at a time: a sync that finds nothing to do must not return while another one is
-        // still making the same appends durable.
-        let _one = self
-            .syncing
-            .lock()
-            .expect("the sync lock is never poisoned");
-        let (file, path, dir, upto) = {
-            let mut inner = self.lock();
-            if let Some(why) = &inner.failed {
-                return Err(StoreError::Log {
-                    action: "sync",
-                    path: self.dir.clone(),
-                    source: std::io::Error::other(format!(
-                        "an earlier sync failed ({why}), and what it held cannot be known to be on disk; restart pcg-saas"
-                    )),
-                });
-            }
-            if inner.appended == inner.synced && !inner.dir_unsynced {
-                return Ok(()); // nothing appended since the last sync
-            }
-            let upto = inner.appended;
-            Self::write_out(&mut inner)?;
-            let n = inner.current;
-            let dir = std::mem::take(&mut inner.dir_unsynced);
-            let seg = inner.segments.get(&n).expect("the current segment");
-            (seg.file.clone(), seg.path.clone(), dir, upto)
-        };
-        let mut done = file.sync_data().map_err(io_err("sync", &path));
-        if done.is_ok() && dir {
-            done = File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err("sync", &self.dir));
-        }
-        let mut inner = self.lock();
-        if let Err(e) = done {
-            inner.failed = Some(e.to_string());
-            return Err(e);
-        }
-        inner.synced = inner.synced.max(upto);
-        if let Err(e) = self.rotate_if_full(&mut inner) {
-            // The sync itself is done; the segment is closed by a later one.
-            tracing::warn!("cannot begin the command log's next segment: {e}");
-        }
-        Ok(())
+        Ok(self.log.sync()?)
     }
 
     /// `tenant_id`'s commands' feed entries after `after` up to `upto`, oldest first, at most
@@ -630,8 +299,8 @@ impl CmdLog {
         if after >= upto {
             return Vec::new();
         }
-        let inner = self.lock();
-        let Some(t) = inner.feed.get(tenant_id) else {
+        let st = self.log.lock();
+        let Some(t) = st.index.feed.get(tenant_id) else {
             return Vec::new();
         };
         t.range(after + 1..=upto)
@@ -652,8 +321,8 @@ impl CmdLog {
     /// Per tenant, the highest number of the feed entries older than `cutoff_ms` (what
     /// [`CmdLog::prune_feed`] would drop).
     pub fn feed_older_than(&self, cutoff_ms: i64) -> Vec<(String, u64)> {
-        let inner = self.lock();
-        inner
+        let st = self.log.lock();
+        st.index
             .feed
             .iter()
             .filter_map(|(tenant, entries)| {
@@ -669,9 +338,9 @@ impl CmdLog {
 
     /// Drops the feed entries older than `cutoff_ms`; returns how many.
     pub fn prune_feed(&self, cutoff_ms: i64) -> usize {
-        let mut inner = self.lock();
+        let mut st = self.log.lock();
         let mut n = 0;
-        inner.feed.retain(|_, entries| {
+        st.index.feed.retain(|_, entries| {
             let before = entries.len();
             entries.retain(|_, f| f.at_ms >= cutoff_ms);
             n += before - entries.len();
@@ -682,58 +351,24 @@ impl CmdLog {
 
     /// Segment files on disk (for tests and the size of the data directory).
     pub fn segments(&self) -> usize {
-        self.lock().segments.len()
+        self.log.lock().segs.count()
     }
 }
 
-impl Segment {
-    /// A segment's bookkeeping before any of its records is counted.
-    fn new(file: File, path: PathBuf) -> Segment {
-        Segment {
-            file: Arc::new(file),
-            path,
-            len: 0,
-            records: 0,
-            live: 0,
-            live_bytes: 0,
-        }
-    }
-}
-
-impl Inner {
-    fn segment(&mut self, n: u32) -> &mut Segment {
-        self.segments.get_mut(&n).expect("an open segment")
-    }
-
-    /// A record of `len` bytes at segment `seg` stops or starts being its command's latest.
-    fn count_live(&mut self, seg: u32, len: u32, live: bool) {
-        if let Some(s) = self.segments.get_mut(&seg) {
-            let bytes = HEADER as u64 + u64::from(len);
-            if live {
-                s.live += 1;
-                s.live_bytes += bytes;
-            } else {
-                s.live = s.live.saturating_sub(1);
-                s.live_bytes = s.live_bytes.saturating_sub(bytes);
-            }
-        }
-    }
-
-    /// Records that `c`'s latest record is `len` bytes at `off` of segment `seg`.
-    fn index(&mut self, c: &Command, seg: u32, off: u64, len: u32) {
+impl Commands {
+    /// Records that `c`'s latest record is at `at`.
+    fn index(&mut self, segs: &mut Segments, c: &Command, at: Loc) {
         let terminal = c.state.is_terminal();
         if let Some(old) = self.by_id.get_mut(&c.id) {
-            let (was, was_len) = (old.seg, old.len);
-            old.seg = seg;
-            old.off = off;
-            old.len = len;
+            let was = old.at;
+            old.at = at;
             let ended = terminal && !old.terminal;
             if ended {
                 let key = std::mem::take(&mut old.pending_key);
                 self.pending.remove(&key);
             }
             old.terminal |= terminal;
-            self.count_live(was, was_len, false);
+            segs.set_live(was, false);
             if ended {
                 self.feed_entry(c, true);
             }
@@ -754,16 +389,14 @@ impl Inner {
             self.by_id.insert(
                 c.id.clone(),
                 Slot {
-                    seg,
-                    off,
-                    len,
+                    at,
                     terminal,
                     tenant_key,
                     pending_key,
                 },
             );
         }
-        self.count_live(seg, len, true);
+        segs.set_live(at, true);
     }
 
     /// `c`'s `commands` entry (numbered by its queue key), or its `results` one (numbered by
@@ -802,19 +435,7 @@ impl Inner {
         }
     }
 
-    /// `id`'s record copied forward to `seg` at `off` (same length).
-    fn moved(&mut self, id: &str, seg: u32, off: u64) {
-        let Some(s) = self.by_id.get_mut(id) else {
-            return;
-        };
-        let (was, len) = (s.seg, s.len);
-        s.seg = seg;
-        s.off = off;
-        self.count_live(was, len, false);
-        self.count_live(seg, len, true);
-    }
-
-    fn forget(&mut self, id: &str) {
+    fn forget(&mut self, segs: &mut Segments, id: &str) {
         let Some(s) = self.by_id.remove(id) else {
             return;
         };
@@ -822,13 +443,16 @@ impl Inner {
         if !s.terminal {
             self.pending.remove(&s.pending_key);
         }
-        self.count_live(s.seg, s.len, false);
+        segs.set_live(s.at, false);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pcg_durable::seglog::segment_name;
+    /// A frame's header: length and checksum.
+    const HEADER: usize = 8;
     use crate::store::{CommandResult, CommandState};
 
     fn cmd(id: &str, tenant: &str, at: i64, seq: u64) -> Command {
