@@ -516,9 +516,9 @@ impl Store {
             db.flush()?;
             log.sync().map_err(|e| {
                 let kind = match &e {
-                    StoreError::CommandLog(pcg_durable::seglog::LogError::Io { source, .. }) => {
-                        source.kind()
-                    }
+                    StoreError::CommandLog(pcg_durable::seglog::LogError::Io {
+                        source, ..
+                    }) => source.kind(),
                     _ => std::io::ErrorKind::Other,
                 };
                 sled::Error::Io(std::io::Error::new(kind, e.to_string()))

@@ -191,7 +191,10 @@ impl Segments {
     /// What reads the record at `at` (from the tail now, or from its file once the lock is let
     /// go: a segment deleted meanwhile stays readable through the open file).
     pub fn reader(&self, at: Loc) -> Reader {
-        let seg = self.segments.get(&at.seg).expect("a record's segment is open");
+        let seg = self
+            .segments
+            .get(&at.seg)
+            .expect("a record's segment is open");
         if at.seg == self.current && at.off >= self.on_file {
             let from = (at.off - self.on_file) as usize + HEADER;
             return Reader::Tail(self.tail[from..from + at.len as usize].to_vec());
@@ -214,7 +217,10 @@ impl Segments {
         if self.tail.is_empty() {
             return Ok(());
         }
-        let seg = self.segments.get(&self.current).expect("the current segment");
+        let seg = self
+            .segments
+            .get(&self.current)
+            .expect("the current segment");
         seg.file
             .write_all_at(&self.tail, self.on_file)
             .map_err(io_err("write", &seg.path))?;
@@ -406,6 +412,20 @@ impl<I: Index> Log<I> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Refuses (with the error a sync would give) once a sync has failed: an owner that acts
+    /// on what it appends checks this before appending, since nothing appended after a failed
+    /// sync can become durable.
+    pub fn refuse_if_failed(&self, segs: &Segments) -> Result<(), LogError> {
+        match &segs.failed {
+            Some(why) => Err(LogError::Failed {
+                path: self.dir.clone(),
+                why: why.clone(),
+                service: self.service,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The log's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -446,21 +466,18 @@ impl<I: Index> Log<I> {
         let _one = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let (file, path, dir, upto) = {
             let mut st = self.lock();
+            self.refuse_if_failed(&st.segs)?;
             let segs = &mut st.segs;
-            if let Some(why) = &segs.failed {
-                return Err(LogError::Failed {
-                    path: self.dir.clone(),
-                    why: why.clone(),
-                    service: self.service,
-                });
-            }
             if segs.appended == segs.synced && !segs.dir_unsynced {
                 return Ok(()); // nothing appended since the last sync
             }
             let upto = segs.appended;
             segs.write_out()?;
             let dir = std::mem::take(&mut segs.dir_unsynced);
-            let seg = segs.segments.get(&segs.current).expect("the current segment");
+            let seg = segs
+                .segments
+                .get(&segs.current)
+                .expect("the current segment");
             (seg.file.clone(), seg.path.clone(), dir, upto)
         };
         let mut done = file.sync_data().map_err(io_err("sync", &path));
@@ -477,7 +494,10 @@ impl<I: Index> Log<I> {
         st.segs.synced = st.segs.synced.max(upto);
         if let Err(e) = self.rotate_if_full(&mut st.segs) {
             // The sync itself is done; the segment is closed by a later one.
-            tracing::warn!("cannot begin the log's next segment in {}: {e}", self.dir.display());
+            tracing::warn!(
+                "cannot begin the log's next segment in {}: {e}",
+                self.dir.display()
+            );
         }
         Ok(())
     }

@@ -407,29 +407,9 @@ pub fn on_command(
         deadline_ms: (cmd.deadline_unix_ms > 0).then_some(cmd.deadline_unix_ms),
     };
     match gw.store.begin(&entry)? {
-        None => {
-            // Counted as running from now on, so a redelivery that arrives before the entry is
-            // durable joins this execution instead of starting one.
-            gw.mark_running(&entry.id);
-            let (gw, failed) = (gw.clone(), journal_failed.clone());
-            // One tracked task waits for the entry to be durable and then runs the execution.
-            gw.exec_tasks.clone().spawn(async move {
-                if let Err(e) = gw.store.flush().await {
-                    gw.unmark_running(&entry.id);
-                    let _ = failed.try_send(format!("cannot journal command {}: {e}", entry.id));
-                    return;
-                }
-                if let Some(tx) = gw.outbound() {
-                    // Informational only: never wait for it.
-                    let _ = tx.try_send(GatewayFrame {
-                        kind: Some(GKind::Received(CommandReceived {
-                            command_id: entry.id.clone(),
-                        })),
-                    });
-                }
-                execution(gw, entry, false).await;
-            });
-        }
+        // Counted as running from now on, so a redelivery that arrives before the entry is
+        // durable joins this execution instead of starting one.
+        None => run_when_durable(gw, entry, false, journal_failed),
         Some(existing) => match existing.state {
             EntryState::Done => {
                 if let Some(r) = &existing.result {
@@ -438,9 +418,10 @@ pub fn on_command(
             }
             EntryState::Running => {
                 // Joins the execution under way; its result is sent when it ends. An entry
-                // running with no execution (a flush failed earlier) is resumed as recovered.
+                // running with no execution (its flush failed earlier) runs as recovered, once
+                // a flush has made it durable.
                 if !gw.is_running(&existing.id) {
-                    spawn_execution(gw.clone(), existing, true);
+                    run_when_durable(gw, existing, true, journal_failed);
                 }
             }
         },
@@ -448,9 +429,42 @@ pub fn on_command(
     Ok(())
 }
 
+/// Marks `entry` running, and in one tracked task waits for the journal to be durable, tells
+/// the broker it was received and executes it. When the flush fails the entry is unmarked and
+/// not executed, and `journal_failed` is told (the tunnel is closed; the broker delivers the
+/// command again later).
+fn run_when_durable(
+    gw: &Arc<Gateway>,
+    entry: JournalEntry,
+    recovered: bool,
+    journal_failed: &tokio::sync::mpsc::Sender<String>,
+) {
+    if !gw.mark_running(&entry.id) {
+        return;
+    }
+    let (gw, failed) = (gw.clone(), journal_failed.clone());
+    gw.exec_tasks.clone().spawn(async move {
+        if let Err(e) = gw.store.flush().await {
+            gw.unmark_running(&entry.id);
+            let _ = failed.try_send(format!("cannot journal command {}: {e}", entry.id));
+            return;
+        }
+        if let Some(tx) = gw.outbound() {
+            // Informational only: never wait for it.
+            let _ = tx.try_send(GatewayFrame {
+                kind: Some(GKind::Received(CommandReceived {
+                    command_id: entry.id.clone(),
+                })),
+            });
+        }
+        execution(gw, entry, recovered).await;
+    });
+}
+
 /// Seals, to this gateway's own key, any secret a payload carries in clear (the SaaS seals them
-/// before it stores anything; this covers a SaaS that did not), before the journal write: a sled
-/// store keeps old versions of a record on disk for a while, so sealing later would not be enough.
+/// before it stores anything; this covers a SaaS that did not), before the journal write: the
+/// journal is an append-only log, which keeps every record on disk until its segment is deleted,
+/// so sealing later would not be enough.
 /// Without a key to seal to, secrets are redacted (the command then fails instead of storing
 /// them).
 fn seal_clear_secrets(gw: &Gateway, payload: &mut Value) {

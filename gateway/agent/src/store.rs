@@ -4,28 +4,28 @@
 //! `endpoints`, credentials sealed like the private key), and the declared machines of the
 //! watch loop with its action journal and event outbox ([`machines`]).
 //!
-//! The journal is what makes commands take effect exactly once: an id is written (and flushed)
-//! before the gateway acts on it, its result is written (and flushed) before it is sent, and an
+//! The journal is what makes commands take effect exactly once: an id is written (and synced)
+//! before the gateway acts on it, its result is written (and synced) before it is sent, and an
 //! id that is already known is never executed again. The outbox is the done entries the broker
-//! has not acknowledged. The ids without an acknowledgement are kept in memory, with those of
-//! the entries still running (both found by one pass over the journal at open), so that neither
-//! the outbox nor the running entries need a read of the whole journal. Acknowledgements are
-//! gathered in memory and written as one record per batch in `acks` (the time, then the ids),
-//! at the next flush, pruning or close: a result costs one write, and its acknowledgement a
-//! share of one (an acknowledgement lost in a crash only sends its result once more, which the
-//! broker acknowledges again). Done entries are kept for `journal_retention_hours` after their
-//! acknowledgement so that a late redelivery still finds them; pruning walks the oldest batches
-//! and removes their entries, without reading the journal. (Earlier versions wrote one record
-//! per acknowledgement in `acked`, or the time inside the entry; both are still read.)
+//! has not acknowledged. The journal is an append-only log of its own (`journal/` beside the
+//! sled database: [`journal`]), indexed in memory: the entries still running and the outbox are
+//! known without a read, an entry costs one append, and acknowledgements are gathered in memory
+//! and appended as one batch at the next flush, pruning or close (an acknowledgement lost in a
+//! crash only sends its result once more, which the broker acknowledges again). Done entries
+//! are kept for `journal_retention_hours` after their acknowledgement so that a late
+//! redelivery still finds them; pruning forgets the entries of the oldest batches, and the
+//! log's old segments go once nothing in them is kept. A store written by an earlier version,
+//! which kept the journal in sled (trees `journal`, `acked`, `acks`, `outbox`), has it moved
+//! into the log at open.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ring::aead;
 use serde::{Deserialize, Serialize};
 
+mod journal;
 pub mod machines;
 
 pub fn now_ms() -> i64 {
@@ -38,7 +38,7 @@ pub fn now_ms() -> i64 {
     .unwrap_or(i64::MAX)
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("gateway store in {path}: {source}; check disk space and permissions of the data directory (is another pcg-gateway running on it?)")]
     Sled {
@@ -52,6 +52,10 @@ pub enum StoreError {
     Key { path: PathBuf, message: String },
     #[error("corrupt record {what} in the gateway store: {message}")]
     Corrupt { what: String, message: String },
+    #[error("the gateway's command journal: {0}")]
+    Journal(#[from] pcg_durable::seglog::LogError),
+    #[error("the gateway store's flusher thread has stopped (is pcg-gateway shutting down?)")]
+    Stopped,
 }
 
 /// Who this gateway is, as issued at pairing.
@@ -167,16 +171,10 @@ pub struct JournalEntry {
 
 pub struct Store {
     path: PathBuf,
-    commit: pcg_durable::GroupCommit,
+    commit: pcg_durable::GroupCommit<StoreError>,
     identity: sled::Tree,
-    journal: sled::Tree,
-    /// Acknowledgements, a batch per record, and those not written yet ([`Acks`]).
-    acks: Arc<Acks>,
-    /// When the broker acknowledged each result, one record per id (id → Unix ms, big-endian),
-    /// as earlier versions wrote them; pruning empties it.
-    acked: sled::Tree,
-    /// The ids of entries still running and of the outbox (done, not acknowledged).
-    ids: Mutex<Ids>,
+    /// The command journal and the outbox ([`journal`]).
+    journal: Arc<journal::Journal>,
     bmcs: sled::Tree,
     /// Operator settings kept in the store (the proxy URL, sealed: it may hold a password).
     settings: sled::Tree,
@@ -186,10 +184,6 @@ pub struct Store {
     watch_actions: sled::Tree,
     watch_events: sled::Tree,
     key: aead::LessSafeKey,
-    /// Entries in `journal`, counted once at open and kept by every write that adds or removes
-    /// one (sled's `len` reads the whole tree; status, metrics and health reports ask often,
-    /// and a journal keeps days of entries).
-    journal_count: AtomicUsize,
     /// Tests only: while a test holds it for writing, flushes wait (to show what does not wait
     /// for them).
     #[cfg(test)]
@@ -224,31 +218,34 @@ impl Store {
         }
         let key = load_or_create_key(&dir.join("secret.key"))?;
         let db = open_db(&path, wait)?;
-        let journal = db.open_tree("journal").map_err(sled_err)?;
-        let acked = db.open_tree("acked").map_err(sled_err)?;
-        let acks = Arc::new(Acks {
-            tree: db.open_tree("acks").map_err(sled_err)?,
-            db: db.clone(),
-            pending: Mutex::new(Vec::new()),
-        });
-        // The outbox of earlier versions (id → result), emptied into the journal.
-        migrate_outbox(&journal, &db.open_tree("outbox").map_err(sled_err)?).map_err(&sled_err)?;
-        let (journal_len, ids) = scan_journal(&journal, &acked, &acks).map_err(&sled_err)?;
-        // Every flush first writes the acknowledgements gathered since the last one.
+        let journal = Arc::new(journal::Journal::open(
+            &dir.join("journal"),
+            pcg_durable::seglog::SEGMENT_BYTES,
+        )?);
+        // The outbox of earlier versions (id → result), emptied into their journal, which is
+        // then moved into the log.
+        let legacy = db.open_tree("journal").map_err(sled_err)?;
+        migrate_outbox(&legacy, &db.open_tree("outbox").map_err(sled_err)?).map_err(&sled_err)?;
+        migrate_journal(&db, &path, &legacy, &journal)?;
+        // Every flush first appends the acknowledgements gathered since the last one; then
+        // sled's flush and the journal's sync.
         let commit = {
-            let acks = acks.clone();
-            pcg_durable::GroupCommit::with(move || {
-                acks.write()?;
-                acks.db.flush().map(|_| ())
-            })
+            let (journal, db, path) = (journal.clone(), db.clone(), path.clone());
+            pcg_durable::GroupCommit::with_error(
+                move || {
+                    journal.write_acks(now_ms());
+                    db.flush().map_err(|source| StoreError::Sled {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    Ok(journal.sync()?)
+                },
+                || StoreError::Stopped,
+            )
         };
         Ok(Store {
             identity: db.open_tree("identity").map_err(sled_err)?,
-            journal_count: AtomicUsize::new(journal_len),
-            ids: Mutex::new(ids),
             journal,
-            acks,
-            acked,
             bmcs: db.open_tree("bmcs").map_err(sled_err)?,
             settings: db.open_tree("settings").map_err(sled_err)?,
             endpoints: db.open_tree("endpoints").map_err(sled_err)?,
@@ -296,8 +293,7 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         #[cfg(test)]
         let _open = self.held_flushes.read().await;
-        self.commit.flush().await.map_err(self.err())?;
-        Ok(())
+        self.commit.flush().await
     }
 
     // --- identity ------------------------------------------------------------------------
@@ -483,79 +479,40 @@ impl Store {
     // --- journal and outbox -----------------------------------------------------------------
 
     pub fn entry(&self, id: &str) -> Result<Option<JournalEntry>, StoreError> {
-        self.read(&self.journal, id, || format!("journal entry {id}"))
+        self.journal.get(id)
     }
 
     /// Journals a new command: running, or already done (a command cancelled before it was
     /// delivered or run: its result is then in the outbox). Returns the existing entry instead
-    /// when the id is already known (atomically: two deliveries racing cannot both insert).
+    /// when the id is already known (atomically: two deliveries racing cannot both write).
     pub fn begin(&self, e: &JournalEntry) -> Result<Option<JournalEntry>, StoreError> {
-        let bytes = serde_json::to_vec(e).expect("entries serialise");
-        match self
-            .journal
-            .compare_and_swap(e.id.as_bytes(), None as Option<&[u8]>, Some(bytes))
-            .map_err(self.err())?
-        {
-            Ok(()) => {
-                self.journal_count.fetch_add(1, Ordering::Relaxed);
-                self.ids().note(e);
-                Ok(None)
-            }
-            Err(cas) => match cas.current {
-                Some(v) => {
-                    serde_json::from_slice(&v)
-                        .map(Some)
-                        .map_err(|err| StoreError::Corrupt {
-                            what: format!("journal entry {}", e.id),
-                            message: err.to_string(),
-                        })
-                }
-                None => Ok(None),
-            },
+        if self.journal.begin(e)? {
+            return Ok(None);
         }
-    }
-
-    fn ids(&self) -> std::sync::MutexGuard<'_, Ids> {
-        self.ids.lock().unwrap_or_else(|p| p.into_inner())
+        self.journal.get(&e.id)
     }
 
     /// Records a result: the journal entry (as journaled, in the caller's hands) becomes done
     /// and the result enters the outbox.
     pub fn finish(&self, e: &JournalEntry, result: &StoredResult) -> Result<(), StoreError> {
-        let done = JournalEntry {
+        self.journal.finish(&JournalEntry {
             state: EntryState::Done,
             result: Some(result.clone()),
             ..e.clone()
-        };
-        let before = self
-            .journal
-            .insert(
-                e.id.as_bytes(),
-                serde_json::to_vec(&done).expect("entries serialise"),
-            )
-            .map_err(self.err())?;
-        if before.is_none() {
-            self.journal_count.fetch_add(1, Ordering::Relaxed);
-        }
-        let mut ids = self.ids();
-        ids.running.remove(&e.id);
-        ids.unacked.insert(e.id.clone());
-        Ok(())
+        })
     }
 
     /// The broker stored the result: it leaves the outbox, and joins the acknowledgements
     /// written with the next flush as one batch (the entry itself is not rewritten). Not
     /// flushed: an acknowledgement lost in a crash only sends the result once more.
     pub fn ack(&self, id: &str) {
-        if self.ids().unacked.remove(id) {
-            self.acks.gather(id);
-        }
-        // Otherwise acknowledged before, or never in the outbox.
+        // Acknowledged before, or never in the outbox: nothing.
+        self.journal.ack(id);
     }
 
     /// The results waiting for an acknowledgement, in id order.
     pub fn outbox(&self) -> Result<Vec<(String, StoredResult)>, StoreError> {
-        let ids: Vec<String> = self.ids().unacked.iter().cloned().collect();
+        let ids = self.journal.unacked();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(r) = self.outbox_result(&id)? {
@@ -567,7 +524,7 @@ impl Store {
 
     /// The result of `id` waiting in the outbox, if it is still there (not acknowledged).
     pub fn outbox_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError> {
-        if !self.ids().unacked.contains(id) {
+        if !self.journal.is_unacked(id) {
             return Ok(None);
         }
         Ok(self.entry(id)?.and_then(|e| e.result))
@@ -575,18 +532,18 @@ impl Store {
 
     /// Results waiting in the outbox (kept in memory: no read of the store).
     pub fn outbox_depth(&self) -> usize {
-        self.ids().unacked.len()
+        self.journal.counts().1
     }
 
-    /// Entries in the journal (kept count: no read of the tree).
+    /// Entries in the journal (kept in memory: no read of the store).
     pub fn journal_len(&self) -> usize {
-        self.journal_count.load(Ordering::Relaxed)
+        self.journal.counts().0
     }
 
     /// Entries still running (after a crash: those whose execution must be resumed).
     /// (Kept in memory like the outbox: only those entries are read.)
     pub fn running(&self) -> Result<Vec<JournalEntry>, StoreError> {
-        let ids: Vec<String> = self.ids().running.iter().cloned().collect();
+        let ids = self.journal.running();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(e) = self.entry(&id)?.filter(|e| e.state == EntryState::Running) {
@@ -597,122 +554,23 @@ impl Store {
     }
 
     /// Forgets done entries acknowledged more than `retention_ms` ago; returns how many. Reads
-    /// the acknowledgement batches older than that (and the records of earlier versions), not
-    /// the journal.
+    /// the acknowledgement batches older than that, not the journal; the journal's segments
+    /// left with nothing kept are deleted.
     pub fn prune(&self, retention_ms: i64) -> Result<usize, StoreError> {
-        let cutoff = now_ms() - retention_ms;
-        self.acks.write().map_err(self.err())?;
-        let mut n = 0;
-        let mut forget = |id: &[u8]| -> Result<(), StoreError> {
-            if self.journal.remove(id).map_err(self.err())?.is_some() {
-                self.journal_count.fetch_sub(1, Ordering::Relaxed);
-                n += 1;
-            }
-            Ok(())
-        };
-        for kv in self.acks.tree.iter() {
-            let (k, v) = kv.map_err(self.err())?;
-            if Acks::batch_ms(&k) >= cutoff {
-                break; // batches are in time order
-            }
-            for id in Acks::ids(&v) {
-                forget(id.as_bytes())?;
-            }
-            self.acks.tree.remove(&k).map_err(self.err())?;
-        }
-        for kv in self.acked.iter() {
-            let (k, v) = kv.map_err(self.err())?;
-            let at = v
-                .as_ref()
-                .try_into()
-                .map(i64::from_be_bytes)
-                .unwrap_or(i64::MIN);
-            if at < cutoff {
-                forget(&k)?;
-                self.acked.remove(&k).map_err(self.err())?;
-            }
-        }
-        Ok(n)
-    }
-
-    /// Whether `id`'s result was acknowledged (written or not yet), for tests.
-    #[cfg(test)]
-    fn acknowledged(&self, id: &str) -> bool {
-        let batched = self
-            .acks
-            .tree
-            .iter()
-            .values()
-            .any(|v| Acks::ids(&v.expect("read")).iter().any(|i| i == id));
-        batched
-            || self.acks.lock().iter().any(|i| i == id)
-            || self.acked.contains_key(id).expect("read")
+        let now = now_ms();
+        self.journal.prune(now, now.saturating_sub(retention_ms))
     }
 }
 
 impl Drop for Store {
-    /// What was acknowledged since the last flush is written (sled flushes when it closes).
+    /// What was acknowledged since the last flush is written and synced.
     fn drop(&mut self) {
-        if let Err(e) = self.acks.write() {
+        self.journal.write_acks(now_ms());
+        if let Err(e) = self.journal.sync() {
             tracing::warn!(
                 "cannot write the last acknowledgements (their results will be sent again): {e}"
             );
         }
-    }
-}
-
-/// Acknowledgements of results, written in batches: one record per batch in the `acks` tree,
-/// keyed by the time it was written (Unix ms, big-endian) and a number sled hands out (unique
-/// over restarts), so that the tree is in time order; its value is the ids as a JSON array.
-struct Acks {
-    tree: sled::Tree,
-    db: sled::Db,
-    /// Acknowledged, not written yet.
-    pending: Mutex<Vec<String>>,
-}
-
-impl Acks {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn gather(&self, id: &str) {
-        self.lock().push(id.to_string());
-    }
-
-    /// Writes what was gathered as one batch (not flushed); on failure it stays gathered.
-    fn write(&self) -> Result<(), sled::Error> {
-        let ids = std::mem::take(&mut *self.lock());
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let r = self.db.generate_id().and_then(|n| {
-            let mut key = Vec::with_capacity(16);
-            key.extend_from_slice(&now_ms().to_be_bytes());
-            key.extend_from_slice(&n.to_be_bytes());
-            self.tree
-                .insert(key, serde_json::to_vec(&ids).expect("ids serialise"))
-                .map(|_| ())
-        });
-        if r.is_err() {
-            self.lock().extend(ids);
-        }
-        r
-    }
-
-    /// When a batch was written, from its key.
-    fn batch_ms(key: &[u8]) -> i64 {
-        key.get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map_or(i64::MIN, i64::from_be_bytes)
-    }
-
-    /// The ids of a batch (none if it does not decode: those results are sent again).
-    fn ids(value: &[u8]) -> Vec<String> {
-        serde_json::from_slice(value).unwrap_or_else(|e| {
-            tracing::warn!("an unreadable batch of acknowledgements, ignored: {e}");
-            Vec::new()
-        })
     }
 }
 
@@ -787,97 +645,82 @@ fn migrate_outbox(journal: &sled::Tree, legacy: &sled::Tree) -> Result<(), sled:
     Ok(())
 }
 
-/// The journal entries the store keeps track of in memory, by id.
-#[derive(Default)]
-struct Ids {
-    /// Entries still running (after a crash: those whose execution must be resumed).
-    running: BTreeSet<String>,
-    /// Done entries without an acknowledgement: the outbox.
-    unacked: BTreeSet<String>,
-}
-
-impl Ids {
-    /// A new entry, or one read at open: `acked_ms` is an earlier version's acknowledgement.
-    fn note(&mut self, e: &JournalEntry) {
-        self.note_state(&e.id, e.state, e.result.is_some(), e.acked_ms.is_some());
+/// Moves the journal an earlier version kept in sled (tree `journal`; its acknowledgements in
+/// `acks` as batches, in `acked` one record per id, or inside the entry) into the log: the
+/// entries the log lacks are appended, each acknowledgement joins a batch with its time, the
+/// log is synced, and only then are the trees emptied (a stop part way copies again at the next
+/// open: what the log holds is not appended twice).
+fn migrate_journal(
+    db: &sled::Db,
+    path: &Path,
+    legacy: &sled::Tree,
+    journal: &journal::Journal,
+) -> Result<(), StoreError> {
+    let err = |source| StoreError::Sled {
+        path: path.to_path_buf(),
+        source,
+    };
+    if legacy.is_empty() {
+        return Ok(());
     }
-
-    fn note_state(&mut self, id: &str, state: EntryState, has_result: bool, acked: bool) {
-        match state {
-            EntryState::Running => {
-                self.running.insert(id.to_string());
+    let acks = db.open_tree("acks").map_err(err)?;
+    let acked = db.open_tree("acked").map_err(err)?;
+    let mut when: Vec<(i64, String)> = Vec::new();
+    let mut seen = HashSet::new();
+    for kv in acks.iter() {
+        let (k, v) = kv.map_err(err)?;
+        let at = k
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, i64::from_be_bytes);
+        let ids: Vec<String> = serde_json::from_slice(&v).unwrap_or_else(|e| {
+            tracing::warn!("an unreadable batch of acknowledgements, ignored: {e}");
+            Vec::new()
+        });
+        for id in ids {
+            if seen.insert(id.clone()) {
+                when.push((at, id));
             }
-            EntryState::Done if has_result && !acked => {
-                self.unacked.insert(id.to_string());
-            }
-            EntryState::Done => {}
         }
     }
-}
-
-/// One pass over the journal at open: how many entries it holds, which are still running, and
-/// which done ones have no acknowledgement (the outbox). The journal and `acked` are both in id
-/// order, so they are read side by side; the ids of the batches in `acks` are gathered first;
-/// only an entry without an acknowledgement is decoded. An acknowledgement inside an entry (the
-/// oldest versions) becomes a record of `acked`, where pruning finds it.
-fn scan_journal(
-    journal: &sled::Tree,
-    acked: &sled::Tree,
-    acks: &Acks,
-) -> Result<(usize, Ids), sled::Error> {
-    /// The fields the scan needs (serde skips the rest).
-    #[derive(Deserialize)]
-    struct Head {
-        state: EntryState,
-        #[serde(default)]
-        result: Option<serde::de::IgnoredAny>,
-        #[serde(default)]
-        acked_ms: Option<i64>,
+    for kv in acked.iter() {
+        let (k, v) = kv.map_err(err)?;
+        let id = String::from_utf8_lossy(&k).into_owned();
+        let at = v.as_ref().try_into().map_or(0, i64::from_be_bytes);
+        if seen.insert(id.clone()) {
+            when.push((at, id));
+        }
     }
-    let mut batched = HashSet::new();
-    for v in acks.tree.iter().values() {
-        batched.extend(Acks::ids(&v?));
-    }
-    let mut n = 0;
-    let mut ids = Ids::default();
-    let mut acks = acked.iter().keys().peekable();
-    for kv in journal.iter() {
-        let (k, v) = kv?;
-        n += 1;
-        let mut has_ack = batched.contains(String::from_utf8_lossy(&k).as_ref());
-        while !has_ack {
-            match acks.peek() {
-                Some(Ok(a)) if a.as_ref() < k.as_ref() => {
-                    acks.next();
-                }
-                Some(Ok(a)) => {
-                    has_ack = a.as_ref() == k.as_ref();
-                    break;
-                }
-                Some(Err(_)) => {
-                    if let Some(Err(e)) = acks.next() {
-                        return Err(e);
+    let mut entries = Vec::new();
+    for kv in legacy.iter() {
+        let (k, v) = kv.map_err(err)?;
+        match serde_json::from_slice::<JournalEntry>(&v) {
+            Ok(e) => {
+                if let Some(at) = e.acked_ms {
+                    if seen.insert(e.id.clone()) {
+                        when.push((at, e.id.clone()));
                     }
                 }
-                None => break,
+                entries.push(e);
             }
-        }
-        if has_ack {
-            continue;
-        }
-        if let Ok(h) = serde_json::from_slice::<Head>(&v) {
-            if let Some(at) = h.acked_ms {
-                acked.insert(&k, &at.to_be_bytes()[..])?;
-            }
-            ids.note_state(
-                &String::from_utf8_lossy(&k),
-                h.state,
-                h.result.is_some(),
-                h.acked_ms.is_some(),
-            );
+            Err(e) => tracing::error!(
+                command = %String::from_utf8_lossy(&k),
+                "a journal entry of an earlier version is unreadable, dropped: {e}"
+            ),
         }
     }
-    Ok((n, ids))
+    let moved = entries.len();
+    journal.import(entries, when);
+    journal.sync()?;
+    for t in [legacy, &acks, &acked] {
+        t.clear().map_err(err)?;
+    }
+    db.flush().map_err(err)?;
+    tracing::info!(
+        entries = moved,
+        "the command journal moved from sled into its log"
+    );
+    Ok(())
 }
 
 fn load_or_create_key(path: &Path) -> Result<aead::LessSafeKey, StoreError> {
@@ -989,7 +832,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let at = now_ms() - 1_000;
         {
-            let s = Store::open(dir.path()).expect("open");
+            // As those versions wrote them, in sled.
+            let db = sled::open(dir.path().join("db")).expect("sled");
+            let journal = db.open_tree("journal").expect("journal");
+            let acked = db.open_tree("acked").expect("acked");
+            let acks = db.open_tree("acks").expect("acks");
             let mut b = entry("b");
             b.state = EntryState::Done;
             b.result = Some(done_ok());
@@ -998,12 +845,19 @@ mod tests {
             c.acked_ms = Some(at);
             let mut d = b.clone();
             d.id = "d".into();
-            for e in [&b, &c, &d] {
-                s.journal
-                    .insert(e.id.as_bytes(), serde_json::to_vec(e).expect("json"))
+            let mut e = b.clone();
+            e.id = "e".into();
+            for x in [&b, &c, &d, &e] {
+                journal
+                    .insert(x.id.as_bytes(), serde_json::to_vec(x).expect("json"))
                     .expect("insert");
             }
-            s.acked.insert("b", &at.to_be_bytes()[..]).expect("insert");
+            acked.insert("b", &at.to_be_bytes()[..]).expect("insert");
+            let mut key = at.to_be_bytes().to_vec();
+            key.extend_from_slice(&1u64.to_be_bytes());
+            acks.insert(key, serde_json::to_vec(&["e"]).expect("json"))
+                .expect("insert");
+            db.flush().expect("flush");
         }
         let s = Store::open(dir.path()).expect("reopen");
         let outbox = outbox_ids(&s);
@@ -1013,14 +867,24 @@ mod tests {
             0,
             "acknowledged a second ago"
         );
-        assert_eq!(s.prune(0).expect("prune"), 2);
-        assert!(s.entry("b").expect("get").is_none());
-        assert!(s.entry("c").expect("get").is_none());
+        assert_eq!(s.prune(0).expect("prune"), 3);
+        for id in ["b", "c", "e"] {
+            assert!(s.entry(id).expect("get").is_none(), "{id}");
+        }
         assert!(
             s.entry("d").expect("get").is_some(),
             "not acknowledged: kept"
         );
-        assert!(s.acked.is_empty());
+        drop(s);
+        // Reopened, the log holds the same; the trees of sled were emptied.
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(outbox_ids(&s), ["d"]);
+        assert_eq!(s.journal_len(), 1);
+        drop(s);
+        let db = open_db(&dir.path().join("db"), std::time::Duration::from_secs(30)).expect("db");
+        for t in ["journal", "acked", "acks"] {
+            assert!(db.open_tree(t).expect("tree").is_empty(), "{t} emptied");
+        }
     }
 
     /// Acknowledgements are written as one batch by the next flush, or when the store closes;
@@ -1037,18 +901,19 @@ mod tests {
             }
             s.ack("a");
             s.ack("b");
-            assert!(s.acks.tree.is_empty(), "gathered, not written");
+            assert_eq!(s.journal.batches(), 0, "gathered, not written");
+            assert_eq!(s.journal.gathered(), 2);
             s.flush().await.expect("flush");
-            assert_eq!(s.acks.tree.len(), 1, "one batch");
-            assert!(s.acks.lock().is_empty());
+            assert_eq!(s.journal.batches(), 1, "one batch");
+            assert_eq!(s.journal.gathered(), 0);
             s.ack("c");
         }
         let s = Store::open(dir.path()).expect("reopen");
-        assert_eq!(s.acks.tree.len(), 2, "the close wrote the last one");
+        assert_eq!(s.journal.batches(), 2, "the close wrote the last one");
         let outbox = outbox_ids(&s);
         assert_eq!(outbox, ["d"]);
         assert_eq!(s.prune(-1).expect("prune"), 3);
-        assert!(s.acks.tree.is_empty());
+        assert_eq!(s.journal.batches(), 0);
         assert_eq!(s.journal_len(), 1);
     }
 
@@ -1060,18 +925,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let r = done_ok();
         let counted = |s: &Store| {
-            assert_eq!(s.journal_len(), s.journal.len(), "journal");
-            // The outbox and the running entries by their definitions, the journal read whole:
+            // The outbox and the running entries by their definitions, every entry read:
             // done entries with no acknowledgement, and entries still running.
-            let entries: Vec<JournalEntry> = s
-                .journal
-                .iter()
-                .values()
-                .map(|v| serde_json::from_slice(&v.expect("read")).expect("entry"))
+            let entries: Vec<JournalEntry> = ["a", "b", "c", "d", "unknown"]
+                .into_iter()
+                .filter_map(|id| s.entry(id).expect("read"))
                 .collect();
+            assert_eq!(s.journal_len(), entries.len(), "journal");
             let unacked = entries
                 .iter()
-                .filter(|e| e.state == EntryState::Done && !s.acknowledged(&e.id))
+                .filter(|e| e.state == EntryState::Done && !s.journal.acknowledged(&e.id))
                 .count();
             assert_eq!(s.outbox_depth(), unacked, "outbox");
             assert_eq!(s.outbox().expect("outbox").len(), unacked, "outbox results");
@@ -1185,10 +1048,9 @@ mod tests {
         }
         // The store's flusher thread lets go of the database a moment after the store.
         let db = open_db(&dir.path().join("db"), std::time::Duration::from_secs(30)).expect("db");
-        assert!(
-            db.open_tree("outbox").expect("outbox").is_empty(),
-            "emptied"
-        );
+        for t in ["outbox", "journal", "acked"] {
+            assert!(db.open_tree(t).expect("tree").is_empty(), "{t} emptied");
+        }
     }
 
     #[test]
