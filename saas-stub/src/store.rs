@@ -96,7 +96,8 @@ fn ct_eq(a: &str, b: &str) -> bool {
             == 0
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Cloned for every waiter of a group commit's flush.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("storage failure: {0}; check the data directory's disk space and permissions")]
     Sled(#[from] sled::Error),
@@ -104,12 +105,14 @@ pub enum StoreError {
     Log {
         action: &'static str,
         path: std::path::PathBuf,
-        source: std::io::Error,
+        source: std::sync::Arc<std::io::Error>,
     },
     #[error("the command log: {0}")]
     CommandLog(#[from] pcg_durable::seglog::LogError),
     #[error("corrupt record in tree {tree}: {message}")]
     Corrupt { tree: &'static str, message: String },
+    #[error("the store's flusher thread has stopped (is pcg-saas shutting down?)")]
+    Stopped,
     /// A replica's feed takes its numbers from the cluster's log only.
     #[error("this replica numbers its feed by the cluster's log, and this record is not an operation of the log; replicas do not keep it in this version of pcg-saas")]
     OutsideTheLog,
@@ -405,7 +408,7 @@ pub struct CommandFilter {
 
 pub struct Store {
     db: sled::Db,
-    commit: pcg_durable::GroupCommit,
+    commit: pcg_durable::GroupCommit<StoreError>,
     tenants: sled::Tree,
     api_keys: sled::Tree,
     tokens: sled::Tree,
@@ -491,11 +494,10 @@ impl Store {
             health: db.open_tree("health")?,
             key_cache: Default::default(),
             feed: std::sync::Arc::new(Feed::open(&db)?),
-            commit: pcg_durable::GroupCommit::with(Self::flusher(
-                db.clone(),
-                synced,
-                applied.clone(),
-            )),
+            commit: pcg_durable::GroupCommit::with_error(
+                Self::flusher(db.clone(), synced, applied.clone()),
+                || StoreError::Stopped,
+            ),
             applied,
             db,
         })
@@ -509,20 +511,12 @@ impl Store {
         db: sled::Db,
         log: std::sync::Arc<cmdlog::CmdLog>,
         applied: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    ) -> impl FnMut() -> Result<(), sled::Error> + Send + 'static {
+    ) -> impl FnMut() -> Result<(), StoreError> + Send + 'static {
         let mut recorded = 0;
         move || {
             let through = applied.load(std::sync::atomic::Ordering::Acquire);
             db.flush()?;
-            log.sync().map_err(|e| {
-                let kind = match &e {
-                    StoreError::CommandLog(pcg_durable::seglog::LogError::Io {
-                        source, ..
-                    }) => source.kind(),
-                    _ => std::io::ErrorKind::Other,
-                };
-                sled::Error::Io(std::io::Error::new(kind, e.to_string()))
-            })?;
+            log.sync()?;
             if through > recorded {
                 db.insert(APPLIED_KEY, &through.to_be_bytes())?;
                 recorded = through;
@@ -560,7 +554,7 @@ impl Store {
             std::fs::remove_dir_all(&new).map_err(|source| StoreError::Log {
                 action: "remove the unfinished copy of",
                 path: new.clone(),
-                source,
+                source: source.into(),
             })?;
         }
         let log = cmdlog::CmdLog::open(&path.join("cmdlog"))?;
@@ -625,12 +619,12 @@ impl Store {
         Ok(())
     }
 
-    /// Makes everything written so far durable.
     /// Synchronous disk flushes done so far (group commit: each serves every waiter queued).
     pub fn flushes(&self) -> u64 {
         self.commit.flushes()
     }
 
+    /// Makes everything written so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         // Whatever the feed numbered and finished writing before this flush is durable after it.
         let horizon = self.feed.visible();
