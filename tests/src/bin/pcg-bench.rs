@@ -1172,9 +1172,26 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
         Pattern::SubmitThenGet,
     )
     .await?;
-    let m1 = mark(&saas, &one, &port).await;
+    let mut m1 = mark(&saas, &one, &port).await;
     rows.push(with_costs(f, &m0, &m1));
     submitted += light;
+    // Light load with the submit that waits for its result (one request per command; an older
+    // build has none).
+    if !args.baseline {
+        let f = run_commands(
+            std::slice::from_ref(&saas),
+            &key,
+            &one_ids,
+            (light, 1),
+            "1 gateway, 1 in flight, one request each",
+            Pattern::OneRequest,
+        )
+        .await?;
+        let m = mark(&saas, &one, &port).await;
+        rows.push(with_costs(f, &m1, &m));
+        m1 = m;
+        submitted += light;
+    }
     let f = run_commands(
         std::slice::from_ref(&saas),
         &key,
