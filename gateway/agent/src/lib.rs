@@ -659,6 +659,64 @@ mod tests {
         assert!(store.outbox().expect("outbox").is_empty(), "acknowledged");
     }
 
+    /// A delivery of an id journaled as running with no execution (the flush of its first
+    /// delivery failed) runs it only once a flush has made the entry durable: while flushes are
+    /// held nothing is received or run, and once they go the command is received, run once and
+    /// answered.
+    #[tokio::test]
+    async fn a_redelivered_entry_without_an_execution_runs_only_after_a_flush() {
+        use pcg_proto::v1::gateway_frame::Kind;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gw = gateway(dir.path(), 300);
+        let (tx, mut rx) = mpsc::channel(8);
+        gw.set_outbound(tx);
+        let entry = JournalEntry {
+            id: "c_again".into(),
+            kind: "gateway.echo".into(),
+            payload: json!({ "a": 1 }),
+            state: EntryState::Running,
+            received_ms: store::now_ms(),
+            result: None,
+            acked_ms: None,
+            deadline_ms: None,
+        };
+        assert!(gw.store.begin(&entry).expect("journal").is_none());
+        let held = gw.store.held_flushes.write().await;
+        let (failed, mut failures) = mpsc::channel(1);
+        let cmd = pcg_proto::v1::Command {
+            id: "c_again".into(),
+            kind: "gateway.echo".into(),
+            payload: br#"{"a":1}"#.to_vec(),
+            ..Default::default()
+        };
+        executor::on_command(&gw, cmd, &failed).expect("handled");
+        assert!(gw.is_running("c_again"), "joined by a delivery from now on");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), rx.recv())
+                .await
+                .is_err(),
+            "nothing is received or run before the flush"
+        );
+        drop(held);
+        let mut kinds = Vec::new();
+        while kinds.len() < 2 {
+            let frame = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .expect("received and answered once the flush is done")
+                .expect("a frame");
+            match frame.kind {
+                Some(Kind::Received(r)) => kinds.push(format!("received {}", r.command_id)),
+                Some(Kind::Result(r)) => {
+                    assert!(r.ok, "{}", r.error_message);
+                    kinds.push(format!("result {}", r.command_id));
+                }
+                other => panic!("an unexpected frame {other:?}"),
+            }
+        }
+        assert_eq!(kinds, ["received c_again", "result c_again"]);
+        assert!(failures.try_recv().is_err(), "no journal failure");
+    }
+
     #[tokio::test]
     async fn a_supervised_task_that_panics_is_restarted() {
         let dir = tempfile::tempdir().expect("tempdir");
