@@ -499,6 +499,16 @@ mod tests {
         Arc::new(Gateway::new(cfg, store, registry))
     }
 
+    /// A gateway whose frames to the broker come out of the receiver.
+    fn connected(
+        dir: &std::path::Path,
+    ) -> (Arc<Gateway>, mpsc::Receiver<pcg_proto::v1::GatewayFrame>) {
+        let gw = gateway(dir, 300);
+        let (tx, rx) = mpsc::channel(8);
+        gw.set_outbound(tx);
+        (gw, rx)
+    }
+
     /// The journaled result of `id`, once it has one.
     async fn result_of(gw: &Gateway, id: &str) -> store::StoredResult {
         tokio::time::timeout(Duration::from_secs(30), async {
@@ -625,9 +635,7 @@ mod tests {
     async fn a_result_is_sent_without_waiting_for_its_flush() {
         use pcg_proto::v1::gateway_frame::Kind;
         let dir = tempfile::tempdir().expect("tempdir");
-        let gw = gateway(dir.path(), 300);
-        let (tx, mut rx) = mpsc::channel(8);
-        gw.set_outbound(tx);
+        let (gw, mut rx) = connected(dir.path());
         let held = gw.store.held_flushes.write().await;
         let flushes = gw.store.flushes();
         start(&gw, "c_echo", "gateway.echo", json!({ "a": 1 }));
@@ -667,9 +675,7 @@ mod tests {
     async fn a_redelivered_entry_without_an_execution_runs_only_after_a_flush() {
         use pcg_proto::v1::gateway_frame::Kind;
         let dir = tempfile::tempdir().expect("tempdir");
-        let gw = gateway(dir.path(), 300);
-        let (tx, mut rx) = mpsc::channel(8);
-        gw.set_outbound(tx);
+        let (gw, mut rx) = connected(dir.path());
         let entry = JournalEntry {
             id: "c_again".into(),
             kind: "gateway.echo".into(),
