@@ -523,7 +523,8 @@ mod tests {
         .unwrap_or_else(|_| panic!("{id} has a result in time"))
     }
 
-    fn start(gw: &Arc<Gateway>, id: &str, kind: &str, payload: serde_json::Value) {
+    /// Journals `id` as running (its first delivery).
+    fn begin(gw: &Gateway, id: &str, kind: &str, payload: serde_json::Value) -> JournalEntry {
         let entry = JournalEntry {
             id: id.into(),
             kind: kind.into(),
@@ -535,6 +536,11 @@ mod tests {
             deadline_ms: None,
         };
         assert!(gw.store.begin(&entry).expect("journal").is_none());
+        entry
+    }
+
+    fn start(gw: &Arc<Gateway>, id: &str, kind: &str, payload: serde_json::Value) {
+        let entry = begin(gw, id, kind, payload);
         executor::spawn_execution(gw.clone(), entry, false);
     }
 
@@ -676,17 +682,7 @@ mod tests {
         use pcg_proto::v1::gateway_frame::Kind;
         let dir = tempfile::tempdir().expect("tempdir");
         let (gw, mut rx) = connected(dir.path());
-        let entry = JournalEntry {
-            id: "c_again".into(),
-            kind: "gateway.echo".into(),
-            payload: json!({ "a": 1 }),
-            state: EntryState::Running,
-            received_ms: store::now_ms(),
-            result: None,
-            acked_ms: None,
-            deadline_ms: None,
-        };
-        assert!(gw.store.begin(&entry).expect("journal").is_none());
+        begin(&gw, "c_again", "gateway.echo", json!({ "a": 1 }));
         let held = gw.store.held_flushes.write().await;
         let (failed, mut failures) = mpsc::channel(1);
         let cmd = pcg_proto::v1::Command {
