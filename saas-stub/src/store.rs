@@ -494,7 +494,7 @@ impl Store {
             health: db.open_tree("health")?,
             key_cache: Default::default(),
             feed: std::sync::Arc::new(Feed::open(&db)?),
-            commit: pcg_durable::GroupCommit::with_error(
+            commit: pcg_durable::GroupCommit::new(
                 Self::flusher(db.clone(), synced, applied.clone()),
                 || StoreError::Stopped,
             ),

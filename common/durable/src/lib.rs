@@ -1,6 +1,7 @@
-//! Group commit for sled 0.34: every caller that needs its writes durable asks one flusher
-//! thread, which runs a single synchronous `Db::flush()` for everything that queued up while
-//! the previous flush ran, then answers them all.
+//! Group commit for sled 0.34 and the logs kept beside it: every caller that needs its writes
+//! durable asks one flusher thread, which runs a single synchronous flush (`Db::flush()`, then
+//! the logs' syncs) for everything that queued up while the previous flush ran, then answers
+//! them all.
 //!
 //! Why not `Tree::flush_async`: concurrent `flush_async` calls deadlock in sled 0.34 (sled issue
 //! 1308, fixed only on its unreleased main branch); pcg-saas hung here within seconds under
@@ -72,10 +73,10 @@ impl<T: Send + 'static, R: Clone + Send + 'static> Batches<T, R> {
     }
 }
 
-/// Handle to the flusher thread of one store: sled's flush by default, or whatever the store
-/// makes durable with it (`E`: what a flush fails with, cloned for every waiter). Cloning shares
-/// the thread.
-pub struct GroupCommit<E = sled::Error> {
+/// Handle to the flusher thread of one store: whatever the store makes durable with it (sled's
+/// flush and the logs kept beside it, in the order their records depend on each other), and
+/// `E`, what a flush fails with (cloned for every waiter). Cloning shares the thread.
+pub struct GroupCommit<E> {
     flusher: Batches<(), Result<(), E>>,
     flushes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stopped: fn() -> E,
@@ -91,25 +92,11 @@ impl<E> Clone for GroupCommit<E> {
     }
 }
 
-impl GroupCommit {
-    /// Starts the flusher thread for `db`. It ends when every handle is dropped.
-    pub fn new(db: sled::Db) -> GroupCommit {
-        Self::with(move || db.flush().map(|_| ()))
-    }
-
-    /// The same around a flush of its own (sled's and whatever is kept beside it, in the order
-    /// their records depend on each other).
-    pub fn with(flush: impl FnMut() -> Result<(), sled::Error> + Send + 'static) -> GroupCommit {
-        GroupCommit::with_error(flush, || {
-            sled::Error::ReportableBug("the sled flusher thread has stopped".into())
-        })
-    }
-}
-
 impl<E: Clone + Send + 'static> GroupCommit<E> {
-    /// A flush that fails with `E`; `stopped` is the error of a flush asked of a thread that
-    /// has stopped.
-    pub fn with_error(
+    /// Starts the flusher thread, which runs `flush` once per batch of waiters; `stopped` is
+    /// the error of a flush asked of a thread that has stopped. The thread ends when every
+    /// handle is dropped.
+    pub fn new(
         mut flush: impl FnMut() -> Result<(), E> + Send + 'static,
         stopped: fn() -> E,
     ) -> GroupCommit<E> {
@@ -137,13 +124,6 @@ impl<E: Clone + Send + 'static> GroupCommit<E> {
         self.flusher
             .ask(())
             .await
-            .unwrap_or_else(|| Err((self.stopped)()))
-    }
-
-    /// Blocking variant, for code outside an async runtime.
-    pub fn flush_blocking(&self) -> Result<(), E> {
-        self.flusher
-            .ask_blocking(())
             .unwrap_or_else(|| Err((self.stopped)()))
     }
 }
@@ -184,7 +164,13 @@ mod tests {
     async fn many_concurrent_flushes_all_complete() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("open");
-        let gc = GroupCommit::new(db.clone());
+        let gc = GroupCommit::new(
+            {
+                let db = db.clone();
+                move || db.flush().map(|_| ())
+            },
+            || sled::Error::ReportableBug("stopped".into()),
+        );
         let mut tasks = Vec::new();
         for i in 0u32..500 {
             let db = db.clone();

@@ -231,7 +231,7 @@ impl Store {
         // sled's flush and the journal's sync.
         let commit = {
             let (journal, db, path) = (journal.clone(), db.clone(), path.clone());
-            pcg_durable::GroupCommit::with_error(
+            pcg_durable::GroupCommit::new(
                 move || {
                     journal.write_acks(now_ms());
                     db.flush().map_err(|source| StoreError::Sled {
