@@ -147,6 +147,21 @@ impl Entries {
         segs.set_live(at, true);
     }
 
+    /// Appends `e` (`payload`: its record) and files it: running, or done with its result in
+    /// the outbox.
+    fn append(&mut self, segs: &mut Segments, e: &JournalEntry, payload: &[u8]) {
+        let at = segs.append(payload);
+        self.put(segs, e, at);
+        if e.state == EntryState::Running {
+            self.running.insert(e.id.clone());
+        } else {
+            self.running.remove(&e.id);
+            if e.result.is_some() {
+                self.unacked.insert(e.id.clone());
+            }
+        }
+    }
+
     fn forget(&mut self, segs: &mut Segments, ids: &[String], batch: Option<u64>) {
         for id in ids {
             if let Some(s) = self.by_id.remove(id) {
@@ -248,13 +263,7 @@ impl Journal {
             return Ok(false);
         }
         self.log.refuse_if_failed(&st.segs)?;
-        let at = st.segs.append(&payload);
-        st.index.put(&mut st.segs, e, at);
-        match e.state {
-            EntryState::Running => st.index.running.insert(e.id.clone()),
-            EntryState::Done if e.result.is_some() => st.index.unacked.insert(e.id.clone()),
-            EntryState::Done => false,
-        };
+        st.index.append(&mut st.segs, e, &payload);
         Ok(true)
     }
 
@@ -265,10 +274,7 @@ impl Journal {
         let mut st = self.log.lock();
         let st = &mut *st;
         self.log.refuse_if_failed(&st.segs)?;
-        let at = st.segs.append(&payload);
-        st.index.put(&mut st.segs, done, at);
-        st.index.running.remove(&done.id);
-        st.index.unacked.insert(done.id.clone());
+        st.index.append(&mut st.segs, done, &payload);
         Ok(())
     }
 
@@ -397,13 +403,7 @@ impl Journal {
                 }
                 e.acked_ms = None;
                 let payload = serde_json::to_vec(&RecRef::Entry(&e)).expect("entries serialise");
-                let at = st.segs.append(&payload);
-                st.index.put(&mut st.segs, &e, at);
-                if e.state == EntryState::Running {
-                    st.index.running.insert(e.id.clone());
-                } else if e.result.is_some() {
-                    st.index.unacked.insert(e.id.clone());
-                }
+                st.index.append(&mut st.segs, &e, &payload);
             }
         }
         acked.sort();
