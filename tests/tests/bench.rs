@@ -27,4 +27,14 @@ fn pcg_bench_quick_loses_and_repeats_nothing() {
     for s in scenarios {
         assert!(s["commands_per_s"].as_f64().unwrap() > 0.0, "{s}");
     }
+    // The light load's floor on this machine is measured beside it, with and without syncs.
+    let floors: Vec<_> = scenarios
+        .iter()
+        .filter(|s| s["label"].as_str().unwrap().starts_with("floor: "))
+        .collect();
+    assert_eq!(floors.len(), 2, "{v}");
+    assert!(
+        floors.iter().all(|s| s["p50_ms"].as_f64().unwrap() > 0.0),
+        "{v}"
+    );
 }

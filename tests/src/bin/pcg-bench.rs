@@ -3,6 +3,8 @@
 //!
 //! 1. Commands through 1 gateway and through 100 gateways (real `pcg-gateway` daemons):
 //!    commands per second and round-trip latency (REST submit → result, long-polled) p50/p99.
+//!    Beside the light load, its floor on this machine: the same four hops and four
+//!    `fdatasync`s between three threads, with nothing of pcg in between.
 //! 2. Broker memory per idle tunnel: pairs `--idle` identities, opens that many tunnels from
 //!    this process (a minimal client: Hello, then a heartbeat every 5 s), and reads the RSS of
 //!    the pcg-saas process before and after.
@@ -1088,6 +1090,93 @@ fn print_rows(rows: &[Figures]) {
     }
 }
 
+/// The floor of the light-load path on this machine, measured beside it: a client, a "broker"
+/// and a "gateway" thread pass 64 bytes over loopback TCP (NODELAY, blocking reads). With
+/// `sync`, the broker syncs a file before it forwards a request and again before it answers, and
+/// the gateway syncs two files (its journal, the ledger) before it answers: the four
+/// `fdatasync`s and four hops one light-load command needs, in `dir` (the daemons' disk), with
+/// nothing of what pcg adds (TLS, HTTP, JSON, tasks, the hand-offs between threads). Without,
+/// the four hops alone.
+fn floor(dir: &std::path::Path, n: usize, sync: bool) -> anyhow::Result<Figures> {
+    use std::io::{Read as _, Write as _};
+    use std::net::{TcpListener, TcpStream};
+    fn append(f: &mut std::fs::File, sync: bool) -> std::io::Result<()> {
+        f.write_all(&[b'x'; 128])?;
+        if sync {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(name))
+    };
+    std::fs::create_dir_all(dir)?;
+    let (mut broker_log, mut journal, mut ledger) =
+        (open("broker.log")?, open("journal")?, open("ledger")?);
+    let front = TcpListener::bind("127.0.0.1:0")?;
+    let back = TcpListener::bind("127.0.0.1:0")?;
+    let (front_at, back_at) = (front.local_addr()?, back.local_addr()?);
+    let mut times = std::thread::scope(|scope| -> anyhow::Result<Vec<f64>> {
+        let gateway = scope.spawn(move || -> std::io::Result<()> {
+            let mut s = TcpStream::connect(back_at)?;
+            s.set_nodelay(true)?;
+            let mut m = [0u8; 64];
+            while s.read_exact(&mut m).is_ok() {
+                append(&mut journal, sync)?;
+                append(&mut ledger, sync)?;
+                s.write_all(&m)?;
+            }
+            Ok(())
+        });
+        let broker = scope.spawn(move || -> std::io::Result<()> {
+            let (mut g, _) = back.accept()?;
+            let (mut c, _) = front.accept()?;
+            g.set_nodelay(true)?;
+            c.set_nodelay(true)?;
+            let mut m = [0u8; 64];
+            while c.read_exact(&mut m).is_ok() {
+                append(&mut broker_log, sync)?;
+                g.write_all(&m)?;
+                g.read_exact(&mut m)?;
+                append(&mut broker_log, sync)?;
+                c.write_all(&m)?;
+            }
+            Ok(())
+        });
+        let mut c = TcpStream::connect(front_at)?;
+        c.set_nodelay(true)?;
+        let mut m = [7u8; 64];
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            c.write_all(&m)?;
+            c.read_exact(&mut m)?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        drop(c);
+        broker.join().expect("the broker thread")?;
+        gateway.join().expect("the gateway thread")?;
+        Ok(times)
+    })?;
+    let secs = times.iter().sum::<f64>() / 1000.0;
+    times.sort_by(f64::total_cmp);
+    Ok(Figures {
+        label: if sync {
+            "floor: 4 loopback hops and 4 fdatasyncs, nothing else".into()
+        } else {
+            "floor: 4 loopback hops, no sync".into()
+        },
+        commands: n,
+        secs,
+        p50_ms: pct(&times, 0.50),
+        p99_ms: pct(&times, 0.99),
+        ..Default::default()
+    })
+}
+
 /// Light load, 64 in flight, batches, N gateways, then (with `--storm`) N in-process gateways
 /// connecting at once, kept idle (memory per tunnel), and all back after the SaaS restarts.
 async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
@@ -1175,6 +1264,12 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
     let mut m1 = mark(&saas, &one, &port).await;
     rows.push(with_costs(f, &m0, &m1));
     submitted += light;
+    // The same path's floor on this machine, beside it (no daemon involved).
+    for sync in [true, false] {
+        let floor_dir = root.join("floor");
+        rows.push(tokio::task::spawn_blocking(move || floor(&floor_dir, light, sync)).await??);
+    }
+    m1 = mark(&saas, &one, &port).await;
     // Light load with the submit that waits for its result (one request per command; an older
     // build has none).
     if !args.baseline {
