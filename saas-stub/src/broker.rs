@@ -35,7 +35,7 @@ use pcg_proto::v1::{
 use tokio::sync::{mpsc, Notify};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::app::{printable, App};
+use crate::app::{printable, App, AppError};
 use crate::net::ConnInfo;
 use crate::store::{now_ms, Command, CommandResult, GatewayPatch, Op};
 
@@ -324,29 +324,22 @@ async fn bundle_chunk(
     };
     // A bundle is kept by the replica that received it (it is too large for the cluster's
     // log); its event goes to every replica.
-    let stored = match app
-        .store
-        .put_bundle(&rec, &up.data, app.cfg.bundles_per_gateway.max(1))
-    {
-        Ok(()) => app
-            .event(
-                Some(tenant_id),
-                Some(gateway_id),
-                "gateway.bundle_uploaded",
-                format!(
-                    "gateway {gateway_id} uploaded support bundle {} ({} bytes)",
-                    rec.id, rec.size
-                ),
-            )
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+    let stored = async {
+        app.store
+            .put_bundle(&rec, &up.data, app.cfg.bundles_per_gateway.max(1))?;
+        app.event(
+            Some(tenant_id),
+            Some(gateway_id),
+            "gateway.bundle_uploaded",
+            format!(
+                "gateway {gateway_id} uploaded support bundle {} ({} bytes)",
+                rec.id, rec.size
+            ),
+        )
+        .await?;
+        Ok::<_, AppError>(app.store.flush().await?)
     };
-    let stored = match stored {
-        Ok(()) => app.store.flush().await.map_err(|e| e.to_string()),
-        Err(e) => Err(e),
-    };
-    match stored {
+    match stored.await {
         Ok(()) => pcg_proto::v1::BundleAck {
             bundle_id: c.bundle_id,
             received,
@@ -988,7 +981,7 @@ async fn record_result(
     gateway_id: &str,
     command_id: &str,
     result: CommandResult,
-) -> Result<(), crate::app::AppError> {
+) -> Result<(), AppError> {
     match app.complete_command(command_id, gateway_id, result).await? {
         Some(Some(c)) => {
             app.metrics
@@ -1086,8 +1079,8 @@ async fn handle_frame(
                 Ok(issued) => {
                     let not_after_ms = issued.not_after_ms();
                     let key_hex = hex::encode(&issued.public_key);
-                    let stored = match app
-                        .commit(Op::GatewayChanged {
+                    let recorded = async {
+                        app.commit(Op::GatewayChanged {
                             id: gateway_id.to_string(),
                             patch: GatewayPatch {
                                 cert_serial: Some(issued.serial_hex.clone()),
@@ -1096,27 +1089,20 @@ async fn handle_frame(
                                 ..Default::default()
                             },
                         })
-                        .await
-                    {
-                        Ok(_) => {
-                            app.event(
-                                Some(tenant_id),
-                                Some(gateway_id),
-                                "gateway.certificate_renewed",
-                                format!(
-                                    "gateway {gateway_id} renewed its certificate (serial {})",
-                                    issued.serial_hex
-                                ),
-                            )
-                            .await
-                        }
-                        Err(e) => Err(e),
+                        .await?;
+                        app.event(
+                            Some(tenant_id),
+                            Some(gateway_id),
+                            "gateway.certificate_renewed",
+                            format!(
+                                "gateway {gateway_id} renewed its certificate (serial {})",
+                                issued.serial_hex
+                            ),
+                        )
+                        .await?;
+                        Ok::<_, AppError>(app.store.flush().await?)
                     };
-                    let flushed = match stored {
-                        Ok(()) => app.store.flush().await.map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    match flushed {
+                    match recorded.await {
                         Ok(()) => RenewResponse {
                             certificate_pem: issued.pem,
                             error: String::new(),

@@ -378,6 +378,17 @@ pub async fn pump_overflow(gw: Arc<Gateway>, tx: tokio::sync::mpsc::Sender<Gatew
     }
 }
 
+/// A delivered command whose journal entry could not be written or made durable: it was
+/// neither acknowledged nor executed, and the tunnel closes on it (the broker delivers it again
+/// on the next one).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot journal command {id}: {source}")]
+pub struct NotJournaled {
+    pub id: String,
+    #[source]
+    pub source: crate::store::StoreError,
+}
+
 /// Handles a command delivered by the broker, without waiting for the disk: the journal entry is
 /// written here, and a task waits for it to be durable (group commit with every other write
 /// under way) before it tells the broker and executes. The tunnel's read loop goes on reading
@@ -387,8 +398,8 @@ pub async fn pump_overflow(gw: Arc<Gateway>, tx: tokio::sync::mpsc::Sender<Gatew
 pub fn on_command(
     gw: &Arc<Gateway>,
     cmd: Command,
-    journal_failed: &tokio::sync::mpsc::Sender<String>,
-) -> Result<(), crate::store::StoreError> {
+    journal_failed: &tokio::sync::mpsc::Sender<NotJournaled>,
+) -> Result<(), NotJournaled> {
     let mut payload: Value = if cmd.payload.is_empty() {
         json!({})
     } else {
@@ -406,7 +417,11 @@ pub fn on_command(
         acked_ms: None,
         deadline_ms: (cmd.deadline_unix_ms > 0).then_some(cmd.deadline_unix_ms),
     };
-    match gw.store.begin(&entry)? {
+    let found = gw.store.begin(&entry).map_err(|source| NotJournaled {
+        id: entry.id.clone(),
+        source,
+    })?;
+    match found {
         // Counted as running from now on, so a redelivery that arrives before the entry is
         // durable joins this execution instead of starting one.
         None => run_when_durable(gw, entry, false, journal_failed),
@@ -437,16 +452,19 @@ fn run_when_durable(
     gw: &Arc<Gateway>,
     entry: JournalEntry,
     recovered: bool,
-    journal_failed: &tokio::sync::mpsc::Sender<String>,
+    journal_failed: &tokio::sync::mpsc::Sender<NotJournaled>,
 ) {
     if !gw.mark_running(&entry.id) {
         return;
     }
     let (gw, failed) = (gw.clone(), journal_failed.clone());
     gw.exec_tasks.clone().spawn(async move {
-        if let Err(e) = gw.store.flush().await {
+        if let Err(source) = gw.store.flush().await {
             gw.unmark_running(&entry.id);
-            let _ = failed.try_send(format!("cannot journal command {}: {e}", entry.id));
+            let _ = failed.try_send(NotJournaled {
+                id: entry.id,
+                source,
+            });
             return;
         }
         if let Some(tx) = gw.outbound() {

@@ -39,7 +39,7 @@ pub fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
 /// How one tunnel ended.
 enum End {
     /// Redial after backoff (and after at least the given pause, when the broker asked for one).
-    Retry(String, Option<Duration>),
+    Retry(Broken, Option<Duration>),
     /// Dialling failed before the tunnel was up.
     Dial(DialError),
     /// The identity was refused for good (revoked or unknown): wait for a new pairing.
@@ -51,13 +51,44 @@ enum End {
     Shutdown,
 }
 
+/// Why a tunnel ended, or could not be opened, before it is dialled again: the gateway's last
+/// error, and the reconnect metric's category.
+#[derive(Debug, thiserror::Error)]
+enum Broken {
+    /// The stored identity or the transport settings cannot make a dialer (the message says
+    /// which and why).
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot open HTTP/2 to the broker at {url}: {why}")]
+    Http2 { url: String, why: String },
+    #[error("tunnel closed before Hello")]
+    ClosedBeforeHello,
+    #[error("the broker at {url} did not answer within {timeout:?}")]
+    NoAnswer { url: String, timeout: Duration },
+    #[error("the broker at {url} refused the tunnel: {message}")]
+    TurnedAway { url: String, message: String },
+    #[error("tunnel refused: {0}")]
+    NotWelcomed(String),
+    #[error("the broker did not send Welcome")]
+    NoWelcome,
+    #[error(transparent)]
+    Journal(#[from] executor::NotJournaled),
+    #[error("the broker was silent for {ms} ms (three heartbeat intervals); the path to it may drop packets")]
+    Silent { ms: u128 },
+    #[error("the broker closed the tunnel: {0}")]
+    Goodbye(String),
+    #[error("the broker ended the tunnel")]
+    Ended,
+    #[error("tunnel broken: {0}")]
+    Stream(String),
+}
+
 impl End {
     /// A short category for the reconnect metric.
     fn category(&self) -> &'static str {
         match self {
-            End::Retry(why, Some(_)) if why.contains("broker closed") => "goodbye",
-            End::Retry(why, _) if why.contains("silent") => "silent",
-            End::Retry(why, _) if why.contains("broker closed") => "goodbye",
+            End::Retry(Broken::Silent { .. }, _) => "silent",
+            End::Retry(Broken::Goodbye(_), _) => "goodbye",
             End::Retry(..) => "broken",
             End::Dial(e) => e.hop(),
             End::Refused(_) => "refused",
@@ -68,8 +99,8 @@ impl End {
     }
 }
 
-fn retry(why: impl Into<String>) -> End {
-    End::Retry(why.into(), None)
+fn retry(why: Broken) -> End {
+    End::Retry(why, None)
 }
 
 /// Which transport the next dial uses.
@@ -246,7 +277,7 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
                 }
                 (e.to_string(), None)
             }
-            End::Retry(why, pause) => (why, pause),
+            End::Retry(why, pause) => (why.to_string(), pause),
         };
         endpoint_idx += 1;
         let delay = backoff(base, cap, attempt).max(pause.unwrap_or_default());
@@ -268,21 +299,21 @@ pub async fn run(gw: Arc<Gateway>, mut shutdown: tokio::sync::watch::Receiver<bo
 }
 
 /// The dialer of this identity: the SaaS CA it was paired with, its certificate and key.
-fn dialer_for(gw: &Gateway, identity: &crate::store::Identity) -> Result<Dialer, String> {
+fn dialer_for(gw: &Gateway, identity: &crate::store::Identity) -> Result<Dialer, Broken> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let key_pem = gw
         .store
         .unseal(&identity.key_sealed)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Broken::Setup(e.to_string()))?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| format!("the stored private key is unreadable: {e}"))?;
+        .map_err(|e| Broken::Setup(format!("the stored private key is unreadable: {e}")))?;
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("the stored certificate is unreadable: {e}"))?;
+            .map_err(|e| Broken::Setup(format!("the stored certificate is unreadable: {e}")))?;
     let ca = CertificateDer::from_pem_slice(identity.ca_pem.as_bytes())
-        .map_err(|e| format!("the stored SaaS CA is unreadable: {e}"))?;
+        .map_err(|e| Broken::Setup(format!("the stored SaaS CA is unreadable: {e}")))?;
     let pin = crate::transport::dial::sha256(ca.as_ref());
     crate::transport::dialer(
         &gw.cfg,
@@ -291,6 +322,7 @@ fn dialer_for(gw: &Gateway, identity: &crate::store::Identity) -> Result<Dialer,
         Some(ca),
         Some(Arc::new((chain, key))),
     )
+    .map_err(Broken::Setup)
 }
 
 /// A tonic channel over one connection already dialled (tonic only runs HTTP/2 on it); also
@@ -359,7 +391,12 @@ async fn session(
     let timeout = Duration::from_millis(gw.cfg.connect_timeout_ms);
     let channel = match channel(&target, dialed, timeout).await {
         Ok(c) => c,
-        Err(e) => return retry(format!("cannot open HTTP/2 to the broker at {url}: {e}")),
+        Err(why) => {
+            return retry(Broken::Http2 {
+                url: url.to_string(),
+                why,
+            })
+        }
     };
     let mut client = BrokerClient::new(channel)
         .max_decoding_message_size(16 << 20)
@@ -375,7 +412,7 @@ async fn session(
         })),
     };
     if tx.send(hello).await.is_err() {
-        return retry("tunnel closed before Hello");
+        return retry(Broken::ClosedBeforeHello);
     }
     let mut inbound = match tokio::time::timeout(
         timeout,
@@ -384,9 +421,10 @@ async fn session(
     .await
     {
         Err(_) => {
-            return retry(format!(
-                "the broker at {url} did not answer within {timeout:?}"
-            ))
+            return retry(Broken::NoAnswer {
+                url: url.to_string(),
+                timeout,
+            })
         }
         Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied => {
             return End::Refused(s.message().to_string())
@@ -399,7 +437,10 @@ async fn session(
                 .and_then(|v| v.parse::<u64>().ok())
                 .map(|ms| Duration::from_millis(ms.min(120_000)));
             return End::Retry(
-                format!("the broker at {url} refused the tunnel: {}", s.message()),
+                Broken::TurnedAway {
+                    url: url.to_string(),
+                    message: s.message().to_string(),
+                },
                 pause,
             );
         }
@@ -413,8 +454,8 @@ async fn session(
         Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied => {
             return End::Refused(s.message().to_string())
         }
-        Ok(Err(s)) => return retry(format!("tunnel refused: {}", s.message())),
-        _ => return retry("the broker did not send Welcome"),
+        Ok(Err(s)) => return retry(Broken::NotWelcomed(s.message().to_string())),
+        _ => return retry(Broken::NoWelcome),
     };
     *attempt = 0;
     gw.set_outbound(tx.clone());
@@ -453,12 +494,12 @@ async fn session(
     let mut next_probe = probe_every.map(|p| tokio::time::Instant::now() + p);
     let mut probe: Option<tokio::task::JoinHandle<Result<(), DialError>>> = None;
     let mut seq = 0u64;
-    let (journal_failed, mut journal_errors) = mpsc::channel::<String>(1);
+    let (journal_failed, mut journal_errors) = mpsc::channel::<executor::NotJournaled>(1);
     loop {
         tokio::select! {
             Some(e) = journal_errors.recv() => {
                 // Not journaled durably: drop the tunnel so the broker redelivers.
-                return retry(e);
+                return retry(e.into());
             }
             r = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
                 probe = None;
@@ -478,7 +519,7 @@ async fn session(
             }
             _ = watchdog.tick() => {
                 if last_frame.elapsed() > interval * 3 {
-                    return retry(format!("the broker was silent for {} ms (three heartbeat intervals); the path to it may drop packets", last_frame.elapsed().as_millis()));
+                    return retry(Broken::Silent { ms: last_frame.elapsed().as_millis() });
                 }
             }
             msg = inbound.message() => match msg {
@@ -494,7 +535,7 @@ async fn session(
                         Some(BKind::Command(c)) => {
                             if let Err(e) = executor::on_command(gw, c, &journal_failed) {
                                 // Not journaled: drop the tunnel so the broker redelivers.
-                                return retry(format!("cannot journal a command: {e}"));
+                                return retry(e.into());
                             }
                         }
                         Some(BKind::ResultAck(a)) => gw.store.ack(&a.command_id),
@@ -515,7 +556,7 @@ async fn session(
                                 End::Refused(g.reason)
                             } else {
                                 End::Retry(
-                                    format!("the broker closed the tunnel: {}", g.reason),
+                                    Broken::Goodbye(g.reason),
                                     (g.retry_after_ms > 0).then(|| Duration::from_millis(g.retry_after_ms.min(600_000))),
                                 )
                             };
@@ -531,9 +572,9 @@ async fn session(
                         Some(BKind::Welcome(_)) | None => {}
                     }
                 }
-                Ok(None) => return retry("the broker ended the tunnel"),
+                Ok(None) => return retry(Broken::Ended),
                 Err(s) if s.code() == tonic::Code::PermissionDenied => return End::Refused(s.message().to_string()),
-                Err(s) => return retry(format!("tunnel broken: {}", s.message())),
+                Err(s) => return retry(Broken::Stream(s.message().to_string())),
             },
             _ = ticker.tick() => {
                 // Renew at two thirds of the certificate's lifetime; ask again after a minute
@@ -617,6 +658,44 @@ fn resend_outbox(gw: &Gateway) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reconnect metric's reason comes from why the tunnel ended, never from words in a
+    /// peer's message.
+    #[test]
+    fn reconnect_reasons_come_from_the_cause_not_the_message() {
+        let cases = [
+            (Broken::Silent { ms: 31_000 }, None, "silent"),
+            (
+                Broken::Goodbye("stopping".into()),
+                Some(Duration::from_secs(1)),
+                "goodbye",
+            ),
+            (
+                Broken::Goodbye("the path went silent".into()),
+                None,
+                "goodbye",
+            ),
+            (
+                Broken::Stream("the peer went silent".into()),
+                None,
+                "broken",
+            ),
+            (
+                Broken::NotWelcomed("the broker closed it".into()),
+                None,
+                "broken",
+            ),
+            (Broken::Ended, None, "broken"),
+        ];
+        for (why, pause, reason) in cases {
+            let text = why.to_string();
+            assert_eq!(End::Retry(why, pause).category(), reason, "{text}");
+        }
+        assert_eq!(
+            Broken::Silent { ms: 31_000 }.to_string(),
+            "the broker was silent for 31000 ms (three heartbeat intervals); the path to it may drop packets"
+        );
+    }
 
     #[test]
     fn backoff_is_random_and_capped() {
