@@ -64,13 +64,6 @@ impl<T: Send + 'static, R: Clone + Send + 'static> Batches<T, R> {
         self.tx.send((item, tx)).ok()?;
         rx.await.ok()
     }
-
-    /// Blocking variant, for code outside an async runtime.
-    pub fn ask_blocking(&self, item: T) -> Option<R> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send((item, tx)).ok()?;
-        rx.blocking_recv().ok()
-    }
 }
 
 /// Handle to the flusher thread of one store: whatever the store makes durable with it (sled's
@@ -153,10 +146,8 @@ mod tests {
         let mut seen = seen.lock().expect("lock").clone();
         seen.sort_unstable();
         assert_eq!(seen, (0u32..300).collect::<Vec<_>>(), "each item once");
-        // Outside the runtime, as a blocking caller would be.
-        let alone = std::thread::spawn(move || b.ask_blocking(7))
-            .join()
-            .expect("thread");
+        // Once the others are answered, a request is a batch of its own.
+        let alone = b.ask(7).await;
         assert_eq!(alone, Some(1), "alone, a batch of one");
     }
 
