@@ -37,4 +37,17 @@ fn pcg_bench_quick_loses_and_repeats_nothing() {
         floors.iter().all(|s| s["p50_ms"].as_f64().unwrap() > 0.0),
         "{v}"
     );
+    // No daemon runs in the floor: its rows carry no daemon costs, where the light load's do.
+    assert!(
+        floors.iter().all(|s| s["saas_syncs_per_command"].is_null()),
+        "{v}"
+    );
+    let light = scenarios
+        .iter()
+        .find(|s| s["label"] == "1 gateway, 1 in flight")
+        .expect("the light-load row");
+    assert!(
+        light["saas_syncs_per_command"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
 }

@@ -119,6 +119,23 @@ struct Figures {
     /// Context switches per command (SaaS, gateways): every thread's, voluntary or not.
     saas_switches: f64,
     gw_switches: f64,
+    /// Whether the daemons' costs above were measured (a row without daemons, the floor, has
+    /// none: shown as "–", written as null).
+    costs: bool,
+}
+
+impl Figures {
+    /// The daemons' costs per command, in the table's order; `None` when not measured.
+    fn costs(&self) -> Option<[f64; 6]> {
+        self.costs.then_some([
+            self.saas_syncs,
+            self.gw_syncs,
+            self.saas_cpu_ms,
+            self.gw_cpu_ms,
+            self.saas_switches,
+            self.gw_switches,
+        ])
+    }
 }
 
 /// CPU time (user + system) of a process so far, ms.
@@ -223,6 +240,7 @@ fn with_costs(mut f: Figures, before: &Mark, after: &Mark) -> Figures {
     f.gw_cpu_ms = (after.gw_cpu - before.gw_cpu) / n;
     f.saas_switches = (after.saas_switches - before.saas_switches) / n;
     f.gw_switches = (after.gw_switches - before.gw_switches) / n;
+    f.costs = true;
     f
 }
 
@@ -1072,20 +1090,20 @@ fn print_rows(rows: &[Figures]) {
     println!("| scenario | commands | wall s | commands/s | p50 ms | p99 ms | SaaS syncs/cmd | gateway syncs/cmd | SaaS CPU ms/cmd | gateway CPU ms/cmd | SaaS switches/cmd | gateway switches/cmd |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for f in rows {
+        let costs = match f.costs() {
+            Some([ss, gs, sc, gc, sw, gw]) => {
+                format!("{ss:.2} | {gs:.2} | {sc:.3} | {gc:.3} | {sw:.1} | {gw:.1}")
+            }
+            None => ["–"; 6].join(" | "),
+        };
         println!(
-            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.1} |",
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {costs} |",
             f.label,
             f.commands,
             f.secs,
             f.commands as f64 / f.secs,
             f.p50_ms,
             f.p99_ms,
-            f.saas_syncs,
-            f.gw_syncs,
-            f.saas_cpu_ms,
-            f.gw_cpu_ms,
-            f.saas_switches,
-            f.gw_switches
         );
     }
 }
@@ -1464,13 +1482,17 @@ async fn perf(args: Args, root: &std::path::Path) -> anyhow::Result<()> {
     println!("tunnel opens after the restart: {opens}");
     let out = json!({
         "concurrency": args.concurrency,
-        "scenarios": rows.iter().map(|f| json!({
-            "label": f.label, "commands": f.commands, "wall_s": f.secs,
-            "commands_per_s": f.commands as f64 / f.secs, "p50_ms": f.p50_ms, "p99_ms": f.p99_ms,
-            "saas_syncs_per_command": f.saas_syncs, "gateway_syncs_per_command": f.gw_syncs,
-            "saas_cpu_ms_per_command": f.saas_cpu_ms, "gateway_cpu_ms_per_command": f.gw_cpu_ms,
-            "saas_switches_per_command": f.saas_switches, "gateway_switches_per_command": f.gw_switches,
-        })).collect::<Vec<_>>(),
+        "scenarios": rows.iter().map(|f| {
+            let c = f.costs();
+            let cost = |i: usize| c.map(|c| c[i]);
+            json!({
+                "label": f.label, "commands": f.commands, "wall_s": f.secs,
+                "commands_per_s": f.commands as f64 / f.secs, "p50_ms": f.p50_ms, "p99_ms": f.p99_ms,
+                "saas_syncs_per_command": cost(0), "gateway_syncs_per_command": cost(1),
+                "saas_cpu_ms_per_command": cost(2), "gateway_cpu_ms_per_command": cost(3),
+                "saas_switches_per_command": cost(4), "gateway_switches_per_command": cost(5),
+            })
+        }).collect::<Vec<_>>(),
         "tunnels": n,
         "tunnels_registered_s": all_in,
         "tunnel_attempts": tries,
